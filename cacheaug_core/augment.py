@@ -1,0 +1,328 @@
+"""The augmented forward as plain functions: cache -> latents -> augmented logits.
+
+Everything here takes and returns tensors; no callbacks, usable from a notebook:
+
+    cache, logits = prefill(decoder, ids)                       # ids (1, T)
+    latents = coprocessor(cache, torch.tensor([[T - 1]]))       # (1, 1, NL, d)
+    out = multi_point(decoder, coprocessor, ids, points, n_ahead=16)   # many points, one pass
+    nll = token_nll(out.logits, out.targets)                    # (B, P, A), NaN where invalid
+    for step in stream_generate(decoder, tok, cop, prompt_ids, augment=True): ...
+
+`coprocessor=None` everywhere means the plain decoder.
+
+`multi_point` is the one-pass multi-point forward of training and evaluation: the decoder runs
+the original tokens once (no gradient: it is frozen and nothing upstream is trained), the
+coprocessor produces latents for every point in one batched pass, and every point's group
+(latents + ahead tokens) is read in one more decoder pass against the shared cache with the
+group mask of `masks.py`. Gradients flow from the ahead-token loss through the frozen decoder
+into the latents and the coprocessor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import kv, masks
+
+
+def embed(decoder, ids: torch.Tensor) -> torch.Tensor:
+    return decoder.get_input_embeddings()(ids)
+
+
+def decoder_dtype(decoder) -> torch.dtype:
+    return next(decoder.parameters()).dtype
+
+
+def hidden_to_logits(decoder, hidden: torch.Tensor) -> torch.Tensor:
+    return decoder.get_output_embeddings()(hidden)
+
+
+@torch.no_grad()
+def prefill(decoder, input_ids: torch.Tensor):
+    """Run the decoder over input_ids (B, T). -> (cache, logits (B, T, V))."""
+    out = decoder(input_ids=input_ids, use_cache=True)
+    return out.past_key_values, out.logits
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats, NaN where not valid. logits (..., V), targets (...)."""
+    nll = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
+    if valid is not None:
+        nll = torch.where(valid, nll, torch.full_like(nll, float("nan")))
+    return nll
+
+
+def plain_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """NLL of each token given the ones before it; position 0 is NaN. -> (B, T)."""
+    nll = token_nll(logits[:, :-1], input_ids[:, 1:])
+    return F.pad(nll, (1, 0), value=float("nan"))
+
+
+@dataclass
+class MultiPointOutput:
+    hidden: torch.Tensor         # (B, P, A, d): decoder hidden states that predict the ahead tokens
+    targets: torch.Tensor        # (B, P, A)
+    valid: torch.Tensor          # (B, P, A): False past the end of the sequence
+    latents: torch.Tensor        # (B, P, NL, d)
+    logits: torch.Tensor | None  # (B, P, A, V) when asked for
+
+
+def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
+                  tokens: torch.Tensor, layout: masks.GroupLayout, attention_mask=None,
+                  output_attentions: bool = False):
+    """Read every point's group [latents, tokens] against the cache (T cached positions).
+
+    points (B, P), latents (B, P, NL, d), tokens (B, P, n_tokens) -> decoder base output whose
+    last_hidden_state is (B, P*G, d).
+    """
+    B, P = points.shape
+    T = kv.length(cache)
+    dtype = decoder_dtype(decoder)
+    x = torch.cat([latents.to(dtype), embed(decoder, tokens)], dim=2)       # (B, P, G, d)
+    G = x.shape[2]
+    if attention_mask is None:
+        attention_mask = masks.dense_group_mask(T, points, G, dtype)
+    pos = masks.group_positions(points, layout).reshape(B, P * G)
+    return decoder.base_model(
+        inputs_embeds=x.reshape(B, P * G, -1),
+        attention_mask=attention_mask,
+        position_ids=pos,
+        past_key_values=kv.fork(cache),
+        use_cache=True,
+        output_attentions=output_attentions,
+    )
+
+
+def multi_point(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
+                cache=None, with_logits: bool = True, pad_id: int = 0) -> MultiPointOutput:
+    """One-pass multi-point forward. input_ids (B, T), points (B, P) -> MultiPointOutput.
+
+    `cache` may hold only a prefix of input_ids (at least up to the last point).
+    """
+    if coprocessor is None:
+        raise ValueError("multi_point needs a coprocessor; the plain decoder's scores come from plain_nll")
+    B, T = input_ids.shape
+    if cache is None:
+        cache, _ = prefill(decoder, input_ids)
+        cache = kv.detach(cache)
+    layout = coprocessor.layout(n_ahead)
+    latents = coprocessor(cache, points)                                    # (B, P, NL, d)
+    tokens, targets, valid = masks.group_tokens(input_ids, points, layout, pad_id)
+    out = group_forward(decoder, cache, points, latents, tokens, layout)
+    d = out.last_hidden_state.shape[-1]
+    hidden = out.last_hidden_state.view(B, points.shape[1], layout.group_len, d)[:, :, -n_ahead:]
+    logits = hidden_to_logits(decoder, hidden) if with_logits else None
+    return MultiPointOutput(hidden, targets, valid, latents, logits)
+
+
+def multi_point_loss(decoder, coprocessor, input_ids, points, n_ahead, cache=None, pad_id: int = 0):
+    """Mean cross-entropy over valid ahead tokens, and per-(point, ahead) NLL (B, P, A)."""
+    out = multi_point(decoder, coprocessor, input_ids, points, n_ahead, cache=cache, pad_id=pad_id)
+    nll = token_nll(out.logits, out.targets, out.valid)
+    loss = nll[out.valid].mean()
+    return loss, nll.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring: the paper's evaluation protocols on one text.
+
+
+@torch.no_grad()
+def score_after_every_token(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 16,
+                            points_per_pass: int = 64, pad_id: int = 0, progress=None):
+    """Latents after every token, the n-th token ahead scored for n = 1..positions.
+
+    input_ids (1, T). Returns (nll_aug (T-1, A), nll_base (T-1, A)): row p is the augmentation
+    point after token p, column n-1 the token n ahead; NaN past the end of the text. Points are
+    processed `points_per_pass` at a time against one shared cache, so memory stays bounded and
+    the whole text costs a handful of batched passes, never one call per token.
+    """
+    T = input_ids.shape[1]
+    cache, logits = prefill(decoder, input_ids)
+    base = plain_nll(logits, input_ids)[0]                                     # (T,)
+    all_points = torch.arange(T - 1, device=input_ids.device)
+    idx = all_points[:, None] + torch.arange(1, positions + 1, device=input_ids.device)
+    nll_base = torch.where(idx < T, base[idx.clamp(max=T - 1)], torch.full(idx.shape, float("nan")))
+    rows = []
+    chunks = list(torch.split(all_points, points_per_pass))
+    for i, pts in enumerate(chunks):
+        out = multi_point(decoder, coprocessor, input_ids, pts[None], positions, cache=cache, pad_id=pad_id)
+        rows.append(token_nll(out.logits, out.targets, out.valid)[0])
+        if progress is not None:
+            progress((i + 1) / len(chunks))
+    return torch.cat(rows), nll_base
+
+
+@dataclass
+class ContinuationScore:
+    nll_base: torch.Tensor      # (C,) NLL of each continuation token, plain decoder
+    nll_aug: torch.Tensor       # (C,) same with latents inserted at the point
+    logits_base: torch.Tensor   # (C, V)
+    logits_aug: torch.Tensor    # (C, V)
+    latents: torch.Tensor       # (NL, d)
+    attn_to_latents: torch.Tensor | None  # (C, NL): mean over heads and layers
+
+
+@torch.no_grad()
+def score_continuation(decoder, coprocessor, input_ids: torch.Tensor, point: int,
+                       with_attention: bool = False) -> ContinuationScore:
+    """Augment once after token `point` and score every later token. input_ids (1, T)."""
+    T = input_ids.shape[1]
+    if not 0 <= point <= T - 2:
+        raise ValueError(f"the augmentation point must be in [0, {T - 2}], got {point}")
+    cache, logits = prefill(decoder, input_ids)
+    base = plain_nll(logits, input_ids)[0, point + 1:]
+    pts = torch.tensor([[point]], device=input_ids.device)
+    out = multi_point(decoder, coprocessor, input_ids, pts, T - 1 - point, cache=kv.prefix(cache, point + 1))
+    la = out.logits[0, 0]
+    aug = token_nll(la, out.targets[0, 0])
+    attn = None
+    if with_attention:
+        attn = latent_attention(decoder, coprocessor, cache, input_ids, point, out.latents)
+    return ContinuationScore(base, aug, logits[0, point: T - 1], la, out.latents[0, 0], attn)
+
+
+def latent_attention(decoder, coprocessor, cache, input_ids, point, latents):
+    """Attention mass each continuation position puts on the latents (mean over heads, layers)."""
+    T = input_ids.shape[1]
+    layout = coprocessor.layout(T - 1 - point)
+    pts = torch.tensor([[point]], device=input_ids.device)
+    tokens, _, _ = masks.group_tokens(input_ids, pts, layout)
+    prev = getattr(decoder.config, "_attn_implementation", "sdpa")
+    decoder.set_attn_implementation("eager")  # only eager returns attention weights
+    try:
+        out = group_forward(decoder, kv.prefix(cache, point + 1), pts, latents, tokens, layout,
+                            output_attentions=True)
+    finally:
+        decoder.set_attn_implementation(prev)
+    NL = layout.num_latents
+    # each (1, H, G, point+1+G): keys = cache then group; latents are group keys 0..NL-1
+    mass = torch.stack([a[0, :, -layout.n_ahead:, point + 1: point + 1 + NL] for a in out.attentions])
+    return mass.float().mean(dim=(0, 1))                                      # (A, NL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: the same sampling for both arms, streamed token by token.
+
+
+@dataclass
+class GenStep:
+    token_id: int
+    index: int            # 0-based index of the generated token
+    elapsed: float        # seconds since generation started
+    augmented_at: bool    # latents were (re)inserted right before this token
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if 0 < top_p < 1:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(-1) - sp < top_p
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+class _AugState:
+    """Decoding state with latents: the cache holds clean text up to `clean_len`, then a group."""
+
+    def __init__(self, decoder, coprocessor):
+        self.decoder, self.cop = decoder, coprocessor
+        self.cache = None
+        self.clean_len = 0      # cached clean tokens
+        self.next_pos = 0       # position id of the next fed token
+
+    def feed_clean(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed real tokens (1, n) continuing the clean text. -> logits of the last one."""
+        pos = torch.arange(self.clean_len, self.clean_len + ids.shape[1], device=ids.device)[None]
+        out = self.decoder(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.clean_len += ids.shape[1]
+        self.next_pos = self.clean_len
+        return out.logits[0, -1]
+
+    def latents_now(self) -> torch.Tensor:
+        p = torch.tensor([[self.clean_len - 1]], device=self.decoder.device)
+        return self.cop(kv.fork(self.cache), p)                           # (1, 1, NL, d)
+
+    def insert(self, latents: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
+        """Append a group (latents, re-fed token) after the clean text. -> next-token logits."""
+        layout = self.cop.layout(1)
+        p = torch.tensor([[self.clean_len - 1]], device=latents.device)
+        x = latents[0, 0].to(decoder_dtype(self.decoder))[None]                  # (1, NL, d)
+        if layout.refeed_last:
+            x = torch.cat([x, embed(self.decoder, last_token.view(1, 1))], dim=1)
+        pos = masks.group_positions(p, layout)[0, :, : x.shape[1]]
+        out = self.decoder(inputs_embeds=x, position_ids=pos, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.next_pos = self.clean_len + layout.offset
+        return out.logits[0, -1]
+
+    def feed_after(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed a generated token after the group (shifted positions)."""
+        pos = torch.tensor([[self.next_pos]], device=token.device)
+        out = self.decoder(input_ids=token.view(1, 1), position_ids=pos, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.next_pos += 1
+        return out.logits[0, -1]
+
+
+@torch.no_grad()
+def stream_generate(decoder, tokenizer, coprocessor, prompt_ids: torch.Tensor, augment: bool = True,
+                    max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0, reaugment_every: int = 0, async_delay: int = 0, stop_ids=None):
+    """Yield GenStep per generated token. prompt_ids (1, n).
+
+    augment=False (or no coprocessor) is the plain decoder with the identical sampling procedure
+    and seed. `reaugment_every=k` calls the coprocessor again every k generated tokens (the old
+    group is dropped and the text since it re-read clean, as in training where a group sees only
+    original text). `async_delay=N` inserts the latents computed at the end of the prompt only
+    after N more tokens were generated (the paper's Table 8).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if stop_ids is None:
+        stop_ids = {tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set()
+    use = augment and coprocessor is not None
+    st = _AugState(decoder, coprocessor)
+    t0 = time.perf_counter()
+    logits = st.feed_clean(prompt_ids)
+    pending = None                 # latents waiting for an async insertion
+    since = []                     # tokens generated since the last augmentation point
+    in_group = False
+    if use:
+        lat = st.latents_now()
+        if async_delay > 0:
+            pending = lat
+        else:
+            logits = st.insert(lat, prompt_ids[0, -1])
+            in_group = True
+    for i in range(max_new_tokens):
+        tok = _sample(logits, temperature, top_k, top_p, gen)
+        just_aug = use and in_group and not since
+        yield GenStep(tok, i, time.perf_counter() - t0, just_aug)
+        if tok in stop_ids or i == max_new_tokens - 1:
+            return
+        t = torch.tensor([tok], device=prompt_ids.device)
+        since.append(tok)
+        if pending is not None and len(since) >= async_delay:
+            logits = st.feed_clean(t.view(1, 1))
+            logits = st.insert(pending, t)
+            pending, since, in_group = None, [], True
+        elif use and in_group and reaugment_every > 0 and len(since) >= reaugment_every:
+            kv.crop(st.cache, st.clean_len)                                     # drop group + tail
+            st.feed_clean(torch.tensor([since], device=t.device))
+            logits = st.insert(st.latents_now(), t)
+            since = []
+        elif in_group:
+            logits = st.feed_after(t)
+        else:
+            logits = st.feed_clean(t.view(1, 1))

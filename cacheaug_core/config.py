@@ -1,0 +1,142 @@
+"""Configuration dataclasses: the coprocessor, training and evaluation.
+
+Every field carries its help text in `metadata["help"]`; the CLI builds its flags from these
+(`--num-latents 16`, `--lr 2e-4`, ...) and a YAML file may set any of them (`--config run.yaml`,
+flags win). `__post_init__` validates and names the offending flag. The resolved config is saved
+with every checkpoint and every results file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+BODIES = ("copy", "lora", "scratch", "none")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the flag."""
+
+
+@dataclass
+class CoprocessorConfig:
+    """The coprocessor: soft tokens through a trainable body that reads the decoder's cache.
+
+    Args:
+        num_latents: latents produced per augmentation point (the paper's N_L).
+        body: "copy" (trainable copy of the decoder, paper default), "lora" (LoRA on a frozen copy),
+            "scratch" (same architecture, random init), "none" (pause tokens: soft tokens go
+            straight into the decoder, no coprocessor).
+        num_layers: layers in the body; 0 = as many as the decoder. Fewer gives a compact coprocessor.
+        layer_map: which decoder layers' K/V the body's layers read when it has fewer layers:
+            "first" (layers 0..k-1) or "spread" (evenly spaced, first and last included).
+        lora_rank / lora_alpha: LoRA size and scale (body="lora").
+        rounds: deliberation rounds; each extra round re-runs the soft tokens attending to the
+            previous round's latents before the decoder reads the result.
+        latent_norm: "embed_rms" rescales each latent to the decoder's mean input-embedding RMS
+            (times a learned gain), "none" leaves the body's output scale.
+        refeed_last / latent_pos / shift_ahead: where latents and the text after them sit (see
+            `masks.GroupLayout`); inference uses the same layout as training.
+    """
+
+    num_latents: int = _f(16, "latents per augmentation point (N_L)")
+    body: str = _f("copy", "coprocessor body: copy | lora | scratch | none (pause tokens)")
+    num_layers: int = _f(0, "layers in the body (0 = all decoder layers; fewer = compact)")
+    layer_map: str = _f("first", "decoder layers a shallower body reads: first | spread")
+    lora_rank: int = _f(64, "LoRA rank (body=lora)")
+    lora_alpha: float = _f(128.0, "LoRA alpha (body=lora)")
+    rounds: int = _f(1, "deliberation rounds (1 = the paper; more re-run soft tokens on the previous latents)")
+    latent_norm: str = _f("embed_rms", "latent scale: embed_rms (match input embeddings) | none")
+    refeed_last: bool = _f(False, "re-feed the point's token after the latents")
+    latent_pos: str = _f("continue", "latent position ids: continue (p+1..p+N_L) | shared (all p+1)")
+    shift_ahead: bool = _f(True, "shift positions after the latents by their span")
+    seed: int = _f(0, "seed for soft-token and scratch initialisation")
+
+    def __post_init__(self):
+        if self.num_latents < 1:
+            raise ConfigError(f"--num-latents must be >= 1, got {self.num_latents}")
+        if self.body not in BODIES:
+            raise ConfigError(f"--body must be one of {BODIES}, got {self.body!r}")
+        if self.num_layers < 0:
+            raise ConfigError(f"--num-layers must be >= 0, got {self.num_layers}")
+        if self.layer_map not in ("first", "spread"):
+            raise ConfigError(f"--layer-map must be first or spread, got {self.layer_map!r}")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.latent_norm not in ("embed_rms", "none"):
+            raise ConfigError(f"--latent-norm must be embed_rms or none, got {self.latent_norm!r}")
+        if self.latent_pos not in ("continue", "shared"):
+            raise ConfigError(f"--latent-pos must be continue or shared, got {self.latent_pos!r}")
+        if self.body == "lora" and self.lora_rank < 1:
+            raise ConfigError(f"--lora-rank must be >= 1, got {self.lora_rank}")
+
+
+@dataclass
+class TrainConfig:
+    """One-pass multi-point training of a coprocessor on a frozen decoder."""
+
+    decoder: str = _f("", "decoder: empty = embedded SmolLM2-135M-Instruct, a local folder, or a Hub id")
+    data: str = _f("", "training data: a prepared corpus folder (cacheaug prepare-data) or a text file")
+    out_dir: str = _f("runs/coprocessor", "output folder for checkpoints and metrics")
+    init_from: str = _f("", "start from this checkpoint's weights (a new schedule unless --resume)")
+    resume: bool = _f(False, "resume from out_dir/last (step, schedule, optimizer, RNG, data position)")
+    seq_len: int = _f(512, "tokens per training sequence (T)")
+    points: int = _f(16, "augmentation points per sequence (P)")
+    n_ahead: int = _f(16, "ahead tokens predicted per point (N_A)")
+    batch_size: int = _f(8, "sequences per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    steps: int = _f(1000, "optimizer steps")
+    max_minutes: float = _f(0.0, "stop (and save) after this many minutes; 0 = no limit")
+    lr: float = _f(2e-4, "peak learning rate")
+    soft_lr_mult: float = _f(10.0, "learning-rate multiplier for soft tokens and the latent projection")
+    warmup: int = _f(100, "linear warmup steps")
+    min_lr_ratio: float = _f(0.1, "cosine decays to lr * this")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the global gradient norm (0 = off)")
+    precision: str = _f("no", "mixed precision: no | bf16 | fp16")
+    fast: bool = _f(False, "block-sparse attention + chunked cross-entropy fast path (GPU)")
+    eval_every: int = _f(100, "held-out evaluation every N steps (0 = off)")
+    eval_batches: int = _f(4, "held-out batches per evaluation")
+    save_every: int = _f(200, "checkpoint every N steps")
+    log_every: int = _f(10, "log metrics every N steps")
+    seed: int = _f(0, "seed for data order and augmentation points")
+    device: str = _f("", "device (empty = auto)")
+
+    def __post_init__(self):
+        for name in ("seq_len", "points", "n_ahead", "batch_size", "grad_accum", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.points > self.seq_len - 2:
+            raise ConfigError(f"--points ({self.points}) must be < --seq-len - 1 ({self.seq_len - 1})")
+        if self.precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"--precision must be no, bf16 or fp16, got {self.precision!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict, strict: bool = True):
+    """Build a config from a dict; unknown keys are an error (strict) or ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown and strict:
+        raise ConfigError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value")
+    return d

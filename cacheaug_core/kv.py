@@ -1,0 +1,97 @@
+"""The one module that touches transformers' cache classes.
+
+Everything else in cacheaug handles a decoder's KV cache as an opaque object and calls these
+functions, so version differences (DynamicCache's layer objects in 5.x, `crop` that only takes a
+negative count, caches mutated in place by every forward) live here and are tested here
+(`tests/test_kv.py`, on tiny random Llama-, Qwen2- and GPT-2-style models).
+
+Shapes: per layer, keys and values are (B, H_kv, S, D_head) with RoPE already applied.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+Cache = DynamicCache
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, H_kv, S, D_head)
+
+
+def new_cache() -> DynamicCache:
+    """An empty cache for a forward to fill."""
+    return DynamicCache()
+
+
+def to_layers(cache) -> list[LayerKV]:
+    """The cache as a list of per-layer (keys, values) tensors; no copy."""
+    if cache is None:
+        return []
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return [(k, v) for k, v in cache]  # legacy tuple-of-tuples
+
+
+def from_layers(layers: list[LayerKV]) -> DynamicCache:
+    """A fresh cache holding these tensors.
+
+    The tensors themselves are shared, not copied: DynamicCache grows a layer by `torch.cat`, which
+    allocates a new tensor, so a forward through the returned cache never writes into the source.
+    This is how one prefix cache serves many independent continuations (coprocessor passes,
+    augmentation points, both arms of a comparison) without deep copies.
+    """
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def fork(cache) -> DynamicCache:
+    """An independent cache with the same contents (tensors shared, see `from_layers`)."""
+    return from_layers(to_layers(cache))
+
+
+def length(cache) -> int:
+    """Number of cached positions."""
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length())
+
+
+def crop(cache, keep: int) -> None:
+    """Keep the first `keep` positions, in place (5.x `crop` only accepts a negative count)."""
+    n = length(cache)
+    if keep < 0 or keep > n:
+        raise ValueError(f"cannot crop a cache of {n} positions to {keep}")
+    if keep < n:
+        cache.crop(keep - n)
+
+
+def prefix(cache, keep: int) -> DynamicCache:
+    """A new cache with the first `keep` positions of `cache` (views; the source is untouched)."""
+    return from_layers([(k[..., :keep, :], v[..., :keep, :]) for k, v in to_layers(cache)])
+
+
+def select_layers(cache, layer_ids: list[int]) -> DynamicCache:
+    """A new cache whose layer j holds layer `layer_ids[j]` of `cache`.
+
+    A compact coprocessor of k layers reads k of the decoder's layers this way.
+    """
+    layers = to_layers(cache)
+    return from_layers([layers[i] for i in layer_ids])
+
+
+def repeat_batch(cache, repeats: int) -> DynamicCache:
+    """A new cache with every batch row repeated `repeats` times (row-major, like repeat_interleave)."""
+    return from_layers(
+        [(k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0)) for k, v in to_layers(cache)]
+    )
+
+
+def detach(cache) -> DynamicCache:
+    """A new cache whose tensors carry no autograd history."""
+    return from_layers([(k.detach(), v.detach()) for k, v in to_layers(cache)])
+
+
+def to_device(cache, device) -> DynamicCache:
+    return from_layers([(k.to(device), v.to(device)) for k, v in to_layers(cache)])

@@ -1,0 +1,136 @@
+"""Group layouts for augmentation points, and the attention masks built from them.
+
+A sequence x_0..x_{T-1} is augmented at points p (0 <= p <= T-2). Point p's *group* is what the
+decoder reads after x_p in place of the rest of the text:
+
+    [z_1 .. z_NL] [x_p]? [x_{p+1} .. x_{p+A-1}]      (latents, optional re-fed token, ahead tokens)
+
+and its last A positions predict the ahead tokens x_{p+1} .. x_{p+A}. A group sees the original
+tokens x_0..x_p and, causally, its own earlier members; never later text or other groups. The
+same layout with the soft tokens in place of latents drives the coprocessor.
+
+Position ids continue from the point (the paper's "as if inserted at p"): latents take p+1..p+NL
+("continue") or all share p+1 ("shared"); with `shift_ahead` the tokens after the latents are
+shifted by the latents' span, otherwise they keep their original positions.
+
+Masks are float and additive (0 = attend, finfo.min = blocked): a bool 4-D mask is silently wrong
+with eager attention, and -inf turns fully masked rows into NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    num_latents: int          # NL: latents (or soft tokens) at the head of each group
+    n_ahead: int              # A: ahead tokens predicted per point
+    refeed_last: bool = False  # re-feed x_p after the latents, so x_{p+1} is read off a real token
+    latent_pos: str = "continue"  # "continue" (p+1..p+NL) or "shared" (all at p+1)
+    shift_ahead: bool = True   # shift the positions after the latents by the latents' span
+
+    @property
+    def n_tokens(self) -> int:
+        """Token inputs per group after the latents: the re-fed x_p, then x_{p+1}..x_{p+A-1}."""
+        return int(self.refeed_last) + self.n_ahead - 1
+
+    @property
+    def group_len(self) -> int:
+        return self.num_latents + self.n_tokens
+
+    @property
+    def offset(self) -> int:
+        """How far the text after an augmentation point is shifted in position ids."""
+        if not self.shift_ahead:
+            return 0
+        span = self.num_latents if self.latent_pos == "continue" else 1
+        return span + int(self.refeed_last)  # the re-fed x_p takes a position of its own
+
+
+def latent_positions(points: torch.Tensor, layout: GroupLayout, n: int | None = None) -> torch.Tensor:
+    """Position ids of n latents/soft tokens per point. points (B, P) -> (B, P, n)."""
+    n = layout.num_latents if n is None else n
+    i = torch.arange(n, device=points.device)
+    if layout.latent_pos == "shared":
+        i = torch.zeros_like(i)
+    elif layout.latent_pos != "continue":
+        raise ValueError(f"latent_pos must be 'continue' or 'shared', not {layout.latent_pos!r}")
+    return points[..., None] + 1 + i
+
+
+def group_positions(points: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """Position ids of every group member. points (B, P) -> (B, P, G)."""
+    lat = latent_positions(points, layout)
+    # token j of the group after the latents is x_{p + j + (0 if refeed else 1)}
+    first = 0 if layout.refeed_last else 1
+    j = torch.arange(layout.n_tokens, device=points.device) + first
+    tok = points[..., None] + j + layout.offset
+    return torch.cat([lat, tok], dim=-1)
+
+
+def group_tokens(input_ids: torch.Tensor, points: torch.Tensor, layout: GroupLayout, pad_id: int = 0):
+    """Token inputs and targets of each group.
+
+    input_ids (B, T), points (B, P) -> tokens (B, P, n_tokens), targets (B, P, A), valid (B, P, A).
+    Ahead tokens past the end of the sequence get `pad_id` as input and are marked invalid.
+    """
+    T = input_ids.shape[1]
+    first = 0 if layout.refeed_last else 1
+    j = torch.arange(layout.n_tokens, device=points.device) + first
+    idx = points[..., None] + j                                  # (B, P, n_tokens)
+    tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1).flatten(1)).view_as(idx)
+    tokens = torch.where(idx < T, tokens, torch.full_like(tokens, pad_id))
+    k = torch.arange(1, layout.n_ahead + 1, device=points.device)
+    tidx = points[..., None] + k                                 # (B, P, A)
+    valid = tidx < T
+    targets = torch.gather(input_ids, 1, tidx.clamp(max=T - 1).flatten(1)).view_as(tidx)
+    return tokens, targets, valid
+
+
+def group_allowed(T: int, points: torch.Tensor, group_len: int) -> torch.Tensor:
+    """Bool (B, P*G, T + P*G): may group row attend to key? True = attend.
+
+    Keys are the T original positions (the cache) followed by all groups laid out point-major.
+    """
+    B, P = points.shape
+    dev = points.device
+    g = torch.arange(group_len, device=dev)
+    # original keys: t <= p of the row's point
+    t = torch.arange(T, device=dev)
+    to_orig = t[None, None, None, :] <= points[:, :, None, None]            # (B, P, 1, T)
+    to_orig = to_orig.expand(B, P, group_len, T)
+    # group keys: same point, causal within the group
+    same = torch.eye(P, dtype=torch.bool, device=dev)                        # (P, P)
+    causal = g[None, :] <= g[:, None]                                        # (G, G)
+    to_group = same[:, None, :, None] & causal[None, :, None, :]              # (P, G, P, G)
+    to_group = to_group.reshape(1, P * group_len, P * group_len).expand(B, -1, -1)
+    return torch.cat([to_orig.reshape(B, P * group_len, T), to_group], dim=-1)
+
+
+def to_additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool -> float additive mask with a head axis: (B, Q, K) -> (B, 1, Q, K)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def dense_group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Float additive mask (B, 1, P*G, T + P*G) for groups read against a cache of T positions."""
+    return to_additive(group_allowed(T, points, group_len), dtype)
+
+
+def sample_points(T: int, n_points: int, batch: int, generator: torch.Generator | None = None,
+                  min_point: int = 0) -> torch.Tensor:
+    """Random distinct augmentation points per sequence, sorted. -> (B, P) long.
+
+    Points are drawn from [min_point, T-2] so every point has at least one ahead token.
+    """
+    hi = T - 1  # exclusive upper bound: p <= T-2
+    if n_points > hi - min_point:
+        raise ValueError(f"cannot place {n_points} points in a sequence of {T} tokens")
+    scores = torch.rand(batch, hi - min_point, generator=generator)
+    pts = scores.topk(n_points, dim=1).indices + min_point
+    return pts.sort(dim=1).values

@@ -1,0 +1,211 @@
+"""The method's invariants on tiny random decoders (Llama-, Qwen2-, GPT-2-style), CPU, seconds.
+
+    pytest tests/test_core.py
+"""
+
+import pytest
+import torch
+
+from cacheaug_core import augment, kv, masks
+from cacheaug_core.config import CoprocessorConfig
+from cacheaug_core.coprocessor import Coprocessor
+from tests.conftest import tiny_decoder
+
+LAYOUTS = [
+    dict(),
+    dict(refeed_last=True),
+    dict(latent_pos="shared"),
+    dict(shift_ahead=False),
+]
+
+
+def _ids(T=24, vocab=96, seed=1, B=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (B, T), generator=g)
+
+
+def test_group_path_matches_full_pass(arch):
+    """Cache + 4-D float mask + explicit position ids == one plain full pass."""
+    dec = tiny_decoder(arch)
+    ids = _ids(T=20, B=2)
+    full = dec.base_model(input_ids=ids).last_hidden_state                     # (B, T, d)
+    cache, _ = augment.prefill(dec, ids)
+    points = torch.tensor([[3, 9, 14], [0, 5, 17]])
+    layout = masks.GroupLayout(0, 3, shift_ahead=False)                          # no latents
+    tokens, _, _ = masks.group_tokens(ids, points, layout)
+    lat = torch.zeros(2, 3, 0, dec.config.hidden_size)
+    out = augment.group_forward(dec, cache, points, lat, tokens, layout)
+    h = out.last_hidden_state.view(2, 3, layout.group_len, -1)
+    for b in range(2):
+        for i, p in enumerate(points[b].tolist()):
+            for j in range(layout.n_tokens):  # token x_{p+1+j}
+                t = p + 1 + j
+                if t < ids.shape[1]:
+                    torch.testing.assert_close(h[b, i, j], full[b, t], atol=1e-4, rtol=1e-4)
+
+
+def test_fork_leaves_source_untouched(arch):
+    dec = tiny_decoder(arch)
+    ids = _ids(T=12)
+    cache, _ = augment.prefill(dec, ids)
+    before = [k.clone() for k, _ in kv.to_layers(cache)]
+    f = kv.fork(cache)
+    dec(input_ids=ids[:, :3], past_key_values=f, use_cache=True)
+    assert kv.length(f) == 15 and kv.length(cache) == 12
+    for (k, _), k0 in zip(kv.to_layers(cache), before):
+        assert torch.equal(k, k0)
+    kv.crop(f, 12)
+    assert kv.length(f) == 12
+    with pytest.raises(ValueError):
+        kv.crop(f, 13)
+
+
+def test_cache_continuation_matches_full(arch):
+    dec = tiny_decoder(arch)
+    ids = _ids(T=16)
+    full = dec(input_ids=ids).logits
+    cache, _ = augment.prefill(dec, ids[:, :10])
+    out = dec(input_ids=ids[:, 10:], past_key_values=kv.from_layers(kv.to_layers(cache)), use_cache=True)
+    torch.testing.assert_close(out.logits, full[:, 10:], atol=1e-4, rtol=1e-4)
+
+
+def _reference_point_nll(dec, cop, ids, p, n_ahead):
+    """The same quantity computed the slow, obvious way: separate forwards for one point."""
+    layout = cop.layout(n_ahead)
+    cache_p, _ = augment.prefill(dec, ids[:, : p + 1])
+    NL = cop.config.num_latents
+    pts = torch.tensor([[p]])
+    if cop.body is None:
+        lat = cop._scale(cop.soft_tokens[None])
+    else:
+        x = cop.soft_tokens[None]
+        lat = None
+        for r in range(cop.config.rounds):
+            inp = x if lat is None else torch.cat([lat, x], dim=1)
+            pos = p + 1 + torch.arange(inp.shape[1]) if cop.config.latent_pos == "continue" else \
+                torch.full((inp.shape[1],), p + 1)
+            out = cop.body(inputs_embeds=inp, position_ids=pos[None],
+                           past_key_values=kv.select_layers(cache_p, cop.layer_ids), use_cache=True)
+            lat = cop._scale(cop.out_proj(out.last_hidden_state[:, -NL:]))
+    tokens, targets, valid = masks.group_tokens(ids, pts, layout)
+    x = torch.cat([lat, dec.get_input_embeddings()(tokens[0])], dim=1)
+    pos = masks.group_positions(pts, layout)[0]
+    logits = dec(inputs_embeds=x, position_ids=pos, past_key_values=kv.fork(cache_p), use_cache=True).logits
+    nll = augment.token_nll(logits[0, -n_ahead:], targets[0, 0], valid[0, 0])
+    return nll
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
+def test_multi_point_equals_point_by_point(arch, layout):
+    dec = tiny_decoder(arch)
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, **layout), dec)
+    ids = _ids(T=18, B=2)
+    points = torch.tensor([[2, 7, 15], [0, 11, 16]])
+    loss, nll = augment.multi_point_loss(dec, cop, ids, points, n_ahead=4)
+    for b in range(2):
+        for i, p in enumerate(points[b].tolist()):
+            ref = _reference_point_nll(dec, cop, ids[b: b + 1], p, 4)
+            torch.testing.assert_close(nll[b, i], ref, atol=2e-4, rtol=2e-4, equal_nan=True)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("body,extra", [("copy", {"rounds": 2}), ("lora", {"lora_rank": 4}), ("scratch", {}),
+                                        ("none", {}), ("copy", {"num_layers": 2, "layer_map": "spread"})])
+def test_body_variants_match_reference(body, extra):
+    dec = tiny_decoder("llama")
+    cop = Coprocessor(CoprocessorConfig(num_latents=2, body=body, **extra), dec)
+    ids = _ids(T=14)
+    points = torch.tensor([[4, 9]])
+    _, nll = augment.multi_point_loss(dec, cop, ids, points, n_ahead=3)
+    for i, p in enumerate(points[0].tolist()):
+        torch.testing.assert_close(nll[0, i], _reference_point_nll(dec, cop, ids, p, 3), atol=2e-4, rtol=2e-4)
+
+
+def test_trainable_state_per_body():
+    dec = tiny_decoder("llama")
+    lora = Coprocessor(CoprocessorConfig(num_latents=2, body="lora", lora_rank=4), dec).trainable_state()
+    assert all(("lora_" in k) or k in ("soft_tokens", "latent_gain") or k.startswith("out_proj") for k in lora)
+    assert any("lora_A" in k for k in lora)
+    pause = Coprocessor(CoprocessorConfig(num_latents=2, body="none"), dec).trainable_state()
+    assert set(pause) == {"soft_tokens", "latent_gain"}
+    small = Coprocessor(CoprocessorConfig(num_latents=2, num_layers=1), dec)
+    assert len(small.body.layers) == 1
+
+
+def test_gradients_reach_coprocessor_and_decoder_stays_frozen(arch):
+    dec = tiny_decoder(arch)
+    before = {k: v.clone() for k, v in dec.state_dict().items()}
+    cop = Coprocessor(CoprocessorConfig(num_latents=2), dec)
+    opt = torch.optim.AdamW(cop.parameters(), lr=1e-2)
+    ids = _ids(T=16, B=2)
+    for step in range(3):
+        pts = masks.sample_points(16, 3, 2, torch.Generator().manual_seed(step))
+        loss, _ = augment.multi_point_loss(dec, cop, ids, pts, 4)
+        opt.zero_grad()
+        loss.backward()
+        assert cop.soft_tokens.grad is not None and cop.soft_tokens.grad.abs().sum() > 0
+        body_grads = [p.grad for p in cop.body.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in body_grads)
+        assert all(p.grad is None for p in dec.parameters())
+        opt.step()
+    for k, v in dec.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not dec.training
+
+
+def test_plain_generation_equals_hf_generate(arch, tiny_tokenizer):
+    dec = tiny_decoder(arch)
+    prompt = _ids(T=7)
+    ref = dec.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)[0, 7:].tolist()
+    tiny_tokenizer.eos_token_id = None
+    got = [s.token_id for s in augment.stream_generate(dec, tiny_tokenizer, None, prompt, augment=False,
+                                                        max_new_tokens=10)]
+    assert got == ref
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:3], ids=["default", "refeed", "shared"])
+def test_augmented_generation_matches_scoring(layout, tiny_tokenizer):
+    """Greedy augmented generation reads the same distribution the multi-point scorer does."""
+    dec = tiny_decoder("llama")
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, **layout), dec)
+    prompt = _ids(T=9)
+    tiny_tokenizer.eos_token_id = None
+    steps = list(augment.stream_generate(dec, tiny_tokenizer, cop, prompt, augment=True, max_new_tokens=5))
+    toks = torch.tensor([[s.token_id for s in steps]])
+    full = torch.cat([prompt, toks], dim=1)
+    sc = augment.score_continuation(dec, cop, full, point=8)
+    assert sc.logits_aug.argmax(-1).tolist() == toks[0].tolist()
+
+
+def test_reaugment_and_async_generation_run(tiny_tokenizer):
+    dec = tiny_decoder("qwen2")
+    cop = Coprocessor(CoprocessorConfig(num_latents=2, refeed_last=True), dec)
+    prompt = _ids(T=6)
+    tiny_tokenizer.eos_token_id = None
+    a = [s.token_id for s in augment.stream_generate(dec, tiny_tokenizer, cop, prompt, max_new_tokens=9,
+                                                      reaugment_every=3)]
+    b = [s.token_id for s in augment.stream_generate(dec, tiny_tokenizer, cop, prompt, max_new_tokens=9,
+                                                      async_delay=2)]
+    plain = [s.token_id for s in augment.stream_generate(dec, tiny_tokenizer, cop, prompt, augment=False,
+                                                          max_new_tokens=9)]
+    assert len(a) == len(b) == 9
+    # async: the first 2 tokens come before any latent is read, so they equal the plain arm's
+    assert b[:2] == plain[:2]
+
+
+def test_score_after_every_token_shapes_and_base(arch):
+    dec = tiny_decoder(arch)
+    cop = Coprocessor(CoprocessorConfig(num_latents=2), dec)
+    ids = _ids(T=12)
+    aug, base = augment.score_after_every_token(dec, cop, ids, positions=4, points_per_pass=5)
+    assert aug.shape == base.shape == (11, 4)
+    _, logits = augment.prefill(dec, ids)
+    plain = augment.plain_nll(logits, ids)[0]
+    assert torch.allclose(base[3, 0], plain[4]) and torch.isnan(base[10, 1])
+    assert torch.isnan(aug[10, 1]) and torch.isfinite(aug[:8]).all()
+
+
+def test_sample_points_distinct_sorted():
+    p = masks.sample_points(32, 8, 4, torch.Generator().manual_seed(0))
+    assert p.shape == (4, 8) and (p[:, 1:] > p[:, :-1]).all() and p.max() <= 30
