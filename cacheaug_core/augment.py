@@ -109,7 +109,8 @@ def multi_point(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Ten
     if cache is None:
         cache, _ = prefill(decoder, input_ids)
         cache = kv.detach(cache)
-    layout = coprocessor.layout(n_ahead)
+    core = getattr(coprocessor, "module", coprocessor)  # unwrap DDP/FSDP for the layout only
+    layout = core.layout(n_ahead)
     latents = coprocessor(cache, points)                                    # (B, P, NL, d)
     tokens, targets, valid = masks.group_tokens(input_ids, points, layout, pad_id)
     out = group_forward(decoder, cache, points, latents, tokens, layout)

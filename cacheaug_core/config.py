@@ -57,7 +57,7 @@ class CoprocessorConfig:
     refeed_last: bool = _f(False, "re-feed the point's token after the latents")
     latent_pos: str = _f("continue", "latent position ids: continue (p+1..p+N_L) | shared (all p+1)")
     shift_ahead: bool = _f(True, "shift positions after the latents by their span")
-    seed: int = _f(0, "seed for soft-token and scratch initialisation")
+    init_seed: int = _f(0, "seed for soft-token and scratch initialisation")
 
     def __post_init__(self):
         if self.num_latents < 1:
@@ -94,6 +94,7 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     steps: int = _f(1000, "optimizer steps")
     max_minutes: float = _f(0.0, "stop (and save) after this many minutes; 0 = no limit")
+    stop_after: int = _f(0, "stop (and save) after this many steps in this invocation; 0 = no limit")
     lr: float = _f(2e-4, "peak learning rate")
     soft_lr_mult: float = _f(10.0, "learning-rate multiplier for soft tokens and the latent projection")
     warmup: int = _f(100, "linear warmup steps")

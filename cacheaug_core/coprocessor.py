@@ -88,7 +88,7 @@ def build_body(decoder, cfg: CoprocessorConfig) -> tuple[nn.Module | None, list[
     if getattr(bcfg, "layer_types", None):
         bcfg.layer_types = [bcfg.layer_types[i] for i in ids]
     attn = getattr(decoder.config, "_attn_implementation", None) or "sdpa"
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.init_seed)
     body = AutoModel.from_config(bcfg, attn_implementation=attn)
     if cfg.body != "scratch":
         # body layer j <- decoder layer ids[j]; everything else (final norm, rotary, wpe) copied
@@ -129,7 +129,7 @@ class Coprocessor(nn.Module):
         self.hidden_size = d
         self.body, self.layer_ids = build_body(decoder, cfg)
         # Soft tokens start as random vocabulary embeddings: in-distribution inputs for the body.
-        g = torch.Generator().manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(cfg.init_seed)
         rows = torch.randint(0, emb.weight.shape[0], (cfg.num_latents,), generator=g)
         with torch.no_grad():
             init = emb(rows.to(emb.weight.device)).float().cpu()

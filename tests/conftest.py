@@ -78,3 +78,38 @@ def tiny_tokenizer():
 @pytest.fixture(params=ARCHS)
 def arch(request):
     return request.param
+
+
+def byte_tokenizer():
+    """A real transformers tokenizer with a byte-level vocabulary (no merges), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0} | {ch: i + 1 for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return tok
+
+
+def save_tiny_decoder(path, arch: str = "llama", seed: int = 0, layers: int = 2):
+    """A tiny random decoder + byte tokenizer saved as a transformers folder."""
+    tok = byte_tokenizer()
+    model = tiny_decoder(arch, vocab=len(tok), layers=layers, seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory):
+    return save_tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def repeated_text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "train.txt"
+    p.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    return str(p)

@@ -1,0 +1,258 @@
+"""Coprocessor checkpoints: safetensors shards + config.json + a model card, nothing pickled.
+
+A checkpoint folder holds
+    config.json                    coprocessor config, decoder id/revision/shape + tokenizer
+                                   fingerprint, training summary, evaluation tables
+    model.safetensors              or model-0000i-of-0000n.safetensors + model.safetensors.index.json
+                                   (shards of at most 16 MiB), trainable tensors only
+    README.md                      the model card
+
+    save_coprocessor(cop, "ckpt/", decoder_info, training={...})
+    cop = load_coprocessor("ckpt/", decoder, decoder_info)   # checks it fits this decoder
+
+Writes go to a temporary folder that is renamed into place, so a killed process never leaves a
+half-written checkpoint. Loading refuses pickled formats (.bin/.pt/.pth/.ckpt) and reports one
+clear `CheckpointError` per kind of damage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, CoprocessorConfig, from_dict
+from .coprocessor import Coprocessor
+
+FORMAT = "cacheaug-coprocessor"
+FORMAT_VERSION = 1
+SHARD_BYTES = 16 * 1024 * 1024
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be used; the message says why and what to do."""
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    shards, cur, size = [], {}, 0
+    for k in sorted(tensors):
+        n = tensors[k].numel() * tensors[k].element_size()
+        if cur and size + n > limit:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = tensors[k]
+        size += n
+    if cur or not shards:
+        shards.append(cur)
+    return shards
+
+
+def atomic_dir_write(out_dir: str | Path, write) -> Path:
+    """Call write(tmp_dir), then move tmp_dir to out_dir in one rename (replacing it)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def model_card(config: dict) -> str:
+    cop, dec = config["coprocessor"], config["decoder"]
+    tr = config.get("training") or {}
+    lines = [
+        "---",
+        "library_name: cacheaug",
+        "tags: [cache-augmentation, coprocessor, latent-reasoning]",
+        "---",
+        f"# Coprocessor for `{dec['name']}`",
+        "",
+        "A coprocessor for differentiable cache augmentation: it reads the frozen decoder's KV cache and",
+        f"emits {cop['num_latents']} latent embeddings that the decoder reads before continuing.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    for k in ("num_latents", "body", "num_layers", "layer_map", "lora_rank", "rounds", "latent_norm",
+              "refeed_last", "latent_pos", "shift_ahead"):
+        lines.append(f"| {k} | {cop.get(k)} |")
+    lines += ["", f"Decoder: `{dec['name']}` ({dec['model_type']}, {dec['num_layers']} layers, hidden "
+              f"{dec['hidden_size']}), revision `{dec.get('revision', '')}`.", ""]
+    if tr:
+        lines += ["## Training", "", "| key | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in tr.items() if not isinstance(v, (dict, list))]
+        lines.append("")
+    if config.get("status"):
+        lines += ["## Status", "", config["status"], ""]
+    for name, table in (config.get("evaluation") or {}).items():
+        lines += [f"## Evaluation: {name}", "", table if isinstance(table, str) else f"```\n{json.dumps(table, indent=1)}\n```", ""]
+    lines += ["## Use", "", "```bash", "cacheaug generate --coprocessor THIS_FOLDER --prompt \"...\"", "```", ""]
+    return "\n".join(lines)
+
+
+def save_coprocessor(cop: Coprocessor, out_dir: str | Path, decoder_info, training: dict | None = None,
+                     evaluation: dict | None = None, status: str = "", dtype: torch.dtype | None = None,
+                     extra: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically. `dtype` casts floating tensors (e.g. bf16 to ship)."""
+    tensors = {}
+    for k, v in cop.trainable_state().items():
+        t = v.detach().cpu()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[k] = t.contiguous()
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "coprocessor": cop.config.__dict__ | {},
+        "decoder": decoder_info.to_dict(),
+        "training": training or {},
+        "evaluation": evaluation or {},
+        "status": status,
+    } | (extra or {})
+
+    def write(tmp: Path):
+        shards = _shards(tensors, SHARD_BYTES)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, sh in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(sh, str(tmp / name), metadata={"format": "pt"})
+                weight_map |= {k: name for k in sh}
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                            "weight_map": weight_map}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        (tmp / "README.md").write_text(model_card(config))
+
+    return atomic_dir_write(out_dir, write)
+
+
+def read_config(path: str | Path) -> dict:
+    """The checkpoint's config.json, validated; CheckpointError if missing or malformed."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix in PICKLED:
+            raise CheckpointError(f"{p.name}: pickled checkpoints are refused (they can run code when loaded). "
+                                  "Save the weights as safetensors with a config.json (cacheaug's save format).")
+        raise CheckpointError(f"{p} is a file; a coprocessor checkpoint is a folder with config.json and safetensors")
+    if not p.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {p}")
+    cfg_path = p / "config.json"
+    if not cfg_path.exists():
+        pickled = [f.name for f in p.iterdir() if f.suffix in PICKLED]
+        if pickled:
+            raise CheckpointError(f"{p} holds pickled weights ({', '.join(pickled)}), which are refused: they can run "
+                                  "code when loaded. Use a safetensors checkpoint saved by cacheaug.")
+        raise CheckpointError(f"{p} has no config.json: not a cacheaug coprocessor checkpoint")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is damaged") from e
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_path} is not a cacheaug coprocessor config (format={config.get('format') if isinstance(config, dict) else None!r})")
+    for key in ("coprocessor", "decoder"):
+        if not isinstance(config.get(key), dict):
+            raise CheckpointError(f"{cfg_path} lacks the '{key}' section")
+    return config
+
+
+def _load_tensors(p: Path) -> dict[str, torch.Tensor]:
+    index = p / "model.safetensors.index.json"
+    files = []
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is damaged: {e}") from e
+        files = sorted(set(weight_map.values()))
+    elif (p / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        pickled = [f.name for f in p.iterdir() if f.suffix in PICKLED]
+        hint = f" (found pickled {', '.join(pickled)}, which are refused)" if pickled else ""
+        raise CheckpointError(f"{p} has no model.safetensors{hint}")
+    tensors = {}
+    for name in files:
+        f = p / name
+        if not f.exists():
+            raise CheckpointError(f"{p}: shard {name} is missing")
+        try:
+            tensors |= load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{f} is truncated or corrupted ({e}); re-download or re-save it") from e
+    return tensors
+
+
+def check_decoder(config: dict, decoder_info) -> None:
+    """Raise CheckpointError if the checkpoint was trained for another decoder."""
+    want = config["decoder"]
+    have = decoder_info.to_dict()
+    for k in ("model_type", "hidden_size", "num_layers", "vocab_size", "tokenizer_fingerprint"):
+        if want.get(k) and have.get(k) and want[k] != have[k]:
+            what = "tokenizer" if k == "tokenizer_fingerprint" else k
+            raise CheckpointError(
+                f"this coprocessor was trained for decoder {want.get('name')!r} ({what} {str(want[k])[:16]}), "
+                f"but the loaded decoder {have.get('name')!r} has {what} {str(have[k])[:16]}. "
+                "Load the decoder it was trained for, or train a coprocessor for this one.")
+
+
+def load_coprocessor(path: str | Path, decoder, decoder_info, check: bool = True) -> Coprocessor:
+    """Build the coprocessor for `decoder` and load a checkpoint's weights into it."""
+    p = Path(path)
+    config = read_config(p)
+    if check:
+        check_decoder(config, decoder_info)
+    try:
+        cfg = from_dict(CoprocessorConfig, config["coprocessor"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{p}/config.json: invalid coprocessor settings: {e}") from e
+    tensors = _load_tensors(p)
+    cop = Coprocessor(cfg, decoder)
+    want = cop.trainable_state()
+    missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{p}: the weights do not match the configured coprocessor (body={cfg.body}, num_latents="
+            f"{cfg.num_latents}, num_layers={cfg.num_layers}): missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(want[k].shape):
+            raise CheckpointError(f"{p}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(want[k].shape)} "
+                                  "(wrong num_latents or a checkpoint for another decoder)")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{p}: tensor {k} holds NaN or inf values; the checkpoint is unusable")
+    with torch.no_grad():
+        for k, param in want.items():
+            param.copy_(tensors[k].to(param.dtype))
+    cop.eval()
+    cop.checkpoint_config = config
+    return cop
+
+
+def checkpoint_size_mib(path: str | Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**20
+
+
+def is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

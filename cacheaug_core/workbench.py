@@ -1,0 +1,239 @@
+"""A loaded decoder + coprocessor and the analyses the app and the CLI run on it.
+
+Every method returns plain data (strings, numpy arrays, dicts); figures and HTML are made by `viz`
+from these results. The Gradio app, the CLI and notebooks all call the same methods.
+
+    wb = Workbench.load()                       # embedded decoder + shipped coprocessor
+    for base, aug in wb.generate_pair("Why is the sky blue?", max_new_tokens=40): ...
+    res = wb.score_text("The cat sat on the mat.", point=None)   # augment once, score the rest
+    res = wb.score_every("Some text ...", positions=16)            # after every token
+    lat = wb.latents(["prompt one", "prompt two"])
+"""
+
+from __future__ import annotations
+
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import augment
+from .checkpoint import CheckpointError, load_coprocessor, read_config
+from .config import CoprocessorConfig
+from .coprocessor import Coprocessor
+from .decoder import load_decoder
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_COPROCESSOR = ASSETS / "coprocessor"
+MAX_PROMPT_CHARS = 20_000
+
+
+class InputError(ValueError):
+    """Unusable user input (empty text, no tokens...); the message is shown to the user."""
+
+
+def clean_text(text: str | None, max_chars: int = MAX_PROMPT_CHARS) -> tuple[str, str]:
+    """Normalise user text; returns (text, notice). Lone surrogates are replaced, the length capped."""
+    if text is None:
+        text = ""
+    notice = ""
+    text = text.encode("utf-8", errors="replace").decode("utf-8", errors="replace") if _has_surrogates(text) else text
+    if len(text) > max_chars:
+        notice = f"Input truncated from {len(text):,} to {max_chars:,} characters."
+        text = text[:max_chars]
+    if not text.strip():
+        raise InputError("The text is empty: type a prompt or some text first.")
+    return unicodedata.normalize("NFC", text), notice
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+@dataclass
+class Arm:
+    name: str
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    ttft_s: float | None = None
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        n = len(self.token_ids)
+        if n < 2 or self.ttft_s is None or self.total_s <= self.ttft_s:
+            return None
+        return (n - 1) / (self.total_s - self.ttft_s)
+
+    def stats(self) -> dict:
+        return {"arm": self.name, "tokens": len(self.token_ids),
+                "time_to_first_token_s": None if self.ttft_s is None else round(self.ttft_s, 4),
+                "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 2)}
+
+
+class Workbench:
+    def __init__(self, decoder, tokenizer, info, coprocessor=None, coprocessor_source: str = "", notice: str = ""):
+        self.decoder, self.tokenizer, self.info = decoder, tokenizer, info
+        self.coprocessor = coprocessor
+        self.coprocessor_source = coprocessor_source
+        self.notice = notice
+        self.pause = None  # optional pause-token checkpoint, an extra arm
+
+    @classmethod
+    def load(cls, decoder: str | None = None, coprocessor: str | None = None, num_latents: int = 16):
+        """Load a decoder and a coprocessor checkpoint (default: the shipped one, else untrained)."""
+        dec, tok, info = load_decoder(decoder)
+        notice = ""
+        if coprocessor:                      # the user's choice: load it or fail with a clear error
+            path = Path(coprocessor)
+        elif (SHIPPED_COPROCESSOR / "config.json").exists() and not decoder:
+            path = SHIPPED_COPROCESSOR       # the shipped default fits the default decoder only
+        else:
+            path = None
+        if path is not None:
+            cop = load_coprocessor(path, dec, info)
+            source = str(path)
+            status = (cop.checkpoint_config or {}).get("status", "")
+            if status:
+                notice = status
+        else:
+            cop = Coprocessor(CoprocessorConfig(num_latents=num_latents, body="copy", num_layers=2), dec)
+            source = "untrained"
+            notice = ("No trained coprocessor is loaded: the coprocessor is UNTRAINED (randomly initialised "
+                      "soft tokens on a copy of the decoder's first layers), so the augmented arm shows the "
+                      "mechanism, not a benefit.")
+        return cls(dec, tok, info, cop.eval(), source, notice)
+
+    # -- text in -----------------------------------------------------------------------------
+
+    def encode(self, text: str, chat: bool = False) -> torch.Tensor:
+        """Token ids (1, n) of user text, optionally wrapped in the chat template."""
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                     tokenize=True, return_dict=False)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 0:
+            raise InputError("The text produced no tokens.")
+        return torch.tensor([ids], device=self.decoder.device)
+
+    def token_strings(self, ids) -> list[str]:
+        """Each token's text as it appears in the decoded string."""
+        return [self.tokenizer.decode([int(i)]) for i in ids]
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate_arm(self, ids: torch.Tensor, arm: str, **kw):
+        """Yield the growing Arm for 'decoder', 'coprocessor' or 'pause'."""
+        cop = {"decoder": None, "coprocessor": self.coprocessor, "pause": self.pause}[arm]
+        a = Arm(arm)
+        t0 = time.perf_counter()
+        for step in augment.stream_generate(self.decoder, self.tokenizer, cop, ids, augment=cop is not None, **kw):
+            if a.ttft_s is None:
+                a.ttft_s = time.perf_counter() - t0
+            a.token_ids.append(step.token_id)
+            a.text = self.tokenizer.decode(a.token_ids, skip_special_tokens=True)
+            a.total_s = time.perf_counter() - t0
+            yield a
+
+    def generate_pair(self, prompt: str, arms=("decoder", "coprocessor"), chat: bool = True, cot: bool = False, **kw):
+        """Yield a dict arm -> Arm, all arms advancing one token per step with identical settings."""
+        text, _ = clean_text(prompt)
+        ids = self.encode(text, chat=chat)
+        streams = {a: self.generate_arm(ids, a, **kw) for a in arms}
+        if cot:
+            ids_cot = self.encode(text + "\nLet's think step by step.", chat=chat)
+            streams["cot"] = self.generate_arm(ids_cot, "decoder", **kw)
+        state = {}
+        live = dict(streams)
+        while live:
+            for name in list(live):
+                try:
+                    state[name] = next(live[name])
+                except StopIteration:
+                    del live[name]
+            if live or state:
+                yield dict(state)
+            if not live:
+                break
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def score_text(self, text: str, point: int | None = None, top_k: int = 10, with_attention: bool = True) -> dict:
+        """Mode (a): augment once after token `point` (default: the end of the first sentence or
+        a quarter of the text) and score every later token with and without the latents."""
+        text, notice = clean_text(text)
+        ids = self.encode(text)
+        T = ids.shape[1]
+        if T < 2:
+            raise InputError("Need at least two tokens to score a continuation.")
+        if point is None:
+            point = max(0, min(T - 2, T // 4))
+        point = int(min(max(point, 0), T - 2))
+        sc = augment.score_continuation(self.decoder, self.coprocessor, ids, point, with_attention=with_attention)
+        pb, pa = torch.softmax(sc.logits_base.float(), -1), torch.softmax(sc.logits_aug.float(), -1)
+        kb, ka = pb.topk(top_k, -1), pa.topk(top_k, -1)
+        nb = np.full(T, np.nan)
+        na = np.full(T, np.nan)
+        nb[point + 1:] = sc.nll_base.cpu().numpy()
+        na[point + 1:] = sc.nll_aug.cpu().numpy()
+        kl = (pa * (pa.clamp_min(1e-12).log() - pb.clamp_min(1e-12).log())).sum(-1)
+        return {
+            "tokens": self.token_strings(ids[0]), "point": point, "nll_base": nb, "nll_aug": na,
+            "topk_base": (kb.indices.cpu().numpy(), kb.values.cpu().numpy()),
+            "topk_aug": (ka.indices.cpu().numpy(), ka.values.cpu().numpy()),
+            "kl_aug_base": kl.cpu().numpy(), "latents": sc.latents.float().cpu().numpy(),
+            "attn_to_latents": None if sc.attn_to_latents is None else sc.attn_to_latents.cpu().numpy(),
+            "notice": notice,
+        }
+
+    def score_every(self, text: str, positions: int = 16, progress=None) -> dict:
+        """Mode (b): latents after every token; the n-th token ahead scored for n = 1..positions."""
+        text, notice = clean_text(text)
+        ids = self.encode(text)
+        if ids.shape[1] < 2:
+            raise InputError("Need at least two tokens.")
+        aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions, progress=progress)
+        return {"tokens": self.token_strings(ids[0]), "nll_aug": aug.cpu().numpy(), "nll_base": base.cpu().numpy(),
+                "notice": notice}
+
+    # -- latents ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def latents(self, prompts: list[str], top_k: int = 5, chat: bool = False) -> dict:
+        """Latents at the end of each prompt, with what each says through the decoder's LM head."""
+        lat, pid, idx, labels = [], [], [], []
+        for i, p in enumerate(prompts):
+            text, _ = clean_text(p)
+            ids = self.encode(text, chat=chat)
+            cache, _ = augment.prefill(self.decoder, ids)
+            z = self.coprocessor(cache, torch.tensor([[ids.shape[1] - 1]], device=ids.device))[0, 0]
+            lat.append(z.float().cpu())
+            pid += [i] * z.shape[0]
+            idx += list(range(z.shape[0]))
+            labels.append(text[:40])
+        Z = torch.cat(lat)                                                          # (N, d)
+        head = self.decoder.get_output_embeddings()
+        probs = torch.softmax(head(Z.to(self.decoder.device, next(head.parameters()).dtype)).float(), -1)
+        top = probs.topk(top_k, -1)
+        top_tokens = [[self.tokenizer.decode([int(t)]) for t in row] for row in top.indices.cpu()]
+        return {"latents": Z.numpy(), "prompt_ids": np.array(pid), "latent_index": np.array(idx), "labels": labels,
+                "norms": Z.norm(dim=-1).numpy(), "top_tokens": top_tokens, "top_probs": top.values.cpu().numpy()}
+
+    def status(self) -> dict:
+        cfg = getattr(self.coprocessor, "checkpoint_config", None) or {}
+        return {"decoder": self.info.to_dict(), "coprocessor": self.coprocessor.config.__dict__,
+                "coprocessor_source": self.coprocessor_source, "notice": self.notice,
+                "training": cfg.get("training", {}), "evaluation": cfg.get("evaluation", {})}
+
+
+__all__ = ["Workbench", "InputError", "CheckpointError", "clean_text", "read_config"]

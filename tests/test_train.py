@@ -1,0 +1,98 @@
+"""Training, checkpoints and resume on a tiny decoder (CPU, seconds).
+
+    pytest tests/test_train.py
+"""
+
+import json
+
+import pytest
+import torch
+
+from cacheaug_core import augment, masks
+from cacheaug_core.checkpoint import CheckpointError, load_coprocessor, save_coprocessor
+from cacheaug_core.config import CoprocessorConfig, TrainConfig
+from cacheaug_core.coprocessor import Coprocessor
+from cacheaug_core.decoder import load_decoder
+from cacheaug_core.train import TextData, evaluate_heldout, train
+from tests.conftest import save_tiny_decoder
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(decoder=data[0], data=data[1], out_dir=str(tmp_path / "run"), seq_len=48, points=6, n_ahead=4,
+                batch_size=4, steps=6, warmup=2, lr=3e-3, eval_every=0, save_every=3, log_every=1, device="cpu")
+    return TrainConfig(**(base | kw))
+
+
+def test_checkpoint_round_trip(tiny_decoder_dir, tmp_path):
+    dec, tok, info = load_decoder(tiny_decoder_dir)
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, body="lora", lora_rank=4), dec)
+    with torch.no_grad():
+        for p in cop.trainable_state().values():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = save_coprocessor(cop, tmp_path / "ck", info, training={"steps": 7})
+    cop2 = load_coprocessor(path, dec, info)
+    for k, v in cop.trainable_state().items():
+        assert torch.equal(v, cop2.trainable_state()[k])
+    ids = torch.randint(1, 200, (1, 20))
+    pts = torch.tensor([[5, 12]])
+    a = augment.multi_point_loss(dec, cop, ids, pts, 3)[1]
+    b = augment.multi_point_loss(dec, cop2, ids, pts, 3)[1]
+    torch.testing.assert_close(a, b, equal_nan=True)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["decoder"]["tokenizer_fingerprint"] == info.tokenizer_fingerprint
+    assert "Coprocessor for" in (path / "README.md").read_text()
+
+
+def test_checkpoint_shards_at_most_16_mib(tiny_decoder_dir, tmp_path):
+    import cacheaug_core.checkpoint as ck
+
+    dec, _, info = load_decoder(tiny_decoder_dir)
+    cop = Coprocessor(CoprocessorConfig(num_latents=2), dec)
+    old = ck.SHARD_BYTES
+    ck.SHARD_BYTES = 20_000  # force several shards on a tiny model
+    try:
+        path = save_coprocessor(cop, tmp_path / "ck", info)
+    finally:
+        ck.SHARD_BYTES = old
+    assert (path / "model.safetensors.index.json").exists()
+    assert len(list(path.glob("model-*.safetensors"))) > 1
+    load_coprocessor(path, dec, info)
+
+
+def test_checkpoint_for_another_decoder_is_refused(tiny_decoder_dir, tmp_path):
+    dec, _, info = load_decoder(tiny_decoder_dir)
+    path = save_coprocessor(Coprocessor(CoprocessorConfig(num_latents=2), dec), tmp_path / "ck", info)
+    other_dir = save_tiny_decoder(tmp_path / "other", "qwen2", layers=3)
+    dec2, _, info2 = load_decoder(other_dir)
+    with pytest.raises(CheckpointError, match="trained for decoder"):
+        load_coprocessor(path, dec2, info2)
+
+
+def test_short_training_beats_frozen_decoder_on_repeated_text(tiny_decoder_dir, repeated_text_file, tmp_path):
+    cfg = _cfg(tmp_path, (tiny_decoder_dir, repeated_text_file), steps=40, save_every=40, lr=3e-3)
+    path = train(cfg, CoprocessorConfig(num_latents=4, num_layers=1), show_progress=False)
+    dec, tok, info = load_decoder(tiny_decoder_dir)
+    cop = load_coprocessor(path, dec, info)
+    data = TextData(repeated_text_file, tok, "heldout")
+    g = torch.Generator().manual_seed(5)
+    batches = [data.sample(4, 48, g)]
+    pts = [masks.sample_points(48, 6, 4, g)]
+    ev = evaluate_heldout(dec, cop, batches, pts, 4)
+    # a random tiny decoder is near-uniform; the coprocessor can learn the repeated text's future
+    assert sum(ev["nll_aug"]) < sum(ev["nll_base"])
+    lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_resume_equals_uninterrupted(tiny_decoder_dir, repeated_text_file, tmp_path):
+    ccfg = CoprocessorConfig(num_latents=2, num_layers=1)
+    data = (tiny_decoder_dir, repeated_text_file)
+    full = train(_cfg(tmp_path / "a", data), ccfg, show_progress=False)
+    train(_cfg(tmp_path / "b", data, stop_after=3), ccfg, show_progress=False)      # interrupted at step 3
+    resumed = train(_cfg(tmp_path / "b", data, resume=True), ccfg, show_progress=False)
+    dec, _, info = load_decoder(tiny_decoder_dir)
+    a, b = load_coprocessor(full, dec, info), load_coprocessor(resumed, dec, info)
+    for k, v in a.trainable_state().items():
+        assert torch.equal(v, b.trainable_state()[k]), k
+    state = json.loads((resumed / "trainer_state.json").read_text())
+    assert state["step"] == 6

@@ -1,0 +1,337 @@
+"""Tests for the ``viz`` package: escaping of hostile token text, exact values in
+hover titles, NaN handling, table arithmetic, PCA shapes and figure structure.
+
+Fast and model-free: run with ``pytest tests/test_viz.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+import viz
+from viz import (
+    attention_to_latents_figure,
+    delta_by_position_figure,
+    delta_heatmap_figure,
+    entropy,
+    figure_to_html,
+    frame_to_csv,
+    kl_divergence,
+    latent_pca,
+    latent_pca_figure,
+    latent_readout_frame,
+    per_token_frame,
+    summary_table,
+    token_delta_html,
+    topk_compare_frame,
+    topk_frame,
+)
+
+HOSTILE = [
+    "<script>alert(1)</script>",
+    '" onmouseover="x',
+    "' onfocus='y",
+    "\u202eevil\u202c",
+    "a\u2066b\u2069",
+    "zero\u200bwidth",
+    "\ud800lone",
+    "line\nbreak",
+    "\t",
+    "",
+    "&amp;",
+]
+
+
+class _Collector(HTMLParser):
+    """Records every start tag with its attributes, and all text data."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(html_str: str) -> _Collector:
+    c = _Collector()
+    c.feed(html_str)
+    c.close()
+    return c
+
+
+# ---------------------------------------------------------------------------
+# token_delta_html
+# ---------------------------------------------------------------------------
+
+
+def test_token_html_escapes_hostile_tokens():
+    delta = np.linspace(-1, 1, len(HOSTILE))
+    out = token_delta_html(HOSTILE, delta, delta + 2, delta * 2 + 2)
+    # It must always be encodable, even with a lone surrogate in the input.
+    out.encode("utf-8")
+    assert "<script" not in out.lower()
+    assert "onmouseover=\"" not in out and "onfocus='" not in out
+    for ch in ("\u202e", "\u202c", "\u2066", "\u2069", "\u200b", "\ud800"):
+        assert ch not in out
+    assert "\\u202e" in out and "\\u200b" in out and "\\ud800" in out
+    p = _parse(out)
+    spans = [a for t, a in p.tags if t == "span" and "tok" in a.get("class", "").split()]
+    assert len(spans) == len(HOSTILE)
+    # No attribute breakout: every element carries only the attributes we emit.
+    allowed = {"class", "style", "title", "data-idx", "data-delta"}
+    for tag, attrs in p.tags:
+        assert tag in {"div", "span", "br"}
+        assert set(attrs) <= allowed, attrs
+        assert not any(k.startswith("on") for k in attrs)
+    # Text survives as text: the parsed page shows the script token literally.
+    text = "".join(p.text)
+    assert "<script>alert(1)</script>" in text
+    assert '" onmouseover="x' in text
+    assert "&amp;" in text  # the literal token "&amp;" stays as typed
+    assert "\u21b5" in text  # newline made visible
+    assert out.count("<br>") == 1
+
+
+def test_token_html_container_and_indices():
+    out = token_delta_html(["a", "b", "c"], np.array([0.1, -0.2, 0.0]), selected=1)
+    assert out.startswith('<div class="cacheaug-tokens">')
+    p = _parse(out)
+    spans = [a for t, a in p.tags if t == "span" and "tok" in a.get("class", "").split()]
+    assert [s["data-idx"] for s in spans] == ["0", "1", "2"]
+    assert "selected" in spans[1]["class"].split()
+    assert "<script" not in out and "onclick" not in out
+
+
+def test_token_html_titles_have_exact_values():
+    toks = ["x"] * 18
+    base = np.full(18, 1.0)
+    aug = np.full(18, 1.0)
+    base[17], aug[17] = 2.345, 2.222
+    delta = aug - base
+    out = token_delta_html(toks, delta, base, aug)
+    assert 'title="Δloss=-0.123 · base 2.345 · aug 2.222 · #17"' in out
+    assert 'title="Δloss=+0.000 · base 1.000 · aug 1.000 · #0"' in out
+
+
+def test_token_html_nan_is_neutral_and_legend_present():
+    delta = np.array([np.nan, np.nan, -0.5, 0.5])
+    out = token_delta_html(["p", "q", "a", "b"], delta)
+    p = _parse(out)
+    spans = [a for t, a in p.tags if t == "span" and "tok" in a.get("class", "").split()]
+    assert "background:transparent" in spans[0]["style"]
+    assert "unscored" in spans[0]["class"]
+    assert spans[0]["title"] == "not scored · #0"
+    assert "rgba(37,99,235" in spans[2]["style"]  # negative = blue
+    assert "rgba(220,38,38" in spans[3]["style"]  # positive = red
+    assert "cacheaug-legend" in out
+    assert "Negative (blue) = augmentation lowers the loss" in out
+
+
+def test_token_html_all_nan_and_delta_from_nll():
+    out = token_delta_html(["a", "b"], np.array([np.nan, np.nan]))
+    assert "NaN" not in out
+    out2 = token_delta_html(["a"], None, np.array([2.0]), np.array([1.5]))
+    assert "Δloss=-0.500" in out2
+    with pytest.raises(ValueError):
+        token_delta_html(["a", "b"], np.array([0.0]))
+
+
+# ---------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------
+
+
+def test_summary_table_arithmetic_and_nan():
+    base = np.array([1.0, 2.0, np.nan, 3.0, 4.0])
+    aug = np.array([0.5, 2.5, 1.0, 2.0, np.nan])
+    t = summary_table(base, aug)
+    assert list(t["arm"]) == ["decoder", "decoder+coprocessor", "change"]
+    # Paired positions: 0, 1, 3 -> base mean 2.0, aug mean 5/3.
+    mb, ma = 2.0, 5.0 / 3.0
+    row = t.set_index("arm")
+    assert row.loc["decoder", "mean NLL"] == pytest.approx(mb)
+    assert row.loc["decoder+coprocessor", "mean NLL"] == pytest.approx(ma)
+    assert row.loc["decoder", "perplexity"] == pytest.approx(math.exp(mb))
+    assert row.loc["decoder+coprocessor", "perplexity"] == pytest.approx(math.exp(ma))
+    assert row.loc["change", "mean NLL"] == pytest.approx(ma - mb)
+    assert row.loc["change", "perplexity"] == pytest.approx(math.exp(ma) - math.exp(mb))
+    assert row.loc["change", "relative change %"] == pytest.approx((math.exp(ma) / math.exp(mb) - 1) * 100)
+    assert list(t["tokens scored"]) == [3, 3, 3]
+
+
+def test_summary_table_empty():
+    t = summary_table(np.array([np.nan]), np.array([1.0]))
+    assert t["tokens scored"].tolist() == [0, 0, 0]
+    assert t["mean NLL"].isna().all()
+
+
+def test_per_token_frame_and_csv(tmp_path):
+    toks = ["a", "\u202eb", "\ud800c"]
+    df = per_token_frame(toks, np.array([1.0, 2.0, np.nan]), np.array([0.5, 2.5, 1.0]), offsets=[[0, 1], [1, 3], [3, 5]])
+    assert list(df.columns[:5]) == ["index", "token", "nll_base", "nll_aug", "delta"]
+    assert df["delta"].tolist()[:2] == [-0.5, 0.5]
+    assert math.isnan(df["delta"].iloc[2])
+    assert df["token"].iloc[1] == "\\u202eb"
+    assert df["start"].tolist() == [0, 1, 3]
+    path = frame_to_csv(df, tmp_path / "sub" / "tokens.csv")
+    back = pd.read_csv(path)
+    assert back["token"].tolist() == ["a", "\\u202eb", "\\ud800c"]
+    # raw mode keeps the exact text; the CSV writer still never raises.
+    raw = per_token_frame(toks, np.zeros(3), np.zeros(3), raw=True)
+    assert raw["token"].iloc[1] == "\u202eb"
+    frame_to_csv(raw, tmp_path / "raw.csv")
+
+
+def test_topk_frames_and_kl():
+    f = topk_frame([" the", "a", "\n"], np.array([0.2, 0.5, 0.3]))
+    assert f["token"].tolist() == ["a", "↵", "␣the"]
+    assert f["rank"].tolist() == [1, 2, 3]
+    c = topk_compare_frame(["x", "y"], np.array([0.6, 0.4]), ["z"], np.array([1.0]))
+    assert list(c.columns) == ["rank", "decoder token", "decoder p", "decoder+coprocessor token", "decoder+coprocessor p"]
+    assert c["decoder+coprocessor token"].tolist() == ["z", ""]
+    assert math.isnan(c["decoder+coprocessor p"].iloc[1])
+
+    p = np.array([0.1, 0.2, 0.7])
+    assert kl_divergence(p, p) == 0.0
+    q = np.array([0.3, 0.3, 0.4])
+    expected = float(np.sum(p * np.log(p / q)))
+    assert kl_divergence(p, q) == pytest.approx(expected)
+    assert kl_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0])) > 10  # finite, large
+    assert math.isfinite(kl_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0])))
+    assert entropy(np.array([0.5, 0.5])) == pytest.approx(math.log(2))
+    with pytest.raises(ValueError):
+        kl_divergence(p, q[:2])
+
+
+# ---------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------
+
+
+def test_delta_by_position_figure():
+    df = pd.DataFrame({"position": [2, 1, 3], "nll_base": [2.0, 2.0, 2.0], "nll_aug": [1.9, 1.8, 2.1],
+                       "ci_low": [-12.0, -20.0, 5.0], "ci_high": [-8.0, -15.0, 15.0]})
+    fig = delta_by_position_figure(df)
+    names = [t.name for t in fig.data]
+    assert {"relative change", "decoder", "decoder+coprocessor", "confidence interval"} <= set(names)
+    rel = next(t for t in fig.data if t.name == "relative change")
+    assert list(rel.x) == [1, 2, 3]  # sorted by position
+    assert rel.y[0] == pytest.approx((math.exp(-0.2) - 1) * 100)
+    dec = next(t for t in fig.data if t.name == "decoder")
+    assert dec.y[0] == pytest.approx(math.exp(2.0))
+    assert "negative = augmentation lowers perplexity" in fig.layout.title.text
+    assert any(s.y0 == 0 and s.y1 == 0 for s in fig.layout.shapes)  # zero line
+    # Without CI columns there is no band; empty input gives a labelled empty figure.
+    assert "confidence interval" not in [t.name for t in delta_by_position_figure(df.drop(columns=["ci_low", "ci_high"])).data]
+    assert len(delta_by_position_figure(df.iloc[:0]).data) == 0
+
+
+def test_delta_heatmap_figure_escapes_and_keeps_duplicates():
+    toks = ["the", "<b>x</b>", "the"]
+    m = np.array([[0.1, -0.2, np.nan], [0.3, 0.0, -0.4]])
+    fig = delta_heatmap_figure(toks, m)
+    assert len(fig.data) == 1 and isinstance(fig.data[0], go.Heatmap)
+    hm = fig.data[0]
+    assert list(hm.x) == [0, 1, 2] and list(hm.y) == [1, 2]
+    assert hm.zmid == 0
+    assert hm.zmin == -0.4 and hm.zmax == 0.4
+    assert "Δloss=%{z" in hm.hovertemplate
+    ticks = list(fig.layout.xaxis.ticktext)
+    assert ticks[1] == "&lt;b&gt;x&lt;/b&gt;"
+    assert "<b>" not in "".join(ticks)
+    with pytest.raises(ValueError):
+        delta_heatmap_figure(["a"], m)
+
+
+def test_attention_to_latents_figure():
+    mass = np.random.default_rng(0).random((4, 3))
+    fig = attention_to_latents_figure(["a", "b", "c", "<i>"], mass)
+    hm = fig.data[0]
+    assert isinstance(hm, go.Heatmap)
+    assert np.asarray(hm.z).shape == (3, 4)  # latents x tokens
+    assert np.allclose(np.asarray(hm.z), mass.T)
+    assert "&lt;i&gt;" in list(fig.layout.xaxis.ticktext)
+
+
+def test_latent_pca_shapes():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 8))
+    coords, evr = latent_pca(x, 3)
+    assert coords.shape == (20, 3) and evr.shape == (3,)
+    assert evr.sum() <= 1 + 1e-9 and np.all(evr >= 0)
+    assert np.all(np.diff(evr) <= 1e-12)  # sorted descending
+    # Fewer samples than components: padded with zeros, shapes kept.
+    c2, e2 = latent_pca(x[:2], 3)
+    assert c2.shape == (2, 3) and e2.shape == (3,)
+    assert np.all(c2[:, 2] == 0) and e2[2] == 0 and e2.sum() <= 1 + 1e-9
+    c1, e1 = latent_pca(x[:1], 2)
+    assert c1.shape == (1, 2) and np.all(c1 == 0) and np.all(e1 == 0)
+    c0, e0 = latent_pca(np.zeros((0, 8)), 2)
+    assert c0.shape == (0, 2) and e0.shape == (2,)
+    cs, es = latent_pca(np.ones((5, 4)), 2)  # identical points: no variance
+    assert np.all(cs == 0) and np.all(es == 0)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("color_by", ["prompt", "latent"])
+def test_latent_pca_figure(dims, color_by):
+    rng = np.random.default_rng(1)
+    n_prompts, nl, d = 3, 4, 16
+    x = rng.normal(size=(n_prompts * nl, d))
+    pids = np.repeat(np.arange(n_prompts), nl)
+    lidx = np.tile(np.arange(nl), n_prompts)
+    hover = [["<tok>", " the"]] * (n_prompts * nl)
+    fig = latent_pca_figure(x, pids, lidx, labels=["p0", "<b>p1</b>", "p2"], color_by=color_by, dims=dims,
+                            hover_tokens=hover)
+    trace_type = go.Scatter3d if dims == 3 else go.Scatter
+    assert all(isinstance(t, trace_type) for t in fig.data)
+    assert len(fig.data) == (n_prompts if color_by == "prompt" else 1)
+    assert sum(len(t.x) for t in fig.data) == n_prompts * nl
+    _, evr = latent_pca(x, dims)
+    assert f"PC1 {100 * evr[0]:.1f}%" in fig.layout.title.text
+    cd = np.concatenate([np.asarray(t.customdata) for t in fig.data])
+    assert "&lt;tok&gt;" in cd[0, 3] and "<tok>" not in cd[0, 3]
+    norms = sorted(float(v) for v in cd[:, 2])
+    assert norms == pytest.approx(sorted(float(f"{v:.4g}") for v in np.linalg.norm(x, axis=1)))
+    if color_by == "prompt":
+        assert "&lt;b&gt;p1&lt;/b&gt;" in [t.name for t in fig.data]
+    assert "norm" in fig.data[0].hovertemplate and "closest" in fig.data[0].hovertemplate
+
+
+def test_latent_readout_frame():
+    df = latent_readout_frame([["a", " b"], ["c", "d"]], np.array([[0.1, 0.6], [0.5, 0.2]]))
+    assert df["latent"].tolist() == [0, 1]
+    assert df["#1"].tolist() == ["␣b", "c"]
+    assert df["p#1"].tolist() == [0.6, 0.5]
+    assert list(df.columns) == ["latent", "#1", "p#1", "#2", "p#2"]
+
+
+def test_figure_to_html_is_offline(tmp_path):
+    fig = delta_heatmap_figure(["</script><script>alert(1)</script>"], np.array([[0.5]]))
+    h = figure_to_html(fig)
+    assert h.lstrip().lower().startswith("<html") or "<!doctype" in h.lower()[:50] or "<html" in h[:200]
+    assert "<script src=" not in h and 'src="https://' not in h
+    assert "alert(1)</script>" not in h
+    assert len(h) > 1_000_000  # plotly.js is inlined
+
+
+def test_no_torch_import():
+    # A fresh interpreter: other tests in the session may have imported torch.
+    code = "import sys, viz; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
+    for name in viz.__all__:
+        assert callable(getattr(viz, name))
