@@ -48,6 +48,12 @@ def prefill(decoder, input_ids: torch.Tensor):
     return out.past_key_values, out.logits
 
 
+@torch.no_grad()
+def prefill_cache(decoder, input_ids: torch.Tensor):
+    """Only the cache of input_ids (B, T): training needs no logits for the original tokens."""
+    return decoder.base_model(input_ids=input_ids, use_cache=True).past_key_values
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token negative log-likelihood in nats, NaN where not valid. logits (..., V), targets (...)."""
     nll = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
@@ -85,7 +91,8 @@ def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
     x = torch.cat([latents.to(dtype), embed(decoder, tokens)], dim=2)       # (B, P, G, d)
     G = x.shape[2]
     if attention_mask is None:
-        attention_mask = masks.dense_group_mask(T, points, G, dtype)
+        impl = getattr(decoder.config, "_attn_implementation", None)
+        attention_mask = masks.group_mask(T, points, G, dtype, None if output_attentions else impl)
     pos = masks.group_positions(points, layout).reshape(B, P * G)
     return decoder.base_model(
         inputs_embeds=x.reshape(B, P * G, -1),
@@ -120,8 +127,38 @@ def multi_point(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Ten
     return MultiPointOutput(hidden, targets, valid, latents, logits)
 
 
-def multi_point_loss(decoder, coprocessor, input_ids, points, n_ahead, cache=None, pad_id: int = 0):
-    """Mean cross-entropy over valid ahead tokens, and per-(point, ahead) NLL (B, P, A)."""
+def chunked_cross_entropy(decoder, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Summed cross-entropy of hidden (N, d) against targets (N,), through the LM head in chunks.
+
+    Each chunk's logits (chunk, V) are made, reduced and dropped; the backward pass recomputes them
+    (activation checkpointing), so full-precision logits for all N positions never exist at once.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    head = decoder.get_output_embeddings()
+
+    def piece(h, t):
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(piece, hidden[i: i + chunk], targets[i: i + chunk], use_reentrant=False)
+    return total
+
+
+def multi_point_loss(decoder, coprocessor, input_ids, points, n_ahead, cache=None, pad_id: int = 0,
+                     chunked: bool = False):
+    """Mean cross-entropy over valid ahead tokens, and per-(point, ahead) NLL (B, P, A).
+
+    `chunked=True` is the training fast path: the loss goes through `chunked_cross_entropy` and the
+    per-token NLL is not returned (None).
+    """
+    if chunked:
+        out = multi_point(decoder, coprocessor, input_ids, points, n_ahead, cache=cache, pad_id=pad_id,
+                          with_logits=False)
+        h = out.hidden[out.valid]                                              # (N, d)
+        loss = chunked_cross_entropy(decoder, h, out.targets[out.valid]) / h.shape[0]
+        return loss, None
     out = multi_point(decoder, coprocessor, input_ids, points, n_ahead, cache=cache, pad_id=pad_id)
     nll = token_nll(out.logits, out.targets, out.valid)
     loss = nll[out.valid].mean()

@@ -189,7 +189,8 @@ class Coprocessor(nn.Module):
                 pos = masks.latent_positions(points, layout, n=2 * NL)
             G = x.shape[2]
             body_dtype = next(self.body.parameters()).dtype
-            mask = masks.dense_group_mask(T, points, G, body_dtype)
+            impl = getattr(self.body.config, "_attn_implementation", None)
+            mask = masks.group_mask(T, points, G, body_dtype, impl)
             out = self.body(
                 inputs_embeds=x.reshape(B, P * G, d).to(body_dtype),
                 attention_mask=mask,

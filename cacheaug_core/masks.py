@@ -122,6 +122,34 @@ def dense_group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.
     return to_additive(group_allowed(T, points, group_len), dtype)
 
 
+def group_block_mask(T: int, points: torch.Tensor, group_len: int):
+    """The same mask as a FlexAttention BlockMask: whole blocks that no row may see are skipped,
+    so groups cost attention only over their own prefix and their own block. (B, P) -> BlockMask
+    for Q = P*G queries and K = T + P*G keys."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, P = points.shape
+    G = group_len
+    pts = points.contiguous()
+
+    def mask_mod(b, h, q, k):
+        grp = q // G
+        kg = k - T
+        to_orig = k <= pts[b, grp]
+        to_group = ((kg // G) == grp) & ((kg % G) <= (q % G))
+        return torch.where(k < T, to_orig, to_group)
+
+    return create_block_mask(mask_mod, B, None, P * G, T + P * G, device=points.device)
+
+
+def group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.dtype, attn_implementation: str | None):
+    """The group mask in the form the attention implementation takes: a BlockMask for
+    flex_attention, a dense float additive mask otherwise."""
+    if attn_implementation == "flex_attention":
+        return group_block_mask(T, points, group_len)
+    return dense_group_mask(T, points, group_len, dtype)
+
+
 def sample_points(T: int, n_points: int, batch: int, generator: torch.Generator | None = None,
                   min_point: int = 0) -> torch.Tensor:
     """Random distinct augmentation points per sequence, sorted. -> (B, P) long.

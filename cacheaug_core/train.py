@@ -185,7 +185,10 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         saved = read_config(last)
         cop_cfg = from_dict(CoprocessorConfig, saved["coprocessor"])
 
-    decoder, tok, info = load_decoder(cfg.decoder or None, device=acc.device)
+    # The frozen decoder is stored in the compute precision (no master copy needed: it never updates).
+    dec_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    decoder, tok, info = load_decoder(cfg.decoder or None, device=acc.device, dtype=dec_dtype,
+                                      attn_implementation="flex_attention" if cfg.fast else None)
     pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
     train_data = open_data(cfg.data, tok, "train")
     heldout = open_data(cfg.data, tok, "heldout")
@@ -258,9 +261,9 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             ids = train_data.sample(cfg.batch_size, cfg.seq_len, gen).to(acc.device)
             pts = masks.sample_points(cfg.seq_len, cfg.points, cfg.batch_size, gen).to(acc.device)
             with acc.autocast():
-                cache, _ = augment.prefill(decoder, ids)
-                loss, _ = augment.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead,
-                                                   cache=kv.detach(cache), pad_id=pad_id)
+                cache = augment.prefill_cache(decoder, ids)
+                loss, _ = augment.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, cache=cache,
+                                                   pad_id=pad_id, chunked=cfg.fast)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
                                     f"is kept in {last}. Lower --lr or use --precision no.")

@@ -1,0 +1,196 @@
+"""Training throughput: the dense path and the fast path side by side, in one run, on one GPU.
+
+    python bench/train_throughput.py --out results/train_throughput.json            # GPU
+    python bench/train_throughput.py --tiny --steps 2 --out /tmp/tp.json             # CPU smoke test
+
+The decoder is SmolLM2-135M-shaped with random weights (throughput depends on shapes, not on the
+weights, so nothing needs to be staged), the coprocessor a full copy. For each shape both paths
+run the same number of optimizer steps on the same batches:
+
+  dense  SDPA with the dense float group mask, full-precision logits for every predicted position
+  fast   FlexAttention with the group BlockMask (blocks nobody sees are skipped) + chunked
+         cross-entropy through the LM head with recomputation
+
+Reported per run: original (text) tokens per second, a counted-FLOP model (matmul FLOPs of the
+useful work: decoder prefill forward, coprocessor forward+backward, decoder group pass forward +
+input-gradient backward, LM head; masked-out attention and recomputation are not counted) and the
+fraction of the GPU's bf16 dense peak it implies, peak memory, and the fast/dense speed-up.
+Before timing, the two paths' losses and coprocessor gradients are compared on one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cacheaug_core import augment, masks  # noqa: E402
+from cacheaug_core.config import CoprocessorConfig  # noqa: E402
+from cacheaug_core.coprocessor import Coprocessor  # noqa: E402
+from cacheaug_core.decoder import freeze  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def smollm2_config(tiny: bool = False):
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                       rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+def counted_flops(cfg, B, T, P, NL, A) -> dict:
+    """Useful matmul FLOPs of one training step (see the module docstring)."""
+    d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd = d // cfg.num_attention_heads
+    kvd = cfg.num_key_value_heads * hd
+    lin = L * (2 * d * d + 2 * d * kvd + 3 * d * cfg.intermediate_size)     # params in linears
+    attn_q = 4 * cfg.num_attention_heads * hd * L                            # FLOPs per (query, key)
+    G = NL + A - 1
+    avg_p = (T - 2) / 2                                                       # mean point position
+    prefill = 2 * lin * T + attn_q * T * (T + 1) / 2
+    cop_keys = P * (NL * (avg_p + 1) + NL * (NL + 1) / 2)
+    cop = 3 * (2 * lin * P * NL + attn_q * cop_keys)                          # fwd + bwd (weights too)
+    grp_keys = P * (G * (avg_p + 1) + G * (G + 1) / 2)
+    grp = 2 * (2 * lin * P * G + attn_q * grp_keys)                           # fwd + input-grad bwd
+    head = 2 * (2 * d * V * P * A)
+    per_seq = prefill + cop + grp + head
+    return {"per_step": B * per_seq, "per_seq": {"prefill": prefill, "coprocessor": cop, "group": grp, "head": head}}
+
+
+def make_models(cfg, attn: str, device, dtype, state=None):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    dec = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=dtype).to(device)
+    if state is not None:
+        dec.load_state_dict(state)
+    return freeze(dec)
+
+
+def run_path(name, dec, cop, batches, pts_list, A, steps, warmup, fast: bool):
+    opt = torch.optim.AdamW(cop.parameters(), lr=1e-5)
+    dev = batches[0].device
+    torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
+    times = []
+    for i in range(warmup + steps):
+        ids, pts = batches[i % len(batches)], pts_list[i % len(pts_list)]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            cache = augment.prefill_cache(dec, ids)
+            loss, _ = augment.multi_point_loss(dec, cop, ids, pts, A, cache=cache, chunked=fast)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+    return sorted(times)[len(times) // 2], peak, float(loss)
+
+
+def parity(cfg, dev, dtype, T, P, NL, A):
+    """Loss and coprocessor gradients of both paths on one batch (bf16 autocast, batch 2)."""
+    dense = make_models(cfg, "sdpa", dev, dtype)
+    flex = make_models(cfg, "flex_attention", dev, dtype, dense.state_dict())
+    cd = Coprocessor(CoprocessorConfig(num_latents=NL), dense).float()
+    cf = Coprocessor(CoprocessorConfig(num_latents=NL), flex).float()
+    cf.load_state_dict(cd.state_dict())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (2, T), generator=g).to(dev)
+    pts = masks.sample_points(T, P, 2, g).to(dev)
+    out = {}
+    for name, dec, cop, fast in (("dense", dense, cd, False), ("fast", flex, cf, True)):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss, _ = augment.multi_point_loss(dec, cop, ids, pts, A, cache=augment.prefill_cache(dec, ids),
+                                               chunked=fast)
+        loss.backward()
+        out[name] = (float(loss), torch.cat([p.grad.flatten().float() for p in cop.parameters() if p.grad is not None]))
+    gd, gf = out["dense"][1], out["fast"][1]
+    cos = float(torch.nn.functional.cosine_similarity(gd, gf, dim=0))
+    return {"loss_dense": out["dense"][0], "loss_fast": out["fast"][0], "grad_cosine": cos,
+            "grad_rel_err": float((gd - gf).norm() / gd.norm())}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="results/train_throughput.json")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument("--shapes", default="ref,paper,nl32,nl64", help="which shapes to run")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = smollm2_config(args.tiny)
+    gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    # (name, T, P, NL, A, batch)
+    shapes = {"ref": ("reference: T=512, 16 points, 16 latents, 16 ahead", 512, 16, 16, 16, 64),
+              "paper": ("paper: T=2048, 128 points, 16 latents, 16 ahead", 2048, 128, 16, 16, 4),
+              "nl32": ("T=512, 16 points, 32 latents", 512, 16, 32, 16, 48),
+              "nl64": ("T=512, 16 points, 64 latents", 512, 16, 64, 16, 32)}
+    if args.tiny:
+        shapes = {k: (v[0], 64, 4, 4, 4, 2) for k, v in shapes.items() if k == "ref"}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"device": gpu, "torch": torch.__version__, "commit": commit, "bf16_peak_flops": peak,
+              "command": " ".join(["python"] + sys.argv), "runs": []}
+    T0, P0, NL0, A0 = (512, 16, 16, 16) if not args.tiny else (64, 4, 4, 4)
+    try:
+        result["parity"] = parity(cfg, dev, dtype, T0, P0, NL0, A0)
+    except Exception as e:  # keep measuring even if one path fails
+        result["parity"] = {"error": repr(e)[:500]}
+    print("parity", result["parity"], flush=True)
+    for key in args.shapes.split(","):
+        if key not in shapes:
+            continue
+        label, T, P, NL, A, B = shapes[key]
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(dev) for _ in range(2)]
+        pts = [masks.sample_points(T, P, B, g).to(dev) for _ in range(2)]
+        fl = counted_flops(cfg, B, T, P, NL, A)
+        row = {"shape": label, "T": T, "points": P, "num_latents": NL, "n_ahead": A, "batch": B,
+               "counted_flops_per_step": fl["per_step"], "flops_breakdown_per_seq": fl["per_seq"]}
+        for name, attn, fast in (("dense", "sdpa", False), ("fast", "flex_attention", True)):
+            try:
+                dec = make_models(cfg, attn, dev, dtype)
+                cop = Coprocessor(CoprocessorConfig(num_latents=NL), dec).float()
+                t, mem, loss = run_path(name, dec, cop, batches, pts, A, args.steps, args.warmup, fast)
+                tps = B * T / t
+                row[name] = {"step_s": t, "orig_tokens_per_s": tps, "peak_mem_gib": mem, "loss": loss,
+                             "flops_per_s": fl["per_step"] / t,
+                             "frac_bf16_peak": None if peak is None else fl["per_step"] / t / peak}
+            except torch.OutOfMemoryError as e:
+                row[name] = {"error": "out of memory: " + str(e)[:200]}
+            except Exception as e:
+                row[name] = {"error": repr(e)[:500]}
+            finally:
+                dec = cop = None
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            print(key, name, row[name], flush=True)
+        if "orig_tokens_per_s" in row.get("dense", {}) and "orig_tokens_per_s" in row.get("fast", {}):
+            row["speedup_fast_over_dense"] = row["fast"]["orig_tokens_per_s"] / row["dense"]["orig_tokens_per_s"]
+        result["runs"].append(row)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
