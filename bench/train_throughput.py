@@ -134,6 +134,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--shapes", default="ref,paper,nl32,nl64", help="which shapes to run")
+    ap.add_argument("--paths", default="dense,fast,dense+compile,fast+compile", help="which paths to run")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -166,10 +167,15 @@ def main(argv=None):
         fl = counted_flops(cfg, B, T, P, NL, A)
         row = {"shape": label, "T": T, "points": P, "num_latents": NL, "n_ahead": A, "batch": B,
                "counted_flops_per_step": fl["per_step"], "flops_breakdown_per_seq": fl["per_seq"]}
-        for name, attn, fast in (("dense", "sdpa", False), ("fast", "flex_attention", True)):
+        for name in args.paths.split(","):
+            fast = name.startswith("fast")
+            attn = "flex_attention" if fast else "sdpa"
             try:
                 dec = make_models(cfg, attn, dev, dtype)
                 cop = Coprocessor(CoprocessorConfig(num_latents=NL), dec).float()
+                if name.endswith("+compile"):
+                    augment.compile_layers(dec)
+                    augment.compile_layers(cop.body)
                 t, mem, loss = run_path(name, dec, cop, batches, pts, A, args.steps, args.warmup, fast)
                 tps = B * T / t
                 row[name] = {"step_s": t, "orig_tokens_per_s": tps, "peak_mem_gib": mem, "loss": loss,
@@ -184,8 +190,10 @@ def main(argv=None):
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             print(key, name, row[name], flush=True)
-        if "orig_tokens_per_s" in row.get("dense", {}) and "orig_tokens_per_s" in row.get("fast", {}):
-            row["speedup_fast_over_dense"] = row["fast"]["orig_tokens_per_s"] / row["dense"]["orig_tokens_per_s"]
+        base = row.get("dense", {}).get("orig_tokens_per_s")
+        if base:
+            row["speedup_over_dense"] = {k: row[k]["orig_tokens_per_s"] / base for k in args.paths.split(",")
+                                         if "orig_tokens_per_s" in row.get(k, {})}
         result["runs"].append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
