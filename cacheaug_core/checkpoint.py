@@ -250,6 +250,36 @@ def load_coprocessor(path: str | Path, decoder, decoder_info, check: bool = True
     return cop
 
 
+def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = torch.bfloat16,
+                      status: str | None = None, evaluation: dict | None = None) -> Path:
+    """Copy a checkpoint's weights, config and card (not the trainer state) to `dst`, casting
+    floating tensors to `dtype` (bf16 halves a training checkpoint for shipping). No decoder needed."""
+    src = Path(src)
+    config = read_config(src)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+               for k, v in _load_tensors(src).items()}
+    if status is not None:
+        config["status"] = status
+    if evaluation:
+        config["evaluation"] = (config.get("evaluation") or {}) | evaluation
+    config["weights_dtype"] = str(dtype).replace("torch.", "") if dtype is not None else "as trained"
+
+    def write(tmp: Path):
+        shards = _shards(tensors, SHARD_BYTES)
+        names = ["model.safetensors"] if len(shards) == 1 else [
+            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        for name, sh in zip(names, shards):
+            save_file(sh, str(tmp / name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: n for n, sh in zip(names, shards) for k in sh}}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        (tmp / "README.md").write_text(model_card(config))
+
+    return atomic_dir_write(dst, write)
+
+
 def checkpoint_size_mib(path: str | Path) -> float:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**20
 

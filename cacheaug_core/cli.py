@@ -120,6 +120,17 @@ def cmd_app(args) -> int:
                            + (["--decoder", args.decoder] if args.decoder else []))
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from .checkpoint import checkpoint_size_mib, export_checkpoint
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    path = export_checkpoint(args.src, args.dst, dtype, status=args.status or None)
+    print(f"{path}: {checkpoint_size_mib(path):.1f} MiB of weights")
+    return 0
+
+
 def _common_model_args(p):
     p.add_argument("--decoder", default="", help="decoder: empty = embedded SmolLM2-135M-Instruct, a folder, or a Hub id")
     p.add_argument("--coprocessor", default="", help="coprocessor checkpoint folder (default: the shipped one)")
@@ -156,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--point", type=int, default=None, help="augment after this token (default: a quarter in)")
     p.add_argument("--csv", default="", help="write the per-token table here")
     p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("export", help="copy a checkpoint's weights (no trainer state), e.g. in bf16 to ship")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--status", default="", help="a status line for the model card and the app")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("app", help="start the analysis web app")
     _common_model_args(p)

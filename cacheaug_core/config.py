@@ -103,6 +103,7 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm (0 = off)")
     precision: str = _f("no", "mixed precision: no | bf16 | fp16")
     fast: bool = _f(False, "block-sparse attention + chunked cross-entropy fast path (GPU)")
+    compile: bool = _f(False, "torch.compile each transformer block of decoder and coprocessor (GPU)")
     eval_every: int = _f(100, "held-out evaluation every N steps (0 = off)")
     eval_batches: int = _f(4, "held-out batches per evaluation")
     save_every: int = _f(200, "checkpoint every N steps")

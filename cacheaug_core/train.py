@@ -65,8 +65,34 @@ class TextData:
         return torch.stack([self.tokens[s: s + seq_len] for s in starts.tolist()])
 
 
+class PackData:
+    """A training pack: pre-drawn windows from a corpus as flat uint16 files (`train_*.bin`) plus a
+    held-out stream (`heldout.bin`), made by `scripts/gpu_pack.py` to travel to a GPU machine in
+    pieces. Random windows are drawn over all train files present, so a run resumed after more
+    pieces arrived sees them too."""
+
+    def __init__(self, path: Path, split: str):
+        import numpy as np
+
+        files = sorted(path.glob("train_*.bin")) if split == "train" else [path / "heldout.bin"]
+        arrays = [np.memmap(f, dtype=np.uint16, mode="r") for f in files if f.exists()]
+        if not arrays:
+            raise TrainingError(f"{path}: no {'train_*.bin' if split == 'train' else 'heldout.bin'} files")
+        self.tokens = torch.from_numpy(np.concatenate(arrays).astype(np.int64))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def sample(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+        starts = torch.randint(0, len(self.tokens) - seq_len + 1, (batch_size,), generator=generator)
+        return torch.stack([self.tokens[s: s + seq_len] for s in starts.tolist()])
+
+
 def open_data(path: str, tokenizer, split: str):
     p = Path(path)
+    if p.is_dir() and (p / "pack.json").exists():
+        return PackData(p, split)
     if p.is_dir():
         from .data import TokenData
 
@@ -214,6 +240,10 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             torch.cuda.set_rng_state(state_tensors["rng.cuda"])
         step, tokens_seen = state_meta["step"], state_meta["tokens_seen"]
         elapsed0 = state_meta.get("elapsed_s", 0.0)
+    if cfg.compile:
+        augment.compile_layers(decoder)
+        if cop.body is not None:
+            augment.compile_layers(cop.body)
     model, opt = acc.prepare(cop, opt)
 
     # Fixed held-out batches (their own generator, so evaluation never moves the data stream).
