@@ -126,6 +126,19 @@ class Workbench:
             raise InputError("The text produced no tokens.")
         return torch.tensor([ids], device=self.decoder.device)
 
+    def fit_text(self, text: str | None, max_chars: int = MAX_PROMPT_CHARS, max_tokens: int | None = None) -> tuple[str, str]:
+        """clean_text, then cap the length in tokens too (memory grows with tokens); returns (text, notice)."""
+        text, notice = clean_text(text, max_chars)
+        if max_tokens is not None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) > max_tokens:
+                cut = self.tokenizer.decode(ids[:max_tokens])
+                if cut.strip():
+                    text = cut
+                    notice = (notice + " " if notice else "") + (
+                        f"Input truncated from {len(ids):,} to {max_tokens:,} tokens.")
+        return text, notice
+
     def token_strings(self, ids) -> list[str]:
         """Each token's text as it appears in the decoded string."""
         return [self.tokenizer.decode([int(i)]) for i in ids]
@@ -136,13 +149,20 @@ class Workbench:
         """Yield the growing Arm for 'decoder', 'coprocessor' or 'pause'."""
         cop = {"decoder": None, "coprocessor": self.coprocessor, "pause": self.pause}[arm]
         a = Arm(arm)
-        t0 = time.perf_counter()
-        for step in augment.stream_generate(self.decoder, self.tokenizer, cop, ids, augment=cop is not None, **kw):
-            if a.ttft_s is None:
-                a.ttft_s = time.perf_counter() - t0
+        steps = augment.stream_generate(self.decoder, self.tokenizer, cop, ids, augment=cop is not None, **kw)
+        busy = 0.0  # this arm's own compute time: arms advance in turn, so wall time would count the others too
+        while True:
+            t0 = time.perf_counter()
+            try:
+                step = next(steps)
+            except StopIteration:
+                return
             a.token_ids.append(step.token_id)
             a.text = self.tokenizer.decode(a.token_ids, skip_special_tokens=True)
-            a.total_s = time.perf_counter() - t0
+            busy += time.perf_counter() - t0
+            if a.ttft_s is None:
+                a.ttft_s = busy
+            a.total_s = busy
             yield a
 
     def generate_pair(self, prompt: str, arms=("decoder", "coprocessor"), chat: bool = True, cot: bool = False, **kw):

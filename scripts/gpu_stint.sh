@@ -14,6 +14,6 @@ python -m cacheaug_core.cli train --data /tmp/cacheaug/pack --out-dir "$run" --m
 rc=$?
 tail -c 1500 "$run.log" | tr '\r' '\n' | grep -v "^train:" | tail -8
 mkdir -p "$OUT/$name"
-[ -d "$run/last" ] && python -m cacheaug_core.cli export "$run/last" "$OUT/$name/ckpt" --dtype bf16 >/dev/null
+[ "${EXPORT:-1}" = 1 ] && [ -d "$run/last" ] && python -m cacheaug_core.cli export "$run/last" "$OUT/$name/ckpt" --dtype bf16 >/dev/null
 cp "$run/metrics.jsonl" "$OUT/$name/metrics.jsonl" 2>/dev/null
 exit $rc
