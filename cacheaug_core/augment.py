@@ -200,7 +200,7 @@ def score_after_every_token(decoder, coprocessor, input_ids: torch.Tensor, posit
     base = plain_nll(logits, input_ids)[0]                                     # (T,)
     all_points = torch.arange(T - 1, device=input_ids.device)
     idx = all_points[:, None] + torch.arange(1, positions + 1, device=input_ids.device)
-    nll_base = torch.where(idx < T, base[idx.clamp(max=T - 1)], torch.full(idx.shape, float("nan")))
+    nll_base = torch.where(idx < T, base[idx.clamp(max=T - 1)], torch.full(idx.shape, float("nan"), device=idx.device))
     rows = []
     chunks = list(torch.split(all_points, points_per_pass))
     for i, pts in enumerate(chunks):

@@ -1,0 +1,732 @@
+"""cacheaug analysis app (Gradio 6): compare a frozen decoder with decoder + coprocessor.
+
+The coprocessor reads the decoder's KV cache and appends latent embeddings to it
+("Deliberation in Latent Space via Differentiable Cache Augmentation"). Four tabs:
+
+* **Generate** - one prompt, decoder alone and decoder + coprocessor streamed side by side with
+  identical sampling settings and seed (greedy by default); optional zero-shot chain-of-thought
+  and pause-token arms; re-augmentation every k tokens; asynchronous (late) latents; a Stop
+  button; time to first token and tokens/s per arm; run JSON export.
+* **Per-token analysis** - (a) augment once at a point and score what follows, or (b) augment
+  after every token and score the n-th token ahead; Δloss per token (hover for exact values,
+  click for both arms' top-k next tokens and their KL), Δ by position ahead, summary table, a
+  Δloss heatmap, CSV / JSON / figure-HTML exports.
+* **Latents** - PCA (2-D/3-D) of the latents of one or many prompts, what each latent reads as
+  through the decoder's LM head, and the attention a continuation pays to each latent.
+* **Model** - choose decoder and coprocessor; the checkpoint's card and evaluation; notices.
+
+Run::
+
+    python app.py                       # http://127.0.0.1:7860, embedded SmolLM2-135M + shipped coprocessor
+    python app.py --port 7861 --coprocessor runs/x/checkpoint --decoder path/to/decoder
+    GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py     # env vars are honoured
+    python app.py --share                                                 # public link: opt-in only
+
+The app only wires widgets to `cacheaug_core.workbench.Workbench` methods and `viz` functions; every
+event has a stable `api_name` (see "Use via API" in the footer, or `API_NAMES` below), so the same
+results are reachable from `gradio_client`, the `cacheaug` CLI and notebooks. Tests build the UI on a
+tiny model with `build_demo(workbench)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import html
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline tool: no phoning home
+
+import gradio as gr  # noqa: E402
+
+import viz  # noqa: E402
+from cacheaug_core.checkpoint import CheckpointError, model_card  # noqa: E402
+from cacheaug_core.workbench import InputError, Workbench, clean_text  # noqa: E402
+from viz import app_views as views  # noqa: E402
+
+log = logging.getLogger("cacheaug.app")
+
+# Input caps: memory and time grow with tokens (full-vocabulary logits per scored token).
+GEN_MAX_CHARS, GEN_MAX_TOKENS = 8_000, 1_024
+ANALYSIS_MAX_CHARS, ANALYSIS_MAX_TOKENS = 8_000, 640
+LATENT_MAX_CHARS, LATENT_MAX_TOKENS = 2_000, 256
+ATTENTION_MAX_TOKENS = 256
+MAX_PROMPTS = 16
+DEFAULT_MAX_NEW_TOKENS = 48
+
+API_NAMES = ("generate", "analyze", "token_detail", "use_generation", "latents", "load_model", "model_info")
+
+CLI_EQUIVALENTS = """\
+| endpoint | what it does | CLI / Python |
+|---|---|---|
+| `/generate` | both arms, streamed | `cacheaug generate --prompt "..." [--reaugment-every k] [--async-delay N] [--json]` |
+| `/analyze` | per-token Δloss, mode (a) or (b) | `cacheaug score --text "..." [--point N] [--csv out.csv]`; mode (b): `Workbench.score_every(text, positions)` |
+| `/token_detail` | top-k of both arms + KL at one token | `Workbench.score_text(text, point)["topk_base"/"topk_aug"/"kl_aug_base"]` |
+| `/use_generation` | last generation → analysis text | `viz.app_views.join_prompt_continuation(prompt, text)` |
+| `/latents` | PCA, read-out, attention to latents | `Workbench.latents(prompts)`, `viz.latent_pca_figure(...)` |
+| `/load_model`, `/model_info` | choose / describe decoder + coprocessor | `cacheaug generate --decoder D --coprocessor C`; `Workbench.status()` |
+"""
+
+CSS = """
+#cacheaug-notice:empty, #model-error:empty, #ana-notice:empty { display: none; }
+.cacheaug-tokens span.tok { cursor: pointer; }
+.cacheaug-tokens span.tok.cacheaug-picked { outline: 2px solid #7c3aed; outline-offset: 1px; }
+#gen-decoder textarea, #gen-augmented textarea, #gen-pause textarea, #gen-cot textarea {
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em; }
+.cacheaug-small { font-size: 0.88em; opacity: 0.85; }
+"""
+
+# Clicking a token span selects it (outline) and fires the component's click event with its index.
+TOKEN_CLICK_JS = """
+element.addEventListener('click', (e) => {
+  const s = e.target && e.target.closest ? e.target.closest('span.tok') : null;
+  if (!s || !element.contains(s)) return;
+  element.querySelectorAll('span.tok.cacheaug-picked').forEach((x) => x.classList.remove('cacheaug-picked'));
+  s.classList.add('cacheaug-picked');
+  const i = parseInt(s.getAttribute('data-idx'), 10);
+  if (Number.isFinite(i)) trigger('click', {index: i});
+});
+"""
+
+# System fonts only: nothing is fetched from the network.
+THEME = gr.themes.Default(
+    primary_hue="violet",
+    font=["ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "sans-serif"],
+    font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"],
+)
+
+ARM_LABELS = {"decoder": "decoder alone", "coprocessor": "decoder + coprocessor", "pause": "pause tokens",
+              "cot": "zero-shot chain-of-thought"}
+MODES = [("(a) augment once at a point, score what follows", "once"),
+         ("(b) augment after every token, score the n-th token ahead", "every")]
+
+DEFAULT_PROMPT = "Why is the sky blue?"
+DEFAULT_TEXT = ("The Eiffel Tower is in Paris. It was built for the 1889 World's Fair, and today it is one of "
+                "the most visited monuments in the world.")
+DEFAULT_PROMPTS = "Why is the sky blue?\nWhat is 17 + 25?\nWrite a haiku about the sea."
+DEFAULT_CONTINUATION = " Sunlight is scattered by the air, and blue light is scattered the most."
+EXAMPLES = ["Why is the sky blue?", "What is 17 + 25? Answer with a number.", "Write a haiku about the sea."]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model, shared by all sessions; swapped from the Model tab.
+
+
+class Backend:
+    """Holds the Workbench (created lazily by a factory, or given), and the last load error."""
+
+    def __init__(self, workbench_or_factory: Workbench | Callable[[], Workbench]):
+        self._lock = threading.Lock()
+        self._wb: Workbench | None = None
+        self._factory: Callable[[], Workbench] | None = None
+        if isinstance(workbench_or_factory, Workbench) or not callable(workbench_or_factory):
+            self._wb = workbench_or_factory
+        else:
+            self._factory = workbench_or_factory
+        self.error = ""
+
+    def get(self) -> Workbench:
+        with self._lock:
+            if self._wb is None:
+                if self._factory is None:
+                    raise gr.Error(_msg(_join(self.error or "No model is loaded.", "Load one in the Model tab.")),
+                                   title="Model", print_exception=False)
+                try:
+                    self._wb = self._factory()
+                    self.error = ""
+                except Exception as e:  # shown in the Model tab; actions say how to fix it
+                    self.error = f"The model failed to load: {e}"
+                    self._factory = None
+                    raise gr.Error(_msg(self.error + " Choose another decoder / coprocessor in the Model tab."),
+                                   title="Model", print_exception=False) from None
+            return self._wb
+
+    def set(self, wb: Workbench) -> None:
+        with self._lock:
+            self._wb, self.error = wb, ""
+
+    def load(self, decoder: str | None, coprocessor: str | None) -> Workbench:
+        wb = Workbench.load(decoder or None, coprocessor or None)  # raises; the old model stays
+        with self._lock:
+            self._wb, self.error = wb, ""
+        return wb
+
+
+def _msg(text: str) -> str:
+    """Toast / modal messages are rendered as HTML by Gradio: escape them (they may quote paths)."""
+    return html.escape(viz.clean_token(str(text)), quote=False)
+
+
+@contextlib.contextmanager
+def _friendly_errors():
+    """User errors become a clear message (gr.Error), never a traceback page."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except InputError as e:
+        raise gr.Error(_msg(e), title="Input", print_exception=False) from None
+    except CheckpointError as e:
+        raise gr.Error(_msg(e), title="Checkpoint", print_exception=False) from None
+    except Exception as e:  # noqa: BLE001 - anything else: logged with its traceback, shown as one line
+        log.exception("unexpected error")
+        raise gr.Error(_msg(f"{type(e).__name__}: {e}"), title="Error", print_exception=False) from None
+
+
+def _join(*notes: str) -> str:
+    return " ".join(n for n in notes if n)
+
+
+_EXPORT_ROOT: Path | None = None
+_KEEP_EXPORTS = 32
+
+
+def _export_dir() -> Path:
+    """A fresh folder per export under one temp root; only the newest few are kept (Gradio copies
+    returned files into its own cache, which `delete_cache` cleans)."""
+    global _EXPORT_ROOT
+    if _EXPORT_ROOT is None:
+        _EXPORT_ROOT = Path(tempfile.mkdtemp(prefix="cacheaug-exports-"))
+    try:
+        old = sorted(_EXPORT_ROOT.iterdir(), key=lambda p: p.stat().st_mtime)[:-_KEEP_EXPORTS]
+    except OSError:  # a folder vanished meanwhile: prune next time
+        old = []
+    for d in old:
+        shutil.rmtree(d, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=_EXPORT_ROOT))
+
+
+def _write_html(fig, path: Path) -> str:
+    path.write_text(viz.figure_to_html(fig), encoding="utf-8")
+    return str(path)
+
+
+def _model_summary(wb: Workbench) -> dict:
+    st = wb.status()
+    return {"decoder": st["decoder"].get("name"), "coprocessor": st["coprocessor_source"],
+            "num_latents": st["coprocessor"].get("num_latents"), "notice": st["notice"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Event handlers: each calls Workbench methods and viz functions only.
+
+
+def make_handlers(backend: Backend) -> dict[str, Callable]:
+    def generate(prompt, extra_arms, chat, max_new_tokens, temperature, top_p, top_k, seed, reaugment_every,
+                 async_delay):
+        """Stream both arms (and the optional extra arms) token by token with identical settings."""
+        with _friendly_errors():
+            wb = backend.get()
+            text, notice = wb.fit_text(prompt, GEN_MAX_CHARS, GEN_MAX_TOKENS)
+            if notice:
+                gr.Warning(_msg(notice), title="Prompt truncated")
+            extra = set(extra_arms or [])
+            arms = ["decoder", "coprocessor"]
+            if "pause" in extra:
+                if wb.pause is not None:
+                    arms.append("pause")
+                else:
+                    gr.Warning("No pause-token checkpoint is loaded, so the pause arm is skipped.")
+            settings = {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
+                        "top_p": float(top_p), "top_k": int(top_k), "seed": int(seed),
+                        "reaugment_every": int(reaugment_every), "async_delay": int(async_delay)}
+            shown = {"settings (identical for every arm)": settings | {"chat_template": bool(chat)},
+                     "arms": arms + (["cot"] if "cot" in extra else []), "greedy": settings["temperature"] <= 0,
+                     "prompt_notice": notice or None}
+            n_max = settings["max_new_tokens"]
+            state: dict = {}
+
+            def outputs(status: str, path: str | None = None):
+                stats = views.arm_stats_frame([a.stats() | {"arm": k} for k, a in state.items()])
+                return (_arm_text(state, "decoder"), _arm_text(state, "coprocessor"), _arm_text(state, "pause"),
+                        _arm_text(state, "cot"), stats, shown, status, path)
+
+            for state in wb.generate_pair(text, arms=arms, chat=bool(chat), cot="cot" in extra, **settings):
+                done = max((len(a.token_ids) for a in state.values()), default=0)
+                yield outputs(f"Generating… {done}/{n_max} tokens")
+            run = {"prompt": text, "model": _model_summary(wb), **shown,
+                   "arms": {k: {**a.stats(), "arm": k, "label": ARM_LABELS.get(k, k), "text": a.text,
+                                "token_ids": a.token_ids} for k, a in state.items()}}
+            path = views.write_json(run, _export_dir() / "cacheaug-generation.json")
+            counts = ", ".join(f"{ARM_LABELS.get(k, k)} {len(a.token_ids)}" for k, a in state.items())
+            yield outputs(f"Done: {counts} tokens.", str(path))
+
+    def generate_example(prompt):
+        """Cached examples: default settings, final texts only."""
+        out = None
+        for out in generate(prompt, [], True, DEFAULT_MAX_NEW_TOKENS, 0.0, 1.0, 0, 0, 0, 0):
+            pass
+        return out[0], out[1], out[4]
+
+    def analyze(text, mode, point, positions, ahead, top_k, progress=gr.Progress()):
+        """Per-token Δloss: mode 'once' (a) or 'every' (b)."""
+        with _friendly_errors():
+            wb = backend.get()
+            text, notice = wb.fit_text(text, ANALYSIS_MAX_CHARS, ANALYSIS_MAX_TOKENS)
+            if notice:
+                gr.Warning(_msg(notice), title="Text truncated")
+            mode = _mode(mode)
+            out = _export_dir()
+            heat_file = None
+            if mode == "once":
+                progress(0.1, desc="scoring with and without latents")
+                res = wb.score_text(text, point=None if point is None or point < 0 else int(point),
+                                    top_k=int(top_k), with_attention=False)
+                p = res["point"]
+                toks, nb, na = res["tokens"], res["nll_base"], res["nll_aug"]
+                info = (f"Mode (a): latents inserted once after token #{p} "
+                        f"({viz.display_token(toks[p])}); the {len(toks) - p - 1} tokens after it are scored. "
+                        "Click a token for both arms' top-k next tokens.")
+                caption = None
+                by_pos = views.by_position_once(nb, na, p)
+                heat = views.message_figure("Δloss heatmap", "Mode (b) only: augment after every token to see "
+                                            "Δloss by augmentation point and position ahead.")
+                run = {"mode": "once", "point": p}
+            else:
+                progress(0.0, desc="augmenting after every token")
+                res = wb.score_every(text, positions=int(positions),
+                                     progress=lambda f: progress(float(f), desc="augmenting after every token"))
+                toks = res["tokens"]
+                A = res["nll_aug"].shape[1]
+                n = int(min(max(int(ahead), 1), A))
+                nb, na = views.nth_ahead_per_token(res["nll_base"], res["nll_aug"], n)
+                p = None
+                info = (f"Mode (b): latents inserted after every token; each token is scored with the latents "
+                        f"inserted {n} token{'s' if n > 1 else ''} earlier (positions 1..{A} in the figures).")
+                caption = (f"Background = Δloss of each token when the latents were inserted {n} token(s) earlier: "
+                           "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
+                           "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
+                by_pos = views.by_position_every(res["nll_base"], res["nll_aug"])
+                heat = viz.delta_heatmap_figure(toks[:-1], (res["nll_aug"] - res["nll_base"]).T)
+                heat_file = _write_html(heat, out / "cacheaug-heatmap.html")
+                run = {"mode": "every", "positions": A, "ahead": n,
+                       "nll_base_by_point": res["nll_base"], "nll_aug_by_point": res["nll_aug"]}
+            tokens_html = viz.token_delta_html(toks, na - nb, nb, na, caption=caption)
+            summary = viz.summary_table(nb, na)
+            per_token = viz.per_token_frame(toks, nb, na)
+            by_fig = viz.delta_by_position_figure(by_pos, title="Perplexity change by position ahead")
+            csv_file = str(viz.frame_to_csv(per_token, out / "cacheaug-per-token.csv"))
+            run |= {"text": text, "model": _model_summary(wb), "notice": _join(notice, res.get("notice", "")) or None,
+                    "tokens": [viz.clean_token(t) for t in toks], "nll_base": nb, "nll_aug": na,
+                    "summary": summary, "by_position": by_pos}
+            json_file = str(views.write_json(run, out / "cacheaug-analysis.json"))
+            pos_file = _write_html(by_fig, out / "cacheaug-by-position.html")
+            note = views.notice_html(_join(info, notice), "warning" if notice else "info")
+            return (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
+                    json_file, pos_file, heat_file)
+
+    def token_detail(text, mode, point, ahead, top_k, index):
+        """Both arms' top-k next-token distributions at one token, and KL(aug ‖ base)."""
+        with _friendly_errors():
+            wb = backend.get()
+            text, _ = wb.fit_text(text, ANALYSIS_MAX_CHARS, ANALYSIS_MAX_TOKENS)
+            mode = _mode(mode)
+            if index is None or (isinstance(index, float) and not math.isfinite(index)):
+                raise InputError("Pick a token: click one in the Δloss view or type its number.")
+            index = int(index)
+            n = max(int(ahead), 1) if mode == "every" else None
+            if mode == "every":
+                at = index - n
+                if at < 0:
+                    return (views.round_frame(viz.topk_compare_frame([], [], [], [])),
+                            views.notice_html(f"Token #{index} has no augmentation point {n} tokens earlier; "
+                                              f"pick token #{n} or later.", "info"))
+            else:
+                at = None if point is None or point < 0 else int(point)
+            res = wb.score_text(text, point=at, top_k=int(top_k), with_attention=False)
+            p, toks = res["point"], res["tokens"]
+            if not p < index < len(toks):
+                return (views.round_frame(viz.topk_compare_frame([], [], [], [])),
+                        views.notice_html(f"Token #{index} is not scored: pick a token after the augmentation "
+                                          f"point #{p} (up to #{len(toks) - 1}).", "info"))
+            r = index - p - 1
+            (ib, pb), (ia, pa) = ((ids[r], probs[r]) for ids, probs in (res["topk_base"], res["topk_aug"]))
+            table = views.round_frame(viz.topk_compare_frame(wb.token_strings(ib), pb, wb.token_strings(ia), pa), 5)
+            detail = views.token_detail_html(toks[index], index, p, float(res["nll_base"][index]),
+                                             float(res["nll_aug"][index]), float(res["kl_aug_base"][r]), n)
+            return table, detail
+
+    def pick_token(evt: gr.EventData):
+        return int(evt.index)
+
+    def pick_row(evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return int(row)
+
+    def use_generation(prompt, decoder_text):
+        """The last generation (prompt + decoder-alone continuation) as the text to analyse,
+        with the augmentation point at the end of the prompt."""
+        with _friendly_errors():
+            if not (decoder_text or "").strip():
+                raise InputError("Nothing generated yet: run Generate first.")
+            wb = backend.get()
+            ptext, _ = clean_text(prompt)
+            point = int(wb.encode(ptext).shape[1]) - 1
+            return views.join_prompt_continuation(ptext, decoder_text), point, "once"
+
+    def latents(prompts_text, dims, color_by, top_k, continuation, progress=gr.Progress()):
+        """PCA of the latents of each prompt, their LM-head read-out, attention of a continuation to them."""
+        with _friendly_errors():
+            wb = backend.get()
+            prompts, note = views.split_prompts(prompts_text, MAX_PROMPTS)
+            if not prompts:
+                raise InputError("Type at least one prompt (one per line).")
+            notes = [note]
+            fitted = []
+            for q in prompts:
+                t, n = wb.fit_text(q, LATENT_MAX_CHARS, LATENT_MAX_TOKENS)
+                fitted.append(t)
+                notes.append(n)
+            notice = _join(*dict.fromkeys(x for x in notes if x))
+            if notice:
+                gr.Warning(_msg(notice), title="Prompts")
+            progress(0.1, desc=f"latents of {len(fitted)} prompt(s)")
+            res = wb.latents(fitted, top_k=int(top_k))
+            dims = int(dims)
+            fig = viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
+                                        color_by=color_by, dims=dims, hover_tokens=res["top_tokens"],
+                                        norms=res["norms"])
+            _, evr = viz.latent_pca(res["latents"], n_components=dims)
+            readout = views.latent_readout_with_prompts(viz.latent_readout_frame(res["top_tokens"], res["top_probs"]),
+                                                        res["prompt_ids"], res["latent_index"], res["labels"])
+            out = _export_dir()
+            pca_file = _write_html(fig, out / "cacheaug-latents-pca.html")
+            csv_file = str(viz.frame_to_csv(readout, out / "cacheaug-latent-readout.csv"))
+            attn_file = None
+            if (continuation or "").strip():
+                progress(0.6, desc="attention to the latents")
+                full, n2 = wb.fit_text(views.join_prompt_continuation(fitted[0], continuation), ANALYSIS_MAX_CHARS,
+                                       ATTENTION_MAX_TOKENS)
+                point = int(wb.encode(fitted[0]).shape[1]) - 1
+                sc = wb.score_text(full, point=point, top_k=1, with_attention=True)
+                p = sc["point"]
+                attn = viz.attention_to_latents_figure(
+                    sc["tokens"][p + 1:], sc["attn_to_latents"],
+                    title="Attention from the continuation to prompt 1's latents")
+                attn_file = _write_html(attn, out / "cacheaug-attention-to-latents.html")
+                notice = _join(notice, n2)
+            else:
+                attn = views.message_figure("Attention to latents", "Type a continuation to see how much attention "
+                                            "each of its tokens pays to each latent.")
+            per_prompt = int(res["latents"].shape[0]) // len(fitted)
+            info = views.explained_variance_text(evr) + f" · {len(fitted)} prompt(s) × {per_prompt} latents"
+            return (fig, views.notice_html(_join(info, notice), "warning" if notice else "info"),
+                    views.round_frame(readout), attn, pca_file, attn_file, csv_file)
+
+    def model_info():
+        """The loaded decoder and coprocessor: notice banner, status, card, evaluation, last error."""
+        err = backend.error
+        try:
+            wb = backend.get()
+        except gr.Error:
+            wb = None
+            err = backend.error
+        if wb is None:
+            banner = views.notice_html(err or "No model is loaded.", "error")
+            return banner, {}, "", "", views.notice_html(err, "error")
+        st = wb.status()
+        level = "warning" if st["coprocessor_source"] == "untrained" else "info"
+        banner = views.notice_html(err, "error", "Last load failed:") + views.notice_html(
+            st["notice"], level, "Coprocessor:" if level == "info" else "Untrained coprocessor:")
+        cfg = getattr(wb.coprocessor, "checkpoint_config", None)
+        if cfg:
+            try:
+                card = "### Checkpoint card\n\n" + views.strip_front_matter(model_card(cfg))
+            except (KeyError, TypeError) as e:
+                card = f"_The checkpoint's card could not be built: {viz.clean_token(str(e))}_"
+        else:
+            card = ("### Checkpoint card\n\n_No checkpoint card: the coprocessor is **untrained** (randomly "
+                    "initialised). Load a trained checkpoint folder above._")
+        return (banner, st, card, "### Evaluation\n\n" + views.evaluation_markdown(st.get("evaluation")),
+                views.notice_html(err, "error"))
+
+    def load_model(decoder, coprocessor, progress=gr.Progress()):
+        """Load a decoder (empty = embedded default) and a coprocessor (empty = shipped, else untrained)."""
+        progress(0.1, desc="loading")
+        try:
+            backend.load((decoder or "").strip() or None, (coprocessor or "").strip() or None)
+        except Exception as e:  # noqa: BLE001 - any load failure is reported in the tab, the old model stays
+            backend.error = f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
+            gr.Warning(_msg(backend.error), title="Model not loaded")
+        return model_info()
+
+    return {"generate": generate, "generate_example": generate_example, "analyze": analyze,
+            "token_detail": token_detail, "pick_token": pick_token, "pick_row": pick_row,
+            "use_generation": use_generation, "latents": latents, "model_info": model_info, "load_model": load_model}
+
+
+def _arm_text(state: dict, name: str) -> str:
+    a = state.get(name)
+    return a.text if a is not None else ""
+
+
+def _mode(mode) -> str:
+    m = str(mode or "once").lower()
+    return "every" if m.startswith(("every", "b", "(b")) else "once"
+
+
+# ---------------------------------------------------------------------------------------------
+# The UI
+
+
+class CacheAugBlocks(gr.Blocks):
+    """gr.Blocks whose launch() applies the app's theme and CSS (Gradio 6 takes them in launch)."""
+
+    def launch(self, *args, **kwargs):
+        kwargs.setdefault("theme", THEME)
+        kwargs.setdefault("css", CSS)
+        return super().launch(*args, **kwargs)
+
+
+def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench]) -> gr.Blocks:
+    """The app on a Workbench (or a zero-argument factory that loads one on first use)."""
+    backend = Backend(workbench_or_factory)
+    h = make_handlers(backend)
+    # Lazily cached examples go to a per-process folder, so a model change between runs never shows
+    # another model's cached outputs.
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", tempfile.mkdtemp(prefix="cacheaug-examples-"))
+    model = {"concurrency_id": "model", "concurrency_limit": 1}
+
+    with CacheAugBlocks(title="cacheaug: deliberation in latent space", delete_cache=(3600, 7200)) as demo:
+        gr.Markdown("## cacheaug · deliberation in latent space via differentiable cache augmentation\n"
+                    "<span class='cacheaug-small'>A frozen decoder, and the same decoder reading latents that a "
+                    "coprocessor appended to its KV cache. Δloss = NLL(decoder+coprocessor) − NLL(decoder): "
+                    "negative (blue) = the latents help.</span>", elem_id="cacheaug-title")
+        notice = gr.HTML("", elem_id="cacheaug-notice")
+
+        with gr.Tabs(elem_id="tabs"):
+            # -- Generate ------------------------------------------------------------------------
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                with gr.Row(equal_height=True):
+                    prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=3, max_lines=12, scale=5,
+                                        elem_id="gen-prompt", info=f"At most {GEN_MAX_CHARS:,} characters / "
+                                        f"{GEN_MAX_TOKENS:,} tokens are used.")
+                    with gr.Column(scale=1, min_width=160):
+                        gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-run")
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="gen-stop")
+                # Outputs are created first (unrendered) so the examples can sit right under the prompt.
+                out_dec = gr.Textbox(label="decoder alone", lines=10, max_lines=30, interactive=False,
+                                     buttons=["copy"], elem_id="gen-decoder", render=False)
+                out_aug = gr.Textbox(label="decoder + coprocessor", lines=10, max_lines=30, interactive=False,
+                                     buttons=["copy"], elem_id="gen-augmented", render=False)
+                stats = gr.Dataframe(views.arm_stats_frame([]), label="per arm: tokens, time to first token (s), "
+                                     "tokens/s (each arm's own compute time)", interactive=False, elem_id="gen-stats",
+                                     render=False)
+                gr.Examples(EXAMPLES, inputs=[prompt], outputs=[out_dec, out_aug, stats], fn=h["generate_example"],
+                            cache_examples=True, cache_mode="lazy", elem_id="gen-examples",
+                            label=f"Examples (greedy, {DEFAULT_MAX_NEW_TOKENS} tokens; computed on first click, "
+                                  "then cached)")
+                with gr.Row():
+                    max_new = gr.Slider(1, 256, DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens",
+                                        elem_id="gen-max-new-tokens")
+                    temperature = gr.Slider(0.0, 2.0, 0.0, step=0.05, label="temperature (0 = greedy)",
+                                            elem_id="gen-temperature")
+                    seed = gr.Number(0, label="seed", precision=0, elem_id="gen-seed")
+                with gr.Accordion("Sampling, augmentation and extra arms", open=False, elem_id="gen-options"):
+                    with gr.Row():
+                        top_p = gr.Slider(0.05, 1.0, 1.0, step=0.05, label="top-p", elem_id="gen-top-p")
+                        top_k = gr.Slider(0, 200, 0, step=1, label="top-k (0 = off)", elem_id="gen-top-k")
+                        chat = gr.Checkbox(True, label="wrap the prompt in the chat template", elem_id="gen-chat")
+                    with gr.Row():
+                        reaug = gr.Slider(0, 64, 0, step=1, label="re-augment every k generated tokens (0 = once)",
+                                          elem_id="gen-reaugment-every")
+                        async_delay = gr.Slider(0, 32, 0, step=1, label="asynchronous: latents arrive N tokens late "
+                                                "(paper, Table 8)", elem_id="gen-async-delay")
+                        extra_arms = gr.CheckboxGroup(
+                            [("zero-shot chain-of-thought prompting", "cot"),
+                             ("pause tokens (needs a pause checkpoint)", "pause")],
+                            value=[], label="extra arms", elem_id="gen-arms")
+                with gr.Row(equal_height=True):
+                    out_dec.render()
+                    out_aug.render()
+                with gr.Row(equal_height=True):
+                    out_pause = gr.Textbox(label="pause tokens", lines=6, interactive=False, visible=False,
+                                           buttons=["copy"], elem_id="gen-pause")
+                    out_cot = gr.Textbox(label="decoder alone, zero-shot chain-of-thought prompt", lines=6,
+                                         interactive=False, visible=False, buttons=["copy"], elem_id="gen-cot")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        stats.render()
+                        with gr.Row(equal_height=True):
+                            gen_status = gr.Markdown("", elem_id="gen-status")
+                            run_json = gr.DownloadButton("Download run JSON", elem_id="gen-json", size="md")
+                    settings_json = gr.JSON(label="settings used (identical for every arm)", elem_id="gen-settings",
+                                            scale=2, open=True, max_height=260)
+
+            # -- Per-token analysis --------------------------------------------------------------
+            with gr.Tab("Per-token analysis", id="analysis", elem_id="tab-analysis"):
+                with gr.Row(equal_height=True):
+                    ana_text = gr.Textbox(DEFAULT_TEXT, label="Text to score", lines=4, max_lines=12, scale=5,
+                                          elem_id="ana-text", info=f"At most {ANALYSIS_MAX_CHARS:,} characters / "
+                                          f"{ANALYSIS_MAX_TOKENS:,} tokens are scored.")
+                    with gr.Column(scale=1, min_width=160):
+                        ana_btn = gr.Button("Analyse", variant="primary", elem_id="ana-run")
+                        use_gen_btn = gr.Button("Use last generation", elem_id="ana-use-generation")
+                with gr.Row():
+                    mode = gr.Radio(MODES, value="once", label="mode", elem_id="ana-mode", scale=3)
+                    point = gr.Number(-1, label="(a) augment after token # (−1 = a quarter in; the end of the "
+                                      "prompt after 'Use last generation')", precision=0, elem_id="ana-point")
+                with gr.Row():
+                    positions = gr.Slider(1, 32, 8, step=1, label="(b) positions ahead scored",
+                                          elem_id="ana-positions")
+                    ahead = gr.Slider(1, 32, 1, step=1, label="(b) colour tokens by the n-th token ahead",
+                                      elem_id="ana-ahead")
+                    ana_topk = gr.Slider(1, 50, 10, step=1, label="top-k in the token detail", elem_id="ana-topk")
+                ana_notice = gr.HTML("", elem_id="ana-notice")
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        tokens_html = gr.HTML("", js_on_load=TOKEN_CLICK_JS, max_height=520, elem_id="ana-tokens",
+                                              label="per-token Δloss")
+                    with gr.Column(scale=1):
+                        with gr.Row(equal_height=True):
+                            pick = gr.Number(None, label="selected token # (click a token)", precision=0,
+                                             elem_id="ana-index", scale=2)
+                            detail_btn = gr.Button("Show top-k", elem_id="ana-detail-run", scale=1)
+                        detail_html = gr.HTML("", elem_id="ana-detail")
+                        topk_table = gr.Dataframe(views.round_frame(viz.topk_compare_frame([], [], [], [])),
+                                                  label="top-k next tokens, both arms", interactive=False,
+                                                  max_height=420, elem_id="ana-topk-table")
+                summary = gr.Dataframe(views.round_frame(viz.summary_table([], [])).iloc[:0],
+                                       label="summary (tokens scored by both arms)", interactive=False,
+                                       elem_id="ana-summary")
+                by_pos_plot = gr.Plot(label="Δ by position ahead", elem_id="ana-by-position")
+                heat_plot = gr.Plot(label="Δloss heatmap (mode b)", elem_id="ana-heatmap")
+                per_token = gr.Dataframe(views.round_frame(viz.per_token_frame([], [], [])),
+                                         label="per token (click a row for its top-k)", interactive=False,
+                                         max_height=300, elem_id="ana-per-token")
+                with gr.Row(elem_id="ana-exports"):
+                    ana_csv = gr.DownloadButton("Per-token CSV", elem_id="ana-csv", size="md")
+                    ana_json = gr.DownloadButton("Run JSON", elem_id="ana-json", size="md")
+                    ana_fig_pos = gr.DownloadButton("Δ by position (HTML)", elem_id="ana-fig-by-position", size="md")
+                    ana_fig_heat = gr.DownloadButton("Δloss heatmap (HTML, mode b)", elem_id="ana-fig-heatmap",
+                                                     size="md")
+
+            # -- Latents -------------------------------------------------------------------------
+            with gr.Tab("Latents", id="latents", elem_id="tab-latents"):
+                with gr.Row(equal_height=True):
+                    lat_prompts = gr.Textbox(DEFAULT_PROMPTS, label="Prompts (one per line)", lines=4, max_lines=16,
+                                             scale=3, elem_id="lat-prompts",
+                                             info=f"Up to {MAX_PROMPTS} prompts; latents at the end of each.")
+                    lat_cont = gr.Textbox(DEFAULT_CONTINUATION, label="Continuation of prompt 1 (for attention to "
+                                          "its latents; empty = skip)", lines=4, scale=3, elem_id="lat-continuation")
+                    with gr.Column(scale=1, min_width=160):
+                        lat_btn = gr.Button("Project latents", variant="primary", elem_id="lat-run")
+                with gr.Row():
+                    dims = gr.Radio([("2-D", 2), ("3-D", 3)], value=2, label="PCA dimensions", elem_id="lat-dims")
+                    color_by = gr.Radio([("prompt", "prompt"), ("latent index", "latent")], value="prompt",
+                                        label="colour by", elem_id="lat-color-by")
+                    lat_topk = gr.Slider(1, 10, 5, step=1, label="closest tokens per latent (LM head)",
+                                         elem_id="lat-topk")
+                lat_info = gr.HTML("", elem_id="lat-info")
+                with gr.Row():
+                    pca_plot = gr.Plot(label="latent PCA (hover: prompt, index, norm, closest tokens)",
+                                       elem_id="lat-pca")
+                    attn_plot = gr.Plot(label="attention to latents", elem_id="lat-attention")
+                readout = gr.Dataframe(None, label="what each latent says (top-k through the LM head)",
+                                       interactive=False, max_height=360, elem_id="lat-readout")
+                with gr.Row(elem_id="lat-exports"):
+                    lat_fig_pca = gr.DownloadButton("PCA figure (HTML)", elem_id="lat-fig-pca", size="md")
+                    lat_fig_attn = gr.DownloadButton("Attention figure (HTML)", elem_id="lat-fig-attention",
+                                                     size="md")
+                    lat_csv = gr.DownloadButton("Read-out CSV", elem_id="lat-csv", size="md")
+
+            # -- Model ---------------------------------------------------------------------------
+            with gr.Tab("Model", id="model", elem_id="tab-model"):
+                with gr.Row(equal_height=True):
+                    dec_in = gr.Textbox("", label="decoder", placeholder="empty = embedded SmolLM2-135M-Instruct; "
+                                        "or a local transformers folder", elem_id="model-decoder", scale=3)
+                    cop_in = gr.Textbox("", label="coprocessor checkpoint",
+                                        placeholder="empty = the shipped one (else untrained); or a checkpoint folder",
+                                        elem_id="model-coprocessor", scale=3)
+                    load_btn = gr.Button("Load", variant="primary", elem_id="model-load", scale=1)
+                model_err = gr.HTML("", elem_id="model-error")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        card = gr.Markdown("", elem_id="model-card")
+                        evaluation = gr.Markdown("", elem_id="model-evaluation")
+                    status_json = gr.JSON(label="status", elem_id="model-status", scale=2)
+                with gr.Accordion("API and CLI equivalents", open=False, elem_id="model-api"):
+                    gr.Markdown(CLI_EQUIVALENTS, elem_id="model-api-table")
+
+        # -- Events ------------------------------------------------------------------------------
+        gen_event = gen_btn.click(
+            h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
+            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json], api_name="generate",
+            **model)
+        stop_btn.click(lambda: "Stopped.", None, gen_status, cancels=[gen_event], api_visibility="private",
+                       queue=False)
+        extra_arms.change(lambda arms: (gr.update(visible="pause" in (arms or [])),
+                                        gr.update(visible="cot" in (arms or []))),
+                          extra_arms, [out_pause, out_cot], api_visibility="private", queue=False)
+
+        ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk]
+        ana_outputs = [ana_notice, tokens_html, summary, by_pos_plot, heat_plot, per_token, ana_csv, ana_json,
+                       ana_fig_pos, ana_fig_heat]
+        ana_btn.click(h["analyze"], ana_inputs, ana_outputs, api_name="analyze", **model)
+        detail_inputs = [ana_text, mode, point, ahead, ana_topk, pick]
+        detail_btn.click(h["token_detail"], detail_inputs, [topk_table, detail_html], api_name="token_detail", **model)
+        tokens_html.click(h["pick_token"], None, pick, api_visibility="private", queue=False).then(
+            h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)
+        per_token.select(h["pick_row"], None, pick, api_visibility="private", queue=False).then(
+            h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)
+        use_gen_btn.click(h["use_generation"], [prompt, out_dec], [ana_text, point, mode], api_name="use_generation",
+                          **model)
+
+        lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont],
+                      [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv], api_name="latents",
+                      **model)
+
+        model_outputs = [notice, status_json, card, evaluation, model_err]
+        load_btn.click(h["load_model"], [dec_in, cop_in], model_outputs, api_name="load_model", **model)
+        demo.load(h["model_info"], None, model_outputs, api_name="model_info", **model)
+
+    demo.queue(max_size=32, default_concurrency_limit=1)
+    demo.cacheaug_backend = backend
+    return demo
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _env_port(default: int = 7860) -> int:
+    try:
+        return int(os.environ.get("GRADIO_SERVER_PORT", default))
+    except ValueError:
+        return default
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="app.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                    help="interface to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=_env_port(), help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    ap.add_argument("--share", action="store_true", help="also create a public gradio.live link (opt-in)")
+    ap.add_argument("--decoder", default="", help="decoder folder or id (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--coprocessor", default="", help="coprocessor checkpoint folder (default: the shipped one)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    factory = functools.partial(Workbench.load, args.decoder or None, args.coprocessor or None)
+    demo = build_demo(factory)
+    try:
+        wb = demo.cacheaug_backend.get()
+        if wb.notice:
+            print(f"note: {wb.notice}", file=sys.stderr)
+    except gr.Error:
+        print(f"cacheaug: warning: {demo.cacheaug_backend.error}; the app starts anyway, choose a model in the "
+              "Model tab.", file=sys.stderr)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

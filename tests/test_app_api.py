@@ -1,0 +1,418 @@
+"""The app's API: every endpoint called through `gradio_client` on a tiny random decoder.
+
+Each test checks the returned data against the Workbench / viz result computed directly, so
+the UI wiring (argument order, modes, exports) is verified, not only "no error". Runs in
+seconds; no network, no real model.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import socket
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app  # noqa: E402
+import viz  # noqa: E402
+from cacheaug_core.workbench import Workbench  # noqa: E402
+from viz import app_views  # noqa: E402
+
+TEXT = "The cat sat on the mat. Then the cat slept all day long."
+GEN = dict(extra=[], chat=True, max_new=6, temperature=0.0, top_p=1.0, top_k=0, seed=0, reaug=0, async_delay=0)
+HOSTILE = ('<script>window.__pwned=1</script> "><img src=x onerror="window.__pwned=1"> javascript:alert(1) '
+           "\u202eevil\u202c zero\u200bwidth e\u0301\u0301\u0301 ")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def wb(tiny_decoder_dir):
+    return Workbench.load(decoder=tiny_decoder_dir)
+
+
+@pytest.fixture(scope="module")
+def server(wb):
+    demo = app.build_demo(wb)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(),
+                            quiet=True)
+    yield demo, url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[1], verbose=False)
+
+
+def _gen_args(prompt, **kw):
+    g = GEN | kw
+    return (prompt, g["extra"], g["chat"], g["max_new"], g["temperature"], g["top_p"], g["top_k"], g["seed"],
+            g["reaug"], g["async_delay"])
+
+
+def _direct(wb, prompt, arms=("decoder", "coprocessor"), cot=False, **kw):
+    g = GEN | kw
+    final = None
+    for final in wb.generate_pair(prompt, arms=list(arms), chat=g["chat"], cot=cot, max_new_tokens=g["max_new"],
+                                  temperature=g["temperature"], top_p=g["top_p"], top_k=g["top_k"], seed=g["seed"],
+                                  reaugment_every=g["reaug"], async_delay=g["async_delay"]):
+        pass
+    return final
+
+
+def _frame(d):
+    """A gr.Dataframe value from the client -> list of row dicts."""
+    return [dict(zip(d["headers"], row)) for row in d["data"]]
+
+
+def _plot(p):
+    assert p["type"] == "plotly"
+    return json.loads(p["plot"])
+
+
+def _arr(v) -> np.ndarray:
+    """A plotly JSON array: a list, or plotly 6's typed array {dtype, bdata (base64), shape}."""
+    if isinstance(v, dict) and "bdata" in v:
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=np.dtype(v["dtype"]))
+        shape = v.get("shape")
+        if shape:
+            a = a.reshape([int(x) for x in str(shape).split(",")] if isinstance(shape, str) else shape)
+        return a
+    return np.asarray(v, dtype=float)
+
+
+class _Spans(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.spans, self.tags = [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if tag == "span" and "tok" in (a.get("class") or "").split():
+            self.spans.append(a)
+
+
+def _spans(html_text):
+    p = _Spans()
+    p.feed(html_text)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_endpoint_has_a_stable_api_name(client):
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(named) == {"/" + n for n in app.API_NAMES}
+    params = [p["parameter_name"] for p in named["/generate"]["parameters"]]
+    assert params == ["prompt", "extra_arms", "chat", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+                      "reaugment_every", "async_delay"]
+
+
+def test_theme_and_css_reach_the_page(server):
+    import urllib.request
+
+    config = json.loads(urllib.request.urlopen(server[1].rstrip("/") + "/config").read())
+    assert ".cacheaug-tokens span.tok" in (config.get("css") or "")
+
+
+def test_generate_streams_both_arms_identically_to_the_workbench(client, wb):
+    job = client.submit(*_gen_args("Hello there"), api_name="/generate")
+    partials = list(job)
+    dec, aug, pause, cot, stats, settings, status, run_json = job.result()
+    assert len(partials) >= 3                          # streamed: one update per generated token
+    ref = _direct(wb, "Hello there")
+    assert dec == ref["decoder"].text and aug == ref["coprocessor"].text
+    assert pause == "" and cot == ""
+    rows = {r["arm"]: r for r in _frame(stats)}
+    assert set(rows) == {"decoder", "coprocessor"}
+    for name in rows:
+        assert rows[name]["tokens"] == len(ref[name].token_ids)
+        assert rows[name]["time_to_first_token_s"] > 0
+    assert settings["settings (identical for every arm)"]["max_new_tokens"] == 6
+    assert settings["greedy"] is True
+    assert status.startswith("Done:") and "Generating" in partials[0][6]
+    run = json.loads(Path(run_json).read_text(encoding="utf-8"))
+    assert run["arms"]["decoder"]["text"] == dec and run["arms"]["coprocessor"]["text"] == aug
+    assert run["arms"]["decoder"]["token_ids"] == ref["decoder"].token_ids
+    # Partial updates grow token by token.
+    lens = [len(p[0]) for p in partials if p and isinstance(p[0], str)]
+    assert lens == sorted(lens)
+
+
+def test_generate_options_reach_the_workbench(client, wb):
+    opts = dict(reaug=2, async_delay=1, temperature=0.8, top_p=0.9, top_k=20, seed=3)
+    dec, aug, pause, cot, stats, *_ = client.predict(*_gen_args("Hello", extra=["cot", "pause"], **opts),
+                                                      api_name="/generate")
+    ref = _direct(wb, "Hello", cot=True, **opts)
+    assert dec == ref["decoder"].text and aug == ref["coprocessor"].text
+    assert cot == ref["cot"].text and cot
+    assert pause == ""                                 # no pause checkpoint: the arm is skipped with a warning
+    assert [r["arm"] for r in _frame(stats)] == ["decoder", "coprocessor", "cot"]
+
+
+def test_generate_rejects_empty_input_with_a_message(client):
+    for bad in ("", "   \n\t "):
+        with pytest.raises(AppError, match="empty"):
+            client.predict(*_gen_args(bad), api_name="/generate")
+
+
+def test_analyze_once_matches_score_text(client, wb):
+    notice, html_text, summary, by_pos, heat, per_token, *files = client.predict(
+        TEXT, "once", 4, 8, 1, 5, api_name="/analyze")
+    res = wb.score_text(TEXT, point=4, top_k=5, with_attention=False)
+    T = len(res["tokens"])
+    # Token view: one span per token with Δloss in its title, unscored up to the point.
+    spans = _spans(html_text).spans
+    assert len(spans) == T
+    for i, s in enumerate(spans):
+        if i <= 4:
+            assert "not scored" in s["title"]
+        else:
+            d = res["nll_aug"][i] - res["nll_base"][i]
+            assert f"Δloss={d:+.3f}" in s["title"], s["title"]
+    # Summary table equals viz.summary_table on the Workbench's arrays.
+    exp = viz.summary_table(res["nll_base"], res["nll_aug"])
+    got = _frame(summary)
+    assert [r["arm"] for r in got] == list(exp["arm"])
+    assert got[0]["mean NLL"] == pytest.approx(exp["mean NLL"][0], abs=1e-4)       # shown to 4 decimals
+    assert got[2]["relative change %"] == pytest.approx(exp["relative change %"][2], abs=1e-4)
+    assert got[0]["tokens scored"] == T - 5
+    # Δ by position: relative change + both arms; position k = token point+k.
+    fig = _plot(by_pos)
+    names = [t.get("name") for t in fig["data"]]
+    assert {"relative change", "decoder", "decoder+coprocessor"} <= set(names)
+    rel = next(t for t in fig["data"] if t.get("name") == "relative change")
+    assert _arr(rel["x"]).tolist() == list(range(1, T - 4))
+    assert "Mode (b) only" in json.dumps(_plot(heat))
+    assert "after token #4" in notice
+    # Per-token table and exports.
+    rows = _frame(per_token)
+    assert len(rows) == T and rows[5]["nll_aug"] == pytest.approx(res["nll_aug"][5], abs=1e-4)
+    assert files[3] is None                            # no heatmap in mode (a)
+    names = {Path(f).name: f for f in files[:3]}
+    assert list(names) == ["cacheaug-per-token.csv", "cacheaug-analysis.json", "cacheaug-by-position.html"]
+    with open(names["cacheaug-per-token.csv"], encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == T                             # the export keeps full precision:
+    assert float(table[-1]["nll_base"]) == pytest.approx(res["nll_base"][-1], rel=1e-9)
+    run = json.loads(Path(names["cacheaug-analysis.json"]).read_text(encoding="utf-8"))
+    assert run["mode"] == "once" and run["point"] == 4 and run["nll_base"][0] is None
+    assert len(run["tokens"]) == T and run["summary"][2]["arm"] == "change"
+    assert "plotly" in Path(names["cacheaug-by-position.html"]).read_text(encoding="utf-8")[:200_000].lower()
+
+
+def test_analyze_default_point_is_the_workbench_default(client, wb):
+    notice = client.predict(TEXT, "once", -1, 8, 1, 5, api_name="/analyze")[0]
+    assert f"after token #{wb.score_text(TEXT)['point']}" in notice
+
+
+def test_analyze_every_matches_score_every(client, wb):
+    notice, html_text, summary, by_pos, heat, per_token, *files = client.predict(
+        TEXT, "every", -1, 4, 2, 5, api_name="/analyze")
+    res = wb.score_every(TEXT, positions=4)
+    T = len(res["tokens"])
+    base, aug = app_views.nth_ahead_per_token(res["nll_base"], res["nll_aug"], 2)
+    spans = _spans(html_text).spans
+    assert len(spans) == T
+    assert "not scored" in spans[1]["title"] and f"Δloss={aug[5] - base[5]:+.3f}" in spans[5]["title"]
+    assert _frame(summary)[1]["mean NLL"] == pytest.approx(np.nanmean(aug), abs=1e-4)
+    hm = _plot(heat)["data"][0]
+    assert hm["type"] == "heatmap"
+    z = _arr(hm["z"])
+    assert z.shape == (4, T - 1)
+    np.testing.assert_allclose(z[0, 0], res["nll_aug"][0, 0] - res["nll_base"][0, 0], rtol=1e-5)
+    rel = next(t for t in _plot(by_pos)["data"] if t.get("name") == "relative change")
+    assert _arr(rel["x"]).tolist() == [1, 2, 3, 4]
+    assert "2 tokens earlier" in notice
+    assert [Path(f).name for f in files] == ["cacheaug-per-token.csv", "cacheaug-analysis.json",
+                                             "cacheaug-by-position.html", "cacheaug-heatmap.html"]
+    run = json.loads(Path(files[1]).read_text(encoding="utf-8"))
+    assert run["mode"] == "every" and len(run["nll_aug_by_point"]) == T - 1 and len(run["nll_aug_by_point"][0]) == 4
+
+
+def test_token_detail_both_modes(client, wb):
+    res = wb.score_text(TEXT, point=4, top_k=5, with_attention=False)
+    table, detail = client.predict(TEXT, "once", 4, 1, 5, 10, api_name="/token_detail")
+    rows = _frame(table)
+    assert len(rows) == 5
+    pb = [r["decoder p"] for r in rows]
+    assert pb == sorted(pb, reverse=True)
+    assert pb[0] == pytest.approx(float(res["topk_base"][1][10 - 5][0]), abs=1e-5)
+    assert rows[0]["decoder token"] == viz.display_token(wb.token_strings([res["topk_base"][0][5][0]])[0])
+    assert f"{float(res['kl_aug_base'][5]):.5f}" in detail and "#10" in detail
+    # Before the augmentation point: a message, no table.
+    table, detail = client.predict(TEXT, "once", 4, 1, 5, 2, api_name="/token_detail")
+    assert not any(any(str(c).strip() for c in row) for row in table["data"])
+    assert "not scored" in detail
+    # Mode (b): the n-th-ahead NLL agrees with the analysis' per-token view.
+    every = wb.score_every(TEXT, positions=3)
+    base, aug = app_views.nth_ahead_per_token(every["nll_base"], every["nll_aug"], 3)
+    _, detail = client.predict(TEXT, "every", -1, 3, 5, 9, api_name="/token_detail")
+    m = re.search(r"decoder\+coprocessor ([0-9.]+)", detail)
+    assert m and float(m.group(1)) == pytest.approx(aug[9], abs=2e-4)
+    assert "after token #6 (3 ahead)" in detail
+    _, detail = client.predict(TEXT, "every", -1, 3, 5, 1, api_name="/token_detail")
+    assert "no augmentation point" in detail
+
+
+def test_use_generation_sets_text_and_point(client, wb):
+    text, point, mode = client.predict("Why is it?", "Because.", api_name="/use_generation")
+    assert text == "Why is it? Because." and mode == "once"
+    assert point == wb.encode("Why is it?").shape[1] - 1
+    with pytest.raises(AppError, match="Generate first"):
+        client.predict("Why?", "  ", api_name="/use_generation")
+
+
+def test_latents_pca_readout_attention(client, wb):
+    prompts = "first prompt\nsecond one\n\nthird <b>x</b>"
+    fig, info, readout, attn, *files = client.predict(prompts, 2, "prompt", 3, " and more", api_name="/latents")
+    nl = wb.coprocessor.config.num_latents
+    f = _plot(fig)
+    assert len(f["data"]) == 3 and all(t["type"] == "scatter" for t in f["data"])
+    assert sum(len(_arr(t["x"])) for t in f["data"]) == 3 * nl
+    assert "third &lt;b&gt;x&lt;/b&gt;" in json.dumps(f)            # hostile label escaped for plotly
+    hover = f["data"][0]["hovertemplate"]
+    assert "latent #" in hover and "norm" in hover and "closest" in hover
+    ref = wb.latents(["first prompt", "second one", "third <b>x</b>"], top_k=3)
+    _, evr = viz.latent_pca(ref["latents"], 2)
+    assert app_views.explained_variance_text(evr) in info
+    rows = _frame(readout)
+    assert len(rows) == 3 * nl and rows[nl]["latent"] == 0 and rows[nl]["prompt"] == "second one"
+    assert rows[0]["#1"] == viz.display_token(ref["top_tokens"][0][0])
+    a = _plot(attn)["data"][0]
+    assert a["type"] == "heatmap" and _arr(a["z"]).shape[0] == nl
+    assert [Path(x).name for x in files] == ["cacheaug-latents-pca.html", "cacheaug-attention-to-latents.html",
+                                             "cacheaug-latent-readout.csv"]
+    with open(files[2], encoding="utf-8") as fh:
+        assert len(list(csv.DictReader(fh))) == 3 * nl
+    # 3-D, coloured by latent index; no continuation -> no attention figure.
+    fig, _, _, attn, *files = client.predict("one\ntwo", 3, "latent", 2, "", api_name="/latents")
+    f = _plot(fig)
+    assert f["data"][0]["type"] == "scatter3d" and f["data"][0]["marker"]["colorscale"]
+    assert "Type a continuation" in json.dumps(_plot(attn))
+    assert files[1] is None and files[0] and files[2]
+    with pytest.raises(AppError, match="at least one prompt"):
+        client.predict(" \n \n", 2, "prompt", 3, "", api_name="/latents")
+
+
+def test_hostile_text_is_escaped_everywhere(client):
+    notice, html_text, summary, *_ = client.predict(HOSTILE * 3, "once", -1, 8, 1, 5, api_name="/analyze")
+    p = _spans(html_text)
+    assert {t for t, _ in p.tags} <= {"div", "span", "br"}          # no script / img element
+    assert all(not k.startswith("on") for _, a in p.tags for k in a)
+    assert "<script" not in html_text and "<img" not in html_text
+    assert "\u202e" not in html_text and "\u200b" not in html_text   # never raw: byte tokens or visible escapes
+    assert len(p.spans) > 20
+    table, detail = client.predict(HOSTILE, "once", 2, 1, 5, 5, api_name="/token_detail")
+    assert "<script" not in detail and "<img" not in detail
+    dec, aug, *_ = client.predict(*_gen_args(HOSTILE), api_name="/generate")
+    assert isinstance(dec, str) and isinstance(aug, str)
+
+
+def test_lone_surrogates_and_long_input(client, wb):
+    # httpx cannot send lone surrogates (a browser can), so the handlers are called directly here.
+    h = app.make_handlers(app.Backend(wb))
+    notice, html_text, *_ = h["analyze"]("abc \ud800 def \udfff ghi", "once", -1, 8, 1, 5)
+    assert len(_spans(html_text).spans) > 5
+    html_text.encode("utf-8")                                       # nothing unencodable reaches the page
+    *_, final = h["generate"]("abc \ud800 def", [], True, 4, 0.0, 1.0, 0, 0, 0, 0)
+    assert Path(final[-1]).read_text(encoding="utf-8")
+    fig, *_ = h["latents"]("abc \udfff\nsecond", 2, "prompt", 3, "cont \ud800")
+    fig.to_json().encode("utf-8")
+    notice, html_text, summary, *_ = client.predict("word " * 20_000, "once", -1, 8, 1, 5, api_name="/analyze")
+    assert "truncated" in notice.lower()
+    assert _frame(summary)[0]["tokens scored"] > 0
+    dec, *_rest, run_json = client.predict(*_gen_args("x" * 100_000), api_name="/generate")
+    run = json.loads(Path(run_json).read_text(encoding="utf-8"))
+    assert "truncated" in run["prompt_notice"].lower()
+    assert len(run["prompt"]) <= app.GEN_MAX_CHARS
+
+
+def test_model_info_and_bad_checkpoints(client, server, tmp_path, tiny_decoder_dir, wb):
+    banner, status, card, evaluation, err = client.predict(api_name="/model_info")
+    assert "UNTRAINED" in banner and err == ""
+    assert status["coprocessor_source"] == "untrained" and status["decoder"]["hidden_size"] == 32
+    assert "untrained" in card and "No evaluation" in evaluation
+    # A folder holding pickled weights: refused with a clear message; the old model stays loaded.
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    banner, status, _, _, err = client.predict("", str(bad), api_name="/load_model")
+    assert "pickled" in err and "Traceback" not in err
+    assert "Last load failed" in banner and status["coprocessor_source"] == "untrained"
+    # A checkpoint trained for another decoder.
+    from cacheaug_core.checkpoint import save_coprocessor
+    from cacheaug_core.config import CoprocessorConfig
+    from cacheaug_core.coprocessor import Coprocessor
+    from conftest import save_tiny_decoder
+
+    other = Workbench.load(decoder=save_tiny_decoder(tmp_path / "gpt2", "gpt2"))
+    cop = Coprocessor(CoprocessorConfig(num_latents=4, body="copy", num_layers=1), other.decoder)
+    ck = save_coprocessor(cop, tmp_path / "ck", other.info, evaluation={"ppl": {"before": 3.0, "after": 2.5}},
+                          status="trained on a toy corpus <b>")
+    _, _, _, _, err = client.predict(tiny_decoder_dir, str(ck), api_name="/load_model")
+    assert "trained for decoder" in err
+    # The right decoder for it: card, evaluation table and status shown; '<b>' escaped in the banner.
+    banner, status, card, evaluation, err = client.predict(str(tmp_path / "gpt2"), str(ck), api_name="/load_model")
+    assert err == "" and "trained on a toy corpus &lt;b&gt;" in banner and "UNTRAINED" not in banner
+    assert status["coprocessor"]["num_latents"] == 4 and "Coprocessor for" in card
+    assert "| before | 3.0 |" in evaluation
+    # Loading the decoder alone again gives an untrained coprocessor.
+    banner, status, *_ = client.predict(tiny_decoder_dir, "", api_name="/load_model")
+    assert status["coprocessor_source"] == "untrained" and "UNTRAINED" in banner
+    server[0].cacheaug_backend.set(wb)                # the module's Workbench again, for any later test
+
+
+def test_main_honours_env_and_defaults(monkeypatch):
+    calls = {}
+
+    class Fake:
+        class cacheaug_backend:  # noqa: N801
+            error = ""
+
+            @staticmethod
+            def get():
+                return type("W", (), {"notice": ""})()
+
+        def launch(self, **kw):
+            calls.update(kw)
+
+    monkeypatch.setattr(app, "build_demo", lambda factory: Fake())
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    assert app.main([]) == 0
+    assert calls == {"server_name": "127.0.0.1", "server_port": 7860, "share": False}
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "8123")
+    assert app.main([]) == 0
+    assert calls == {"server_name": "0.0.0.0", "server_port": 8123, "share": False}
+    assert app.main(["--port", "9000", "--host", "localhost", "--share"]) == 0
+    assert calls == {"server_name": "localhost", "server_port": 9000, "share": True}
+
+
+def test_lazy_factory_failure_is_a_message_not_a_crash():
+    def broken():
+        from cacheaug_core.checkpoint import CheckpointError
+
+        raise CheckpointError("no checkpoint folder at /nowhere")
+
+    demo = app.build_demo(broken)
+    with pytest.raises(Exception, match="no checkpoint folder"):
+        demo.cacheaug_backend.get()
+    assert "no checkpoint folder at /nowhere" in demo.cacheaug_backend.error

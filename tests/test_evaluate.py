@@ -1,0 +1,402 @@
+"""Evaluation metrics on tiny random decoders, checked against slow obvious computations. CPU, seconds.
+
+    pytest -m "not integration" tests/test_evaluate.py   # fast, tiny models
+    pytest -m integration tests/test_evaluate.py         # `eval bench --limit 5` on the real default model
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cacheaug_core import augment, evaluate
+from cacheaug_core.config import CoprocessorConfig
+from cacheaug_core.coprocessor import Coprocessor
+from cacheaug_core.workbench import Workbench
+from tests.conftest import TinyTokenizer, byte_tokenizer, save_tiny_decoder, tiny_decoder
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine the thread
+    hand-offs cost more than the matmuls (several seconds per test)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+DOCS = ["the quick brown fox jumps over the lazy dog",
+        "pack my box with five dozen liquor jugs, said the sphinx of black quartz",
+        "how vexingly quick daft zebras jump"]
+
+
+def _wb(arch="llama", num_latents=3, tokenizer=None, pause=False, **layout):
+    dec = tiny_decoder(arch)
+    cop = Coprocessor(CoprocessorConfig(num_latents=num_latents, num_layers=2, **layout), dec).eval()
+    wb = Workbench(dec, tokenizer or TinyTokenizer(), None, cop, "untrained-test")
+    if pause:
+        wb.pause = Coprocessor(CoprocessorConfig(num_latents=2, body="none"), dec).eval()
+    return wb
+
+
+@torch.no_grad()
+def _hand_logprob(dec, cop, ctx, cont, delay=0):
+    """Summed log-prob of cont after ctx, token by token through the streaming decode state
+    (separate forwards, no group masks): plain, or latents from the context inserted after
+    `delay` continuation tokens."""
+    if cop is None:
+        x = torch.tensor([ctx + cont])
+        lp = torch.log_softmax(dec(input_ids=x).logits[0].float(), -1)
+        return sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont))
+    st = augment._AugState(dec, cop)
+    logits = st.feed_clean(torch.tensor([ctx]))
+    z = st.latents_now()                                     # computed from the context alone
+    in_group = False
+    if delay == 0:
+        logits, in_group = st.insert(z, torch.tensor(ctx[-1])), True
+    total = 0.0
+    for i, y in enumerate(cont):
+        total += float(torch.log_softmax(logits.float(), -1)[y])
+        t = torch.tensor([y])
+        if not in_group and i + 1 == delay:                  # y is continuation token number `delay`
+            st.feed_clean(t.view(1, 1))
+            logits, in_group = st.insert(z, t), True
+        elif in_group:
+            logits = st.feed_after(t)
+        else:
+            logits = st.feed_clean(t.view(1, 1))
+    return total
+
+
+# -- perplexity by position -------------------------------------------------------------------
+
+
+def test_read_documents(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("one doc\nstill one\n\n  \n\nsecond doc\n")
+    assert evaluate.read_documents(p) == ["one doc\nstill one", "second doc"]
+    j = tmp_path / "t.jsonl"
+    j.write_text(json.dumps({"text": "a b"}) + "\n\n" + json.dumps({"text": "c"}) + "\n")
+    assert evaluate.read_documents(j) == ["a b", "c"]
+    j.write_text('{"no_text": 1}\n')
+    with pytest.raises(evaluate.EvalError):
+        evaluate.read_documents(j)
+
+
+def test_document_chunks_budget():
+    tok = TinyTokenizer()
+    ch = evaluate.document_chunks(tok, DOCS, chunk=10, max_tokens=25)
+    assert sum(len(c) for _, c in ch) == 25 and all(len(c) <= 10 for _, c in ch)
+    assert [d for d, _ in ch] == [0, 0, 0]
+    ch = evaluate.document_chunks(tok, DOCS, chunk=16)
+    assert sum(len(c) for _, c in ch) == sum(len(d) for d in DOCS)   # TinyTokenizer: one id per character
+
+
+def test_ppl_summary_sign_and_arithmetic():
+    # two positions; augmented NLL lower at position 1, higher at position 2
+    sa, sb, n = np.array([[2.0, 6.0]]), np.array([[3.0, 5.0]]), np.array([[4, 4]])
+    s = evaluate.ppl_summary(sa, sb, n)
+    assert s["ppl_decoder"][0] == pytest.approx(math.exp(0.75))
+    assert s["ppl_augmented"][0] == pytest.approx(math.exp(0.5))
+    assert s["rel_ppl_change_pct"][0] == pytest.approx((math.exp(0.5) / math.exp(0.75) - 1) * 100)
+    assert s["rel_ppl_change_pct"][0] < 0 < s["rel_ppl_change_pct"][1]    # negative = latents help
+    assert s["tokens_scored"].tolist() == [4, 4]
+
+
+def test_bootstrap_interval_contains_point():
+    rng = np.random.default_rng(0)
+    U, A = 40, 3
+    n = rng.integers(5, 30, (U, A)).astype(float)
+    sb = n * (2.0 + rng.normal(0, 0.3, (U, A)))
+    sa = sb - n * (0.05 + rng.normal(0, 0.1, (U, A)))
+    point = evaluate.ppl_summary(sa, sb, n)["rel_ppl_change_pct"]
+    ci = evaluate.bootstrap_rel_change(sa, sb, n, n_boot=500)
+    assert ci.shape == (A, 2)
+    assert np.all(ci[:, 0] <= point) and np.all(point <= ci[:, 1]) and np.all(ci[:, 0] < ci[:, 1])
+
+
+def test_perplexity_by_position_matches_direct_computation():
+    wb = _wb()
+    res = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS, positions=3, chunk=12,
+                                          points_per_pass=5, n_boot=200)
+    # direct: every chunk through score_after_every_token, NLLs pooled by position
+    tot_a, tot_b, cnt = np.zeros(3), np.zeros(3), np.zeros(3)
+    plain_first = []
+    for _, ids in evaluate.document_chunks(wb.tokenizer, DOCS, 12):
+        x = torch.tensor([ids])
+        aug, base = augment.score_after_every_token(wb.decoder, wb.coprocessor, x, 3, points_per_pass=5)
+        aug, base = aug.double().numpy(), base.double().numpy()
+        tot_a += np.nansum(aug, 0)
+        tot_b += np.nansum(base, 0)
+        cnt += np.isfinite(base).sum(0)
+        _, logits = augment.prefill(wb.decoder, x)
+        plain_first += augment.plain_nll(logits, x)[0, 1:].tolist()
+    assert res["positions"] == [1, 2, 3] and res["tokens_scored"] == cnt.astype(int).tolist()
+    np.testing.assert_allclose(res["ppl_decoder"], np.exp(tot_b / cnt), rtol=1e-6)
+    np.testing.assert_allclose(res["ppl_augmented"], np.exp(tot_a / cnt), rtol=1e-6)
+    rel = (np.exp(tot_a / cnt) / np.exp(tot_b / cnt) - 1) * 100
+    np.testing.assert_allclose(res["rel_ppl_change_pct"], rel, rtol=1e-6, atol=1e-9)
+    # position 1 of the decoder arm is its ordinary next-token NLL over every token after the first
+    assert res["nll_decoder"][0] == pytest.approx(float(np.mean(plain_first)), rel=1e-5)
+    for (lo, hi), p in zip(res["rel_ppl_change_ci95"], res["rel_ppl_change_pct"]):
+        assert lo <= p <= hi
+    assert res["bootstrap"]["unit"] == "document" and res["data"]["documents"] == 3
+
+
+# -- multiple choice --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mc_plain_arm_equals_plain_decoder(arch):
+    wb = _wb(arch)
+    ctx, conts = [5, 9, 14, 3, 22], [[7], [8, 2, 40], [11, 12]]
+    sc = evaluate.score_choices(wb.decoder, ctx, conts, {"decoder": None}, batch=2)["decoder"]
+    for c, lp in zip(conts, sc.logprobs):
+        assert lp == pytest.approx(_hand_logprob(wb.decoder, None, ctx, c), abs=2e-4)
+    for c, tl in zip(conts, sc.token_logprobs):
+        assert len(tl) == len(c)
+
+
+@pytest.mark.parametrize("layout", [{}, {"refeed_last": True}, {"latent_pos": "shared"}], ids=["default", "refeed", "shared"])
+@pytest.mark.parametrize("delay", [0, 2])
+def test_mc_augmented_equals_hand_computation(layout, delay):
+    wb = _wb("llama", **layout)
+    ctx, conts = [5, 9, 14, 3, 22, 17], [[7], [8, 2, 40, 33], [11, 12], [1, 2, 3, 4, 5]]
+    arms = {"decoder": None, "coprocessor": wb.coprocessor}
+    out = evaluate.score_choices(wb.decoder, ctx, conts, arms, async_delay=delay, batch=3)
+    for i, c in enumerate(conts):
+        assert out["coprocessor"].logprobs[i] == pytest.approx(
+            _hand_logprob(wb.decoder, wb.coprocessor, ctx, c, delay), abs=3e-4)
+        assert out["decoder"].logprobs[i] == pytest.approx(_hand_logprob(wb.decoder, None, ctx, c), abs=3e-4)
+    if delay:   # a continuation of <= delay tokens never reads the latents
+        assert out["coprocessor"].logprobs[0] == pytest.approx(out["decoder"].logprobs[0], abs=1e-5)
+    else:       # the first token is predicted after the latents, so it differs from the plain arm
+        assert out["coprocessor"].token_logprobs[0][0] != pytest.approx(out["decoder"].token_logprobs[0][0], abs=1e-6)
+
+
+def test_multiple_choice_metrics():
+    wb = _wb(pause=True)
+    items = [{"id": f"q{i}", "context": f"Question {i}: pick one.\nAnswer:", "choices": [" yes", " no", " maybe so"],
+              "gold": i % 3} for i in range(6)]
+    items.append({"id": "lam", "context": "the quick brown", "choices": [" fox"], "gold": 0})
+    r = evaluate.evaluate_multiple_choice(wb, items, ["decoder", "coprocessor", "pause", "cot"])
+    assert r["type"] == "multiple_choice" and r["n"] == 7 and r["metrics"]["cot"] is None
+    for a in ("decoder", "coprocessor", "pause"):
+        preds = [rec[a]["pred"] for rec in r["items"]]
+        ok = [p == rec["gold"] for p, rec in zip(preds, r["items"])]
+        for rec in r["items"][:6]:   # acc: argmax of summed log-prob; acc_norm: per character
+            lp = np.array(rec[a]["logprobs"])
+            assert rec[a]["pred"] == int(np.argmax(lp))
+            assert rec[a]["pred_norm"] == int(np.argmax(lp / np.array([4, 3, 9])))
+        m = r["metrics"][a]["acc"]
+        assert m["correct"] == sum(ok) and m["n"] == 7 and m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    assert "delta_vs_decoder" in r["metrics"]["coprocessor"]["acc"]
+    assert "delta_vs_decoder" not in r["metrics"]["decoder"]["acc"]
+
+
+def test_multiple_choice_per_choice_contexts():
+    """WinoGrande-style pairs: each option ends its own context, the continuation is shared."""
+    wb = _wb()
+    tok = wb.tokenizer
+    pairs = [["Ann beat Bo so Ann", " won."], ["Ann beat Bo so Bo", " won."]]
+    item = {"id": "w", "context": "Ann beat Bo so ", "choices": ["Ann", "Bo"], "gold": 0, "pairs": pairs}
+    r = evaluate.evaluate_multiple_choice(wb, [item], ["decoder", "coprocessor"])
+    for a, cop in (("decoder", None), ("coprocessor", wb.coprocessor)):
+        for i, (c, t) in enumerate(pairs):
+            want = _hand_logprob(wb.decoder, cop, tok.encode(c), tok.encode(t))
+            assert r["items"][0][a]["logprobs"][i] == pytest.approx(want, abs=1e-3)
+
+
+def test_intervals():
+    lo, hi = evaluate.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    assert evaluate.wilson_interval(0, 5)[0] == 0.0
+    a, b = [1] * 30 + [0] * 10, [1] * 20 + [0] * 20
+    lo, hi = evaluate.paired_bootstrap_delta(a, b)
+    assert lo <= 0.25 <= hi and lo > 0
+
+
+# -- generation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,want", [
+    ("She has 5 apples.\n#### 1,234", "1234"), ("so 3 + 4 = 7. The answer is $18.", "18"),
+    ("first 12 then 13.50", "13.5"), ("-4 degrees", "-4"), ("no number here", None), ("#### 72.0", "72"),
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
+])
+def test_extract_answer(text, want):
+    assert evaluate.extract_answer(text) == want
+
+
+def test_cut_at_stop():
+    assert evaluate.cut_at_stop("x = 3\n\nQuestion: next", evaluate.GSM8K_STOP) == "x = 3"
+    assert evaluate.cut_at_stop("3 Question: 4\n\n", evaluate.GSM8K_STOP) == "3 "
+
+
+def test_generation_arms_and_async_delay():
+    wb = _wb("qwen2", pause=True)
+    tok = wb.tokenizer
+    tok.eos_token_id = None
+    items = [{"id": "g1", "prompt": "Question: 2+3?\nAnswer:", "answer": "2+3=5\n#### 5"},
+             {"id": "g2", "prompt": "Question: 1+1?\nAnswer:", "answer": "2"}]
+    r = evaluate.evaluate_generation(wb, items, ["decoder", "coprocessor", "pause", "cot"], max_new_tokens=6,
+                                     stop=("\n\n",))
+    assert r["type"] == "generation" and set(r["metrics"]) == {"decoder", "coprocessor", "pause", "cot"}
+    assert [rec["gold"] for rec in r["items"]] == ["5", "2"]
+    for rec in r["items"]:
+        for a in r["metrics"]:
+            assert rec[a]["pred"] == evaluate.extract_answer(rec[a]["text"])
+    # async: the first N tokens come before the latents, so they equal the plain decoder's
+    ids = tok.encode(items[0]["prompt"])
+    plain = evaluate.generate_text(wb.decoder, tok, None, ids, 8, stop=())
+    late = evaluate.generate_text(wb.decoder, tok, wb.coprocessor, ids, 8, stop=(), async_delay=3)
+    now = evaluate.generate_text(wb.decoder, tok, wb.coprocessor, ids, 8, stop=())
+    assert late[:3] == plain[:3] and len(late) == 8
+    assert now != plain   # sanity: random latents change a random model's greedy output
+    r2 = evaluate.evaluate_generation(wb, items[:1], ["decoder", "coprocessor"], async_delay=2, max_new_tokens=4)
+    assert r2["items"][0]["coprocessor"]["text"][:2] == r2["items"][0]["decoder"]["text"][:2]
+
+
+# -- tables, CLI ------------------------------------------------------------------------------
+
+
+def test_results_table_markdown_ppl_and_bench():
+    wb = _wb(pause=True)
+    ppl = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS * 3, positions=33, chunk=40,
+                                          n_boot=50)
+    md = evaluate.results_table_markdown(json.loads(json.dumps(evaluate._clean_json(ppl))))
+    rows = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [int(r.split("|")[1]) for r in rows] == [1, 2, 4, 8, 16, 32, 33]
+    assert len(evaluate.results_table_markdown(ppl, rows="all").splitlines()) >= 35
+    items = {"arc_easy": [{"id": 1, "context": "Q: sky?\nA:", "choices": [" blue", " red"], "gold": 0}],
+             "gsm8k": [{"id": 2, "prompt": "Question: 1+1?\nAnswer:", "answer": "#### 2"}]}
+    bench = evaluate.run_bench(wb, items, ["decoder", "coprocessor", "cot"], max_new_tokens=3)
+    md = evaluate.results_table_markdown(bench)
+    assert "| ARC-e | acc | 1 |" in md and "| ARC-e | acc_norm | 1 |" in md and "| GSM8K | exact_match | 1 |" in md
+    arc_row = next(line for line in md.splitlines() if line.startswith("| ARC-e | acc |"))
+    assert arc_row.rstrip().endswith("n/a |")          # CoT does not apply to log-likelihood tasks
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    from cacheaug_core.checkpoint import save_coprocessor
+    from cacheaug_core.decoder import load_decoder
+
+    root = tmp_path_factory.mktemp("evalmodels")
+    dec_dir = save_tiny_decoder(root / "dec", "llama")
+    dec, _, info = load_decoder(dec_dir)
+    cop = Coprocessor(CoprocessorConfig(num_latents=2, num_layers=1), dec)
+    save_coprocessor(cop, root / "cop", info, status="untrained test coprocessor")
+    pause = Coprocessor(CoprocessorConfig(num_latents=2, body="none"), dec)
+    save_coprocessor(pause, root / "pause", info)
+    return dec_dir, str(root / "cop"), str(root / "pause")
+
+
+def test_cli_ppl(tiny_checkpoints, tmp_path, capsys):
+    from cacheaug_core.cli import main
+
+    dec_dir, cop_dir, _ = tiny_checkpoints
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\n".join(DOCS))
+    out = tmp_path / "ppl.json"
+    rc = main(["eval", "ppl", "--text", str(text), "--json", str(out), "--decoder", dec_dir, "--coprocessor", cop_dir,
+               "--max-tokens", "60", "--positions", "4", "--chunk", "24", "--device", "cpu", "--no-progress",
+               "--bootstrap", "100"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for k in ("positions", "ppl_decoder", "ppl_augmented", "rel_ppl_change_pct", "tokens_scored",
+              "rel_ppl_change_ci95", "provenance", "data", "settings"):
+        assert k in res
+    assert res["positions"] == [1, 2, 3, 4] and res["data"]["tokens_read"] == 60
+    prov = res["provenance"]
+    assert prov["coprocessor"]["source"] == cop_dir and prov["coprocessor"]["config"]["num_latents"] == 2
+    assert prov["decoder"]["model_type"] == "llama" and prov["seconds"] >= 0 and "git" in prov
+    assert "device" in prov and prov["arguments"]["positions"] == 4
+    assert "| position |" in capsys.readouterr().out
+
+
+def test_cli_bench_fake_tasks(tiny_checkpoints, tmp_path, monkeypatch):
+    from cacheaug_core.cli import main
+
+    dec_dir, cop_dir, pause_dir = tiny_checkpoints
+    fake = {"piqa": [{"id": i, "context": f"Goal {i}:", "choices": [" do a", " do b"], "gold": i % 2} for i in range(4)],
+            "gsm8k": [{"id": 0, "prompt": "Question: 2+2?\nAnswer:", "answer": "4"}]}
+    seen = []
+    monkeypatch.setattr(evaluate, "_load_task", lambda name, limit: seen.append(limit) or fake[name][:limit])
+    js, md = tmp_path / "b.json", tmp_path / "b.md"
+    rc = main(["eval", "bench", "--tasks", "piqa,gsm8k", "--limit", "3", "--json", str(js), "--md", str(md),
+               "--decoder", dec_dir, "--coprocessor", cop_dir, "--pause", pause_dir,
+               "--arms", "decoder,coprocessor,pause,cot", "--async-delay", "1", "--max-new-tokens", "4",
+               "--device", "cpu", "--no-progress"])
+    assert rc == 0 and seen == [3, 3]
+    res = json.loads(js.read_text())
+    assert res["async_delay"] == 1 and res["tasks"]["piqa"]["n"] == 3 and res["tasks"]["gsm8k"]["n"] == 1
+    assert res["tasks"]["piqa"]["metrics"]["cot"] is None
+    assert res["tasks"]["gsm8k"]["metrics"]["pause"]["exact_match"]["n"] == 1
+    assert res["provenance"]["pause"]["config"]["body"] == "none"
+    assert "| PIQA | acc | 3 |" in md.read_text()
+    assert main(["eval", "bench", "--tasks", "piqa", "--arms", "decoder,pause", "--decoder", dec_dir]) == 2
+
+
+# -- lm-eval ----------------------------------------------------------------------------------
+
+
+def test_cacheaug_lm_loglikelihood_hand_check():
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    tok = byte_tokenizer()
+    dec = tiny_decoder("llama", vocab=len(tok))
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, num_layers=2), dec).eval()
+    wb = Workbench(dec, tok, None, cop, "test")
+    CacheAugLM = evaluate.CacheAugLM
+    assert get_model("cacheaug") is CacheAugLM
+    lm, plain = CacheAugLM(workbench=wb), CacheAugLM(workbench=wb, augment=False)
+    pairs = [("The sky is", " blue"), ("The sky is", " green today"), ("2 + 2 =", " 4"), ("", "hello")]
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    got, got_plain = lm.loglikelihood(reqs, disable_tqdm=True), plain.loglikelihood(reqs, disable_tqdm=True)
+    for (ctx, cont), (lp, greedy), (lp0, _) in zip(pairs, got, got_plain):
+        c_ids = tok.encode(ctx) if ctx else [tok.eos_token_id]
+        t_ids = tok.encode(ctx + cont)[len(c_ids):] if ctx else tok.encode(cont)
+        assert lp == pytest.approx(_hand_logprob(dec, cop, c_ids, t_ids), abs=3e-4)
+        assert lp0 == pytest.approx(_hand_logprob(dec, None, c_ids, t_ids), abs=3e-4)
+        assert isinstance(greedy, bool)
+    # rolling: the plain arm is the decoder's log-likelihood given the prefix token; the augmented
+    # arm is the sum of first-token (position-1) NLLs with latents after every token
+    text = "abc defg hij"
+    ids = [tok.eos_token_id] + tok.encode(text)
+    roll = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
+    roll0 = plain.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
+    x = torch.tensor([ids])
+    _, logits = augment.prefill(dec, x)
+    assert roll0 == pytest.approx(-float(augment.plain_nll(logits, x)[0, 1:].sum()), abs=3e-4)
+    aug, _ = augment.score_after_every_token(dec, cop, x, 1)
+    assert roll == pytest.approx(-float(aug[:, 0].sum()), abs=3e-4)
+    # windows shorter than the text still score every token exactly once
+    short = CacheAugLM(workbench=wb, augment=False, max_length=5)
+    r5 = short.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)[0]
+    assert r5 < 0 and math.isfinite(r5)
+    gen = lm.generate_until([Instance("generate_until", {}, ("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 5}), 0)],
+                            disable_tqdm=True)
+    assert len(gen) == 1 and "\n" not in gen[0]
+
+
+# -- the real default model -------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_bench_on_default_model(tmp_path):
+    pytest.importorskip("cacheaug_core.benchmarks")
+    from cacheaug_core.cli import main
+
+    js = tmp_path / "bench.json"
+    rc = main(["eval", "bench", "--tasks", "arc_easy,gsm8k", "--limit", "5", "--json", str(js), "--md",
+               str(tmp_path / "bench.md"), "--max-new-tokens", "16", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    res = json.loads(js.read_text())
+    assert res["tasks"]["arc_easy"]["n"] == 5 and res["tasks"]["gsm8k"]["n"] == 5
+    dec = res["tasks"]["arc_easy"]["metrics"]["decoder"]["acc"]
+    assert 0 <= dec["value"] <= 1 and dec["n"] == 5
