@@ -104,9 +104,22 @@ def model_card(config: dict) -> str:
     if config.get("status"):
         lines += ["## Status", "", config["status"], ""]
     for name, table in (config.get("evaluation") or {}).items():
-        lines += [f"## Evaluation: {name}", "", table if isinstance(table, str) else f"```\n{json.dumps(table, indent=1)}\n```", ""]
+        lines += [f"## Evaluation: {name}", "", _render_eval(table), ""]
     lines += ["## Use", "", "```bash", "cacheaug generate --coprocessor THIS_FOLDER --prompt \"...\"", "```", ""]
     return "\n".join(lines)
+
+
+def _render_eval(table) -> str:
+    """Markdown for one evaluation entry: text as is, by-position results as a table."""
+    if isinstance(table, str):
+        return table
+    if isinstance(table, dict) and "rel_ppl_change_pct" in table:
+        rel = table["rel_ppl_change_pct"]
+        head = "| ahead position | " + " | ".join(str(i + 1) for i in range(len(rel))) + " |"
+        sep = "|---|" + "---:|" * len(rel)
+        row = "| rel. perplexity change | " + " | ".join(f"{x:+.1f}%" for x in rel) + " |"
+        return "\n".join([head, sep, row, "", "Negative = the latents lower perplexity (trainer's held-out batches)."])
+    return f"```\n{json.dumps(table, indent=1)}\n```"
 
 
 def save_coprocessor(cop: Coprocessor, out_dir: str | Path, decoder_info, training: dict | None = None,
