@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import sources as S
+from .decoder import sha256_file as _sha256
 
 SHARD_BYTES = 50 * 1024 * 1024       # each shard can be shipped to the GPU machine in one call
 NGRAM = 13
@@ -88,12 +89,6 @@ def split_long(text: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[str]:
         yield "".join(buf).strip()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:

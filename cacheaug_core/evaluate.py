@@ -20,7 +20,6 @@ Protocols, the JSON schema and how to reproduce a run: docs/evaluation.md.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import platform
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from . import augment, kv, masks
+from .decoder import sha256_file as _sha256
 
 PAPER_POSITIONS = (1, 2, 4, 8, 16, 32)       # the rows of Table 1
 ALL_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "mmlu", "lambada", "gsm8k")
@@ -915,12 +915,6 @@ def _model_args(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 def cmd_ppl(args) -> int:

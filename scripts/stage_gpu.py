@@ -43,12 +43,6 @@ REMOTE = "/tmp/cacheaug"
 CHUNK_MIB = 55
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 def corpus_files(corpus: Path, heldout: bool = True) -> list[Path]:
@@ -92,7 +86,10 @@ def pack(files: list[Path], chunk_mib: int = CHUNK_MIB) -> dict:
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             with open(f, "rb") as fh:
                 tf.addfile(info, fh)
-    digest = sha256(bundle)
+    sys.path.insert(0, str(ROOT))
+    from cacheaug_core.decoder import sha256_file
+
+    digest = sha256_file(bundle)
     out = ROOT / ".gpu" / f"stage-{digest[:12]}"
     if out.exists() and (out / "plan.json").exists():
         shutil.rmtree(tmp)
