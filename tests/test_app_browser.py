@@ -10,6 +10,7 @@ Needs `apt-get install chromium` (never `playwright install`). Marked `browser` 
 
 from __future__ import annotations
 
+import re
 import json
 import socket
 import time
@@ -60,12 +61,18 @@ def url():
     import app
     from cacheaug_core.workbench import Workbench
 
-    demo = app.build_demo(Workbench.load())          # the embedded default decoder
+    wb = Workbench.load()                            # the embedded default decoder + shipped coprocessor
+    global NOTICE
+    NOTICE = wb.notice.split(":")[0][:40]             # the banner must show the loaded model's notice
+    demo = app.build_demo(wb)
     _, local_url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(),
                                   quiet=True)
     _wait_http(local_url)
     yield local_url
     demo.close()
+
+
+NOTICE = ""
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +90,7 @@ def page(browser, url):
     pg.errors = []
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
     pg.goto(url)
-    expect(pg.locator("#cacheaug-notice")).to_contain_text("UNTRAINED", timeout=SLOW)
+    expect(pg.locator("#cacheaug-notice")).to_contain_text(NOTICE, timeout=SLOW)
     yield pg
     ctx.close()
 
@@ -229,14 +236,14 @@ def test_every_tab_on_the_default_model(page):
 
     # -- Model: card, status, and a bad checkpoint shown as a message -----------------------------
     _tab(page, "Model")
-    expect(page.locator("#model-card")).to_contain_text("untrained")
+    expect(page.locator("#model-card")).to_contain_text(re.compile("untrained|Coprocessor for"))
     expect(page.locator("#model-status")).to_contain_text("smollm2")
     page.locator("#model-coprocessor input, #model-coprocessor textarea").first.fill("/no/such/checkpoint")
     page.locator("#model-load").click()
     expect(page.locator("#model-error")).to_contain_text("no checkpoint folder at /no/such/checkpoint",
                                                          timeout=SLOW)
     expect(page.locator("#cacheaug-notice")).to_contain_text("Last load failed")
-    expect(page.locator("#cacheaug-notice")).to_contain_text("UNTRAINED")    # the old model is still loaded
+    expect(page.locator("#cacheaug-notice")).to_contain_text(NOTICE)    # the old model is still loaded
     assert "Traceback" not in page.content()
     _shot(page, "06-model.png")
     assert not page.errors, page.errors
