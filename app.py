@@ -69,11 +69,11 @@ CLI_EQUIVALENTS = """\
 | endpoint | what it does | CLI / Python |
 |---|---|---|
 | `/generate` | both arms, streamed | `cacheaug generate --prompt "..." [--reaugment-every k] [--async-delay N] [--json]` |
-| `/analyze` | per-token Δloss, mode (a) or (b) | `cacheaug score --text "..." [--point N] [--csv out.csv]`; mode (b): `Workbench.score_every(text, positions)` |
+| `/analyze` | per-token Δloss, mode (a) or (b) | `cacheaug score --text "..." [--point N] [--csv out.csv]`; mode (b): `cacheaug score --text "..." --every --positions 16` |
 | `/token_detail` | top-k of both arms + KL at one token | `Workbench.score_text(text, point)["topk_base"/"topk_aug"/"kl_aug_base"]` |
 | `/use_generation` | last generation → analysis text | `viz.app_views.join_prompt_continuation(prompt, text)` |
-| `/latents` | PCA, read-out, attention to latents | `Workbench.latents(prompts)`, `viz.latent_pca_figure(...)` |
-| `/load_model`, `/model_info` | choose / describe decoder + coprocessor | `cacheaug generate --decoder D --coprocessor C`; `Workbench.status()` |
+| `/latents` | PCA, read-out, attention to latents | `cacheaug latents --prompt "..." [--prompt "..."] [--continuation "..."] [--html pca.html]` |
+| `/load_model`, `/model_info` | choose / describe decoder + coprocessor | `cacheaug info --decoder D --coprocessor C [--pause P]` |
 """
 
 CSS = """
@@ -712,10 +712,12 @@ def main(argv=None) -> int:
     ap.add_argument("--share", action="store_true", help="also create a public gradio.live link (opt-in)")
     ap.add_argument("--decoder", default="", help="decoder folder or id (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--coprocessor", default="", help="coprocessor checkpoint folder (default: the shipped one)")
+    ap.add_argument("--pause", default="", help="pause-token checkpoint folder (body 'none'): the pause arm")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    factory = functools.partial(Workbench.load, args.decoder or None, args.coprocessor or None)
+    factory = functools.partial(Workbench.load, args.decoder or None, args.coprocessor or None,
+                                pause=args.pause or None)
     demo = build_demo(factory)
     try:
         wb = demo.cacheaug_backend.get()

@@ -2,7 +2,8 @@
 
 A checkpoint folder holds
     config.json                    coprocessor config, decoder id/revision/shape + tokenizer
-                                   fingerprint, training summary, evaluation tables
+                                   fingerprint, sha256 of each weights file, training summary,
+                                   evaluation tables
     model.safetensors              or model-0000i-of-0000n.safetensors + model.safetensors.index.json
                                    (shards of at most 16 MiB), trainable tensors only
     README.md                      the model card
@@ -10,15 +11,21 @@ A checkpoint folder holds
     save_coprocessor(cop, "ckpt/", decoder_info, training={...})
     cop = load_coprocessor("ckpt/", decoder, decoder_info)   # checks it fits this decoder
 
-Writes go to a temporary folder that is renamed into place, so a killed process never leaves a
-half-written checkpoint. Loading refuses pickled formats (.bin/.pt/.pth/.ckpt) and reports one
-clear `CheckpointError` per kind of damage.
+Writes go to a temporary folder (flushed to disk) that is renamed into place, so a killed process
+never leaves a half-written checkpoint; files a caller adds through `extra_files` (the trainer's
+state) are part of the same rename. Loading refuses pickled formats (.bin/.pt/.pth/.ckpt) and
+reports one clear `CheckpointError` per kind of damage: unreadable files, config.json, another
+decoder, weights that do not fit the config, NaN/inf, and (last) bytes that no longer match the
+recorded sha256. docs/reliability.md lists the cases and their tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,13 +61,46 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torc
     return shards
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_interrupted_write(out_dir: str | Path, remove_temps: bool = False) -> bool:
+    """Undo what a writer killed inside `atomic_dir_write` left behind. Replacing a folder takes two
+    renames (old aside, new in place); killed between them, only `.NAME.old` (complete) is left,
+    and it is put back. `remove_temps` also deletes unfinished `.NAME.tmp-*` folders: only for the
+    folder's single writer (the trainer), never while another process may be writing it.
+    Returns True when the old folder was restored."""
+    out = Path(out_dir)
+    old = out.parent / f".{out.name}.old"
+    restored = False
+    if not out.exists() and old.is_dir():
+        old.rename(out)
+        restored = True
+    if remove_temps and out.parent.is_dir():
+        for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return restored
+
+
 def atomic_dir_write(out_dir: str | Path, write) -> Path:
     """Call write(tmp_dir), then move tmp_dir to out_dir in one rename (replacing it)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_write(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         write(tmp)
+        # Flush before publishing: the rename must never make visible files whose data a crash
+        # could still lose.
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old"
             if old.exists():
@@ -70,10 +110,30 @@ def atomic_dir_write(out_dir: str | Path, write) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+        _fsync(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write the tensors as model.safetensors or shards + index; returns {file name: sha256}."""
+    shards = _shards(tensors, SHARD_BYTES)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for name, sh in zip(names, shards):
+        save_file(sh, str(tmp / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {k: n for n, sh in zip(names, shards) for k in sh}}, indent=1))
+    return {name: _sha256(tmp / name) for name in names}
 
 
 def model_card(config: dict) -> str:
@@ -124,8 +184,9 @@ def _render_eval(table) -> str:
 
 def save_coprocessor(cop: Coprocessor, out_dir: str | Path, decoder_info, training: dict | None = None,
                      evaluation: dict | None = None, status: str = "", dtype: torch.dtype | None = None,
-                     extra: dict | None = None) -> Path:
-    """Write a checkpoint folder atomically. `dtype` casts floating tensors (e.g. bf16 to ship)."""
+                     extra: dict | None = None, extra_files=None) -> Path:
+    """Write a checkpoint folder atomically. `dtype` casts floating tensors (e.g. bf16 to ship).
+    `extra_files(tmp_dir)` may add files (the trainer's state) that appear in the same rename."""
     tensors = {}
     for k, v in cop.trainable_state().items():
         t = v.detach().cpu()
@@ -143,20 +204,11 @@ def save_coprocessor(cop: Coprocessor, out_dir: str | Path, decoder_info, traini
     } | (extra or {})
 
     def write(tmp: Path):
-        shards = _shards(tensors, SHARD_BYTES)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, sh in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(sh, str(tmp / name), metadata={"format": "pt"})
-                weight_map |= {k: name for k in sh}
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                            "weight_map": weight_map}, indent=1))
+        config["weights_sha256"] = _write_weights(tmp, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "README.md").write_text(model_card(config))
+        if extra_files is not None:
+            extra_files(tmp)
 
     return atomic_dir_write(out_dir, write)
 
@@ -203,7 +255,8 @@ def _load_tensors(p: Path) -> dict[str, torch.Tensor]:
         files = ["model.safetensors"]
     else:
         pickled = [f.name for f in p.iterdir() if f.suffix in PICKLED]
-        hint = f" (found pickled {', '.join(pickled)}, which are refused)" if pickled else ""
+        hint = (f" (found pickled {', '.join(pickled)}, which are refused: they can run code when loaded; "
+                "re-save the weights as safetensors with cacheaug)") if pickled else ""
         raise CheckpointError(f"{p} has no model.safetensors{hint}")
     tensors = {}
     for name in files:
@@ -217,13 +270,45 @@ def _load_tensors(p: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _verify_digests(p: Path, config: dict) -> None:
+    """Corruption that leaves a readable file (flipped bytes in the data) is only visible here.
+    Checkpoints saved before checksums were recorded have none and are not checked."""
+    recorded = config.get("weights_sha256")
+    if not isinstance(recorded, dict):
+        return
+    for name, digest in sorted(recorded.items()):
+        f = p / name
+        if f.is_file() and _sha256(f) != digest:
+            raise CheckpointError(f"{f} is corrupted: its bytes no longer match the sha256 recorded in config.json "
+                                  "when it was saved; re-download or re-save it")
+
+
+def _check_types(section: dict, where: str) -> None:
+    """A value of the wrong type would otherwise fail deep inside validation with a cryptic error."""
+    for f in dataclasses.fields(CoprocessorConfig):
+        want = type(f.default)
+        if f.name not in section or want not in (bool, int, float, str):
+            continue
+        v = section[f.name]
+        if want is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif want is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, want)
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[want]
+            raise CheckpointError(f"{where}: coprocessor.{f.name} is {v!r}, expected {kind}; "
+                                  "config.json is damaged or was edited by hand")
+
+
 def check_decoder(config: dict, decoder_info) -> None:
     """Raise CheckpointError if the checkpoint was trained for another decoder."""
     want = config["decoder"]
     have = decoder_info.to_dict()
     for k in ("model_type", "hidden_size", "num_layers", "vocab_size", "tokenizer_fingerprint"):
         if want.get(k) and have.get(k) and want[k] != have[k]:
-            what = "tokenizer" if k == "tokenizer_fingerprint" else k
+            what = "tokenizer fingerprint" if k == "tokenizer_fingerprint" else k
             raise CheckpointError(
                 f"this coprocessor was trained for decoder {want.get('name')!r} ({what} {str(want[k])[:16]}), "
                 f"but the loaded decoder {have.get('name')!r} has {what} {str(have[k])[:16]}. "
@@ -236,6 +321,7 @@ def load_coprocessor(path: str | Path, decoder, decoder_info, check: bool = True
     config = read_config(p)
     if check:
         check_decoder(config, decoder_info)
+    _check_types(config["coprocessor"], f"{p}/config.json")
     try:
         cfg = from_dict(CoprocessorConfig, config["coprocessor"])
     except (ConfigError, TypeError) as e:
@@ -246,15 +332,23 @@ def load_coprocessor(path: str | Path, decoder, decoder_info, check: bool = True
     missing, unexpected = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or unexpected:
         raise CheckpointError(
-            f"{p}: the weights do not match the configured coprocessor (body={cfg.body}, num_latents="
-            f"{cfg.num_latents}, num_layers={cfg.num_layers}): missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
-            f"unexpected {unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+            f"{p}: the weights do not match config.json (body={cfg.body}, num_latents="
+            f"{cfg.num_latents}, num_layers={cfg.num_layers}): missing tensors {missing[:4]}"
+            f"{'...' if len(missing) > 4 else ''}, unexpected tensors {unexpected[:4]}"
+            f"{'...' if len(unexpected) > 4 else ''}; config.json and the weights come from different "
+            "coprocessors, or the weights were edited")
     for k, t in tensors.items():
+        if k == "soft_tokens" and t.dim() == want[k].dim() and tuple(t.shape[1:]) == tuple(want[k].shape[1:]) \
+                and t.shape[0] != want[k].shape[0]:
+            raise CheckpointError(f"{p}: config.json says num_latents={cfg.num_latents}, but the weights hold "
+                                  f"{t.shape[0]} soft tokens; config.json and the weights come from different "
+                                  "checkpoints")
         if tuple(t.shape) != tuple(want[k].shape):
             raise CheckpointError(f"{p}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(want[k].shape)} "
                                   "(wrong num_latents or a checkpoint for another decoder)")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{p}: tensor {k} holds NaN or inf values; the checkpoint is unusable")
+    _verify_digests(p, config)
     with torch.no_grad():
         for k, param in want.items():
             param.copy_(tensors[k].to(param.dtype))
@@ -269,6 +363,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     floating tensors to `dtype` (bf16 halves a training checkpoint for shipping). No decoder needed."""
     src = Path(src)
     config = read_config(src)
+    _verify_digests(src, config)          # never give corrupted weights a fresh checksum
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                for k, v in _load_tensors(src).items()}
     if status is not None:
@@ -278,15 +373,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
     config["weights_dtype"] = str(dtype).replace("torch.", "") if dtype is not None else "as trained"
 
     def write(tmp: Path):
-        shards = _shards(tensors, SHARD_BYTES)
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-        for name, sh in zip(names, shards):
-            save_file(sh, str(tmp / name), metadata={"format": "pt"})
-        if len(shards) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: n for n, sh in zip(names, shards) for k in sh}}, indent=1))
+        config["weights_sha256"] = _write_weights(tmp, tensors)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         (tmp / "README.md").write_text(model_card(config))
 

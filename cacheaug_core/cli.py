@@ -1,12 +1,16 @@
 """The `cacheaug` command: one subcommand per entry point.
 
-    cacheaug generate --prompt "Why is the sky blue?" [--coprocessor DIR] [--max-new-tokens 64]
-    cacheaug score --text "..." [--point N] [--csv out.csv]
+    cacheaug generate --prompt "Why is the sky blue?" [--coprocessor DIR] [--pause DIR] [--max-new-tokens 64]
+    cacheaug score --text "..." [--point N] [--csv out.csv]           # mode (a): augment once
+    cacheaug score --text "..." --every [--positions 16] [--csv m.csv] # mode (b): after every token
+    cacheaug latents --prompt "..." [--prompt "..."] [--json OUT] [--html pca.html]
+    cacheaug info [--coprocessor DIR] [--json]
+    cacheaug export SRC DST [--dtype bf16]
     cacheaug train --data FILE_OR_CORPUS --out-dir runs/x [--config run.yaml] [--resume]
     cacheaug eval ppl --text FILE --json OUT [--positions 32]
     cacheaug eval bench --tasks arc_easy,gsm8k --limit 50
     cacheaug prepare-data [--small]
-    cacheaug app [--port 7860]
+    cacheaug app [--port 7860]                  # default port: $GRADIO_SERVER_PORT or 7860
 
 Flags of `train` come from the dataclasses in `config.py` (`--num-latents`, `--lr`, ...); a YAML
 file given with `--config` sets any of them and flags override it. Errors that a user can fix
@@ -19,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from .config import ConfigError, CoprocessorConfig, TrainConfig, load_yaml
 
@@ -71,12 +76,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .workbench import Workbench
+    from .workbench import Workbench, clean_text
 
-    wb = Workbench.load(args.decoder or None, args.coprocessor or None)
+    if args.max_new_tokens < 1:
+        return _fail("--max-new-tokens must be at least 1")
+    clean_text(args.prompt)  # an empty prompt fails here, before the model is loaded
+    wb = Workbench.load(args.decoder or None, args.coprocessor or None, pause=args.pause or None)
     if wb.notice:
         print(f"note: {wb.notice}", file=sys.stderr)
-    arms = ["decoder", "coprocessor"]
+    arms = ["decoder", "coprocessor"] + (["pause"] if wb.pause is not None else [])
     final = None
     for final in wb.generate_pair(args.prompt, arms=arms, chat=not args.no_chat, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -87,7 +95,8 @@ def cmd_generate(args) -> int:
         return 0
     for name in arms:
         a = final[name]
-        label = "decoder" if name == "decoder" else f"decoder + coprocessor ({wb.coprocessor_source})"
+        label = {"decoder": "decoder", "coprocessor": f"decoder + coprocessor ({wb.coprocessor_source})",
+                 "pause": f"decoder + pause tokens ({wb.pause_source})"}[name]
         s = a.stats()
         print(f"=== {label}  [ttft {s['time_to_first_token_s']}s, {s['tokens_per_s']} tok/s]")
         print(a.text)
@@ -96,28 +105,182 @@ def cmd_generate(args) -> int:
 
 
 def cmd_score(args) -> int:
+    import numpy as np
     import viz
+    from viz import app_views as views
 
-    from .workbench import Workbench
+    from .workbench import Workbench, clean_text
 
-    wb = Workbench.load(args.decoder or None, args.coprocessor or None)
+    if args.positions < 1:
+        return _fail("--positions must be at least 1")
     text = open(args.file, encoding="utf-8").read() if args.file else args.text
+    clean_text(text)  # an empty text fails here, before the model is loaded
+    wb = Workbench.load(args.decoder or None, args.coprocessor or None)
+    if args.every:
+        return _score_every(wb, text, args)
     res = wb.score_text(text, point=args.point, with_attention=False)
     table = viz.summary_table(res["nll_base"], res["nll_aug"])
-    print(f"augmented after token {res['point']}; scored {int((~__import__('numpy').isnan(res['nll_aug'])).sum())} tokens")
+    print(f"augmented after token {res['point']}; scored {int(np.isfinite(res['nll_aug']).sum())} tokens")
     print(table.to_string(index=False))
     if args.csv:
         viz.frame_to_csv(viz.per_token_frame(res["tokens"], res["nll_base"], res["nll_aug"]), args.csv)
         print(f"per-token CSV: {args.csv}")
+    if args.json or args.html:
+        by_pos = views.by_position_once(res["nll_base"], res["nll_aug"], res["point"])
+        _write_score_exports(args, by_pos, {"mode": "once", "point": res["point"], "text": text,
+                                            "tokens": res["tokens"], "nll_base": res["nll_base"],
+                                            "nll_aug": res["nll_aug"], "summary": table})
     return 0
+
+
+def _score_every(wb, text: str, args) -> int:
+    """Mode (b): latents after every token; the table is the mean NLL of the n-th token ahead."""
+    import numpy as np
+    import pandas as pd
+    import viz
+    from viz import app_views as views
+
+    res = wb.score_every(text, positions=args.positions)
+    base, aug, toks = res["nll_base"], res["nll_aug"], res["tokens"]
+    by_pos = views.by_position_every(base, aug)
+    table = by_pos.assign(delta=by_pos.nll_aug - by_pos.nll_base,
+                          **{"relative ppl change %": np.expm1(by_pos.nll_aug - by_pos.nll_base) * 100})
+    print(f"augmented after each of {base.shape[0]} tokens; token n ahead scored for n = 1..{base.shape[1]} "
+          "(delta = NLL(decoder+coprocessor) - NLL(decoder), negative = the latents help)")
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    if args.csv:
+        # Long format: one row per (augmentation point, position ahead) that lies inside the text.
+        P, A = aug.shape
+        pts, ahead = np.meshgrid(np.arange(P), np.arange(1, A + 1), indexing="ij")
+        keep = np.isfinite(aug) & np.isfinite(base)
+        target = (pts + ahead)[keep]
+        frame = pd.DataFrame({
+            "point": pts[keep], "point_token": pd.Series([viz.clean_token(toks[i]) for i in pts[keep]], dtype=object),
+            "ahead": ahead[keep], "token_index": target,
+            "token": pd.Series([viz.clean_token(toks[i]) for i in target], dtype=object),
+            "nll_base": base[keep], "nll_aug": aug[keep], "delta": (aug - base)[keep]})
+        viz.frame_to_csv(frame, args.csv)
+        print(f"matrix CSV (point x position ahead, long format): {args.csv}")
+    _write_score_exports(args, by_pos, {"mode": "every", "positions": int(base.shape[1]), "text": text,
+                                        "tokens": toks, "nll_base_by_point": base, "nll_aug_by_point": aug})
+    return 0
+
+
+def _write_score_exports(args, by_pos, run: dict) -> None:
+    import viz
+    from viz import app_views as views
+
+    if args.json:
+        views.write_json(run | {"by_position": by_pos}, args.json)
+        print(f"run JSON: {args.json}")
+    if args.html:
+        _write_html(viz.delta_by_position_figure(by_pos, title="Perplexity change by position ahead"), args.html)
+        print(f"figure HTML: {args.html}")
+
+
+def cmd_latents(args) -> int:
+    """The app's Latents tab: PCA figure, per-latent read-out, optional attention from a continuation."""
+    import viz
+    from viz import app_views as views
+
+    from .workbench import Workbench, clean_text
+
+    prompts = [clean_text(p)[0] for p in args.prompt]  # empty prompts fail before the model loads
+    if args.dims not in (2, 3):
+        return _fail("--dims must be 2 or 3")
+    wb = Workbench.load(args.decoder or None, args.coprocessor or None)
+    if wb.notice:
+        print(f"note: {wb.notice}", file=sys.stderr)
+    res = wb.latents(prompts, top_k=args.top_k, chat=args.chat)
+    coords, evr = viz.latent_pca(res["latents"], n_components=args.dims)
+    readout = views.latent_readout_with_prompts(viz.latent_readout_frame(res["top_tokens"], res["top_probs"]),
+                                                res["prompt_ids"], res["latent_index"], res["labels"])
+    print(f"{len(prompts)} prompt(s) x {res['latents'].shape[0] // len(prompts)} latents; "
+          + views.explained_variance_text(evr))
+    print(readout.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    attn = None
+    if args.continuation:
+        # As in the app: prompt + continuation as plain text, latents after the prompt's last token.
+        full = views.join_prompt_continuation(prompts[0], clean_text(args.continuation)[0])
+        point = int(wb.encode(prompts[0]).shape[1]) - 1
+        sc = wb.score_text(full, point=point, top_k=1, with_attention=True)
+        attn = {"tokens": sc["tokens"][sc["point"] + 1:], "mass": sc["attn_to_latents"]}
+        share = attn["mass"].sum(-1)
+        print(f"attention from the {len(attn['tokens'])} continuation tokens to prompt 1's latents: "
+              f"mean {share.mean():.4f}, max {share.max():.4f} (share of attention, mean over heads and layers)")
+    if args.csv:
+        viz.frame_to_csv(readout, args.csv)
+        print(f"read-out CSV: {args.csv}")
+    if args.html:
+        fig = viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
+                                    color_by=args.color_by, dims=args.dims, hover_tokens=res["top_tokens"],
+                                    norms=res["norms"])
+        _write_html(fig, args.html)
+        print(f"PCA figure HTML: {args.html}")
+    if args.attention_html and attn is not None:
+        fig = viz.attention_to_latents_figure(attn["tokens"], attn["mass"],
+                                              title="Attention from the continuation to prompt 1's latents")
+        _write_html(fig, args.attention_html)
+        print(f"attention figure HTML: {args.attention_html}")
+    if args.json:
+        views.write_json({"prompts": prompts, "labels": res["labels"], "prompt_ids": res["prompt_ids"],
+                          "latent_index": res["latent_index"], "norms": res["norms"], "pca": coords,
+                          "explained_variance": evr, "readout": readout, "latents": res["latents"],
+                          "attention_to_latents": attn,
+                          "model": {"decoder": wb.info.name, "coprocessor": wb.coprocessor_source}}, args.json)
+        print(f"JSON: {args.json}")
+    return 0
+
+
+def _write_html(fig, path: str) -> None:
+    import viz
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(viz.figure_to_html(fig), encoding="utf-8")
+
+
+def cmd_info(args) -> int:
+    """The app's Model tab: decoder, coprocessor settings, notice, training summary, evaluation."""
+    from viz import app_views as views
+
+    from .workbench import Workbench
+
+    wb = Workbench.load(args.decoder or None, args.coprocessor or None, pause=args.pause or None)
+    st = wb.status()
+    if args.json:
+        print(json.dumps(views.jsonable(st), indent=1, ensure_ascii=False))
+        return 0
+    print("## Decoder\n")
+    print(_kv_table(st["decoder"]))
+    print(f"\n## Coprocessor ({st['coprocessor_source']})\n")
+    print(_kv_table(st["coprocessor"]))
+    if st.get("pause"):
+        print(f"\n## Pause-token arm ({st['pause']['source']})\n")
+        print(_kv_table(st["pause"]["config"]))
+    if st["notice"]:
+        print(f"\n## Status\n\n{st['notice']}")
+    training = {k: v for k, v in (st["training"] or {}).items() if not isinstance(v, (dict, list))}
+    print("\n## Training\n")
+    print(_kv_table(training) if training else "_No training summary: the coprocessor is untrained or the "
+          "checkpoint stores none._")
+    print("\n## Evaluation\n")
+    print(views.evaluation_markdown(st["evaluation"]))
+    return 0
+
+
+def _kv_table(d: dict) -> str:
+    return "\n".join(["| key | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in d.items()])
 
 
 def cmd_app(args) -> int:
     import app as app_module
 
-    return app_module.main(["--port", str(args.port)] + (["--share"] if args.share else [])
+    # The port is passed only when given, so app.py's default ($GRADIO_SERVER_PORT or 7860) applies.
+    return app_module.main((["--port", str(args.port)] if args.port is not None else [])
+                           + (["--share"] if args.share else [])
                            + (["--coprocessor", args.coprocessor] if args.coprocessor else [])
-                           + (["--decoder", args.decoder] if args.decoder else []))
+                           + (["--decoder", args.decoder] if args.decoder else [])
+                           + (["--pause", args.pause] if args.pause else []))
 
 
 def cmd_export(args) -> int:
@@ -136,6 +299,10 @@ def _common_model_args(p):
     p.add_argument("--coprocessor", default="", help="coprocessor checkpoint folder (default: the shipped one)")
 
 
+def _pause_arg(p):
+    p.add_argument("--pause", default="", help="a pause-token checkpoint folder (body 'none'): an extra arm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cacheaug", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -148,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate with and without augmentation, side by side")
     _common_model_args(p)
+    _pause_arg(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -165,8 +333,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="")
     p.add_argument("--file", default="")
     p.add_argument("--point", type=int, default=None, help="augment after this token (default: a quarter in)")
-    p.add_argument("--csv", default="", help="write the per-token table here")
+    p.add_argument("--every", action="store_true",
+                   help="mode (b): latents after every token, the n-th token ahead scored (ignores --point)")
+    p.add_argument("--positions", type=int, default=16, help="with --every: positions ahead scored")
+    p.add_argument("--csv", default="", help="write the per-token table (with --every: the point x position "
+                   "matrix, one row per cell) here")
+    p.add_argument("--json", default="", help="write the run (tokens, NLLs, by-position table) as JSON here")
+    p.add_argument("--html", default="", help="write the perplexity-change-by-position figure (HTML) here")
     p.set_defaults(fn=cmd_score)
+
+    p = sub.add_parser("latents", help="the latents of prompts: PCA figure and what each latent reads as")
+    _common_model_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    p.add_argument("--top-k", type=int, default=5, help="closest tokens per latent through the LM head")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--dims", type=int, default=2, help="PCA dimensions of the figure: 2 or 3")
+    p.add_argument("--color-by", choices=["prompt", "latent"], default="prompt")
+    p.add_argument("--continuation", default="", help="text after the first prompt: report the attention its "
+                   "tokens pay to that prompt's latents")
+    p.add_argument("--json", default="", help="write latents, PCA coordinates and the read-out as JSON here")
+    p.add_argument("--html", default="", help="write the PCA figure (standalone HTML) here")
+    p.add_argument("--csv", default="", help="write the read-out table here")
+    p.add_argument("--attention-html", default="", help="with --continuation: write the attention figure here")
+    p.set_defaults(fn=cmd_latents)
+
+    p = sub.add_parser("info", help="the decoder, the coprocessor checkpoint, its training and evaluation")
+    _common_model_args(p)
+    _pause_arg(p)
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("export", help="copy a checkpoint's weights (no trainer state), e.g. in bf16 to ship")
     p.add_argument("src")
@@ -177,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("app", help="start the analysis web app")
     _common_model_args(p)
-    p.add_argument("--port", type=int, default=7860)
+    _pause_arg(p)
+    p.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT or 7860")
     p.add_argument("--share", action="store_true")
     p.set_defaults(fn=cmd_app)
 

@@ -3,31 +3,40 @@
     cacheaug train --data data/corpus --out-dir runs/c16 --num-latents 16 --steps 2000
     cacheaug train --data notes.txt --steps 200 --max-minutes 2          # a text file works too
     cacheaug train --out-dir runs/c16 --resume                           # continue a killed run
-    accelerate launch -m cacheaug_core.cli train ...                     # several GPUs
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m cacheaug_core.cli train ...  # GPUs
+
+Under `accelerate launch` (DDP, or FSDP version 2) each process draws its own data stream
+(`data_seed`) and gradients are averaged across processes; only the main process writes, and a
+checkpoint always holds whole tensors, so a run resumes on any number of processes (docs/multigpu.md).
 
 The loop, top to bottom: schedule -> micro-batches (random windows, P random augmentation points
 each, loss on the ahead tokens only) with gradient accumulation -> clip -> step -> log ->
 periodic held-out evaluation by ahead position -> checkpoint. `accelerate` handles device,
 precision and distribution; the decoder is frozen and never wrapped.
 
-`out_dir/last/` is always a complete checkpoint (written atomically): coprocessor weights +
-`trainer_state.safetensors` (optimizer moments, RNG states) + `trainer_state.json` (step,
-schedule, data position), so `--resume` continues exactly where a killed run stopped.
+`out_dir/last/` is always a complete checkpoint: coprocessor weights + `trainer_state.safetensors`
+(optimizer moments, RNG states) + `trainer_state.json` (step, schedule, data position), all
+written in one temporary folder that is renamed into place, so `--resume` continues bit-exactly
+from the last save of a killed run. A NaN/inf loss or gradient, or a failed write (a full disk),
+stops with `TrainingError` and leaves the last good checkpoint untouched.
 `out_dir/metrics.jsonl` gets one line per log/eval event.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import augment, kv, masks
-from .checkpoint import CheckpointError, atomic_dir_write, load_coprocessor, read_config, save_coprocessor
+from .checkpoint import (CheckpointError, atomic_dir_write, load_coprocessor, read_config, recover_interrupted_write,
+                         save_coprocessor)
 from .config import CoprocessorConfig, TrainConfig, from_dict, to_dict
 from .coprocessor import Coprocessor
 from .decoder import load_decoder
@@ -102,12 +111,23 @@ def open_data(path: str, tokenizer, split: str):
     raise TrainingError(f"--data {path!r}: no such file or folder (use a text file or run `cacheaug prepare-data`)")
 
 
+def data_seed(seed: int, rank: int) -> int:
+    """Seed of process `rank`'s data stream (its windows and augmentation points).
+
+    Rank 0 draws from `seed` itself, so a single-process run sees exactly the batches it always has;
+    every other rank gets a stream of its own, so the processes of a distributed run train on
+    different batches. A checkpoint keeps every rank's stream position (see `train`).
+    """
+    if rank == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"cacheaug-data/{seed}/{rank}".encode()).digest()[:8], "little") >> 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizer state and RNG, saved as safetensors + JSON (never pickled).
 
 
-def _optimizer_to_safetensors(opt) -> tuple[dict, dict]:
-    sd = opt.state_dict()
+def _optimizer_to_safetensors(sd: dict) -> tuple[dict, dict]:
     tensors = {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -115,14 +135,94 @@ def _optimizer_to_safetensors(opt) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def _optimizer_from_safetensors(opt, tensors: dict, meta: dict) -> None:
+def _optimizer_from_safetensors(tensors: dict, meta: dict) -> dict:
     state: dict = {}
     for key, v in tensors.items():
         if not key.startswith("opt."):
             continue
         _, idx, k = key.split(".", 2)
         state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# Several processes: DDP replicates the coprocessor, FSDP (version 2) shards it; the frozen decoder
+# is never wrapped. Checkpoints hold whole tensors in the single-process layout either way, so a
+# run saved on any number of processes resumes on any other, DDP or FSDP.
+
+
+def _is_fsdp(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+class _Whole:
+    """What `save_coprocessor` reads from a coprocessor (config, trainable tensors), with the
+    tensors gathered whole from whatever wrapper trains it."""
+
+    def __init__(self, config: CoprocessorConfig, tensors: dict[str, torch.Tensor]):
+        self.config, self._tensors = config, tensors
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return self._tensors
+
+
+def _fsdp_unscalar(cop) -> set[str]:
+    """fully_shard cannot shard 0-dim parameters (the latent gain): give each a dimension of one,
+    which broadcasts the same, before the optimizer is built. Returns their names; checkpoints
+    keep them 0-dim (`_trainable_tensors`, `_optimizer_state`, `_load_optimizer_state`)."""
+    names = {n for n, p in cop.named_parameters() if p.dim() == 0}
+    for n in names:
+        owner, _, attr = n.rpartition(".")
+        mod, p = cop.get_submodule(owner), cop.get_parameter(n)
+        setattr(mod, attr, torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+    return names
+
+
+def _trainable_tensors(acc, model, scalars: set[str]) -> dict[str, torch.Tensor]:
+    """The coprocessor's trainable tensors, whole. Under FSDP every process must call this (the
+    shards are gathered) and only the main process gets them."""
+    if not _is_fsdp(acc):
+        return acc.unwrap_model(model).trainable_state()
+    full = acc.get_state_dict(model)
+    if not acc.is_main_process:
+        return {}
+    return {n: full[n].reshape(()) if n in scalars else full[n] for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_state(acc, model, opt, scalars: set[str]) -> dict:
+    """The optimizer's state_dict in the plain layout (parameters numbered in param-group order,
+    whole tensors). Under FSDP every process must call this and only the main process gets it."""
+    if not _is_fsdp(acc):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, opt.optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not acc.is_main_process:
+        return {}
+    # FSDP keys parameters by their name in the model; the plain layout numbers them in group order
+    index = {n: i for i, n in enumerate(n for g in full["param_groups"] for n in g["params"])}
+    state = {index[n]: {k: v.reshape(()) if n in scalars and torch.is_tensor(v) else v for k, v in st.items()}
+             for n, st in full["state"].items()}
+    return {"state": state,
+            "param_groups": [g | {"params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
+
+
+def _load_optimizer_state(acc, model, opt, sd: dict, scalars: set[str]) -> None:
+    """Load a plain-layout optimizer state_dict; under FSDP each process keeps its own shard."""
+    if not _is_fsdp(acc):
+        opt.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    name = {id(p): n for n, p in model.named_parameters()}
+    names = [name[id(p)] for g in opt.optimizer.param_groups for p in g["params"]]
+    state = {names[i]: {k: v.reshape(1) if names[i] in scalars and k != "step" else v for k, v in st.items()}
+             for i, st in sd["state"].items()}
+    full = {"state": state,
+            "param_groups": [g | {"params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    set_optimizer_state_dict(model, opt.optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -182,9 +282,10 @@ def evaluate_heldout(decoder, cop, batches: list[torch.Tensor], points: list[tor
 # The loop.
 
 
-def _trainer_state(step, tokens_seen, gen, opt, sched, cfg, elapsed) -> tuple[dict, dict]:
-    tensors, meta = _optimizer_to_safetensors(opt)
-    tensors["rng.data"] = gen.get_state()
+def _trainer_state(step, tokens_seen, streams, opt_state, sched, cfg, elapsed) -> tuple[dict, dict]:
+    tensors, meta = _optimizer_to_safetensors(opt_state)
+    for rank, st in sorted(streams.items()):  # rank 0 keeps the single-process name
+        tensors["rng.data" if rank == 0 else f"rng.data.{rank}"] = st
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -199,14 +300,22 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     from tqdm.auto import tqdm
 
     acc = Accelerator(mixed_precision=cfg.precision, cpu=(cfg.device == "cpu"))
+    if _is_fsdp(acc) and acc.state.fsdp_plugin.fsdp_version != 2:
+        raise TrainingError("FSDP needs fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
     out = Path(cfg.out_dir)
     last = out / "last"
     state_meta, state_tensors = None, None
+    if acc.is_main_process:
+        recover_interrupted_write(last, remove_temps=True)   # a run killed while saving
+    acc.wait_for_everyone()  # the other processes read `last` only once it is whole again
     if cfg.resume:
         if not (last / "trainer_state.json").exists():
             raise TrainingError(f"--resume: no resumable checkpoint at {last}")
-        state_meta = json.loads((last / "trainer_state.json").read_text())
-        state_tensors = load_file(str(last / "trainer_state.safetensors"))
+        try:
+            state_meta = json.loads((last / "trainer_state.json").read_text())
+            state_tensors = load_file(str(last / "trainer_state.safetensors"))
+        except (OSError, ValueError, SafetensorError) as e:
+            raise TrainingError(f"--resume: the trainer state in {last} is unreadable ({e})") from e
         # the run's own settings win over flags for everything that shapes the data stream
         saved = read_config(last)
         cop_cfg = from_dict(CoprocessorConfig, saved["coprocessor"])
@@ -227,14 +336,23 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     else:
         cop = Coprocessor(cop_cfg, decoder)
     cop.float().train()
+    scalars = _fsdp_unscalar(cop) if _is_fsdp(acc) else set()
     opt = torch.optim.AdamW(param_groups(cop, cfg), betas=(0.9, 0.95), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    rank = acc.process_index
+    gen = torch.Generator().manual_seed(data_seed(cfg.seed, rank))
+    idle_streams: dict[int, torch.Tensor] = {}
     step, tokens_seen, elapsed0 = 0, 0, 0.0
     if cfg.resume:
-        _optimizer_from_safetensors(opt, state_tensors, state_meta)
         sched.load_state_dict(state_meta["scheduler"])
-        gen.set_state(state_tensors["rng.data"])
+        # Each rank continues its own saved stream; a rank the saved run did not have starts its
+        # stream from the beginning; streams of saved ranks this run lacks are kept untouched for a
+        # later resume on more processes.
+        streams = {0 if k == "rng.data" else int(k.rsplit(".", 1)[1]): v for k, v in state_tensors.items()
+                   if k == "rng.data" or k.startswith("rng.data.")}
+        if rank in streams:
+            gen.set_state(streams[rank])
+        idle_streams = {r: st for r, st in streams.items() if r >= acc.num_processes}
         torch.set_rng_state(state_tensors["rng.torch"])
         if "rng.cuda" in state_tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(state_tensors["rng.cuda"])
@@ -245,6 +363,8 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         if cop.body is not None:
             augment.compile_layers(cop.body)
     model, opt = acc.prepare(cop, opt)
+    if cfg.resume:  # after prepare: under FSDP the moments are sharded like the weights
+        _load_optimizer_state(acc, model, opt, _optimizer_from_safetensors(state_tensors, state_meta), scalars)
 
     # Fixed held-out batches (their own generator, so evaluation never moves the data stream).
     eg = torch.Generator().manual_seed(10_000 + cfg.seed)
@@ -263,26 +383,46 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             metrics.flush()
 
     def save(tag: str = "last", final_eval: dict | None = None):
+        from accelerate.utils import gather_object
+
+        # Every process takes part in gathering (all ranks' data streams; under FSDP also the
+        # sharded weights and optimizer moments); only the main process writes.
+        weights = _trainable_tensors(acc, model, scalars)
+        opt_state = _optimizer_state(acc, model, opt, scalars)
+        streams = dict(enumerate(gather_object([gen.get_state()]))) | idle_streams
         if not acc.is_main_process:
             return
-        unwrapped = acc.unwrap_model(model)
-        tensors, meta = _trainer_state(step, tokens_seen, gen, opt, sched, cfg, elapsed0 + time.time() - t0)
+        unwrapped = _Whole(acc.unwrap_model(model).config, weights)
+        tensors, meta = _trainer_state(step, tokens_seen, streams, opt_state, sched, cfg, elapsed0 + time.time() - t0)
+        meta["num_processes"] = acc.num_processes
         training = {"steps": step, "tokens_seen": tokens_seen, "data": cfg.data, "seq_len": cfg.seq_len,
                     "points": cfg.points, "n_ahead": cfg.n_ahead, "batch_size": cfg.batch_size * cfg.grad_accum
                     * acc.num_processes, "lr": cfg.lr, "precision": cfg.precision,
                     "train_config": to_dict(cfg)}
         evaluation = {"heldout_by_position": final_eval} if final_eval else {}
+        if not all(torch.isfinite(v).all() for v in unwrapped.trainable_state().values()):
+            raise stop(f"the weights hold NaN or inf at step {step}; stopped without saving. The last good "
+                                f"checkpoint is kept in {out / tag}. Lower --lr or use --precision no.")
+
+        def write_state(tmp: Path):  # inside the checkpoint's own temporary folder: one atomic rename
+            save_file(tensors, str(tmp / "trainer_state.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str))
+
         try:
-            path = save_coprocessor(unwrapped, out / tag, info, training=training, evaluation=evaluation)
-            save_file(tensors, str(path / "trainer_state.safetensors"))
-            (path / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=str))
+            save_coprocessor(unwrapped, out / tag, info, training=training, evaluation=evaluation,
+                             extra_files=write_state)
         except OSError as e:
-            raise TrainingError(f"could not write checkpoint to {out / tag} ({e}); the last good checkpoint is "
+            raise stop(f"could not write checkpoint to {out / tag} ({e}); the last good checkpoint is "
                                 "kept. Free disk space and run again with --resume.") from e
 
     t0 = time.time()
     start_step = step
     bar = tqdm(total=cfg.steps, initial=step, disable=not (show_progress and acc.is_main_process), desc="train")
+
+    def stop(msg: str) -> TrainingError:
+        bar.close()  # the error is then printed on a line of its own, not after the progress bar
+        return TrainingError(msg)
+
     last_eval = None
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
@@ -295,7 +435,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
                 loss, _ = augment.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, cache=cache,
                                                    pad_id=pad_id, chunked=cfg.fast)
             if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
+                raise stop(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
                                     f"is kept in {last}. Lower --lr or use --precision no.")
             sync = micro == cfg.grad_accum - 1
             ctx = acc.no_sync(model) if not sync and acc.num_processes > 1 else _null()
@@ -304,21 +444,31 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             loss_acc += loss.item() / cfg.grad_accum
             tokens_seen += ids.numel() * acc.num_processes
         gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        if not torch.isfinite(gnorm):  # a finite loss can still have NaN/inf gradients; never step on them
+            raise stop(f"the gradient norm became {float(gnorm)} at step {step}; stopped. The last good "
+                                f"checkpoint is kept in {last}. Lower --lr or use --precision no.")
         opt.step()
         sched.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{sched.get_last_lr()[-1]:.1e}")
         if step % cfg.log_every == 0 or step == 1:
+            if acc.num_processes > 1:  # the mean over ranks: the loss whose gradient the ranks share
+                loss_acc = acc.reduce(torch.tensor(loss_acc, device=acc.device), "mean").item()
             log({"step": step, "loss": loss_acc, "grad_norm": float(gnorm), "lr": sched.get_last_lr()[-1],
                  "tokens_seen": tokens_seen, "elapsed_s": round(elapsed0 + time.time() - t0, 2)})
-        done = (step >= cfg.steps or (cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes)
-                or (cfg.stop_after > 0 and step - start_step >= cfg.stop_after))
+        timed_out = cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes
+        if cfg.max_minutes > 0 and acc.num_processes > 1:
+            # each process reads its own clock: all stop at the same step, or the rest would wait
+            # forever in the next step's all-reduce
+            timed_out = acc.reduce(torch.tensor(float(timed_out), device=acc.device), "sum").item() > 0
+        done = step >= cfg.steps or timed_out or (cfg.stop_after > 0 and step - start_step >= cfg.stop_after)
         if eval_batches and (step % cfg.eval_every == 0 or done):
             last_eval = evaluate_heldout(decoder, acc.unwrap_model(model), eval_batches, eval_points, cfg.n_ahead)
             log({"step": step, "eval": last_eval})
-            bar.write(f"step {step}: held-out rel. ppl change pos1 {last_eval['rel_ppl_change_pct'][0]:+.2f}% "
-                      f"mean1-16 {last_eval['mean_rel_1_16']:+.2f}%")
+            if acc.is_main_process:
+                bar.write(f"step {step}: held-out rel. ppl change pos1 {last_eval['rel_ppl_change_pct'][0]:+.2f}% "
+                          f"mean1-16 {last_eval['mean_rel_1_16']:+.2f}%")
         if step % cfg.save_every == 0 or done:
             save("last", last_eval)
         if done:

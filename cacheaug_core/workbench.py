@@ -85,10 +85,18 @@ class Workbench:
         self.coprocessor_source = coprocessor_source
         self.notice = notice
         self.pause = None  # optional pause-token checkpoint, an extra arm
+        self.pause_source = ""
 
     @classmethod
-    def load(cls, decoder: str | None = None, coprocessor: str | None = None, num_latents: int = 16):
-        """Load a decoder and a coprocessor checkpoint (default: the shipped one, else untrained)."""
+    def load(cls, decoder: str | None = None, coprocessor: str | None = None, num_latents: int = 16,
+             pause: str | None = None):
+        """Load a decoder and a coprocessor checkpoint (default: the shipped one, else untrained).
+
+        `pause` is an optional second checkpoint, normally trained with body "none" (pause tokens:
+        trained latents that never read the cache), loaded as the extra arm `wb.pause`."""
+        for ckpt in (coprocessor, pause):
+            if ckpt:
+                read_config(ckpt)  # a missing or damaged folder fails now, before the decoder loads
         dec, tok, info = load_decoder(decoder)
         notice = ""
         if coprocessor:                      # the user's choice: load it or fail with a clear error
@@ -109,7 +117,14 @@ class Workbench:
             notice = ("No trained coprocessor is loaded: the coprocessor is UNTRAINED (randomly initialised "
                       "soft tokens on a copy of the decoder's first layers), so the augmented arm shows the "
                       "mechanism, not a benefit.")
-        return cls(dec, tok, info, cop.eval(), source, notice)
+        wb = cls(dec, tok, info, cop.eval(), source, notice)
+        if pause:
+            wb.pause = load_coprocessor(Path(pause), dec, info).eval()
+            wb.pause_source = str(pause)
+            if wb.pause.config.body != "none":  # usable as an arm, but not what its label says
+                wb.notice = " ".join(x for x in (wb.notice, f"The pause arm ({pause}) has body "
+                                     f"{wb.pause.config.body!r}, not 'none' (pause tokens).") if x)
+        return wb
 
     # -- text in -----------------------------------------------------------------------------
 
@@ -200,17 +215,19 @@ class Workbench:
             point = max(0, min(T - 2, T // 4))
         point = int(min(max(point, 0), T - 2))
         sc = augment.score_continuation(self.decoder, self.coprocessor, ids, point, with_attention=with_attention)
-        pb, pa = torch.softmax(sc.logits_base.float(), -1), torch.softmax(sc.logits_aug.float(), -1)
-        kb, ka = pb.topk(top_k, -1), pa.topk(top_k, -1)
+        # Log-probabilities once per arm: top-k, probabilities and KL all follow from them (one pass
+        # over the (tokens, vocabulary) matrices instead of softmax, clamp and log separately).
+        lb, la = torch.log_softmax(sc.logits_base.float(), -1), torch.log_softmax(sc.logits_aug.float(), -1)
+        kb, ka = lb.topk(top_k, -1), la.topk(top_k, -1)
         nb = np.full(T, np.nan)
         na = np.full(T, np.nan)
         nb[point + 1:] = sc.nll_base.cpu().numpy()
         na[point + 1:] = sc.nll_aug.cpu().numpy()
-        kl = (pa * (pa.clamp_min(1e-12).log() - pb.clamp_min(1e-12).log())).sum(-1)
+        kl = (la.exp() * (la - lb)).sum(-1)
         return {
             "tokens": self.token_strings(ids[0]), "point": point, "nll_base": nb, "nll_aug": na,
-            "topk_base": (kb.indices.cpu().numpy(), kb.values.cpu().numpy()),
-            "topk_aug": (ka.indices.cpu().numpy(), ka.values.cpu().numpy()),
+            "topk_base": (kb.indices.cpu().numpy(), kb.values.exp().cpu().numpy()),
+            "topk_aug": (ka.indices.cpu().numpy(), ka.values.exp().cpu().numpy()),
             "kl_aug_base": kl.cpu().numpy(), "latents": sc.latents.float().cpu().numpy(),
             "attn_to_latents": None if sc.attn_to_latents is None else sc.attn_to_latents.cpu().numpy(),
             "notice": notice,
@@ -222,7 +239,12 @@ class Workbench:
         ids = self.encode(text)
         if ids.shape[1] < 2:
             raise InputError("Need at least two tokens.")
-        aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions, progress=progress)
+        # With the dense group mask every query attends over all groups of its pass, so attention
+        # grows with the points per pass: on CPU 16 take about a quarter less time than the default
+        # 64 (bench/app_latency.py); GPUs keep the larger passes.
+        kw = {"points_per_pass": 16} if ids.device.type == "cpu" else {}
+        aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions, progress=progress,
+                                                    **kw)
         return {"tokens": self.token_strings(ids[0]), "nll_aug": aug.cpu().numpy(), "nll_base": base.cpu().numpy(),
                 "notice": notice}
 
@@ -253,6 +275,8 @@ class Workbench:
         cfg = getattr(self.coprocessor, "checkpoint_config", None) or {}
         return {"decoder": self.info.to_dict(), "coprocessor": self.coprocessor.config.__dict__,
                 "coprocessor_source": self.coprocessor_source, "notice": self.notice,
+                "pause": None if self.pause is None else {"source": self.pause_source,
+                                                          "config": self.pause.config.__dict__},
                 "training": cfg.get("training", {}), "evaluation": cfg.get("evaluation", {})}
 
 

@@ -1,0 +1,273 @@
+"""Latency of the app's actions on CPU, against the performance targets of issue #4.
+
+    .venv/bin/python bench/app_latency.py                      # writes results/app_latency.{json,md}
+    .venv/bin/python bench/app_latency.py --repeats 3 --every-repeats 1 --out-json /tmp/l.json --out-md /tmp/l.md
+
+A benchmark, not a test: it loads the default decoder (SmolLM2-135M-Instruct) and the shipped
+coprocessor (`Workbench.load()`) and measures, in one process:
+
+  (a) time to first token, decoder + coprocessor vs decoder alone, for a 256-token prompt
+      (target: augmented <= 1.25 x plain)
+  (b) decode tokens/s after the first token, both arms (target: augmented within 5 % of plain)
+  (c) mode (b) per-token analysis, `Workbench.score_every`, 256-token text, 16 ahead positions
+      (target: <= 15 s)
+  (d) mode (a), `Workbench.score_text` as the app and CLI call it (target: <= 1.5 s)
+  (e) peak resident memory of the process (target: <= 4 GB)
+
+Both arms run `augment.stream_generate` with greedy sampling and no stop token, so every run
+produces the same number of tokens. The machine this runs on may be shared: the two arms
+alternate (plain, augmented, then augmented, plain, ...) so that load changes hit both alike,
+and the ratios of (a) and (b) are the medians of per-pair ratios of back-to-back runs. The first
+run of each arm is reported separately as "cold" and left out of the statistics. Every sample is
+stored with its wall time and the process CPU time, and the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cacheaug_core import augment  # noqa: E402
+from cacheaug_core.workbench import Workbench  # noqa: E402
+
+TARGETS = {"ttft_ratio": 1.25, "decode_ratio_min": 0.95, "score_every_s": 15.0, "score_text_s": 1.5,
+           "peak_rss_gb": 4.0}
+
+# Fixed English prose (written for this benchmark), repeated as needed and cut to the exact token count.
+TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a can of oil and a "
+    "notebook in which he recorded the wind, the state of the sea and the ships that passed. Over thirty "
+    "years the notebook had grown into a shelf of volumes, and historians later used them to reconstruct "
+    "the storms of the period, because no other station on that coast kept records so carefully. The "
+    "lamp itself was a simple design: a wick fed from a reservoir, surrounded by a ring of glass prisms "
+    "that bent the light into a narrow beam. Turning the lens was the work of a clockwork mechanism "
+    "driven by a falling weight, which had to be wound by hand twice a night. When the weight reached the "
+    "bottom, the beam stopped turning, and a ship at sea would see a steady light instead of the regular "
+    "flash that identified the station. For that reason the keeper rarely slept more than a few hours at a "
+    "time. In winter the work was harder. Ice formed on the outside of the lantern room and had to be "
+    "scraped away, and the oil thickened in the cold, so the reservoir was warmed on the kitchen stove "
+    "before it was carried up. Supplies arrived by boat once a month when the weather allowed, and in bad "
+    "years the keeper and his family lived for weeks on salted fish, potatoes and the eggs of the few hens "
+    "they kept in a shed behind the house. Electricity reached the island only after the second war, and "
+    "with it came an automatic lamp that needed no keeper at all."
+)
+
+
+def fixed_ids(wb: Workbench, n_tokens: int) -> torch.Tensor:
+    ids = wb.tokenizer.encode(TEXT, add_special_tokens=False)
+    while len(ids) < n_tokens:
+        ids = ids + ids
+    return torch.tensor([ids[:n_tokens]], device=wb.decoder.device)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_head() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def timed(fn):
+    """(result, wall seconds, process CPU seconds)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def generate_once(wb: Workbench, ids: torch.Tensor, augmented: bool, new_tokens: int) -> dict:
+    """One greedy generation; TTFT covers prefill (+ coprocessor + latent insertion) and the first sample."""
+    cop = wb.coprocessor if augmented else None
+    w0, c0 = time.perf_counter(), time.process_time()
+    steps = augment.stream_generate(wb.decoder, wb.tokenizer, cop, ids, augment=augmented,
+                                    max_new_tokens=new_tokens, stop_ids=set())
+    tokens = []
+    ttft = ttft_cpu = None
+    for step in steps:
+        tokens.append(step.token_id)
+        if ttft is None:
+            ttft, ttft_cpu = time.perf_counter() - w0, time.process_time() - c0
+    total, total_cpu = time.perf_counter() - w0, time.process_time() - c0
+    n = len(tokens) - 1
+    return {"ttft_s": ttft, "ttft_cpu_s": ttft_cpu, "decode_tokens": n,
+            "decode_tok_per_s": n / (total - ttft), "decode_tok_per_cpu_s": n / max(total_cpu - ttft_cpu, 1e-9),
+            "token_ids": tokens}
+
+
+def stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "samples": xs}
+
+
+def bench_generation(wb: Workbench, ids: torch.Tensor, repeats: int, new_tokens: int, log) -> dict:
+    cold = {"plain": generate_once(wb, ids, False, new_tokens)}
+    cold["augmented"] = generate_once(wb, ids, True, new_tokens)
+    log(f"cold: plain ttft {cold['plain']['ttft_s']:.3f}s, augmented ttft {cold['augmented']['ttft_s']:.3f}s")
+    runs = {"plain": [], "augmented": []}
+    for r in range(repeats):
+        order = ("plain", "augmented") if r % 2 == 0 else ("augmented", "plain")
+        for arm in order:
+            runs[arm].append(generate_once(wb, ids, arm == "augmented", new_tokens))
+        p, a = runs["plain"][-1], runs["augmented"][-1]
+        log(f"pair {r + 1}/{repeats}: ttft plain {p['ttft_s']:.3f}s aug {a['ttft_s']:.3f}s; "
+            f"decode plain {p['decode_tok_per_s']:.2f} aug {a['decode_tok_per_s']:.2f} tok/s")
+    same = all(x["token_ids"] == runs["plain"][0]["token_ids"] for x in runs["plain"])
+    out = {"cold": {k: {m: v for m, v in x.items() if m != "token_ids"} for k, x in cold.items()},
+           "greedy_outputs_repeat_exactly": same}
+    for key in ("ttft_s", "ttft_cpu_s", "decode_tok_per_s", "decode_tok_per_cpu_s"):
+        out[key] = {arm: stats([x[key] for x in runs[arm]]) for arm in runs}
+    pairs = list(zip(runs["plain"], runs["augmented"]))
+    out["ttft_ratio_pairs"] = stats([a["ttft_s"] / p["ttft_s"] for p, a in pairs])
+    out["ttft_cpu_ratio_pairs"] = stats([a["ttft_cpu_s"] / p["ttft_cpu_s"] for p, a in pairs])
+    out["decode_ratio_pairs"] = stats([a["decode_tok_per_s"] / p["decode_tok_per_s"] for p, a in pairs])
+    out["decode_cpu_ratio_pairs"] = stats([a["decode_tok_per_cpu_s"] / p["decode_tok_per_cpu_s"] for p, a in pairs])
+    return out
+
+
+def bench_call(fn, repeats: int, log, name: str) -> dict:
+    cold = timed(fn)
+    log(f"{name}: cold {cold[1]:.3f}s")
+    walls, cpus = [], []
+    for r in range(repeats):
+        _, w, c = timed(fn)
+        walls.append(w)
+        cpus.append(c)
+        log(f"{name}: {r + 1}/{repeats} {w:.3f}s (cpu {c:.3f}s)")
+    return {"cold_s": cold[1], "wall_s": stats(walls), "cpu_s": stats(cpus)}
+
+
+def verdicts(res: dict) -> list[dict]:
+    g = res["generation"]
+    rows = [
+        ("(a) TTFT augmented / plain, 256-token prompt", g["ttft_ratio_pairs"], "ratio", "<=", TARGETS["ttft_ratio"],
+         f"plain {g['ttft_s']['plain']['median']:.3f}s, augmented {g['ttft_s']['augmented']['median']:.3f}s"),
+        ("(b) decode tokens/s augmented / plain", g["decode_ratio_pairs"], "ratio", ">=",
+         TARGETS["decode_ratio_min"], f"plain {g['decode_tok_per_s']['plain']['median']:.2f}, augmented "
+         f"{g['decode_tok_per_s']['augmented']['median']:.2f} tok/s"),
+        ("(c) mode (b) score_every, 256 tokens x 16 ahead", res["score_every"]["wall_s"], "s", "<=",
+         TARGETS["score_every_s"], f"cpu {res['score_every']['cpu_s']['median']:.2f}s"),
+        ("(d) mode (a) score_text, 256 tokens", res["score_text"]["wall_s"], "s", "<=", TARGETS["score_text_s"],
+         f"cpu {res['score_text']['cpu_s']['median']:.2f}s"),
+    ]
+    out = []
+    for name, st, unit, op, target, note in rows:
+        ok = st["median"] <= target if op == "<=" else st["median"] >= target
+        out.append({"target": name, "median": st["median"], "min": st["min"], "unit": unit,
+                    "goal": f"{op} {target}", "pass": ok, "note": note})
+    rss = res["peak_rss_gb"]
+    out.append({"target": "(e) peak RSS of the process", "median": rss, "min": rss, "unit": "GB",
+                "goal": f"<= {TARGETS['peak_rss_gb']}", "pass": rss <= TARGETS["peak_rss_gb"],
+                "note": f"after load {res['rss_after_load_gb']:.2f} GB"})
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"## App latency on CPU ({res['device']})", "",
+             f"`{res['command']}` at `{res['commit']}`; torch {res['torch']}, transformers {res['transformers']}; "
+             f"load average {res['loadavg_before'][0]:.2f} before, {res['loadavg_after'][0]:.2f} after.", "",
+             "| target | median | min | goal | result | notes |", "|---|---|---|---|---|---|"]
+    for v in res["verdicts"]:
+        fmt = ".3f" if v["unit"] in ("ratio", "GB") else ".2f"
+        unit = "" if v["unit"] == "ratio" else f" {v['unit']}"
+        lines.append(f"| {v['target']} | {format(v['median'], fmt)}{unit} | {format(v['min'], fmt)}{unit} | "
+                     f"{v['goal']}{unit} | {'pass' if v['pass'] else '**FAIL**'} | {v['note']} |")
+    g = res["generation"]
+    lines += ["", f"Ratios are medians over {g['ttft_ratio_pairs']['n']} back-to-back (plain, augmented) pairs; "
+              f"{res['settings']['new_tokens']} tokens per generation, greedy. Cold (first) runs: TTFT plain "
+              f"{g['cold']['plain']['ttft_s']:.3f}s, augmented {g['cold']['augmented']['ttft_s']:.3f}s. "
+              f"Process-CPU-time ratios (less sensitive to other load): TTFT "
+              f"{g['ttft_cpu_ratio_pairs']['median']:.3f}, decode {g['decode_cpu_ratio_pairs']['median']:.3f}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5, help="timed (plain, augmented) pairs and score_text runs")
+    ap.add_argument("--every-repeats", type=int, default=3, help="timed score_every runs")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--positions", type=int, default=16, help="ahead positions of score_every")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--skip-every", action="store_true", help="skip (c), the slowest part")
+    ap.add_argument("--decoder", default="", help="default: the embedded SmolLM2-135M-Instruct")
+    ap.add_argument("--coprocessor", default="", help="default: the shipped coprocessor")
+    ap.add_argument("--out-json", default=str(ROOT / "results" / "app_latency.json"))
+    ap.add_argument("--out-md", default=str(ROOT / "results" / "app_latency.md"))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    load0 = os.getloadavg()
+    wb, load_s, _ = timed(lambda: Workbench.load(args.decoder or None, args.coprocessor or None))
+    rss_load = peak_rss_bytes()
+    log(f"loaded in {load_s:.1f}s: {wb.info.name} + {wb.coprocessor_source}")
+    ids = fixed_ids(wb, args.prompt_tokens)
+    text = wb.tokenizer.decode(ids[0])
+    n_text = wb.encode(text).shape[1]  # decode -> encode may differ by a token or two
+
+    res = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git_head(),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "device": f"cpu: {cpu_name()}, {torch.get_num_threads()} threads", "os_cpus": os.cpu_count(),
+           "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+           "python": platform.python_version(), "decoder": wb.info.name, "coprocessor": wb.coprocessor_source,
+           "coprocessor_config": wb.coprocessor.config.__dict__, "targets": TARGETS,
+           "settings": {"prompt_tokens": int(ids.shape[1]), "scored_text_tokens": int(n_text),
+                        "new_tokens": args.new_tokens, "positions": args.positions, "repeats": args.repeats,
+                        "every_repeats": args.every_repeats},
+           "load_s": load_s, "loadavg_before": load0}
+    res["generation"] = bench_generation(wb, ids, args.repeats, args.new_tokens, log)
+    res["score_text"] = bench_call(lambda: wb.score_text(text, point=None, top_k=10, with_attention=False),
+                                   args.repeats, log, "score_text")
+    if args.skip_every:
+        nan = {"median": float("nan"), "min": float("nan"), "n": 0, "samples": []}
+        res["score_every"] = {"skipped": True, "wall_s": nan, "cpu_s": nan}
+    else:
+        res["score_every"] = bench_call(lambda: wb.score_every(text, positions=args.positions),
+                                        args.every_repeats, log, "score_every")
+    res["peak_rss_gb"] = peak_rss_bytes() / 1e9
+    res["rss_after_load_gb"] = rss_load / 1e9
+    res["loadavg_after"] = os.getloadavg()
+    res["verdicts"] = verdicts(res)
+    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out_json).write_text(json.dumps(res, indent=1, default=float))
+    md = markdown(res)
+    Path(args.out_md).write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
