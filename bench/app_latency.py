@@ -20,6 +20,11 @@ alternate (plain, augmented, then augmented, plain, ...) so that load changes hi
 and the ratios of (a) and (b) are the medians of per-pair ratios of back-to-back runs. The first
 run of each arm is reported separately as "cold" and left out of the statistics. Every sample is
 stored with its wall time and the process CPU time, and the load average before and after.
+
+`--threads 2,1` repeats everything at each torch thread count in the same process (the first is
+the one the verdicts in the summary line use). On a shared machine one thread is the steadier
+measure: with two, PyTorch's OpenMP workers wait for each other, and a core taken by another
+process can stretch a step several-fold.
 """
 
 from __future__ import annotations
@@ -166,7 +171,7 @@ def bench_call(fn, repeats: int, log, name: str) -> dict:
     return {"cold_s": cold[1], "wall_s": stats(walls), "cpu_s": stats(cpus)}
 
 
-def verdicts(res: dict) -> list[dict]:
+def verdicts(res: dict, peak_rss_gb: float, rss_after_load_gb: float) -> list[dict]:
     g = res["generation"]
     rows = [
         ("(a) TTFT augmented / plain, 256-token prompt", g["ttft_ratio_pairs"], "ratio", "<=", TARGETS["ttft_ratio"],
@@ -184,29 +189,32 @@ def verdicts(res: dict) -> list[dict]:
         ok = st["median"] <= target if op == "<=" else st["median"] >= target
         out.append({"target": name, "median": st["median"], "min": st["min"], "unit": unit,
                     "goal": f"{op} {target}", "pass": ok, "note": note})
-    rss = res["peak_rss_gb"]
-    out.append({"target": "(e) peak RSS of the process", "median": rss, "min": rss, "unit": "GB",
-                "goal": f"<= {TARGETS['peak_rss_gb']}", "pass": rss <= TARGETS["peak_rss_gb"],
-                "note": f"after load {res['rss_after_load_gb']:.2f} GB"})
+    out.append({"target": "(e) peak RSS of the process", "median": peak_rss_gb, "min": peak_rss_gb, "unit": "GB",
+                "goal": f"<= {TARGETS['peak_rss_gb']}", "pass": peak_rss_gb <= TARGETS["peak_rss_gb"],
+                "note": f"after load {rss_after_load_gb:.2f} GB; whole process, all runs"})
     return out
 
 
 def markdown(res: dict) -> str:
-    lines = [f"## App latency on CPU ({res['device']})", "",
+    lines = [f"## App latency on CPU ({res['cpu']}, {res['os_cpus']} cores)", "",
              f"`{res['command']}` at `{res['commit']}`; torch {res['torch']}, transformers {res['transformers']}; "
-             f"load average {res['loadavg_before'][0]:.2f} before, {res['loadavg_after'][0]:.2f} after.", "",
-             "| target | median | min | goal | result | notes |", "|---|---|---|---|---|---|"]
-    for v in res["verdicts"]:
-        fmt = ".3f" if v["unit"] in ("ratio", "GB") else ".2f"
-        unit = "" if v["unit"] == "ratio" else f" {v['unit']}"
-        lines.append(f"| {v['target']} | {format(v['median'], fmt)}{unit} | {format(v['min'], fmt)}{unit} | "
-                     f"{v['goal']}{unit} | {'pass' if v['pass'] else '**FAIL**'} | {v['note']} |")
-    g = res["generation"]
-    lines += ["", f"Ratios are medians over {g['ttft_ratio_pairs']['n']} back-to-back (plain, augmented) pairs; "
-              f"{res['settings']['new_tokens']} tokens per generation, greedy. Cold (first) runs: TTFT plain "
-              f"{g['cold']['plain']['ttft_s']:.3f}s, augmented {g['cold']['augmented']['ttft_s']:.3f}s. "
-              f"Process-CPU-time ratios (less sensitive to other load): TTFT "
-              f"{g['ttft_cpu_ratio_pairs']['median']:.3f}, decode {g['decode_cpu_ratio_pairs']['median']:.3f}.", ""]
+             f"{res['decoder']} + {Path(res['coprocessor']).name} ({res['coprocessor_config']['num_layers']} layers, "
+             f"{res['coprocessor_config']['num_latents']} latents); {res['date']}.", ""]
+    for run in res["runs"]:
+        g = run["generation"]
+        lines += [f"### {run['device']} (load average {run['loadavg_before'][0]:.2f} before, "
+                  f"{run['loadavg_after'][0]:.2f} after)", "",
+                  "| target | median | min | goal | result | notes |", "|---|---|---|---|---|---|"]
+        for v in run["verdicts"]:
+            fmt = ".3f" if v["unit"] in ("ratio", "GB") else ".2f"
+            unit = "" if v["unit"] == "ratio" else f" {v['unit']}"
+            lines.append(f"| {v['target']} | {format(v['median'], fmt)}{unit} | {format(v['min'], fmt)}{unit} | "
+                         f"{v['goal']}{unit} | {'pass' if v['pass'] else '**FAIL**'} | {v['note']} |")
+        lines += ["", f"Ratios: medians over {g['ttft_ratio_pairs']['n']} back-to-back (plain, augmented) pairs, "
+                  f"{res['settings']['new_tokens']} greedy tokens each. Cold (first) runs: TTFT plain "
+                  f"{g['cold']['plain']['ttft_s']:.3f}s, augmented {g['cold']['augmented']['ttft_s']:.3f}s. "
+                  f"Same ratios in process CPU time: TTFT {g['ttft_cpu_ratio_pairs']['median']:.3f}, decode "
+                  f"{g['decode_cpu_ratio_pairs']['median']:.3f}.", ""]
     return "\n".join(lines)
 
 
@@ -217,15 +225,15 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--positions", type=int, default=16, help="ahead positions of score_every")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--threads", default="", help="torch thread counts, comma-separated, each a full run "
+                    "(default: torch's default only)")
     ap.add_argument("--skip-every", action="store_true", help="skip (c), the slowest part")
     ap.add_argument("--decoder", default="", help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--coprocessor", default="", help="default: the shipped coprocessor")
     ap.add_argument("--out-json", default=str(ROOT / "results" / "app_latency.json"))
     ap.add_argument("--out-md", default=str(ROOT / "results" / "app_latency.md"))
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",") if t.strip()] or [torch.get_num_threads()]
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -240,27 +248,35 @@ def main(argv=None) -> int:
 
     res = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git_head(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "device": f"cpu: {cpu_name()}, {torch.get_num_threads()} threads", "os_cpus": os.cpu_count(),
+           "device": f"cpu: {cpu_name()}, {threads[0]} threads", "cpu": cpu_name(), "os_cpus": os.cpu_count(),
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
            "python": platform.python_version(), "decoder": wb.info.name, "coprocessor": wb.coprocessor_source,
            "coprocessor_config": wb.coprocessor.config.__dict__, "targets": TARGETS,
            "settings": {"prompt_tokens": int(ids.shape[1]), "scored_text_tokens": int(n_text),
                         "new_tokens": args.new_tokens, "positions": args.positions, "repeats": args.repeats,
                         "every_repeats": args.every_repeats},
-           "load_s": load_s, "loadavg_before": load0}
-    res["generation"] = bench_generation(wb, ids, args.repeats, args.new_tokens, log)
-    res["score_text"] = bench_call(lambda: wb.score_text(text, point=None, top_k=10, with_attention=False),
-                                   args.repeats, log, "score_text")
-    if args.skip_every:
-        nan = {"median": float("nan"), "min": float("nan"), "n": 0, "samples": []}
-        res["score_every"] = {"skipped": True, "wall_s": nan, "cpu_s": nan}
-    else:
-        res["score_every"] = bench_call(lambda: wb.score_every(text, positions=args.positions),
-                                        args.every_repeats, log, "score_every")
+           "load_s": load_s, "loadavg_before": load0, "runs": []}
+    for n in threads:
+        torch.set_num_threads(n)
+        log(f"--- {n} thread(s)")
+        run = {"threads": n, "device": f"cpu: {cpu_name()}, {n} threads", "loadavg_before": os.getloadavg()}
+        run["generation"] = bench_generation(wb, ids, args.repeats, args.new_tokens, log)
+        run["score_text"] = bench_call(lambda: wb.score_text(text, point=None, top_k=10, with_attention=False),
+                                       args.repeats, log, "score_text")
+        if args.skip_every:
+            nan = {"median": float("nan"), "min": float("nan"), "n": 0, "samples": []}
+            run["score_every"] = {"skipped": True, "wall_s": nan, "cpu_s": nan}
+        else:
+            run["score_every"] = bench_call(lambda: wb.score_every(text, positions=args.positions),
+                                            args.every_repeats, log, "score_every")
+        run["loadavg_after"] = os.getloadavg()
+        res["runs"].append(run)
     res["peak_rss_gb"] = peak_rss_bytes() / 1e9
     res["rss_after_load_gb"] = rss_load / 1e9
     res["loadavg_after"] = os.getloadavg()
-    res["verdicts"] = verdicts(res)
+    for run in res["runs"]:
+        run["verdicts"] = verdicts(run, res["peak_rss_gb"], res["rss_after_load_gb"])
+    res["verdicts"] = res["runs"][0]["verdicts"]
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(res, indent=1, default=float))
     md = markdown(res)

@@ -48,6 +48,11 @@ def hidden_to_logits(decoder, hidden: torch.Tensor) -> torch.Tensor:
     return decoder.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
 
 
+def _logits_to_keep(decoder, n: int) -> dict:
+    """`logits_to_keep=n` (logits of the last n positions only) where the model's forward takes it."""
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(decoder.forward).parameters else {}
+
+
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor):
     """Run the decoder over input_ids (B, T). -> (cache, logits (B, T, V))."""
@@ -235,8 +240,10 @@ def score_continuation(decoder, coprocessor, input_ids: torch.Tensor, point: int
     T = input_ids.shape[1]
     if not 0 <= point <= T - 2:
         raise ValueError(f"the augmentation point must be in [0, {T - 2}], got {point}")
-    cache, logits = prefill(decoder, input_ids)
-    base = plain_nll(logits, input_ids)[0, point + 1:]
+    # Plain logits only from the point on (positions point..T-1): the tokens before it are not scored.
+    out = decoder(input_ids=input_ids, use_cache=True, **_logits_to_keep(decoder, T - point))
+    cache, logits = out.past_key_values, out.logits[:, -(T - point):]
+    base = token_nll(logits[0, :-1], input_ids[0, point + 1:])
     pts = torch.tensor([[point]], device=input_ids.device)
     out = multi_point(decoder, coprocessor, input_ids, pts, T - 1 - point, cache=kv.prefix(cache, point + 1))
     la = out.logits[0, 0]
@@ -244,7 +251,7 @@ def score_continuation(decoder, coprocessor, input_ids: torch.Tensor, point: int
     attn = None
     if with_attention:
         attn = latent_attention(decoder, coprocessor, cache, input_ids, point, out.latents)
-    return ContinuationScore(base, aug, logits[0, point: T - 1], la, out.latents[0, 0], attn)
+    return ContinuationScore(base, aug, logits[0, :-1], la, out.latents[0, 0], attn)
 
 
 def latent_attention(decoder, coprocessor, cache, input_ids, point, latents):
@@ -300,8 +307,7 @@ class _AugState:
         self.decoder, self.cop = decoder, coprocessor
         # Decoding needs only the last position's logits: the LM head over every prompt position
         # is a quarter of a 256-token prefill for SmolLM2-135M on CPU (its vocabulary is 49k).
-        params = inspect.signature(decoder.forward).parameters
-        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.last_only = _logits_to_keep(decoder, 1)
         self.cache = None
         self.clean_len = 0      # cached clean tokens
         self.next_pos = 0       # position id of the next fed token

@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("score", help="per-token loss with and without latents inserted at one point")
+    p = sub.add_parser("score", help="per-token loss with and without latents, inserted at one point or "
+                       "after every token (--every)")
     _common_model_args(p)
     p.add_argument("--text", default="")
     p.add_argument("--file", default="")
