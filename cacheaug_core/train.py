@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import augment, kv, masks
-from .checkpoint import (CheckpointError, atomic_dir_write, load_coprocessor, read_config, recover_interrupted_write,
+from .checkpoint import (load_coprocessor, read_config, recover_interrupted_write,
                          save_coprocessor)
 from .config import CoprocessorConfig, TrainConfig, from_dict, to_dict
 from .coprocessor import Coprocessor
