@@ -105,13 +105,19 @@ class MultiPointOutput:
     logits: torch.Tensor | None  # (B, P, A, V) when asked for
 
 
+def gate_of(coprocessor):
+    """The coprocessor's latent gate bias (L,), or None (no gate, or no coprocessor)."""
+    core = getattr(coprocessor, "module", coprocessor)  # unwrap DDP
+    return getattr(core, "gate_bias", None)
+
+
 def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
                   tokens: torch.Tensor, layout: masks.GroupLayout, attention_mask=None,
-                  output_attentions: bool = False):
+                  output_attentions: bool = False, gate: torch.Tensor | None = None):
     """Read every point's group [latents, tokens] against the cache (T cached positions).
 
     points (B, P), latents (B, P, NL, d), tokens (B, P, n_tokens) -> decoder base output whose
-    last_hidden_state is (B, P*G, d).
+    last_hidden_state is (B, P*G, d). `gate` is the coprocessor's latent gate bias (L,) if it has one.
     """
     B, P = points.shape
     T = kv.length(cache)
@@ -120,7 +126,12 @@ def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
     G = x.shape[2]
     if attention_mask is None:
         impl = getattr(decoder.config, "_attn_implementation", None)
-        attention_mask = masks.group_mask(T, points, G, dtype, None if output_attentions else impl)
+        # the gate adds to a float mask, so a gated read always takes the dense one
+        dense = output_attentions or gate is not None
+        attention_mask = masks.group_mask(T, points, G, dtype, None if dense else impl, layout.hide_point)
+    extra = {}
+    if gate is not None:
+        extra["latent_gate"] = (gate, masks.latent_columns(T, P, layout).to(points.device))
     pos = masks.group_positions(points, layout).reshape(B, P * G)
     return decoder.base_model(
         inputs_embeds=x.reshape(B, P * G, -1),
@@ -129,6 +140,7 @@ def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
         past_key_values=kv.fork(cache),
         use_cache=True,
         output_attentions=output_attentions,
+        **extra,
     )
 
 
@@ -148,7 +160,7 @@ def multi_point(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Ten
     layout = core.layout(n_ahead)
     latents = coprocessor(cache, points)                                    # (B, P, NL, d)
     tokens, targets, valid = masks.group_tokens(input_ids, points, layout, pad_id)
-    out = group_forward(decoder, cache, points, latents, tokens, layout)
+    out = group_forward(decoder, cache, points, latents, tokens, layout, gate=gate_of(coprocessor))
     d = out.last_hidden_state.shape[-1]
     hidden = out.last_hidden_state.view(B, points.shape[1], layout.group_len, d)[:, :, -n_ahead:]
     logits = hidden_to_logits(decoder, hidden) if with_logits else None
@@ -264,7 +276,7 @@ def latent_attention(decoder, coprocessor, cache, input_ids, point, latents):
     decoder.set_attn_implementation("eager")  # only eager returns attention weights
     try:
         out = group_forward(decoder, kv.prefix(cache, point + 1), pts, latents, tokens, layout,
-                            output_attentions=True)
+                            output_attentions=True, gate=gate_of(coprocessor))
     finally:
         decoder.set_attn_implementation(prev)
     NL = layout.num_latents
@@ -301,19 +313,28 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
 
 
 class _AugState:
-    """Decoding state with latents: the cache holds clean text up to `clean_len`, then a group."""
+    """Decoding state with latents: the cache holds clean text up to `clean_len`, then a group.
+
+    While a group is in the cache, every later forward gets an explicit 4-D mask when the layout
+    hides the point's original entry or the coprocessor gates its latents (`_group_kwargs`).
+    """
 
     def __init__(self, decoder, coprocessor):
         self.decoder, self.cop = decoder, coprocessor
         # Decoding needs only the last position's logits: the LM head over every prompt position
         # is a quarter of a 256-token prefill for SmolLM2-135M on CPU (its vocabulary is 49k).
         self.last_only = _logits_to_keep(decoder, 1)
+        self.gate = gate_of(coprocessor)
         self.cache = None
         self.clean_len = 0      # cached clean tokens
         self.next_pos = 0       # position id of the next fed token
+        self.hidden = None      # cache column the group must not see (the point's own entry), or None
+        self.latent_cols = None  # (start, end) cache columns of the group's latents, or None
 
     def feed_clean(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed real tokens (1, n) continuing the clean text. -> logits of the last one."""
+        if self.latent_cols is not None:
+            raise RuntimeError("feed_clean after a group: drop_group() first")
         pos = torch.arange(self.clean_len, self.clean_len + ids.shape[1], device=ids.device)[None]
         out = self.decoder(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True,
                            **self.last_only)
@@ -322,9 +343,30 @@ class _AugState:
         self.next_pos = self.clean_len
         return out.logits[0, -1]
 
+    def drop_group(self) -> None:
+        """Forget the group and everything after it: the cache holds the clean text again."""
+        kv.crop(self.cache, self.clean_len)
+        self.hidden = self.latent_cols = None
+
     def latents_now(self) -> torch.Tensor:
         p = torch.tensor([[self.clean_len - 1]], device=self.decoder.device)
         return self.cop(kv.fork(self.cache), p)                           # (1, 1, NL, d)
+
+    def _group_kwargs(self, n_new: int, device) -> dict:
+        """Mask (and gate) for a forward of n_new inputs appended while a group is cached."""
+        if self.latent_cols is None or (self.hidden is None and self.gate is None):
+            return {}
+        K = kv.length(self.cache) + n_new
+        allowed = torch.ones(n_new, K, dtype=torch.bool, device=device)
+        allowed[:, K - n_new:] = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
+        if self.hidden is not None:
+            allowed[:, self.hidden] = False
+        kw = {"attention_mask": masks.to_additive(allowed[None], decoder_dtype(self.decoder))}  # (1, 1, n, K)
+        if self.gate is not None:
+            cols = torch.zeros(K, dtype=torch.bool, device=device)
+            cols[self.latent_cols[0]: self.latent_cols[1]] = True
+            kw["latent_gate"] = (self.gate, cols)
+        return kw
 
     def insert(self, latents: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
         """Append a group (latents, re-fed token) after the clean text. -> next-token logits."""
@@ -334,8 +376,11 @@ class _AugState:
         if layout.refeed_last:
             x = torch.cat([x, embed(self.decoder, last_token.view(1, 1))], dim=1)
         pos = masks.group_positions(p, layout)[0, :, : x.shape[1]]
+        start = kv.length(self.cache)
+        self.latent_cols = (start, start + layout.num_latents)
+        self.hidden = self.clean_len - 1 if layout.hide_point else None
         out = self.decoder(inputs_embeds=x, position_ids=pos, past_key_values=self.cache, use_cache=True,
-                           **self.last_only)
+                           **self.last_only, **self._group_kwargs(x.shape[1], x.device))
         self.cache = out.past_key_values
         self.next_pos = self.clean_len + layout.offset
         return out.logits[0, -1]
@@ -343,7 +388,8 @@ class _AugState:
     def feed_after(self, token: torch.Tensor) -> torch.Tensor:
         """Feed a generated token after the group (shifted positions)."""
         pos = torch.tensor([[self.next_pos]], device=token.device)
-        out = self.decoder(input_ids=token.view(1, 1), position_ids=pos, past_key_values=self.cache, use_cache=True)
+        out = self.decoder(input_ids=token.view(1, 1), position_ids=pos, past_key_values=self.cache, use_cache=True,
+                           **self._group_kwargs(1, token.device))
         self.cache = out.past_key_values
         self.next_pos += 1
         return out.logits[0, -1]
@@ -391,7 +437,7 @@ def stream_generate(decoder, tokenizer, coprocessor, prompt_ids: torch.Tensor, a
             logits = st.insert(pending, t)
             pending, since, in_group = None, [], True
         elif use and in_group and reaugment_every > 0 and len(since) >= reaugment_every:
-            kv.crop(st.cache, st.clean_len)                                     # drop group + tail
+            st.drop_group()                                                     # drop group + tail
             st.feed_clean(torch.tensor([since], device=t.device))
             logits = st.insert(st.latents_now(), t)
             since = []

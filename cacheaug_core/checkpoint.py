@@ -153,7 +153,7 @@ def model_card(config: dict) -> str:
         "|---|---|",
     ]
     for k in ("num_latents", "body", "num_layers", "layer_map", "lora_rank", "rounds", "latent_norm",
-              "refeed_last", "latent_pos", "shift_ahead"):
+              "refeed_last", "latent_pos", "shift_ahead", "hide_point", "latent_gate", "gate_init"):
         lines.append(f"| {k} | {cop.get(k)} |")
     lines += ["", f"Decoder: `{dec['name']}` ({dec['model_type']}, {dec['num_layers']} layers, hidden "
               f"{dec['hidden_size']}), revision `{dec.get('revision', '')}`.", ""]

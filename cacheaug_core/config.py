@@ -44,6 +44,14 @@ class CoprocessorConfig:
             (times a learned gain), "none" leaves the body's output scale.
         refeed_last / latent_pos / shift_ahead: where latents and the text after them sit (see
             `masks.GroupLayout`); inference uses the same layout as training.
+        hide_point: with refeed_last, the group no longer sees the point token's own cache entry:
+            the re-fed copy stands in for it. With shift_ahead off this makes the group compute
+            exactly what the plain decoder computes whenever it ignores the latents.
+        latent_gate / gate_init: a learned bias, one per decoder layer, added to the decoder's
+            attention scores on latent keys, starting at gate_init. A negative start hides the
+            latents at first, so training starts from the plain decoder's predictions and opens
+            the gate only where the latents help (with hide_point and no shift, the augmented
+            decoder starts equal to the decoder at every ahead position).
     """
 
     num_latents: int = _f(16, "latents per augmentation point (N_L)")
@@ -57,6 +65,9 @@ class CoprocessorConfig:
     refeed_last: bool = _f(False, "re-feed the point's token after the latents")
     latent_pos: str = _f("continue", "latent position ids: continue (p+1..p+N_L) | shared (all p+1)")
     shift_ahead: bool = _f(True, "shift positions after the latents by their span")
+    hide_point: bool = _f(False, "with refeed_last: the group sees the re-fed point token, not its original entry")
+    latent_gate: bool = _f(False, "learned per-layer bias on the decoder's attention scores to latents")
+    gate_init: float = _f(-4.0, "starting value of the latent gate bias (negative = latents start hidden)")
     init_seed: int = _f(0, "seed for soft-token and scratch initialisation")
 
     def __post_init__(self):
@@ -74,6 +85,8 @@ class CoprocessorConfig:
             raise ConfigError(f"--latent-norm must be embed_rms or none, got {self.latent_norm!r}")
         if self.latent_pos not in ("continue", "shared"):
             raise ConfigError(f"--latent-pos must be continue or shared, got {self.latent_pos!r}")
+        if self.hide_point and not self.refeed_last:
+            raise ConfigError("--hide-point needs --refeed-last (otherwise the point token is lost)")
         if self.body == "lora" and self.lora_rank < 1:
             raise ConfigError(f"--lora-rank must be >= 1, got {self.lora_rank}")
 

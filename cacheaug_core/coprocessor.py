@@ -15,6 +15,11 @@ Body variants (`CoprocessorConfig.body`):
 whose cache they read. `rounds>1` re-runs the soft tokens attending to the previous round's
 latents (iterative deliberation) before the decoder sees the result.
 
+With `latent_gate` the coprocessor also owns one learned bias per decoder layer that the decoder
+adds to its attention scores on latent keys (`attach_gate`): the decoder's weights stay frozen and
+untouched, the bias only reweights how much of its attention goes to the latents. Started negative,
+the latents start nearly invisible and the augmented decoder starts as the plain one.
+
     cop = Coprocessor(CoprocessorConfig(num_latents=16), decoder)
     latents = cop(cache, points)      # cache of x (B, T); points (B, P) -> (B, P, NL, d)
 
@@ -46,6 +51,42 @@ def layer_ids(n_decoder: int, n_body: int, how: str) -> list[int]:
     if n_body == 1:
         return [n_decoder - 1]
     return [round(j * (n_decoder - 1) / (n_body - 1)) for j in range(n_body)]
+
+
+def attention_modules(decoder) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in order (Llama/Qwen2 `self_attn`, GPT-2 `attn`)."""
+    base = decoder.base_model
+    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
+    if blocks is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(decoder).__name__}")
+    return [getattr(b, "self_attn", None) or b.attn for b in blocks]
+
+
+def _gate_hook(layer: int):
+    def hook(module, args, kwargs):
+        gate = kwargs.pop("latent_gate", None)
+        if gate is None:
+            return None
+        bias, cols = gate                       # bias (L,) learned; cols (K,) or (B, K) bool: latent keys
+        mask = kwargs.get("attention_mask")
+        if mask is None or not torch.is_tensor(mask) or mask.dim() != 4:
+            raise RuntimeError("the latent gate needs an explicit 4-D float attention mask")
+        add = torch.where(cols, bias[layer].to(mask.dtype), torch.zeros((), dtype=mask.dtype, device=mask.device))
+        kwargs["attention_mask"] = mask + add.view(-1 if cols.dim() == 2 else 1, 1, 1, cols.shape[-1])
+        return args, kwargs
+    return hook
+
+
+def attach_gate(decoder) -> None:
+    """Let the decoder's forward take `latent_gate=(bias (L,), cols)`: attention layer l then adds
+    bias[l] to its scores on the keys where cols is True (on top of the 4-D mask it is given).
+    A forward without the argument is untouched. Idempotent; the decoder's weights are not changed.
+    """
+    if getattr(decoder, "_cacheaug_gate", False):
+        return
+    for layer, attn in enumerate(attention_modules(decoder)):
+        attn.register_forward_pre_hook(_gate_hook(layer), with_kwargs=True)
+    decoder._cacheaug_gate = True
 
 
 class LoRALinear(nn.Module):
@@ -147,13 +188,20 @@ class Coprocessor(nn.Module):
         else:
             self.out_proj = None
         self.latent_gain = nn.Parameter(torch.ones(()))
+        if cfg.latent_gate:
+            n_dec = decoder.config.num_hidden_layers
+            self.gate_bias = nn.Parameter(torch.full((n_dec,), float(cfg.gate_init)))  # (L,)
+            attach_gate(decoder)
+        else:
+            self.gate_bias = None
         dev = next(decoder.parameters()).device
         self.to(dev)
 
     @property
     def layout_kwargs(self) -> dict:
         c = self.config
-        return dict(refeed_last=c.refeed_last, latent_pos=c.latent_pos, shift_ahead=c.shift_ahead)
+        return dict(refeed_last=c.refeed_last, latent_pos=c.latent_pos, shift_ahead=c.shift_ahead,
+                    hide_point=c.hide_point)
 
     def layout(self, n_ahead: int) -> masks.GroupLayout:
         return masks.GroupLayout(self.config.num_latents, n_ahead, **self.layout_kwargs)

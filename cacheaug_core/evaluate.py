@@ -415,7 +415,8 @@ def score_choices(decoder, ctx_ids: list[int], conts: list[list[int]], coprocess
                 pts = torch.full((C, 1), Tc + N - 1, device=dev)
                 tokens, _, _ = masks.group_tokens(rows, pts, layout, pad_id)           # (C, 1, n_tokens)
                 z = latents[arm].expand(C, 1, -1, -1)                                 # (C, 1, NL, d)
-                o = augment.group_forward(decoder, kv.prefix(cache_c, Tc + N), pts, z, tokens, layout)
+                o = augment.group_forward(decoder, kv.prefix(cache_c, Tc + N), pts, z, tokens, layout,
+                                          gate=augment.gate_of(cop))
                 h = o.last_hidden_state.view(C, layout.group_len, -1)[:, -A:]          # (C, A, d)
                 glp, gg = _token_logprobs(decoder, h, targets[:, N:])
                 if N == 0:

@@ -13,6 +13,10 @@ Position ids continue from the point (the paper's "as if inserted at p"): latent
 ("continue") or all share p+1 ("shared"); with `shift_ahead` the tokens after the latents are
 shifted by the latents' span, otherwise they keep their original positions.
 
+With `hide_point` (and `refeed_last`) the group does not see x_p's original entry: the re-fed copy
+after the latents stands in for it. Without shift, a group that ignores its latents then computes
+exactly the plain decoder's hidden states for x_p..x_{p+A-1}.
+
 Masks are float and additive (0 = attend, finfo.min = blocked): a bool 4-D mask is silently wrong
 with eager attention, and -inf turns fully masked rows into NaN.
 """
@@ -31,6 +35,7 @@ class GroupLayout:
     refeed_last: bool = False  # re-feed x_p after the latents, so x_{p+1} is read off a real token
     latent_pos: str = "continue"  # "continue" (p+1..p+NL) or "shared" (all at p+1)
     shift_ahead: bool = True   # shift the positions after the latents by the latents' span
+    hide_point: bool = False   # the group sees the re-fed x_p instead of x_p's original entry
 
     @property
     def n_tokens(self) -> int:
@@ -90,7 +95,7 @@ def group_tokens(input_ids: torch.Tensor, points: torch.Tensor, layout: GroupLay
     return tokens, targets, valid
 
 
-def group_allowed(T: int, points: torch.Tensor, group_len: int) -> torch.Tensor:
+def group_allowed(T: int, points: torch.Tensor, group_len: int, hide_point: bool = False) -> torch.Tensor:
     """Bool (B, P*G, T + P*G): may group row attend to key? True = attend.
 
     Keys are the T original positions (the cache) followed by all groups laid out point-major.
@@ -98,9 +103,10 @@ def group_allowed(T: int, points: torch.Tensor, group_len: int) -> torch.Tensor:
     B, P = points.shape
     dev = points.device
     g = torch.arange(group_len, device=dev)
-    # original keys: t <= p of the row's point
+    # original keys: t <= p of the row's point (t < p when the re-fed copy stands in for x_p)
     t = torch.arange(T, device=dev)
-    to_orig = t[None, None, None, :] <= points[:, :, None, None]            # (B, P, 1, T)
+    last = points - int(hide_point)
+    to_orig = t[None, None, None, :] <= last[:, :, None, None]              # (B, P, 1, T)
     to_orig = to_orig.expand(B, P, group_len, T)
     # group keys: same point, causal within the group
     same = torch.eye(P, dtype=torch.bool, device=dev)                        # (P, P)
@@ -117,12 +123,20 @@ def to_additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask[:, None]
 
 
-def dense_group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.dtype) -> torch.Tensor:
+def dense_group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.dtype,
+                     hide_point: bool = False) -> torch.Tensor:
     """Float additive mask (B, 1, P*G, T + P*G) for groups read against a cache of T positions."""
-    return to_additive(group_allowed(T, points, group_len), dtype)
+    return to_additive(group_allowed(T, points, group_len, hide_point), dtype)
 
 
-def group_block_mask(T: int, points: torch.Tensor, group_len: int):
+def latent_columns(T: int, n_points: int, layout: GroupLayout) -> torch.Tensor:
+    """Bool (T + P*G,): which keys of a group pass are latents (the first NL of every group)."""
+    G = layout.group_len
+    k = torch.arange(T + n_points * G)
+    return (k >= T) & ((k - T) % G < layout.num_latents)
+
+
+def group_block_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool = False):
     """The same mask as a FlexAttention BlockMask: whole blocks that no row may see are skipped,
     so groups cost attention only over their own prefix and their own block. (B, P) -> BlockMask
     for Q = P*G queries and K = T + P*G keys."""
@@ -130,7 +144,7 @@ def group_block_mask(T: int, points: torch.Tensor, group_len: int):
 
     B, P = points.shape
     G = group_len
-    pts = points.contiguous()
+    pts = (points - int(hide_point)).contiguous()
 
     def mask_mod(b, h, q, k):
         grp = q // G
@@ -142,12 +156,13 @@ def group_block_mask(T: int, points: torch.Tensor, group_len: int):
     return create_block_mask(mask_mod, B, None, P * G, T + P * G, device=points.device)
 
 
-def group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.dtype, attn_implementation: str | None):
+def group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.dtype, attn_implementation: str | None,
+               hide_point: bool = False):
     """The group mask in the form the attention implementation takes: a BlockMask for
     flex_attention, a dense float additive mask otherwise."""
     if attn_implementation == "flex_attention":
-        return group_block_mask(T, points, group_len)
-    return dense_group_mask(T, points, group_len, dtype)
+        return group_block_mask(T, points, group_len, hide_point)
+    return dense_group_mask(T, points, group_len, dtype, hide_point)
 
 
 def sample_points(T: int, n_points: int, batch: int, generator: torch.Generator | None = None,

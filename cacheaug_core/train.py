@@ -335,6 +335,9 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         cop_cfg = cop.config
     else:
         cop = Coprocessor(cop_cfg, decoder)
+    if cop.config.latent_gate and (cfg.fast or _is_fsdp(acc)):
+        raise TrainingError("--latent-gate trains on the dense path only (not --fast, not FSDP): "
+                            "its bias is added to a float attention mask")
     cop.float().train()
     scalars = _fsdp_unscalar(cop) if _is_fsdp(acc) else set()
     opt = torch.optim.AdamW(param_groups(cop, cfg), betas=(0.9, 0.95), eps=1e-8)

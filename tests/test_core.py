@@ -16,6 +16,7 @@ LAYOUTS = [
     dict(refeed_last=True),
     dict(latent_pos="shared"),
     dict(shift_ahead=False),
+    dict(refeed_last=True, hide_point=True, shift_ahead=False, latent_gate=True, gate_init=-1.0),
 ]
 
 
@@ -90,9 +91,56 @@ def _reference_point_nll(dec, cop, ids, p, n_ahead):
     tokens, targets, valid = masks.group_tokens(ids, pts, layout)
     x = torch.cat([lat, dec.get_input_embeddings()(tokens[0])], dim=1)
     pos = masks.group_positions(pts, layout)[0]
-    logits = dec(inputs_embeds=x, position_ids=pos, past_key_values=kv.fork(cache_p), use_cache=True).logits
+    extra = {}
+    if layout.hide_point:  # the group reads x_0..x_{p-1}: the re-fed x_p stands in for the original
+        cache_p = kv.prefix(cache_p, p)
+    if cop.gate_bias is not None:  # causal mask plus the gate bias on the latent keys
+        K, G = kv.length(cache_p) + x.shape[1], x.shape[1]
+        allowed = torch.ones(G, K, dtype=torch.bool)
+        allowed[:, -G:] = torch.ones(G, G, dtype=torch.bool).tril()
+        cols = torch.zeros(K, dtype=torch.bool)
+        cols[K - G: K - G + NL] = True
+        extra = {"attention_mask": masks.to_additive(allowed[None], torch.float32),
+                 "latent_gate": (cop.gate_bias, cols)}
+    logits = dec(inputs_embeds=x, position_ids=pos, past_key_values=kv.fork(cache_p), use_cache=True, **extra).logits
     nll = augment.token_nll(logits[0, -n_ahead:], targets[0, 0], valid[0, 0])
     return nll
+
+
+@pytest.mark.parametrize("arch_", ["llama", "qwen2", "gpt2"])
+def test_closed_gate_is_the_plain_decoder(arch_, tiny_tokenizer):
+    """hide_point + no shift + a closed gate: the augmented decoder computes the plain decoder's
+    predictions at every ahead position, in the one-pass scorer and in streaming generation."""
+    dec = tiny_decoder(arch_)
+    cfg = CoprocessorConfig(num_latents=3, refeed_last=True, hide_point=True, shift_ahead=False,
+                            latent_gate=True, gate_init=-1e4)
+    cop = Coprocessor(cfg, dec).eval()
+    ids = _ids(T=20)
+    aug, base = augment.score_after_every_token(dec, cop, ids, positions=5, points_per_pass=7)
+    torch.testing.assert_close(aug, base, atol=1e-4, rtol=1e-4, equal_nan=True)
+    tiny_tokenizer.eos_token_id = None
+    prompt = ids[:, :8]
+    kw = dict(max_new_tokens=8, reaugment_every=3)
+    got = [s.token_id for s in augment.stream_generate(dec, tiny_tokenizer, cop, prompt, **kw)]
+    plain = [s.token_id for s in augment.stream_generate(dec, tiny_tokenizer, cop, prompt, augment=False, **kw)]
+    assert got == plain
+    # an open gate (bias 0) changes the predictions: the latents are read
+    with torch.no_grad():
+        cop.gate_bias.zero_()
+    aug0, _ = augment.score_after_every_token(dec, cop, ids, positions=5)
+    assert not torch.allclose(aug0[:-1, 0], base[:-1, 0], atol=1e-3)
+
+
+def test_gate_gets_gradients_and_needs_refeed():
+    dec = tiny_decoder("llama")
+    cop = Coprocessor(CoprocessorConfig(num_latents=2, refeed_last=True, hide_point=True, shift_ahead=False,
+                                        latent_gate=True), dec)
+    loss, _ = augment.multi_point_loss(dec, cop, _ids(T=16, B=2), torch.tensor([[3, 9], [1, 12]]), 4)
+    loss.backward()
+    assert cop.gate_bias.grad is not None and cop.gate_bias.grad.abs().sum() > 0
+    assert "gate_bias" in cop.trainable_state()
+    with pytest.raises(ValueError, match="--hide-point needs --refeed-last"):
+        CoprocessorConfig(hide_point=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default")
@@ -164,7 +212,7 @@ def test_plain_generation_equals_hf_generate(arch, tiny_tokenizer):
     assert got == ref
 
 
-@pytest.mark.parametrize("layout", LAYOUTS[:3], ids=["default", "refeed", "shared"])
+@pytest.mark.parametrize("layout", LAYOUTS[:3] + LAYOUTS[4:], ids=["default", "refeed", "shared", "gated"])
 def test_augmented_generation_matches_scoring(layout, tiny_tokenizer):
     """Greedy augmented generation reads the same distribution the multi-point scorer does."""
     dec = tiny_decoder("llama")

@@ -159,7 +159,11 @@ def test_mc_plain_arm_equals_plain_decoder(arch):
         assert len(tl) == len(c)
 
 
-@pytest.mark.parametrize("layout", [{}, {"refeed_last": True}, {"latent_pos": "shared"}], ids=["default", "refeed", "shared"])
+GATED = {"refeed_last": True, "hide_point": True, "shift_ahead": False, "latent_gate": True, "gate_init": -1.0}
+
+
+@pytest.mark.parametrize("layout", [{}, {"refeed_last": True}, {"latent_pos": "shared"}, GATED],
+                         ids=["default", "refeed", "shared", "gated"])
 @pytest.mark.parametrize("delay", [0, 2])
 def test_mc_augmented_equals_hand_computation(layout, delay):
     wb = _wb("llama", **layout)
