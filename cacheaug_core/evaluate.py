@@ -4,6 +4,9 @@ called once at the end of the prompt (Tables 2, 3, 4 and 8), and an lm-evaluatio
     cacheaug eval ppl --text held_out.txt --json ppl.json [--coprocessor DIR] [--positions 32]
     cacheaug eval bench --tasks arc_easy,gsm8k --limit 50 --json bench.json --md bench.md \
         [--arms decoder,coprocessor,pause,cot] [--pause DIR] [--async-delay N]
+    # the same run in N processes side by side (items i, i+N, ... each), then one merged result:
+    for i in 0 1 2 3; do cacheaug eval bench --shard $i/4 --limit 500,gsm8k=200 --json b$i.json & done; wait
+    cacheaug eval bench-merge b0.json b1.json b2.json b3.json --json bench.json --md bench.md
 
     from cacheaug_core import evaluate
     wb = evaluate.load_models(coprocessor="runs/x/final")
@@ -533,6 +536,22 @@ def _rate(correct: list[bool], base: list[bool] | None = None) -> dict:
     return r
 
 
+def task_metrics(arms, correct: dict) -> dict:
+    """Metrics of one task from per-item correctness: correct[arm][metric] = list of bools, in item
+    order. An arm without an entry (CoT on log-likelihood tasks) gets None. Each metric is a `_rate`
+    (Wilson interval); arms other than decoder add the paired-bootstrap delta against it. A sharded
+    run's merge (`merge_bench`) calls this on the concatenated lists, so it equals a single run."""
+    base = correct.get("decoder")
+    metrics = {}
+    for a in arms:
+        if correct.get(a) is None:
+            metrics[a] = None
+            continue
+        paired = a != "decoder" and base is not None
+        metrics[a] = {k: _rate(v, base[k] if paired else None) for k, v in correct[a].items()}
+    return metrics
+
+
 def arm_coprocessors(wb, arms) -> dict:
     """Arm name -> coprocessor (None = plain decoder) for the arms that need a model call."""
     out = {}
@@ -616,16 +635,9 @@ def evaluate_multiple_choice(wb, items: list[dict], arms, async_delay: int = 0, 
             correct_norm[a].append(bool(ok_norm))
             rec[a] = {"pred": pred, "pred_norm": pred_norm, "logprobs": [round(x, 4) for x in lps[a]]}
         records.append(rec)
-    base, base_n = correct.get("decoder"), correct_norm.get("decoder")
-    metrics = {}
-    for a in arms:
-        if a == "cot":
-            metrics[a] = None
-            continue
-        paired = a != "decoder" and base is not None
-        metrics[a] = {"acc": _rate(correct[a], base if paired else None),
-                      "acc_norm": _rate(correct_norm[a], base_n if paired else None)}
-    return {"type": "multiple_choice", "n": len(items), "metrics": metrics, "items": records}
+    per_item = {a: {"acc": correct[a], "acc_norm": correct_norm[a]} for a in model_arms}
+    return {"type": "multiple_choice", "n": len(items), "metrics": task_metrics(arms, per_item), "items": records,
+            "_correct": per_item}
 
 
 def evaluate_generation(wb, items: list[dict], arms, async_delay: int = 0, max_new_tokens: int = 256,
@@ -656,30 +668,44 @@ def evaluate_generation(wb, items: list[dict], arms, async_delay: int = 0, max_n
             correct[a].append(pred is not None and pred == gold)
             rec[a] = {"pred": pred, "correct": correct[a][-1], "text": text}
         records.append(rec)
-    base = correct.get("decoder")
-    metrics = {a: {"exact_match": _rate(correct[a], base if a != "decoder" and base is not None else None)}
-               for a in arms}
-    return {"type": "generation", "n": len(items), "metrics": metrics, "items": records,
+    per_item = {a: {"exact_match": correct[a]} for a in arms}
+    return {"type": "generation", "n": len(items), "metrics": task_metrics(arms, per_item), "items": records,
             "settings": {"max_new_tokens": max_new_tokens, "stop": list(stop), "decoding": "greedy",
-                         "cot_suffix": COT_SUFFIX}}
+                         "cot_suffix": COT_SUFFIX}, "_correct": per_item}
+
+
+def task_type(name: str, items: list[dict]) -> str:
+    """"multiple_choice" (items with "choices") or "generation" (items with "prompt")."""
+    if not items:
+        raise EvalError(f"task {name} has no items")
+    if "choices" in items[0]:
+        return "multiple_choice"
+    if "prompt" in items[0]:
+        return "generation"
+    raise EvalError(f"task {name}: items have neither 'choices' nor 'prompt'")
 
 
 def run_bench(wb, tasks: dict[str, list[dict]], arms=("decoder", "coprocessor"), async_delay: int = 0,
-              max_new_tokens: int = 256, progress: bool = False, keep_items: bool = True) -> dict:
+              max_new_tokens: int = 256, progress: bool = False, keep_items: bool = True,
+              types: dict[str, str] | None = None, keep_correct: bool = False) -> dict:
     """Every task through every arm. tasks: name -> items (multiple choice {"context", "choices",
-    "gold"} or generation {"prompt", "answer"}, as `benchmarks.load_task` returns them)."""
+    "gold"} or generation {"prompt", "answer"}, as `benchmarks.load_task` returns them).
+
+    types: name -> task type, for tasks whose item list may be empty (a shard of a small task);
+    keep_correct: keep each task's per-item correctness as r["correct"][arm][metric] (what
+    `merge_bench` recomputes the metrics from)."""
     res = {"kind": "bench", "arms": list(arms), "async_delay": async_delay, "tasks": {}}
     for name, items in tasks.items():
-        if not items:
-            raise EvalError(f"task {name} has no items")
+        kind = (types or {}).get(name) or task_type(name, items)
         t0 = time.perf_counter()
-        if "choices" in items[0]:
+        if kind == "multiple_choice":
             r = evaluate_multiple_choice(wb, items, arms, async_delay, progress)
-        elif "prompt" in items[0]:
-            r = evaluate_generation(wb, items, arms, async_delay, max_new_tokens, progress=progress)
         else:
-            raise EvalError(f"task {name}: items have neither 'choices' nor 'prompt'")
+            r = evaluate_generation(wb, items, arms, async_delay, max_new_tokens, progress=progress)
         r["seconds"] = round(time.perf_counter() - t0, 2)
+        correct = r.pop("_correct")
+        if keep_correct:
+            r["correct"] = correct
         if not keep_items:
             r.pop("items")
         res["tasks"][name] = r
@@ -731,7 +757,7 @@ def _ppl_table(res: dict, rows: str = "paper") -> str:
 
 
 def _cell(m: dict | None) -> str:
-    if m is None:
+    if m is None or m.get("value") is None or not math.isfinite(m["value"]):
         return "n/a"
     v, (lo, hi) = m["value"], m["ci95"]
     s = f"{v * 100:.1f} [{lo * 100:.1f}, {hi * 100:.1f}]"
@@ -899,7 +925,7 @@ def __getattr__(name):  # `from cacheaug_core.evaluate import CacheAugLM` withou
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: `cacheaug eval ppl` and `cacheaug eval bench`.
+# CLI: `cacheaug eval ppl`, `cacheaug eval bench` and `cacheaug eval bench-merge`.
 
 
 def _load_task(name: str, limit: int | None):
@@ -936,9 +962,61 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def parse_limit(spec, tasks) -> tuple[dict[str, int | None], int | dict | None]:
+    """`--limit`: "N" = the first N items of every task; "task=N,task2=M" = of those tasks, the
+    others whole; "N,task=M" = N by default and M for that task. 0 = all.
+
+    Returns (task -> limit or None for all, the result's "limit": N or null for the plain form,
+    else {task: N or null} for every task)."""
+    spec = str(spec if spec is not None else "").strip()
+    default, per, plain, seen_default = 0, {}, True, False
+    for part in (x.strip() for x in spec.split(",")):
+        if not part:
+            continue
+        name, eq, num = part.partition("=")
+        if not eq:
+            name, num = "", name
+        name = name.strip()
+        try:
+            n = int(num.strip())
+        except ValueError:
+            raise EvalError(f"--limit {spec!r}: {part!r} is neither N nor task=N") from None
+        if n < 0:
+            raise EvalError(f"--limit {spec!r}: {part!r} is negative (0 = all items)")
+        if not eq:
+            if seen_default:
+                raise EvalError(f"--limit {spec!r}: more than one default N")
+            default, seen_default = n, True
+            continue
+        plain = False
+        if name not in tasks:
+            raise EvalError(f"--limit {spec!r} names {name!r}, which is not in --tasks ({','.join(tasks)})")
+        if name in per:
+            raise EvalError(f"--limit {spec!r} names {name!r} twice")
+        per[name] = n
+    limits = {t: per.get(t, default) or None for t in tasks}
+    return limits, ((default or None) if plain else limits)
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N) with 0 <= I < N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec or "")
+    if not m:
+        raise EvalError(f"--shard {spec!r}: expected I/N, e.g. 0/8 (shard I of N, counted from 0)")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or i >= n:
+        raise EvalError(f"--shard {spec}: need 0 <= I < N")
+    return i, n
+
+
+def shard_items(items: list, index: int, count: int) -> list:
+    """The items of shard index/count: those whose position in the task's list is index mod count."""
+    return items[index::count]
+
+
 def cmd_bench(args) -> int:
     t0 = time.perf_counter()
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     bad = [a for a in arms if a not in ARMS]
     if bad:
@@ -947,18 +1025,34 @@ def cmd_bench(args) -> int:
         raise EvalError("--arms pause needs --pause DIR (a coprocessor checkpoint with body 'none')")
     if args.async_delay < 0:
         raise EvalError("--async-delay must be >= 0")
-    items = {}
+    limits, limit_record = parse_limit(args.limit, tasks)
+    shard = parse_shard(args.shard) if getattr(args, "shard", "") else None
+    if shard and not args.json:
+        raise EvalError("--shard needs --json: `eval bench-merge` reads the shard files")
+    items, types, totals = {}, {}, {}
     for t in tasks:   # before the models: a bad task name or missing data fails fast
         try:
-            items[t] = _load_task(t, args.limit or None)
+            full = _load_task(t, limits[t])
         except (KeyError, ValueError, RuntimeError, OSError) as e:
             raise EvalError(f"task {t}: {e}") from e
+        types[t], totals[t] = task_type(t, full), len(full)
+        items[t] = shard_items(full, *shard) if shard else full
     wb = load_models(args.decoder, args.coprocessor, pause=args.pause, device=args.device, dtype=args.dtype)
     if wb.notice:
         print(f"note: {wb.notice}", file=sys.stderr)
     res = run_bench(wb, items, arms, async_delay=args.async_delay, max_new_tokens=args.max_new_tokens,
-                    progress=not args.no_progress, keep_items=not args.no_items)
-    res["limit"] = args.limit or None
+                    progress=not args.no_progress, keep_items=not args.no_items, types=types,
+                    keep_correct=shard is not None)
+    res["limit"] = limit_record
+    if shard:
+        i, n = shard
+        res["shard"] = {"index": i, "count": n}
+        for t, r in res["tasks"].items():
+            # Per-item correctness as "0"/"1" strings, one character per item of this shard (items
+            # i, i+N, i+2N, ... of the task's items_total): what the merge recomputes metrics from.
+            r["shard"] = {"items_total": totals[t],
+                          "correct": {a: {k: "".join("1" if x else "0" for x in v) for k, v in m.items()}
+                                      for a, m in r.pop("correct").items()}}
     res["provenance"] = provenance(wb, t0, args)
     table = results_table_markdown(res)
     if args.json:
@@ -967,11 +1061,168 @@ def cmd_bench(args) -> int:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
         Path(args.md).write_text(table + "\n")
     print(table)
+    if shard:
+        print(f"\nshard {shard[0]}/{shard[1]}: metrics of this shard's items only; merge all {shard[1]} with "
+              f"`cacheaug eval bench-merge`", file=sys.stderr)
+    return 0
+
+
+def _brief(x, width: int = 160) -> str:
+    s = json.dumps(x, sort_keys=True, default=str)
+    return s if len(s) <= width else s[: width - 3] + "..."
+
+
+def _difference(a, b) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+        return "; ".join(f"{k}: {_brief(b.get(k), 80)} vs {_brief(a.get(k), 80)}" for k in keys)
+    return f"{_brief(b)} vs {_brief(a)}"
+
+
+def _shard_fingerprint(res: dict) -> dict:
+    """What must agree between the shards of one run (the settings that change any item's result)."""
+    prov = res.get("provenance") or {}
+    args = prov.get("arguments") or {}
+    tasks = res["tasks"]
+    return {
+        "tasks": list(tasks), "arms": res.get("arms"), "async_delay": res.get("async_delay"),
+        "limit": res.get("limit"), "task types": {t: r.get("type") for t, r in tasks.items()},
+        "task sizes (items before sharding)": {t: (r.get("shard") or {}).get("items_total") for t, r in tasks.items()},
+        "generation settings": {t: r.get("settings") for t, r in tasks.items() if r.get("settings") is not None},
+        "max_new_tokens": args.get("max_new_tokens"), "dtype": prov.get("dtype"),
+        "decoder": prov.get("decoder"), "coprocessor": prov.get("coprocessor"), "pause": prov.get("pause"),
+        "per-item records (--no-items)": all("items" in r for r in tasks.values()),
+    }
+
+
+def merge_bench(shards: list[dict], names: list[str] | None = None, keep_items: bool = True,
+                command_line: str | None = None) -> dict:
+    """One `eval bench` result from the JSONs of a sharded run (`--shard 0/N` ... `--shard N-1/N`).
+
+    Checks that the shards belong together: every one a sharded bench result, the same N, each
+    index once and all N present, and the same tasks, arms, async delay, limit, task sizes,
+    generation settings, max_new_tokens, dtype, decoder, coprocessor and pause arm. Then the
+    per-item correctness (and the per-item records, if kept) is put back in item order and every
+    metric, Wilson interval and paired-bootstrap delta is recomputed by `task_metrics`, the code
+    a single run uses, so the result equals that of the unsharded run. Differences in git commit,
+    library versions or device are allowed and listed under provenance.merge.warnings.
+    """
+    if not shards:
+        raise EvalError("bench-merge needs the JSON files of all shards")
+    names = list(names) if names else [f"shard file {k + 1}" for k in range(len(shards))]
+    for res, f in zip(shards, names):
+        if not isinstance(res, dict) or res.get("kind") != "bench" or not isinstance(res.get("tasks"), dict):
+            raise EvalError(f"{f}: not an `eval bench` result")
+        sh = res.get("shard")
+        if not isinstance(sh, dict) or "index" not in sh or "count" not in sh:
+            raise EvalError(f"{f}: not a sharded result (made by `eval bench --shard I/N --json ...`)")
+    n, f0 = shards[0]["shard"]["count"], names[0]
+    by_index: dict[int, int] = {}
+    for k, (res, f) in enumerate(zip(shards, names)):
+        i, c = res["shard"]["index"], res["shard"]["count"]
+        if c != n:
+            raise EvalError(f"{f} is shard {i}/{c} but {f0} is shard {shards[0]['shard']['index']}/{n}: "
+                            "the shards of one run share N")
+        if i in by_index:
+            raise EvalError(f"shard {i}/{n} given twice: {names[by_index[i]]} and {f}")
+        by_index[i] = k
+    missing = [i for i in range(n) if i not in by_index]
+    if missing:
+        raise EvalError(f"missing shard(s) {', '.join(f'{i}/{n}' for i in missing)}: "
+                        f"got {len(by_index)} of {n} ({', '.join(f'{i}/{n}' for i in sorted(by_index))})")
+    order = [by_index[i] for i in range(n)]
+    shards, names = [shards[k] for k in order], [names[k] for k in order]
+    first, f0 = shards[0], names[0]
+    fp0 = _shard_fingerprint(first)
+    for res, f in zip(shards[1:], names[1:]):
+        fp = _shard_fingerprint(res)
+        for key, v0 in fp0.items():
+            if fp[key] != v0 and (keep_items or key != "per-item records (--no-items)"):
+                raise EvalError(f"{f} does not belong with {f0}: {key} differ ({_difference(v0, fp[key])})")
+    arms = list(first["arms"])
+    have_items = keep_items and fp0["per-item records (--no-items)"]
+    tasks = {}
+    for t, r0 in first["tasks"].items():
+        total = r0["shard"]["items_total"]
+        if not isinstance(total, int) or total < 1:
+            raise EvalError(f"{f0}: task {t} records no items_total")
+        correct: dict = {}
+        items = [None] * total
+        for i, (res, f) in enumerate(zip(shards, names)):
+            r = res["tasks"][t]
+            idx = range(i, total, n)
+            if r.get("n") != len(idx) or (have_items and len(r["items"]) != len(idx)):
+                raise EvalError(f"{f}: task {t} holds {r.get('n')} items, but shard {i}/{n} of {total} items "
+                                f"should hold {len(idx)}")
+            for a, per in r["shard"]["correct"].items():
+                for key, flags in per.items():
+                    if len(flags) != len(idx) or set(flags) - {"0", "1"}:
+                        raise EvalError(f"{f}: task {t}, arm {a}, {key}: per-item correctness is malformed")
+                    dst = correct.setdefault(a, {}).setdefault(key, [None] * total)
+                    for j, x in zip(idx, flags):
+                        dst[j] = x == "1"
+            if have_items:
+                for j, rec in zip(idx, r["items"]):
+                    items[j] = rec
+        for a, per in correct.items():
+            for key, v in per.items():
+                if any(x is None for x in v):
+                    raise EvalError(f"task {t}, arm {a}, {key}: not every shard records it")
+        m = {"type": r0["type"], "n": total, "metrics": task_metrics(arms, correct)}
+        if have_items:
+            m["items"] = items
+        if r0.get("settings") is not None:
+            m["settings"] = r0["settings"]
+        m["seconds"] = round(sum(res["tasks"][t].get("seconds") or 0 for res in shards), 2)
+        tasks[t] = m
+    provs = [res.get("provenance") or {} for res in shards]
+    warnings = []
+    for key in ("git", "versions", "device"):
+        vals = [p.get(key) for p in provs]
+        if any(v != vals[0] for v in vals):
+            warnings.append(f"the shards differ in {key}: "
+                            + ", ".join(f"{i}/{n}: {_brief(v, 80)}" for i, v in enumerate(vals)))
+    args0 = {k: v for k, v in (provs[0].get("arguments") or {}).items() if k not in ("shard", "json", "md")}
+    secs = [float(p.get("seconds") or 0) for p in provs]
+    prov = dict(provs[0])
+    prov |= {"command_line": command_line if command_line is not None else shlex.join(sys.argv),
+             "arguments": args0,
+             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+             "seconds": round(sum(secs), 2),
+             "merge": {"shards": n, "longest_shard_seconds": round(max(secs), 2), "warnings": warnings,
+                       "from": [{"file": str(f), "shard": f"{i}/{n}", "command_line": p.get("command_line"),
+                                 "seconds": p.get("seconds"), "finished_at": p.get("finished_at"),
+                                 "device": p.get("device"), "git": p.get("git")}
+                                for i, (f, p) in enumerate(zip(names, provs))]}}
+    return {"kind": "bench", "arms": arms, "async_delay": first["async_delay"], "tasks": tasks,
+            "limit": first.get("limit"), "provenance": prov}
+
+
+def cmd_bench_merge(args) -> int:
+    shards = []
+    for f in args.files:
+        p = Path(f)
+        if not p.is_file():
+            raise EvalError(f"{f}: no such file")
+        try:
+            shards.append(json.loads(p.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvalError(f"{f}: not a JSON file ({e})") from e
+    res = merge_bench(shards, [str(f) for f in args.files], keep_items=not args.no_items)
+    for w in res["provenance"]["merge"]["warnings"]:
+        print(f"note: {w}", file=sys.stderr)
+    table = results_table_markdown(res)
+    write_json(res, args.json)
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(table + "\n")
+    print(table)
+    print(f"\nmerged {res['provenance']['merge']['shards']} shards; JSON: {args.json}", file=sys.stderr)
     return 0
 
 
 def register_cli(subparsers) -> None:
-    """Add `eval ppl` and `eval bench` to the `cacheaug` command."""
+    """Add `eval ppl`, `eval bench` and `eval bench-merge` to the `cacheaug` command."""
     p = subparsers.add_parser("eval", help="perplexity by ahead position; benchmarks with and without latents")
     sub = p.add_subparsers(dest="eval_command", required=True)
 
@@ -990,7 +1241,10 @@ def register_cli(subparsers) -> None:
 
     b = sub.add_parser("bench", help="benchmarks, coprocessor called once at the end of the prompt (Tables 2-4, 8)")
     b.add_argument("--tasks", default=",".join(ALL_TASKS), help="comma-separated: " + ",".join(ALL_TASKS))
-    b.add_argument("--limit", type=int, default=0, help="first N items of each task (0 = all)")
+    b.add_argument("--limit", default="0", help="first N items of each task (0 = all); or per task: "
+                   "'gsm8k=200,mmlu=1000' (the others all), '500,gsm8k=200' (500 by default)")
+    b.add_argument("--shard", default="", metavar="I/N", help="evaluate only items whose index (after --limit) "
+                   "is I mod N; merge the N JSONs with `eval bench-merge`")
     b.add_argument("--json", default="", help="write the full result (metrics, per-item predictions) here")
     b.add_argument("--md", default="", help="write the markdown table here")
     _model_args(b)
@@ -1000,6 +1254,13 @@ def register_cli(subparsers) -> None:
     b.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: at most this many new tokens")
     b.add_argument("--no-items", action="store_true", help="leave per-item predictions out of the JSON")
     b.set_defaults(fn=cmd_bench)
+
+    m = sub.add_parser("bench-merge", help="merge the JSONs of `eval bench --shard I/N` runs into one result")
+    m.add_argument("files", nargs="+", metavar="SHARD_JSON", help="the JSON of every shard 0/N .. N-1/N")
+    m.add_argument("--json", required=True, help="write the merged result here")
+    m.add_argument("--md", default="", help="write the markdown table here")
+    m.add_argument("--no-items", action="store_true", help="leave per-item predictions out of the JSON")
+    m.set_defaults(fn=cmd_bench_merge)
 
 
 if __name__ == "__main__":  # lm-eval's own CLI with "cacheaug" registered: python -m cacheaug_core.evaluate run ...

@@ -6,6 +6,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -342,6 +343,141 @@ def test_cli_bench_fake_tasks(tiny_checkpoints, tmp_path, monkeypatch):
     assert res["provenance"]["pause"]["config"]["body"] == "none"
     assert "| PIQA | acc | 3 |" in md.read_text()
     assert main(["eval", "bench", "--tasks", "piqa", "--arms", "decoder,pause", "--decoder", dec_dir]) == 2
+
+
+def test_parse_limit_and_shard():
+    tasks = ["piqa", "mmlu", "gsm8k"]
+    assert evaluate.parse_limit("0", tasks) == ({t: None for t in tasks}, None)
+    assert evaluate.parse_limit("7", tasks) == ({t: 7 for t in tasks}, 7)
+    lim, rec = evaluate.parse_limit("gsm8k=2, mmlu=5", tasks)
+    assert lim == {"piqa": None, "mmlu": 5, "gsm8k": 2} and rec == lim
+    lim, rec = evaluate.parse_limit("10,gsm8k=2", tasks)
+    assert lim == {"piqa": 10, "mmlu": 10, "gsm8k": 2} and rec == lim
+    assert evaluate.parse_limit("gsm8k=0", tasks)[0]["gsm8k"] is None
+    for bad in ("x", "gsm8k=x", "-1", "hellaswag=3", "1,2", "gsm8k=1,gsm8k=2"):
+        with pytest.raises(evaluate.EvalError):
+            evaluate.parse_limit(bad, tasks)
+    assert evaluate.parse_shard("1/4") == (1, 4) and evaluate.parse_shard(" 0 / 1 ") == (0, 1)
+    for bad in ("4/4", "1", "a/b", "0/0", "-1/2"):
+        with pytest.raises(evaluate.EvalError):
+            evaluate.parse_shard(bad)
+    assert evaluate.shard_items(list(range(7)), 1, 3) == [1, 4]
+
+
+FAKE_TASKS = {
+    "piqa": [{"id": f"p{i}", "context": f"Goal {i}:", "choices": [" do a", " do b", " c"], "gold": i % 3}
+             for i in range(7)],
+    "lambada": [{"id": f"l{i}", "context": "the quick brown" + " x" * i, "choices": [" fox"], "gold": 0}
+                for i in range(3)],
+    "gsm8k": [{"id": f"g{i}", "prompt": f"Question: {i}+2?\nAnswer:", "answer": str(i + 2)} for i in range(3)],
+}
+
+
+def _bench(main, tmp_path, name, extra, models):
+    dec_dir, cop_dir, pause_dir = models
+    js = tmp_path / f"{name}.json"
+    rc = main(["eval", "bench", "--tasks", "piqa,lambada,gsm8k", "--json", str(js),
+               "--md", str(tmp_path / f"{name}.md"),
+               "--decoder", dec_dir, "--coprocessor", cop_dir, "--pause", pause_dir,
+               "--arms", "decoder,coprocessor,pause,cot", "--max-new-tokens", "3", "--device", "cpu", "--no-progress",
+               *extra])
+    assert rc == 0
+    return js
+
+
+def _merge(main, tmp_path, name, files, extra=()):
+    js, md = tmp_path / f"{name}.json", tmp_path / f"{name}.md"
+    rc = main(["eval", "bench-merge", *map(str, files), "--json", str(js), "--md", str(md), *extra])
+    return rc, js, md
+
+
+def _same_result(merged: dict, single: dict):
+    assert list(merged) == list(single)
+    for k in ("kind", "arms", "async_delay", "limit"):
+        assert merged[k] == single[k]
+    assert list(merged["tasks"]) == list(single["tasks"])
+    for t, r in single["tasks"].items():
+        m = merged["tasks"][t]
+        assert set(m) == set(r) and m["type"] == r["type"] and m["n"] == r["n"]
+        assert m["metrics"] == r["metrics"]                   # values, Wilson CIs, deltas and bootstrap CIs
+        assert m.get("items") == r.get("items") and m.get("settings") == r.get("settings")
+
+
+def test_cli_bench_shards_merge_equal_unsharded(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    from cacheaug_core.cli import main
+
+    monkeypatch.setattr(evaluate, "_load_task", lambda name, limit: FAKE_TASKS[name][:limit])
+    single = _bench(main, tmp_path, "single", [], tiny_checkpoints)
+    shards = [_bench(main, tmp_path, f"s{i}", ["--shard", f"{i}/2"], tiny_checkpoints) for i in (1, 0)]
+    s0 = json.loads(shards[1].read_text())
+    assert s0["shard"] == {"index": 0, "count": 2} and s0["provenance"]["arguments"]["shard"] == "0/2"
+    assert s0["tasks"]["piqa"]["n"] == 4 and [x["id"] for x in s0["tasks"]["piqa"]["items"]] == ["p0", "p2", "p4", "p6"]
+    assert s0["tasks"]["piqa"]["shard"]["items_total"] == 7
+    assert len(s0["tasks"]["piqa"]["shard"]["correct"]["pause"]["acc_norm"]) == 4
+    rc, merged_js, merged_md = _merge(main, tmp_path, "merged", shards)   # any order of files
+    assert rc == 0
+    merged, ref = json.loads(merged_js.read_text()), json.loads(single.read_text())
+    _same_result(merged, ref)
+    assert merged_md.read_text() == (tmp_path / "single.md").read_text()
+    assert ref["tasks"]["piqa"]["metrics"]["coprocessor"]["acc"]["delta_ci95"] == \
+        merged["tasks"]["piqa"]["metrics"]["coprocessor"]["acc"]["delta_ci95"]
+    mp = merged["provenance"]["merge"]
+    assert mp["shards"] == 2 and [x["shard"] for x in mp["from"]] == ["0/2", "1/2"] and not mp["warnings"]
+    assert all(x["command_line"] and x["seconds"] >= 0 and x["file"].endswith(f"s{i}.json")
+               for i, x in enumerate(mp["from"]))
+    assert "shard" not in merged and "shard" not in merged["tasks"]["piqa"]
+    assert "shard" not in merged["provenance"]["arguments"]
+    assert merged["provenance"]["seconds"] == pytest.approx(sum(x["seconds"] for x in mp["from"]), abs=0.02)
+    # --no-items on the merge drops the records only
+    rc, js2, _ = _merge(main, tmp_path, "merged_noitems", shards, ["--no-items"])
+    m2 = json.loads(js2.read_text())
+    assert rc == 0 and "items" not in m2["tasks"]["piqa"]
+    assert m2["tasks"]["gsm8k"]["metrics"] == ref["tasks"]["gsm8k"]["metrics"]
+
+    # three shards with a per-task limit: gsm8k has one item, so two shards hold none of it
+    lim = ["--limit", "5,gsm8k=1"]
+    single = _bench(main, tmp_path, "single3", lim, tiny_checkpoints)
+    shards = [_bench(main, tmp_path, f"t{i}", [*lim, "--shard", f"{i}/3"], tiny_checkpoints) for i in range(3)]
+    assert json.loads(shards[2].read_text())["tasks"]["gsm8k"]["n"] == 0
+    rc, merged_js, merged_md = _merge(main, tmp_path, "merged3", shards)
+    assert rc == 0
+    merged, ref = json.loads(merged_js.read_text()), json.loads(single.read_text())
+    _same_result(merged, ref)
+    assert ref["limit"] == {"piqa": 5, "lambada": 5, "gsm8k": 1} and ref["tasks"]["gsm8k"]["n"] == 1
+    assert merged_md.read_text() == (tmp_path / "single3.md").read_text()
+
+    # incompatible or missing shards: one line on stderr, exit status 2
+    capsys.readouterr()
+    cases = [([shards[0], shards[2]], "missing shard(s) 1/3"),
+             ([shards[0], shards[1], shards[1], shards[2]], "given twice"),
+             ([shards[0], shards[1], tmp_path / "s1.json"], "share N"),
+             ([single, shards[1], shards[2]], "not a sharded result"),
+             ([shards[0], shards[1], tmp_path / "nope.json"], "no such file")]
+    for files, msg in cases:
+        rc, _, _ = _merge(main, tmp_path, "bad", files)
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and "Traceback" not in err, (msg, err)
+    base = [json.loads(f.read_text()) for f in shards]
+    for edit, msg in [(lambda r: r.__setitem__("arms", ["decoder", "coprocessor"]), "arms differ"),
+                      (lambda r: r["provenance"]["coprocessor"]["config"].__setitem__("num_latents", 9),
+                       "coprocessor differ"),
+                      (lambda r: r.__setitem__("limit", 4), "limit differ"),
+                      (lambda r: r["tasks"]["piqa"]["shard"].__setitem__("items_total", 6), "task sizes"),
+                      (lambda r: r["provenance"]["arguments"].__setitem__("max_new_tokens", 9), "max_new_tokens"),
+                      (lambda r: r["tasks"].pop("lambada"), "tasks differ"),
+                      (lambda r: r["tasks"]["piqa"].pop("items"), "--no-items")]:
+        bad = json.loads(json.dumps(base))
+        edit(bad[2])
+        with pytest.raises(evaluate.EvalError, match=re.escape(msg)):
+            evaluate.merge_bench(bad, ["a.json", "b.json", "c.json"])
+    bad = json.loads(json.dumps(base))
+    bad[1]["provenance"]["git"] = {"commit": "0" * 40, "dirty": True}     # allowed, noted
+    assert "git" in evaluate.merge_bench(bad)["provenance"]["merge"]["warnings"][0]
+    # usage errors of --shard and --limit fail before the models load
+    dec_dir = tiny_checkpoints[0]
+    for extra in (["--shard", "2/2", "--json", str(tmp_path / "x.json")], ["--shard", "0/2"],
+                  ["--limit", "hellaswag=3"], ["--limit", "gsm8k=many"]):
+        assert main(["eval", "bench", "--tasks", "piqa,gsm8k", "--decoder", dec_dir, *extra]) == 2
 
 
 # -- lm-eval ----------------------------------------------------------------------------------
