@@ -239,8 +239,8 @@ def score_after_every_token(decoder, coprocessor, input_ids: torch.Tensor, posit
 class ContinuationScore:
     nll_base: torch.Tensor      # (C,) NLL of each continuation token, plain decoder
     nll_aug: torch.Tensor       # (C,) same with latents inserted at the point
-    logits_base: torch.Tensor   # (C, V)
-    logits_aug: torch.Tensor    # (C, V)
+    logits_base: torch.Tensor   # (C, V) float32 log-probabilities (normalised logits)
+    logits_aug: torch.Tensor    # (C, V) same
     latents: torch.Tensor       # (NL, d)
     attn_to_latents: torch.Tensor | None  # (C, NL): mean over heads and layers
 
@@ -252,18 +252,24 @@ def score_continuation(decoder, coprocessor, input_ids: torch.Tensor, point: int
     T = input_ids.shape[1]
     if not 0 <= point <= T - 2:
         raise ValueError(f"the augmentation point must be in [0, {T - 2}], got {point}")
-    # Plain logits only from the point on (positions point..T-1): the tokens before it are not scored.
-    out = decoder(input_ids=input_ids, use_cache=True, **_logits_to_keep(decoder, T - point))
-    cache, logits = out.past_key_values, out.logits[:, -(T - point):]
-    base = token_nll(logits[0, :-1], input_ids[0, point + 1:])
+    C = T - 1 - point                                   # scored tokens: point+1..T-1
+    out = decoder.base_model(input_ids=input_ids, use_cache=True)
+    cache = out.past_key_values
     pts = torch.tensor([[point]], device=input_ids.device)
-    out = multi_point(decoder, coprocessor, input_ids, pts, T - 1 - point, cache=kv.prefix(cache, point + 1))
-    la = out.logits[0, 0]
-    aug = token_nll(la, out.targets[0, 0])
+    mp = multi_point(decoder, coprocessor, input_ids, pts, C, cache=kv.prefix(cache, point + 1), with_logits=False)
+    # One LM head over both arms' scored rows (plain: positions point..T-2; one (2C, d) matmul runs
+    # faster than two of C rows), then log-probabilities in place, a few rows at a time on CPU: a
+    # (C, V) float matrix is ~37 MB for SmolLM2 and every whole-matrix temporary costs page faults
+    # and a trip through memory. The NLL is a gather (cross-entropy would redo the log-softmax).
+    logp = hidden_to_logits(decoder, torch.cat([out.last_hidden_state[0, point:-1], mp.hidden[0, 0]])).float()
+    rows = 8 if logp.device.type == "cpu" else 2 * C
+    for i in range(0, 2 * C, rows):
+        logp[i:i + rows] = torch.log_softmax(logp[i:i + rows], -1)
+    nll = -logp.gather(-1, input_ids[0, point + 1:].repeat(2)[:, None])[:, 0]
     attn = None
     if with_attention:
-        attn = latent_attention(decoder, coprocessor, cache, input_ids, point, out.latents)
-    return ContinuationScore(base, aug, logits[0, :-1], la, out.latents[0, 0], attn)
+        attn = latent_attention(decoder, coprocessor, cache, input_ids, point, mp.latents)
+    return ContinuationScore(nll[:C], nll[C:], logp[:C], logp[C:], mp.latents[0, 0], attn)
 
 
 def latent_attention(decoder, coprocessor, cache, input_ids, point, latents):

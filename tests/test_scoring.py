@@ -1,0 +1,54 @@
+"""Mode (a) scoring: `augment.score_continuation` and `workbench.compare_next_token` against
+whole-matrix references (the row-chunked CPU paths must give the same numbers)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cacheaug_core import augment
+from cacheaug_core.config import CoprocessorConfig
+from cacheaug_core.coprocessor import Coprocessor
+from cacheaug_core.workbench import compare_next_token
+from tests.conftest import tiny_decoder
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(refeed_last=True), dict(latent_pos="shared"),
+                                    dict(refeed_last=True, hide_point=True, shift_ahead=False, latent_gate=True,
+                                         gate_init=-1.0)],
+                         ids=["default", "refeed", "shared", "gated"])  # "gated": the shipped layout
+def test_score_continuation_matches_reference(arch, layout):
+    dec = tiny_decoder(arch)
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, **layout), dec).eval()
+    T = 21
+    ids = torch.randint(1, 96, (1, T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = dec(input_ids=ids).logits[0].float()
+    for point in (0, 6, T - 2):  # 20 scored rows per arm (several 8-row chunks, a partial one), 14, 1
+        C = T - 1 - point
+        sc = augment.score_continuation(dec, cop, ids, point)
+        with torch.no_grad():
+            mp = augment.multi_point(dec, cop, ids, torch.tensor([[point]]), C)
+        ref_base, ref_aug = full[point:-1], mp.logits[0, 0].float()
+        tgt = ids[0, point + 1:]
+        assert sc.logits_base.shape == sc.logits_aug.shape == (C, full.shape[-1])
+        assert sc.logits_base.dtype == sc.logits_aug.dtype == torch.float32
+        torch.testing.assert_close(sc.logits_base, torch.log_softmax(ref_base, -1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sc.logits_aug, torch.log_softmax(ref_aug, -1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sc.nll_base, F.cross_entropy(ref_base, tgt, reduction="none"), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sc.nll_aug, augment.token_nll(ref_aug, mp.targets[0, 0]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sc.latents, mp.latents[0, 0])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 100])
+def test_compare_next_token_matches_whole_matrix(rows):
+    g = torch.Generator().manual_seed(0)
+    xb = torch.randn(19, 50, generator=g) * 3
+    xa = xb + torch.randn(19, 50, generator=g)
+    lb, la = torch.log_softmax(xb, -1), torch.log_softmax(xa, -1)
+    (ib, pb), (ia, pa), kl = compare_next_token(lb, la, 5, rows_per_chunk=rows)
+    kb, ka = lb.topk(5, -1), la.topk(5, -1)
+    assert torch.equal(ib, kb.indices) and torch.equal(ia, ka.indices)
+    torch.testing.assert_close(pb, kb.values.exp())
+    torch.testing.assert_close(pa, ka.values.exp())
+    torch.testing.assert_close(kl, F.kl_div(lb, la, reduction="none", log_target=True).sum(-1))
+    assert (kl >= -1e-6).all()
