@@ -12,6 +12,8 @@ from these results. The Gradio app, the CLI and notebooks all call the same meth
 
 from __future__ import annotations
 
+import copy
+
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -116,6 +118,7 @@ class Workbench:
         self.notice = notice
         self.pause = None  # optional pause-token checkpoint, an extra arm
         self.pause_source = ""
+        self._last_score = None  # (key, result) of the last score_text: token clicks re-read it
 
     @classmethod
     def load(cls, decoder: str | None = None, coprocessor: str | None = None, num_latents: int = 16,
@@ -247,19 +250,27 @@ class Workbench:
         if point is None:
             point = max(0, min(T - 2, T // 4))
         point = int(min(max(point, 0), T - 2))
+        # Clicking tokens of one analysis asks for the same scores again (about a second on CPU
+        # each time): the last result is kept, keyed by everything it depends on.
+        key = (tuple(ids[0].tolist()), point, int(top_k), id(self.decoder), id(self.coprocessor))
+        last = self._last_score
+        if last is not None and last[0] == key and (last[1]["attn_to_latents"] is not None or not with_attention):
+            return copy.deepcopy(last[1]) | {"notice": notice}
         sc = augment.score_continuation(self.decoder, self.coprocessor, ids, point, with_attention=with_attention)
         (ib, pb), (ia, pa), kl = compare_next_token(sc.logits_base, sc.logits_aug, top_k)
         nb = np.full(T, np.nan)
         na = np.full(T, np.nan)
         nb[point + 1:] = sc.nll_base.cpu().numpy()
         na[point + 1:] = sc.nll_aug.cpu().numpy()
-        return {
+        res = {
             "tokens": self.token_strings(ids[0]), "point": point, "nll_base": nb, "nll_aug": na,
             "topk_base": (ib.cpu().numpy(), pb.cpu().numpy()), "topk_aug": (ia.cpu().numpy(), pa.cpu().numpy()),
             "kl_aug_base": kl.cpu().numpy(), "latents": sc.latents.float().cpu().numpy(),
             "attn_to_latents": None if sc.attn_to_latents is None else sc.attn_to_latents.cpu().numpy(),
             "notice": notice,
         }
+        self._last_score = (key, res)
+        return copy.deepcopy(res)
 
     def score_every(self, text: str, positions: int = 16, progress=None) -> dict:
         """Mode (b): latents after every token; the n-th token ahead scored for n = 1..positions."""

@@ -52,3 +52,27 @@ def test_compare_next_token_matches_whole_matrix(rows):
     torch.testing.assert_close(pa, ka.values.exp())
     torch.testing.assert_close(kl, F.kl_div(lb, la, reduction="none", log_target=True).sum(-1))
     assert (kl >= -1e-6).all()
+
+
+def test_score_text_reuses_the_last_analysis(monkeypatch):
+    """Token clicks re-read the last mode (a) analysis instead of scoring the text again."""
+    from cacheaug_core.workbench import Workbench
+    from tests.conftest import TinyTokenizer
+
+    dec = tiny_decoder("llama")
+    cop = Coprocessor(CoprocessorConfig(num_latents=2), dec).eval()
+    wb = Workbench(dec, TinyTokenizer(), None, cop, "untrained-test")
+    calls = []
+    real = augment.score_continuation
+    monkeypatch.setattr(augment, "score_continuation", lambda *a, **k: calls.append(k) or real(*a, **k))
+    text = "abcdefghijklmnop"
+    first = wb.score_text(text, point=3, top_k=4, with_attention=True)
+    again = wb.score_text(text, point=3, top_k=4, with_attention=False)     # a click: attention not needed
+    assert len(calls) == 1
+    for k in ("nll_base", "nll_aug", "kl_aug_base", "latents"):
+        assert (first[k] == again[k])[~(first[k] != first[k])].all()      # equal where not NaN
+    again["nll_aug"][:] = 0                                                  # callers get copies
+    assert not (wb.score_text(text, point=3, top_k=4)["nll_aug"] == 0).all()
+    wb.score_text(text, point=4, top_k=4)                                    # another point: scored again
+    wb.score_text(text + "q", point=4, top_k=4)                              # another text: scored again
+    assert len(calls) == 3
