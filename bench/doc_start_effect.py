@@ -67,6 +67,17 @@ def main(argv=None) -> int:
         for k in ("all", "early", "rest"):
             print(f"  {k:5s}", " ".join(f"pos{r['position']} {r['rel_ppl_change_pct']:+.2f}% (n={r['tokens']})" for r in rows[k]))
     if args.json:
+        import platform
+        import subprocess
+
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        except OSError:
+            commit = None
+        out["provenance"] = {"command": " ".join(["python"] + sys.argv), "commit": commit,
+                             "device": platform.processor() or platform.machine(), "torch": torch.__version__,
+                             "threads": torch.get_num_threads(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
