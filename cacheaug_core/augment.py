@@ -451,3 +451,131 @@ def stream_generate(decoder, tokenizer, coprocessor, prompt_ids: torch.Tensor, a
             logits = st.feed_after(t)
         else:
             logits = st.feed_clean(t.view(1, 1))
+
+
+class _BatchState:
+    """Greedy decoding state for B prompts of different lengths at once (benchmark generation).
+
+    Prompts are right-padded into one (B, P) prefill, so the coprocessor reads each row's cache up
+    to the row's own point as usual. Every later input is appended at the same cache column for all
+    rows but carries its row's own position id; `keys` (B, K) says which cache columns later inputs
+    may see (not the padding, not a hidden point entry), and every forward gets the 4-D mask built
+    from it plus causality among the new inputs.
+    """
+
+    def __init__(self, decoder, coprocessor, prompts: list[list[int]], pad_id: int = 0):
+        self.decoder, self.cop = decoder, coprocessor
+        self.gate = gate_of(coprocessor)
+        dev = decoder.device
+        self.n = torch.tensor([len(p) for p in prompts], device=dev)                 # (B,) prompt lengths
+        B, P = len(prompts), int(self.n.max())
+        ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        self.ids, self.P = ids, P
+        self.cache = None
+        self.keys = torch.zeros(B, 0, dtype=torch.bool, device=dev)                 # (B, K) visible columns
+        self.latent_cols = None
+        self.next_pos = self.n.clone()                                               # (B,) next position id
+
+    def _forward(self, visible: torch.Tensor, pos: torch.Tensor, **inputs) -> torch.Tensor:
+        """Append n inputs per row (visible (B, n): may later inputs see them) -> hidden (B, n, d)."""
+        B, n = visible.shape
+        K = self.keys.shape[1] + n
+        allowed = torch.cat([self.keys[:, None, :].expand(B, n, -1),
+                             visible[:, None, :] & torch.ones(n, n, dtype=torch.bool, device=pos.device).tril()],
+                            dim=2)                                                    # (B, n, K)
+        kw = {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder))}   # (B, 1, n, K)
+        if self.gate is not None and self.latent_cols is not None:
+            cols = torch.zeros(K, dtype=torch.bool, device=pos.device)
+            cols[self.latent_cols[0]: self.latent_cols[1]] = True
+            kw["latent_gate"] = (self.gate, cols)
+        out = self.decoder.base_model(position_ids=pos, past_key_values=self.cache, use_cache=True, **inputs, **kw)
+        self.cache = out.past_key_values
+        self.keys = torch.cat([self.keys, visible], dim=1)
+        return out.last_hidden_state
+
+    def prefill(self) -> torch.Tensor:
+        """The prompts -> next-token logits (B, V) at each row's last prompt token."""
+        B, P = self.ids.shape
+        cols = torch.arange(P, device=self.ids.device)
+        visible = cols[None] < self.n[:, None]                                        # (B, P) not padding
+        h = self._forward(visible, cols[None].expand(B, P), input_ids=self.ids)
+        last = h[torch.arange(B, device=h.device), self.n - 1]                         # (B, d)
+        return hidden_to_logits(self.decoder, last)
+
+    def latents(self) -> torch.Tensor:
+        """Latents at each row's last prompt token, from the prompt's cache. -> (B, 1, NL, d)"""
+        return self.cop(kv.fork(self.cache), (self.n - 1)[:, None])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) -> next-token logits (B, V)."""
+        pos = self.next_pos[:, None]
+        h = self._forward(torch.ones_like(pos, dtype=torch.bool), pos, input_ids=tokens[:, None])
+        self.next_pos = self.next_pos + 1
+        return hidden_to_logits(self.decoder, h[:, -1])
+
+    def insert(self, latents: torch.Tensor, last_tokens: torch.Tensor, point_col: int | torch.Tensor):
+        """Append each row's group (latents, re-fed last token) after its clean text.
+
+        latents (B, 1, NL, d); last_tokens (B,) the point tokens x_p; point_col: the cache column
+        of x_p's original entry (hidden from now on with `hide_point`). -> next-token logits (B, V).
+        """
+        layout = self.cop.layout(1)
+        dtype = decoder_dtype(self.decoder)
+        x = latents[:, 0].to(dtype)                                                  # (B, NL, d)
+        if layout.refeed_last:
+            x = torch.cat([x, embed(self.decoder, last_tokens[:, None])], dim=1)      # (B, NL + 1, d)
+        points = (self.next_pos - 1)[:, None]                                         # (B, 1) position of x_p
+        pos = masks.group_positions(points, layout)[:, 0, : x.shape[1]]               # (B, G)
+        if layout.hide_point:
+            rows = torch.arange(self.keys.shape[0], device=x.device)
+            self.keys[rows, point_col] = False
+        start = self.keys.shape[1]
+        self.latent_cols = (start, start + layout.num_latents)
+        h = self._forward(torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), pos, inputs_embeds=x)
+        self.next_pos = points[:, 0] + 1 + layout.offset
+        return hidden_to_logits(self.decoder, h[:, -1])
+
+
+@torch.no_grad()
+def greedy_generate_batch(decoder, coprocessor, prompts: list[list[int]], max_new_tokens: int = 256,
+                          async_delay: int = 0, pad_id: int = 0, stop_ids=(), should_stop=None) -> list[list[int]]:
+    """Greedy continuations of several prompts at once; the same tokens as `stream_generate` with
+    temperature 0 for each prompt alone (up to floating-point ties).
+
+    coprocessor None: the plain decoder; otherwise it is called once at the end of each prompt and
+    its latents are inserted there, or after `async_delay` generated tokens (Table 8). A row stops at
+    a token in `stop_ids`, when `should_stop(row, tokens)` says so, or after max_new_tokens; the
+    batch runs until every row has stopped.
+    """
+    st = _BatchState(decoder, coprocessor, prompts, pad_id)
+    B = len(prompts)
+    logits = st.prefill()
+    use = coprocessor is not None
+    pending = None
+    if use:
+        z = st.latents()
+        if async_delay > 0:
+            pending = z
+        else:
+            logits = st.insert(z, st.ids[torch.arange(B, device=st.ids.device), st.n - 1], st.n - 1)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    stop_ids = set(s for s in stop_ids if s is not None)
+    for i in range(max_new_tokens):
+        tok = logits.argmax(-1)                                                       # (B,)
+        for b, t in enumerate(tok.tolist()):
+            if not done[b]:
+                out[b].append(t)
+                if t in stop_ids or (should_stop is not None and should_stop(b, out[b])):
+                    done[b] = True
+        if all(done) or i == max_new_tokens - 1:
+            break
+        if pending is not None and i + 1 >= async_delay:
+            st.step(tok)                                                              # x_p: token `async_delay`
+            logits = st.insert(pending, tok, st.keys.shape[1] - 1)
+            pending = None
+        else:
+            logits = st.step(tok)
+    return out

@@ -355,84 +355,104 @@ def _token_logprobs(decoder, hidden: torch.Tensor, targets: torch.Tensor):
     return torch.stack(lps), torch.stack(gs)
 
 
-@torch.no_grad()
-def score_choices(decoder, ctx_ids: list[int], conts: list[list[int]], coprocessors: dict,
-                  async_delay: int = 0, pad_id: int = 0, batch: int = 16) -> dict[str, ChoiceScores]:
-    """Log-likelihood of each continuation after one context, for several arms sharing one prefill.
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (R, T, ...) at per-row indices idx (R, n) -> (R, n, ...)."""
+    shape = idx.shape + x.shape[2:]
+    flat = idx.reshape(idx.shape[0], -1)
+    for _ in x.shape[2:]:
+        flat = flat[..., None]
+    return torch.gather(x, 1, flat.expand(-1, -1, *x.shape[2:])).view(shape)
 
-    coprocessors: arm name -> coprocessor, or None for the plain decoder. An augmented arm calls
-    its coprocessor once, on the cache of the context (at its last token), and the decoder reads
-    the latents before the continuation, as in generation: the continuation's first token is
-    predicted from the last latent (or from the re-fed context token with `refeed_last`), and the
-    continuation's positions are shifted past the latents.
+
+def request_batches(lengths: list[int], max_tokens: int = 16384, max_rows: int = 256) -> list[list[int]]:
+    """Indices of requests grouped into batches of at most `max_tokens` padded tokens (rows x the
+    longest row) and `max_rows` rows, longest first, so rows of one batch have similar lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, cur, longest = [], [], 0
+    for i in order:
+        L = max(longest, lengths[i])
+        if cur and (L * (len(cur) + 1) > max_tokens or len(cur) >= max_rows):
+            out.append(cur)
+            cur, L = [], lengths[i]
+        cur.append(i)
+        longest = L
+    if cur:
+        out.append(cur)
+    return out
+
+
+@torch.no_grad()
+def score_requests(decoder, requests: list[tuple[list[int], list[int]]], coprocessors: dict,
+                   async_delay: int = 0, pad_id: int = 0, max_tokens: int = 16384) -> dict[str, ChoiceScores]:
+    """Log-likelihood of each (context, continuation) request, for several arms, batched across requests.
+
+    coprocessors: arm name -> coprocessor, or None for the plain decoder. An augmented arm calls its
+    coprocessor once, on the cache of the context (at its last token), and the decoder reads the
+    latents before the continuation, as in generation: the continuation's first token is predicted
+    from the last latent (or from the re-fed context token with `refeed_last`).
 
     async_delay=N (Table 8, applied to scoring): the latents, still computed from the context alone,
     arrive after the first N continuation tokens. Those N tokens are scored by the plain decoder;
-    the latents are then inserted after continuation token N (position ids continue from it) and
-    the remaining tokens are scored with them. A continuation of <= N tokens is scored plainly.
+    the latents are inserted after continuation token N and the rest is scored with them. A
+    continuation of <= N tokens is scored plainly.
 
-    Choices are processed `batch` at a time as the rows of one batched pass against the context's
-    cache (the plain arm: one pass over the continuations; an augmented arm: one masked group pass,
-    `augment.group_forward`, per batch).
+    Requests are packed into batches of at most `max_tokens` padded tokens. Per batch: one plain
+    pass over the right-padded rows context + continuation (R, T), whose outputs score the plain
+    arm and whose cache serves every arm; per augmented arm one coprocessor call at each row's
+    context end and one masked group pass (`augment.group_forward`); a group reads only cache
+    entries up to its own point, so padding and the continuation's own entries stay unseen.
     """
-    dev = decoder.device
-    Tc, N = len(ctx_ids), int(async_delay)
-    ctx = torch.tensor([ctx_ids], device=dev)                                         # (1, Tc)
-    cache, logits = augment.prefill(decoder, ctx)
-    first_lp = torch.log_softmax(logits[0, -1].float(), -1)                           # (V,): predicts token 1
-    first_arg = int(logits[0, -1].argmax())
-    point = torch.tensor([[Tc - 1]], device=dev)
-    latents = {a: c(cache, point) for a, c in coprocessors.items() if c is not None}  # (1, 1, NL, d)
-    need_plain = any(c is None for c in coprocessors.values())
-    out = {a: ChoiceScores([], [], []) for a in coprocessors}
-    for s in range(0, len(conts), batch):
-        part = [list(c) for c in conts[s: s + batch]]
-        C, lens = len(part), [len(c) for c in part]
-        L = max(max(lens), 1)
-        rows = torch.full((C, Tc + L), pad_id, dtype=torch.long, device=dev)         # context + continuation
-        rows[:, :Tc] = ctx
-        for i, c in enumerate(part):
-            rows[i, Tc: Tc + len(c)] = torch.tensor(c, dtype=torch.long)
-        targets = rows[:, Tc:]                                                        # (C, L)
-        valid = torch.arange(L, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]
-        lp0 = first_lp[targets[:, 0]][:, None]                                        # (C, 1)
-        g0 = (targets[:, 0] == first_arg)[:, None]
-        # Plain reading of the first F continuation tokens: the whole continuation for the decoder
-        # arm, the first N for delayed latents. One pass; its cache serves every arm.
-        f_aug = (L - 1 if N >= L else N) if latents else 0
-        F_ = max(L - 1 if need_plain else 0, f_aug)
-        cache_c = kv.repeat_batch(cache, C)
-        if F_ > 0:
-            o = decoder.base_model(input_ids=rows[:, Tc: Tc + F_], past_key_values=cache_c, use_cache=True)
-            cache_c = o.past_key_values                                               # Tc + F_ positions
-            plp, pg = _token_logprobs(decoder, o.last_hidden_state, targets[:, 1: F_ + 1])  # (C, F_)
-        else:
-            plp = torch.zeros(C, 0, device=dev)
-            pg = torch.zeros(C, 0, dtype=torch.bool, device=dev)
+    dev, N = decoder.device, int(async_delay)
+    if any(len(c) == 0 for c, _ in requests):
+        raise EvalError("every request needs at least one context token (a BOS or prefix token)")
+    out = {a: ChoiceScores([None] * len(requests), [None] * len(requests), [None] * len(requests))
+           for a in coprocessors}
+    lengths = [len(c) + max(len(t), 1) for c, t in requests]
+    for idx in request_batches(lengths, max_tokens):
+        reqs = [requests[i] for i in idx]
+        R = len(reqs)
+        tc = torch.tensor([len(c) for c, _ in reqs], device=dev)                       # (R,) context lengths
+        lens = torch.tensor([len(t) for _, t in reqs], device=dev)                     # (R,) continuation lengths
+        L, T = max(int(lens.max()), 1), max(len(c) + len(t) for c, t in reqs)
+        rows = torch.full((R, T), pad_id, dtype=torch.long, device=dev)               # context + continuation
+        for r, (c, t) in enumerate(reqs):
+            rows[r, : len(c) + len(t)] = torch.tensor(list(c) + list(t), dtype=torch.long)
+        k = torch.arange(L, device=dev)[None]                                          # (1, L)
+        valid = k < lens[:, None]                                                      # (R, L)
+        tpos = (tc[:, None] + k).clamp(max=T - 1)                                      # (R, L) continuation positions
+        targets = torch.gather(rows, 1, tpos)                                          # (R, L)
+        o = decoder.base_model(input_ids=rows, use_cache=True)                         # right padding: no mask needed
+        cache = o.past_key_values                                                      # (R, T) per layer
+        plp, pg = _token_logprobs(decoder, _gather_rows(o.last_hidden_state, tpos - 1), targets)  # (R, L)
+        del o
         for arm, cop in coprocessors.items():
-            if cop is None or N >= L:
-                lp, g = torch.cat([lp0, plp[:, : L - 1]], 1), torch.cat([g0, pg[:, : L - 1]], 1)
-            else:
-                A = L - N                                                             # tokens read with latents
+            lp, g = plp, pg
+            if cop is not None and int(lens.max()) > N:
+                A = L - N                                                              # tokens read with latents
                 layout = cop.layout(A)
-                pts = torch.full((C, 1), Tc + N - 1, device=dev)
-                tokens, _, _ = masks.group_tokens(rows, pts, layout, pad_id)           # (C, 1, n_tokens)
-                z = latents[arm].expand(C, 1, -1, -1)                                 # (C, 1, NL, d)
-                o = augment.group_forward(decoder, kv.prefix(cache_c, Tc + N), pts, z, tokens, layout,
-                                          gate=augment.gate_of(cop))
-                h = o.last_hidden_state.view(C, layout.group_len, -1)[:, -A:]          # (C, A, d)
-                glp, gg = _token_logprobs(decoder, h, targets[:, N:])
-                if N == 0:
-                    lp, g = glp, gg
-                else:
-                    lp = torch.cat([lp0, plp[:, : N - 1], glp], 1)
-                    g = torch.cat([g0, pg[:, : N - 1], gg], 1)
+                z = cop(cache, (tc - 1)[:, None])                                      # (R, 1, NL, d)
+                pts = (tc - 1 + N).clamp(max=T - 1)[:, None]                           # (R, 1)
+                tokens, _, _ = masks.group_tokens(rows, pts, layout, pad_id)            # (R, 1, n_tokens)
+                go = augment.group_forward(decoder, cache, pts, z, tokens, layout, gate=augment.gate_of(cop))
+                h = go.last_hidden_state.view(R, layout.group_len, -1)[:, -A:]         # (R, A, d)
+                glp, gg = _token_logprobs(decoder, h, targets[:, N:])                  # (R, A)
+                aug = (lens > N)[:, None]                                              # rows that read latents
+                lp = torch.cat([plp[:, :N], torch.where(aug, glp, plp[:, N:])], 1)
+                g = torch.cat([pg[:, :N], torch.where(aug, gg, pg[:, N:])], 1)
             lp = torch.where(valid, lp.double(), 0.0)
-            for i in range(C):
-                out[arm].token_logprobs.append(lp[i, : lens[i]].tolist())
-                out[arm].logprobs.append(float(lp[i].sum()))
-                out[arm].greedy.append(bool(g[i][valid[i]].all()))
+            for r, i in enumerate(idx):
+                n = int(lens[r])
+                out[arm].token_logprobs[i] = lp[r, :n].tolist()
+                out[arm].logprobs[i] = float(lp[r].sum())
+                out[arm].greedy[i] = bool(g[r][valid[r]].all())
     return out
+
+
+def score_choices(decoder, ctx_ids: list[int], conts: list[list[int]], coprocessors: dict,
+                  async_delay: int = 0, pad_id: int = 0, max_tokens: int = 16384) -> dict[str, ChoiceScores]:
+    """Log-likelihood of each continuation after one context, for several arms (`score_requests`)."""
+    return score_requests(decoder, [(list(ctx_ids), list(c)) for c in conts], coprocessors, async_delay, pad_id,
+                          max_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,7 +600,8 @@ def _latent_span(wb) -> int:
     return max((c.layout(1).offset + c.config.num_latents for c in cops), default=0)
 
 
-def evaluate_multiple_choice(wb, items: list[dict], arms, async_delay: int = 0, progress: bool = False) -> dict:
+def evaluate_multiple_choice(wb, items: list[dict], arms, async_delay: int = 0, progress: bool = False,
+                             batch_tokens: int = 16384, block: int = 256) -> dict:
     """Zero-/few-shot multiple choice by log-likelihood (lm-eval's protocol), per arm.
 
     Each choice i is scored as log P(continuation_i | context_i) with item["pairs"][i] when given
@@ -589,6 +610,9 @@ def evaluate_multiple_choice(wb, items: list[dict], arms, async_delay: int = 0, 
     acc_norm: highest log-prob divided by the continuation's length in characters (lm-eval's
     acc_norm). A single-choice item (LAMBADA) is correct when its continuation is the greedy decode
     (lm-eval's LAMBADA acc); acc_norm is then the same. The CoT arm does not apply (None).
+
+    The choices of `block` items at a time go to `score_requests` together, which packs them into
+    batches of at most `batch_tokens` padded tokens.
     """
     tok, dec = wb.tokenizer, wb.decoder
     model_arms = {a: c for a, c in arm_coprocessors(wb, arms).items() if a != "cot"}
@@ -597,76 +621,105 @@ def evaluate_multiple_choice(wb, items: list[dict], arms, async_delay: int = 0, 
     correct = {a: [] for a in model_arms}
     correct_norm = {a: [] for a in model_arms}
     records = []
-    it = items
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(items, desc="mc", unit="item", file=sys.stderr, leave=False)
-    for item in it:
-        gold = int(item["gold"])
-        pairs = item.get("pairs") or [[item["context"], c] for c in item["choices"]]
-        enc = [encode_pair(tok, c, t, pid) for c, t in pairs]
-        # One prefill and one coprocessor call per distinct context, all its continuations batched.
-        # Usually every choice shares the context; WinoGrande's options sit in the context instead.
-        by_ctx: dict = {}
-        for i, (c_ids, _) in enumerate(enc):
-            by_ctx.setdefault(tuple(c_ids), []).append(i)
-        lps = {a: [0.0] * len(enc) for a in model_arms}
-        greedy = {a: [False] * len(enc) for a in model_arms}
-        ntok = [len(t) for _, t in enc]
-        for c_ids, idx in by_ctx.items():
-            conts = [enc[i][1] for i in idx]
-            sc = score_choices(dec, _fit_context(list(c_ids), conts, limit), conts, model_arms,
-                               async_delay=async_delay, pad_id=pad)
-            for a, s in sc.items():
-                for j, i in enumerate(idx):
-                    lps[a][i], greedy[a][i] = s.logprobs[j], s.greedy[j]
-        rec = {"id": item.get("id"), "gold": gold, "tokens": ntok}
-        for a in model_arms:
-            lp = np.array(lps[a])
-            if len(enc) == 1:
-                pred = pred_norm = 0 if greedy[a][0] else -1
-                ok = ok_norm = greedy[a][0]
-            else:
-                norm = lp / np.array([max(len(t), 1) for _, t in pairs])       # per character of the continuation
-                pred, pred_norm = int(np.argmax(lp)), int(np.argmax(norm))
-                ok, ok_norm = pred == gold, pred_norm == gold
-            correct[a].append(bool(ok))
-            correct_norm[a].append(bool(ok_norm))
-            rec[a] = {"pred": pred, "pred_norm": pred_norm, "logprobs": [round(x, 4) for x in lps[a]]}
-        records.append(rec)
+        bar = tqdm(total=len(items), desc="mc", unit="item", file=sys.stderr, leave=False)
+    for s in range(0, len(items), block):
+        part = items[s: s + block]
+        pairs_of = [item.get("pairs") or [[item["context"], c] for c in item["choices"]] for item in part]
+        reqs, starts = [], []
+        for pairs in pairs_of:
+            enc = [encode_pair(tok, c, t, pid) for c, t in pairs]
+            conts = [t for _, t in enc]
+            starts.append(len(reqs))
+            reqs.extend((_fit_context(c_ids, conts, limit), t_ids) for c_ids, t_ids in enc)
+        sc = score_requests(dec, reqs, model_arms, async_delay=async_delay, pad_id=pad, max_tokens=batch_tokens)
+        for j, (item, pairs) in enumerate(zip(part, pairs_of)):
+            mine = range(starts[j], starts[j] + len(pairs))
+            gold = int(item["gold"])
+            rec = {"id": item.get("id"), "gold": gold, "tokens": [len(reqs[i][1]) for i in mine]}
+            for a in model_arms:
+                lp = np.array([sc[a].logprobs[i] for i in mine])
+                greedy = [sc[a].greedy[i] for i in mine]
+                if len(mine) == 1:
+                    pred = pred_norm = 0 if greedy[0] else -1
+                    ok = ok_norm = greedy[0]
+                else:
+                    norm = lp / np.array([max(len(t), 1) for _, t in pairs])   # per character of the continuation
+                    pred, pred_norm = int(np.argmax(lp)), int(np.argmax(norm))
+                    ok, ok_norm = pred == gold, pred_norm == gold
+                correct[a].append(bool(ok))
+                correct_norm[a].append(bool(ok_norm))
+                rec[a] = {"pred": pred, "pred_norm": pred_norm, "logprobs": [round(float(x), 4) for x in lp]}
+            records.append(rec)
+        if bar is not None:
+            bar.update(len(part))
+    if bar is not None:
+        bar.close()
     per_item = {a: {"acc": correct[a], "acc_norm": correct_norm[a]} for a in model_arms}
     return {"type": "multiple_choice", "n": len(items), "metrics": task_metrics(arms, per_item), "items": records,
             "_correct": per_item}
 
 
+def generate_texts(decoder, tokenizer, coprocessor, prompts: list[list[int]], max_new_tokens: int = 256,
+                   stops=None, async_delay: int = 0, batch_tokens: int = 65536, progress=None) -> list[str]:
+    """`generate_text` for many prompts, batched (`augment.greedy_generate_batch`): greedy, each
+    cut at the first of its stop strings (stops: one tuple per prompt, default GSM8K_STOP).
+    Prompts are grouped by length into batches of at most `batch_tokens` (prompt + new) tokens."""
+    stops = stops or [GSM8K_STOP] * len(prompts)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    texts = [""] * len(prompts)
+    for idx in request_batches([len(p) + max_new_tokens for p in prompts], batch_tokens):
+        def should_stop(b, toks, idx=idx):
+            # the stop strings are short: the tail of the text is enough to see one appear
+            tail = tokenizer.decode(toks[-16:], skip_special_tokens=True)
+            return any(s and s in tail for s in stops[idx[b]])
+
+        outs = augment.greedy_generate_batch(decoder, coprocessor, [prompts[i] for i in idx], max_new_tokens,
+                                             async_delay=async_delay if coprocessor is not None else 0,
+                                             pad_id=pad, stop_ids={eos}, should_stop=should_stop)
+        for i, toks in zip(idx, outs):
+            texts[i] = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), stops[i])
+        if progress is not None:
+            progress.update(len(idx))
+    return texts
+
+
 def evaluate_generation(wb, items: list[dict], arms, async_delay: int = 0, max_new_tokens: int = 256,
-                        stop=GSM8K_STOP, progress: bool = False) -> dict:
+                        stop=GSM8K_STOP, progress: bool = False, batch_tokens: int = 65536) -> dict:
     """GSM8K-style generation: greedy decoding from the (few-shot) prompt, cut at the item's "stop"
     strings (else `stop`), exact match of the final number (`extract_answer` on both the completion
     and the gold answer). Arms: decoder; + coprocessor / pause (called once at the end of the
-    prompt, or `async_delay` tokens late); cot = the plain decoder with COT_SUFFIX appended."""
+    prompt, or `async_delay` tokens late); cot = the plain decoder with COT_SUFFIX appended.
+    Each arm generates for all items in batches of at most `batch_tokens` (prompt + new) tokens."""
     tok, dec = wb.tokenizer, wb.decoder
     cops = arm_coprocessors(wb, arms)
-    correct = {a: [] for a in arms}
-    records = []
     limit = max_positions(dec) - _latent_span(wb) - max_new_tokens
-    it = items
+    golds = [extract_answer(str(item["answer"])) for item in items]
+    stops = [tuple(item.get("stop") or stop) for item in items]
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(items, desc="gen", unit="item", file=sys.stderr, leave=False)
-    for item in it:
-        gold = extract_answer(str(item["answer"]))
-        rec = {"id": item.get("id"), "gold": gold}
+        bar = tqdm(total=len(items) * len(arms), desc="gen", unit="item", file=sys.stderr, leave=False)
+    texts = {}
+    for a in arms:
+        prompts = [item["prompt"].rstrip() + COT_SUFFIX if a == "cot" else item["prompt"] for item in items]
+        ids = [tok.encode(p, add_special_tokens=False)[-max(limit, 1):] for p in prompts]
+        texts[a] = generate_texts(dec, tok, cops[a], ids, max_new_tokens, stops, async_delay, batch_tokens, bar)
+    if bar is not None:
+        bar.close()
+    correct = {a: [] for a in arms}
+    records = []
+    for j, item in enumerate(items):
+        rec = {"id": item.get("id"), "gold": golds[j]}
         for a in arms:
-            prompt = item["prompt"].rstrip() + COT_SUFFIX if a == "cot" else item["prompt"]
-            ids = tok.encode(prompt, add_special_tokens=False)[-max(limit, 1):]
-            text = generate_text(dec, tok, cops[a], ids, max_new_tokens, item.get("stop") or stop,
-                                 async_delay=async_delay)
-            pred = extract_answer(text)
-            correct[a].append(pred is not None and pred == gold)
-            rec[a] = {"pred": pred, "correct": correct[a][-1], "text": text}
+            pred = extract_answer(texts[a][j])
+            correct[a].append(pred is not None and pred == golds[j])
+            rec[a] = {"pred": pred, "correct": correct[a][-1], "text": texts[a][j]}
         records.append(rec)
     per_item = {a: {"exact_match": correct[a]} for a in arms}
     return {"type": "generation", "n": len(items), "metrics": task_metrics(arms, per_item), "items": records,
@@ -687,21 +740,23 @@ def task_type(name: str, items: list[dict]) -> str:
 
 def run_bench(wb, tasks: dict[str, list[dict]], arms=("decoder", "coprocessor"), async_delay: int = 0,
               max_new_tokens: int = 256, progress: bool = False, keep_items: bool = True,
-              types: dict[str, str] | None = None, keep_correct: bool = False) -> dict:
+              types: dict[str, str] | None = None, keep_correct: bool = False, batch_tokens: int = 16384) -> dict:
     """Every task through every arm. tasks: name -> items (multiple choice {"context", "choices",
     "gold"} or generation {"prompt", "answer"}, as `benchmarks.load_task` returns them).
 
     types: name -> task type, for tasks whose item list may be empty (a shard of a small task);
     keep_correct: keep each task's per-item correctness as r["correct"][arm][metric] (what
-    `merge_bench` recomputes the metrics from)."""
+    `merge_bench` recomputes the metrics from); batch_tokens: padded tokens per batched pass (multiple
+    choice; generation batches take 4x as many, most of a decode step's cost is fixed)."""
     res = {"kind": "bench", "arms": list(arms), "async_delay": async_delay, "tasks": {}}
     for name, items in tasks.items():
         kind = (types or {}).get(name) or task_type(name, items)
         t0 = time.perf_counter()
         if kind == "multiple_choice":
-            r = evaluate_multiple_choice(wb, items, arms, async_delay, progress)
+            r = evaluate_multiple_choice(wb, items, arms, async_delay, progress, batch_tokens=batch_tokens)
         else:
-            r = evaluate_generation(wb, items, arms, async_delay, max_new_tokens, progress=progress)
+            r = evaluate_generation(wb, items, arms, async_delay, max_new_tokens, progress=progress,
+                                    batch_tokens=4 * batch_tokens)
         r["seconds"] = round(time.perf_counter() - t0, 2)
         correct = r.pop("_correct")
         if keep_correct:
@@ -1042,7 +1097,7 @@ def cmd_bench(args) -> int:
         print(f"note: {wb.notice}", file=sys.stderr)
     res = run_bench(wb, items, arms, async_delay=args.async_delay, max_new_tokens=args.max_new_tokens,
                     progress=not args.no_progress, keep_items=not args.no_items, types=types,
-                    keep_correct=shard is not None)
+                    keep_correct=shard is not None, batch_tokens=args.batch_tokens)
     res["limit"] = limit_record
     if shard:
         i, n = shard
@@ -1252,6 +1307,8 @@ def register_cli(subparsers) -> None:
     b.add_argument("--pause", default="", help="pause-token checkpoint (a coprocessor with body 'none')")
     b.add_argument("--async-delay", type=int, default=0, help="insert the latents this many tokens late (Table 8)")
     b.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: at most this many new tokens")
+    b.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per batched scoring pass "
+                   "(generation: 4x this); lower it if memory runs out, raise it on a large GPU")
     b.add_argument("--no-items", action="store_true", help="leave per-item predictions out of the JSON")
     b.set_defaults(fn=cmd_bench)
 

@@ -153,7 +153,7 @@ def test_perplexity_by_position_matches_direct_computation():
 def test_mc_plain_arm_equals_plain_decoder(arch):
     wb = _wb(arch)
     ctx, conts = [5, 9, 14, 3, 22], [[7], [8, 2, 40], [11, 12]]
-    sc = evaluate.score_choices(wb.decoder, ctx, conts, {"decoder": None}, batch=2)["decoder"]
+    sc = evaluate.score_choices(wb.decoder, ctx, conts, {"decoder": None}, max_tokens=16)["decoder"]
     for c, lp in zip(conts, sc.logprobs):
         assert lp == pytest.approx(_hand_logprob(wb.decoder, None, ctx, c), abs=2e-4)
     for c, tl in zip(conts, sc.token_logprobs):
@@ -170,7 +170,7 @@ def test_mc_augmented_equals_hand_computation(layout, delay):
     wb = _wb("llama", **layout)
     ctx, conts = [5, 9, 14, 3, 22, 17], [[7], [8, 2, 40, 33], [11, 12], [1, 2, 3, 4, 5]]
     arms = {"decoder": None, "coprocessor": wb.coprocessor}
-    out = evaluate.score_choices(wb.decoder, ctx, conts, arms, async_delay=delay, batch=3)
+    out = evaluate.score_choices(wb.decoder, ctx, conts, arms, async_delay=delay, max_tokens=24)
     for i, c in enumerate(conts):
         assert out["coprocessor"].logprobs[i] == pytest.approx(
             _hand_logprob(wb.decoder, wb.coprocessor, ctx, c, delay), abs=3e-4)
@@ -179,6 +179,34 @@ def test_mc_augmented_equals_hand_computation(layout, delay):
         assert out["coprocessor"].logprobs[0] == pytest.approx(out["decoder"].logprobs[0], abs=1e-5)
     else:       # the first token is predicted after the latents, so it differs from the plain arm
         assert out["coprocessor"].token_logprobs[0][0] != pytest.approx(out["decoder"].token_logprobs[0][0], abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("delay", [0, 2])
+def test_score_requests_batches_across_contexts(arch, delay):
+    """Requests with different contexts share batches (right-padded rows, per-row points); every
+    score equals the request scored alone, token by token, and the packing does not matter."""
+    wb = _wb(arch, **GATED)
+    reqs = [([5, 9, 14], [7]), ([3, 22, 17, 8, 2, 40, 6], [8, 2, 40, 33]), ([11], [12, 13]),
+            ([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5]), ([30, 31], [32, 33, 34])]
+    arms = {"decoder": None, "coprocessor": wb.coprocessor}
+    one = evaluate.score_requests(wb.decoder, reqs, arms, async_delay=delay)       # one batch
+    small = evaluate.score_requests(wb.decoder, reqs, arms, async_delay=delay, max_tokens=12)
+    assert len(evaluate.request_batches([len(c) + len(t) for c, t in reqs], 12)) > 2
+    for i, (c, t) in enumerate(reqs):
+        for arm, cop in arms.items():
+            want = _hand_logprob(wb.decoder, cop, c, t, delay)
+            assert one[arm].logprobs[i] == pytest.approx(want, abs=3e-4)
+            assert small[arm].logprobs[i] == pytest.approx(want, abs=3e-4)
+            assert len(one[arm].token_logprobs[i]) == len(t)
+
+
+def test_request_batches_respect_budget():
+    lengths = [5, 40, 7, 12, 40, 3, 9]
+    batches = evaluate.request_batches(lengths, max_tokens=48, max_rows=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3 and max(lengths[i] for i in b) * len(b) <= 48 or len(b) == 1
 
 
 def test_multiple_choice_metrics():
@@ -262,6 +290,30 @@ def test_generation_arms_and_async_delay():
     assert now != plain   # sanity: random latents change a random model's greedy output
     r2 = evaluate.evaluate_generation(wb, items[:1], ["decoder", "coprocessor"], async_delay=2, max_new_tokens=4)
     assert r2["items"][0]["coprocessor"]["text"][:2] == r2["items"][0]["decoder"]["text"][:2]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("layout", [{}, GATED], ids=["default", "gated"])
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(arch, layout):
+    """Prompts of different lengths decoded together give each prompt's own greedy tokens."""
+    wb = _wb(arch, **layout)
+    prompts = [[5, 9, 14, 3], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [30, 31, 40]]
+    for cop, delay in ((None, 0), (wb.coprocessor, 0), (wb.coprocessor, 2)):
+        got = augment.greedy_generate_batch(wb.decoder, cop, prompts, 8, async_delay=delay)
+        for p, g in zip(prompts, got):
+            want = [s.token_id for s in augment.stream_generate(wb.decoder, None, cop, torch.tensor([p]),
+                                                                max_new_tokens=8, async_delay=delay, stop_ids=set())]
+            assert g == want
+
+
+def test_generate_texts_equals_generate_text():
+    wb = _wb("qwen2")
+    tok = wb.tokenizer
+    prompts = [tok.encode(t) for t in ("Question: 2+3?\nAnswer:", "Q: 1?", "Question: what is 10 + 32 - 7?\nA:")]
+    stops = [("\n\n",), ("e",), ("\n\n", "Q")]
+    got = evaluate.generate_texts(wb.decoder, tok, wb.coprocessor, prompts, 10, stops, batch_tokens=30)
+    for p, st, g in zip(prompts, stops, got):
+        assert g == evaluate.generate_text(wb.decoder, tok, wb.coprocessor, p, 10, stop=st)
 
 
 # -- tables, CLI ------------------------------------------------------------------------------
