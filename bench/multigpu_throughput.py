@@ -53,30 +53,19 @@ TINY_FLAGS = ["--seq-len", "64", "--points", "4", "--n-ahead", "4", "--num-laten
               "--batch-size", "2", "--precision", "no", "--no-compile", "--device", "cpu"]
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer built offline: the decoder folder needs one, the random pack does not use it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<|endoftext|>": 0} | {ch: i + 1 for i, ch in enumerate(sorted(alphabet))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
 def make_decoder(path: Path, tiny: bool) -> int:
     """A SmolLM2-135M-shaped (or tiny) Llama with random weights, saved as a transformers folder."""
     import torch
     from transformers import AutoModelForCausalLM
     from train_throughput import smollm2_config
 
+    from cacheaug_core.decoder import byte_level_tokenizer
+
     cfg = smollm2_config(tiny)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if tiny else torch.bfloat16)
     model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
+    byte_level_tokenizer().save_pretrained(path)
     return cfg.vocab_size
 
 

@@ -224,6 +224,20 @@ def load_tokenizer(name: str | None = None):
     return tok
 
 
+def byte_level_tokenizer():
+    """A real transformers tokenizer with a byte-level vocabulary (256 bytes + <|endoftext|>, no
+    merges), built offline: for tiny random decoders in tests and benchmarks, where no Hub is reachable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0} | {ch: i + 1 for i, ch in enumerate(sorted(alphabet))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
 def load_decoder(
     name: str | None = None,
     dtype: torch.dtype = torch.float32,

@@ -82,16 +82,9 @@ def arch(request):
 
 def byte_tokenizer():
     """A real transformers tokenizer with a byte-level vocabulary (no merges), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from cacheaug_core.decoder import byte_level_tokenizer
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<|endoftext|>": 0} | {ch: i + 1 for i, ch in enumerate(sorted(alphabet))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    return tok
+    return byte_level_tokenizer()
 
 
 def save_tiny_decoder(path, arch: str = "llama", seed: int = 0, layers: int = 2):
