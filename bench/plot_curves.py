@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from viz.curves import curve_frame, read_metrics, training_curve_figure  # noqa: E402
+from viz.curves import chain_stages, curve_frame, read_metrics, training_curve_figure  # noqa: E402
 from viz.figures import figure_to_html  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -43,7 +43,8 @@ def render_png(html: Path, png: Path, width: int, height: int) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", action="append", required=True, help="NAME=metrics.jsonl (repeat)")
+    ap.add_argument("--run", action="append", required=True, help="NAME=metrics.jsonl (repeat); NAME=A.jsonl+B.jsonl: a run "
+                    "trained in stages (B started from A's weights), B's steps counted on from A's last")
     ap.add_argument("--positions", default="1,2,4,8,16")
     ap.add_argument("--out", required=True, help="output path without extension")
     ap.add_argument("--html", action="store_true", help="keep the interactive OUT.html (about 5 MB)")
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         name, _, path = spec.partition("=")
         if not path:
             ap.error(f"--run takes NAME=FILE, got {spec!r}")
-        runs[name] = read_metrics(path)
+        runs[name] = chain_stages([read_metrics(p) for p in path.split("+")])
     df = curve_frame(runs)
     if df.empty:
         ap.error("no evaluation records in the given files")

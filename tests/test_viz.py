@@ -6,6 +6,7 @@ Fast and model-free: run with ``pytest tests/test_viz.py``.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -335,3 +336,21 @@ def test_no_torch_import():
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
     for name in viz.__all__:
         assert callable(getattr(viz, name))
+
+
+def test_training_curves_chain_stages(tmp_path):
+    """A run trained in two stages plots as one curve: stage 2's steps continue from stage 1's last."""
+    from viz.curves import chain_stages, curve_frame, read_metrics, training_curve_figure
+
+    ev = {"rel_ppl_change_pct": [-1.0, -2.0], "nll_base": [2.0, 2.1], "nll_aug": [1.98, 2.06]}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"step": 100, "loss": 3.0}\n{"step": 250, "eval": %s}\n{"step": 260}\n' % json.dumps(ev))
+    b.write_text('{"step": 250, "eval": %s}\n{"step": 500, "eval": {"rel_ppl_change_pct": [-3.0, -4.0], '
+                 '"nll_base": [2.0, 2.1], "nll_aug": [1.94, 2.02]}}\n{"step": 5' % json.dumps(ev))  # truncated line
+    runs = {"gated": chain_stages([read_metrics(a), read_metrics(b)])}
+    df = curve_frame(runs)
+    assert sorted(df["step"].unique().tolist()) == [250, 510, 760]
+    last = df[df["step"] == 760].sort_values("position")
+    assert last["rel_ppl_change_pct"].tolist() == [-3.0, -4.0]
+    fig = training_curve_figure(df, positions=(1, 2))
+    assert len(fig.data) == 2 and list(fig.data[0].x) == [250, 510, 760]

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-__all__ = ["read_metrics", "curve_frame", "training_curve_figure"]
+__all__ = ["read_metrics", "chain_stages", "curve_frame", "training_curve_figure"]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -33,6 +33,22 @@ def read_metrics(path: str | Path) -> list[dict]:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    return out
+
+
+def chain_stages(stages: Sequence[list[dict]]) -> list[dict]:
+    """One run trained in stages (a later stage `--init-from` the previous one's weights, its steps
+    counted from 0 again) as one record list: each stage's steps continue from the previous stage's
+    last step."""
+    out, offset = [], 0
+    for records in stages:
+        last = offset
+        for r in records:
+            if "step" in r:
+                r = dict(r, step=int(r["step"]) + offset)
+                last = max(last, r["step"])
+            out.append(r)
+        offset = last
     return out
 
 
