@@ -381,6 +381,45 @@ def request_batches(lengths: list[int], max_tokens: int = 16384, max_rows: int =
     return out
 
 
+def _shared_context_pass(decoder, reqs, tc: torch.Tensor, targets: torch.Tensor, pad_id: int):
+    """The plain reading of a batch whose requests share contexts (async_delay 0): each distinct
+    context is run once (right-padded, (U, Pc)); its cache is repeated to the requests' rows, and
+    the continuations (R, L-1) are read against it with a 4-D mask that hides each row's context
+    padding. -> (cache (R, Pc): contexts only, the plain arm's log-probs and is-argmax (R, L), and
+    latents(cop) -> (R, 1, NL, d): each context's latents, computed once)."""
+    dev = targets.device
+    R, L = targets.shape
+    ctx_of: dict[tuple, int] = {}
+    u = torch.tensor([ctx_of.setdefault(tuple(c), len(ctx_of)) for c, _ in reqs], device=dev)   # (R,) context index
+    ctxs = list(ctx_of)
+    tcu = torch.tensor([len(c) for c in ctxs], device=dev)                             # (U,)
+    Pc = int(tcu.max())
+    cids = torch.full((len(ctxs), Pc), pad_id, dtype=torch.long, device=dev)
+    for i, c in enumerate(ctxs):
+        cids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+    o = decoder.base_model(input_ids=cids, use_cache=True)
+    ctx_cache = o.past_key_values                                                      # (U, Pc)
+    hidden = o.last_hidden_state[u, tc - 1][:, None]                                   # (R, 1, d): predicts token 1
+    del o
+    cache = kv.select_rows(ctx_cache, u)                                               # (R, Pc)
+    if L > 1:
+        k = torch.arange(L - 1, device=dev)
+        seen = torch.arange(Pc, device=dev)[None] < tc[:, None]                        # (R, Pc) not padding
+        allowed = torch.cat([seen[:, None, :].expand(R, L - 1, Pc),
+                             torch.ones(L - 1, L - 1, dtype=torch.bool, device=dev).tril().expand(R, -1, -1)], dim=2)
+        o = decoder.base_model(input_ids=targets[:, : L - 1], position_ids=tc[:, None] + k,
+                               attention_mask=masks.to_additive(allowed, augment.decoder_dtype(decoder)),
+                               past_key_values=kv.fork(cache), use_cache=True)
+        hidden = torch.cat([hidden, o.last_hidden_state], dim=1)                       # (R, L, d)
+        del o
+    plp, pg = _token_logprobs(decoder, hidden, targets)
+
+    def latents(cop):
+        return cop(ctx_cache, (tcu - 1)[:, None])[u]                                   # (R, 1, NL, d)
+
+    return cache, plp, pg, latents
+
+
 @torch.no_grad()
 def score_requests(decoder, requests: list[tuple[list[int], list[int]]], coprocessors: dict,
                    async_delay: int = 0, pad_id: int = 0, max_tokens: int = 16384) -> dict[str, ChoiceScores]:
@@ -396,11 +435,13 @@ def score_requests(decoder, requests: list[tuple[list[int], list[int]]], coproce
     the latents are inserted after continuation token N and the rest is scored with them. A
     continuation of <= N tokens is scored plainly.
 
-    Requests are packed into batches of at most `max_tokens` padded tokens. Per batch: one plain
-    pass over the right-padded rows context + continuation (R, T), whose outputs score the plain
-    arm and whose cache serves every arm; per augmented arm one coprocessor call at each row's
-    context end and one masked group pass (`augment.group_forward`); a group reads only cache
-    entries up to its own point, so padding and the continuation's own entries stay unseen.
+    Requests are packed into batches of at most `max_tokens` padded tokens. Per batch: a plain
+    reading that scores the plain arm and leaves a cache every arm reads (with async_delay 0 each
+    distinct context of the batch is run once and its continuations read against it,
+    `_shared_context_pass`; with a delay, one pass over the right-padded rows context +
+    continuation (R, T)); then per augmented arm one coprocessor call at each context's end and one
+    masked group pass (`augment.group_forward`). A group reads only cache entries up to its own
+    point, so padding and continuation entries stay unseen.
     """
     dev, N = decoder.device, int(async_delay)
     if any(len(c) == 0 for c, _ in requests):
@@ -421,16 +462,22 @@ def score_requests(decoder, requests: list[tuple[list[int], list[int]]], coproce
         valid = k < lens[:, None]                                                      # (R, L)
         tpos = (tc[:, None] + k).clamp(max=T - 1)                                      # (R, L) continuation positions
         targets = torch.gather(rows, 1, tpos)                                          # (R, L)
-        o = decoder.base_model(input_ids=rows, use_cache=True)                         # right padding: no mask needed
-        cache = o.past_key_values                                                      # (R, T) per layer
-        plp, pg = _token_logprobs(decoder, _gather_rows(o.last_hidden_state, tpos - 1), targets)  # (R, L)
-        del o
+        if N == 0:
+            cache, plp, pg, latents = _shared_context_pass(decoder, reqs, tc, targets, pad_id)
+        else:
+            o = decoder.base_model(input_ids=rows, use_cache=True)                     # right padding: no mask needed
+            cache = o.past_key_values                                                  # (R, T) per layer
+            plp, pg = _token_logprobs(decoder, _gather_rows(o.last_hidden_state, tpos - 1), targets)  # (R, L)
+            del o
+
+            def latents(cop, cache=cache, tc=tc):
+                return cop(cache, (tc - 1)[:, None])                                   # (R, 1, NL, d)
         for arm, cop in coprocessors.items():
             lp, g = plp, pg
             if cop is not None and int(lens.max()) > N:
                 A = L - N                                                              # tokens read with latents
                 layout = cop.layout(A)
-                z = cop(cache, (tc - 1)[:, None])                                      # (R, 1, NL, d)
+                z = latents(cop)                                                       # (R, 1, NL, d)
                 pts = (tc - 1 + N).clamp(max=T - 1)[:, None]                           # (R, 1)
                 tokens, _, _ = masks.group_tokens(rows, pts, layout, pad_id)            # (R, 1, n_tokens)
                 go = augment.group_forward(decoder, cache, pts, z, tokens, layout, gate=augment.gate_of(cop))

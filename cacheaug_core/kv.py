@@ -88,6 +88,11 @@ def repeat_batch(cache, repeats: int) -> DynamicCache:
     )
 
 
+def select_rows(cache, index: torch.Tensor) -> DynamicCache:
+    """A new cache whose batch row i is row index[i] of `cache` (copies; rows may repeat)."""
+    return from_layers([(k.index_select(0, index), v.index_select(0, index)) for k, v in to_layers(cache)])
+
+
 def detach(cache) -> DynamicCache:
     """A new cache whose tensors carry no autograd history."""
     return from_layers([(k.detach(), v.detach()) for k, v in to_layers(cache)])

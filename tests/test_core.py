@@ -61,6 +61,18 @@ def test_fork_leaves_source_untouched(arch):
         kv.crop(f, 13)
 
 
+def test_select_rows_repeats_rows(arch):
+    dec = tiny_decoder(arch)
+    ids = _ids(T=8, B=2)                                       # (2, 8)
+    cache, _ = augment.prefill(dec, ids)
+    sel = kv.select_rows(cache, torch.tensor([1, 0, 1]))
+    assert kv.length(sel) == 8
+    for (k, v), (k2, v2) in zip(kv.to_layers(cache), kv.to_layers(sel)):
+        assert k2.shape[0] == 3 and torch.equal(k2[0], k[1]) and torch.equal(k2[2], k[1]) and torch.equal(v2[1], v[0])
+    out = dec(input_ids=ids[[1, 0, 1], :1], past_key_values=sel, use_cache=True)   # grows the selection only
+    assert kv.length(cache) == 8 and out.logits.shape[0] == 3
+
+
 def test_cache_continuation_matches_full(arch):
     dec = tiny_decoder(arch)
     ids = _ids(T=16)
