@@ -549,6 +549,8 @@ def greedy_generate_batch(decoder, coprocessor, prompts: list[list[int]], max_ne
     a token in `stop_ids`, when `should_stop(row, tokens)` says so, or after max_new_tokens; the
     batch runs until every row has stopped.
     """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_generate_batch needs at least one prompt, each of at least one token")
     st = _BatchState(decoder, coprocessor, prompts, pad_id)
     B = len(prompts)
     logits = st.prefill()

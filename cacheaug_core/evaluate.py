@@ -924,12 +924,13 @@ def _make_lm_class():
     class CacheAugLM(LM):
         """The frozen decoder + coprocessor as an lm-eval model ("cacheaug").
 
-        loglikelihood: the coprocessor is called once at the end of each context (one prefill per
-        distinct context, all its continuations batched; `score_choices`).
+        loglikelihood: the coprocessor is called once at the end of each context; requests are
+        scored in batches across contexts (`score_requests`, `batch_tokens` padded tokens per pass).
         loglikelihood_rolling: lm-eval's disjoint rolling windows; inside a window every token is
         predicted with latents inserted after the token before it (the augmentation then dropped),
         a proper left-to-right factorisation whose per-token perplexity is the paper's first-token
-        perplexity. generate_until: greedy, coprocessor once at the end of the prompt.
+        perplexity. generate_until: coprocessor once at the end of the prompt; greedy requests are
+        decoded in batches (`generate_texts`), sampled ones one at a time.
         augment=False gives the plain decoder through the same code (the baseline).
 
             lm_eval.simple_evaluate(model="cacheaug", model_args="coprocessor=DIR,device=cuda", tasks=[...])
@@ -937,12 +938,13 @@ def _make_lm_class():
 
         def __init__(self, decoder: str = "", coprocessor: str = "", device: str = "", dtype: str = "float32",
                      augment: bool = True, async_delay: int = 0, max_gen_toks: int = 256, max_length: int = 0,
-                     workbench=None, batch_size=None, max_batch_size=None, **kwargs):
+                     batch_tokens: int = 16384, workbench=None, batch_size=None, max_batch_size=None, **kwargs):
             super().__init__()
             self.wb = workbench if workbench is not None else load_models(decoder, coprocessor, device=device,
                                                                            dtype=dtype)
             self.cop = self.wb.coprocessor if augment else None
             self.async_delay, self.max_gen_toks = int(async_delay), int(max_gen_toks)
+            self.batch_tokens = int(batch_tokens)   # padded tokens per batched pass (`score_requests`)
             span = self.cop.layout(1).offset + self.cop.config.num_latents if self.cop is not None else 0
             self.max_length = int(max_length) or max_positions(self.wb.decoder) - span - 1
             self._device = self.wb.decoder.device
@@ -955,19 +957,19 @@ def _make_lm_class():
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             tok, dec = self.wb.tokenizer, self.wb.decoder
             pad = getattr(tok, "pad_token_id", None) or 0
-            groups: dict = {}
-            for i, r in enumerate(requests):
-                ctx, cont = r.args
-                c_ids, t_ids = encode_pair(tok, ctx, cont, self.prefix)
-                groups.setdefault(tuple(c_ids), []).append((i, t_ids, r.args))
+            reqs = []
+            for r in requests:
+                c_ids, t_ids = encode_pair(tok, *r.args, self.prefix)
+                reqs.append((_fit_context(c_ids, [t_ids], self.max_length - self.async_delay), t_ids))
             out = [None] * len(requests)
-            for c_ids, members in tqdm(groups.items(), disable=disable_tqdm, desc="loglikelihood"):
-                conts = [m[1] for m in members]
-                ctx = _fit_context(list(c_ids), conts, self.max_length - self.async_delay)
-                sc = score_choices(dec, ctx, conts, {"m": self.cop}, self.async_delay, pad)["m"]
-                for (i, _, args), lp, g in zip(members, sc.logprobs, sc.greedy):
-                    out[i] = (lp, g)
-                    self.cache_hook.add_partial("loglikelihood", args, (lp, g))
+            step = 1024   # requests per `score_requests` call: a progress tick, batches packed inside
+            for s in tqdm(range(0, len(reqs), step), disable=disable_tqdm, desc="loglikelihood",
+                          unit=f"x{step} requests"):
+                sc = score_requests(dec, reqs[s: s + step], {"m": self.cop}, self.async_delay, pad,
+                                    self.batch_tokens)["m"]
+                for j, (lp, g) in enumerate(zip(sc.logprobs, sc.greedy)):
+                    out[s + j] = (lp, g)
+                    self.cache_hook.add_partial("loglikelihood", requests[s + j].args, (lp, g))
             return out
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -984,9 +986,11 @@ def _make_lm_class():
             return out
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            out = []
             tok = self.wb.tokenizer
-            for r in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+            out = [None] * len(requests)
+            greedy: dict[int, list] = {}        # max_gen_toks -> [(index, ids, until)]: decoded in batches
+            bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
+            for i, r in enumerate(requests):
                 ctx, kw = r.args
                 kw = dict(kw or {})
                 until = kw.get("until") or []
@@ -996,9 +1000,19 @@ def _make_lm_class():
                 n = int(kw.get("max_gen_toks", self.max_gen_toks))
                 temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
                 ids = tok.encode(ctx, add_special_tokens=False)[-max(self.max_length - n, 1):]
-                text = generate_text(self.wb.decoder, tok, self.cop, ids, n, until, self.async_delay, temp)
-                out.append(text)
-                self.cache_hook.add_partial("generate_until", r.args, text)
+                if temp > 0:
+                    out[i] = generate_text(self.wb.decoder, tok, self.cop, ids, n, until, self.async_delay, temp)
+                    self.cache_hook.add_partial("generate_until", r.args, out[i])
+                    bar.update(1)
+                else:
+                    greedy.setdefault(n, []).append((i, ids, tuple(until)))
+            for n, group in greedy.items():
+                texts = generate_texts(self.wb.decoder, tok, self.cop, [g[1] for g in group], n, [g[2] for g in group],
+                                       self.async_delay, 4 * self.batch_tokens, bar)
+                for (i, _, _), text in zip(group, texts):
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+            bar.close()
             return out
 
     CacheAugLM.__module__, CacheAugLM.__qualname__ = __name__, "CacheAugLM"

@@ -306,6 +306,13 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(arch, layout):
             assert g == want
 
 
+def test_batched_generation_rejects_empty_prompts():
+    wb = _wb("llama")
+    for prompts in ([], [[5, 6], []]):
+        with pytest.raises(ValueError, match="at least one"):
+            augment.greedy_generate_batch(wb.decoder, None, prompts, 4)
+
+
 def test_generate_texts_equals_generate_text():
     wb = _wb("qwen2")
     tok = wb.tokenizer
@@ -574,6 +581,14 @@ def test_cacheaug_lm_loglikelihood_hand_check():
     gen = lm.generate_until([Instance("generate_until", {}, ("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 5}), 0)],
                             disable_tqdm=True)
     assert len(gen) == 1 and "\n" not in gen[0]
+    # greedy requests are decoded in batches: each equals its own one-prompt decode
+    asks = [("Q: hi\nA:", {"until": ["\n"], "max_gen_toks": 6}), ("A much longer question here?", {"until": ["e"]}),
+            ("x", {"until": ["\n"], "max_gen_toks": 6})]
+    many = lm.generate_until([Instance("generate_until", {}, a, i) for i, a in enumerate(asks)], disable_tqdm=True)
+    for (ctx, kw), text in zip(asks, many):
+        until = list(kw["until"]) + ([tok.decode([tok.eos_token_id])] if tok.eos_token_id is not None else [])
+        want = evaluate.generate_text(dec, tok, cop, tok.encode(ctx), kw.get("max_gen_toks", 256), until)
+        assert text == want
 
 
 # -- the real default model -------------------------------------------------------------------
