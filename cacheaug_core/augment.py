@@ -256,24 +256,29 @@ def score_continuation(decoder, coprocessor, input_ids: torch.Tensor, point: int
     out = decoder.base_model(input_ids=input_ids, use_cache=True)
     cache = out.past_key_values
     pts = torch.tensor([[point]], device=input_ids.device)
-    mp = multi_point(decoder, coprocessor, input_ids, pts, C, cache=kv.prefix(cache, point + 1), with_logits=False)
+    attn = None
+    if with_attention:   # one eager group pass gives both the hidden states and the attention weights
+        latents = coprocessor(kv.prefix(cache, point + 1), pts)                   # (1, 1, NL, d)
+        hidden, attn = _group_with_attention(decoder, coprocessor, cache, input_ids, point, latents)
+    else:
+        mp = multi_point(decoder, coprocessor, input_ids, pts, C, cache=kv.prefix(cache, point + 1), with_logits=False)
+        hidden, latents = mp.hidden[0, 0], mp.latents                              # (C, d), (1, 1, NL, d)
     # One LM head over both arms' scored rows (plain: positions point..T-2; one (2C, d) matmul runs
     # faster than two of C rows), then log-probabilities in place, a few rows at a time on CPU: a
     # (C, V) float matrix is ~37 MB for SmolLM2 and every whole-matrix temporary costs page faults
     # and a trip through memory. The NLL is a gather (cross-entropy would redo the log-softmax).
-    logp = hidden_to_logits(decoder, torch.cat([out.last_hidden_state[0, point:-1], mp.hidden[0, 0]])).float()
+    logp = hidden_to_logits(decoder, torch.cat([out.last_hidden_state[0, point:-1], hidden])).float()
     rows = 8 if logp.device.type == "cpu" else 2 * C
     for i in range(0, 2 * C, rows):
         logp[i:i + rows] = torch.log_softmax(logp[i:i + rows], -1)
     nll = -logp.gather(-1, input_ids[0, point + 1:].repeat(2)[:, None])[:, 0]
-    attn = None
-    if with_attention:
-        attn = latent_attention(decoder, coprocessor, cache, input_ids, point, mp.latents)
-    return ContinuationScore(nll[:C], nll[C:], logp[:C], logp[C:], mp.latents[0, 0], attn)
+    return ContinuationScore(nll[:C], nll[C:], logp[:C], logp[C:], latents[0, 0], attn)
 
 
-def latent_attention(decoder, coprocessor, cache, input_ids, point, latents):
-    """Attention mass each continuation position puts on the latents (mean over heads, layers)."""
+def _group_with_attention(decoder, coprocessor, cache, input_ids, point, latents):
+    """The group read after `point` (latents, then the rest of the text) with eager attention.
+    -> (hidden of the scored positions (C, d), attention mass each of them puts on each latent (C, NL):
+    mean over heads and layers)."""
     T = input_ids.shape[1]
     layout = coprocessor.layout(T - 1 - point)
     pts = torch.tensor([[point]], device=input_ids.device)
@@ -285,10 +290,15 @@ def latent_attention(decoder, coprocessor, cache, input_ids, point, latents):
                             output_attentions=True, gate=gate_of(coprocessor))
     finally:
         decoder.set_attn_implementation(prev)
-    NL = layout.num_latents
+    NL, A = layout.num_latents, layout.n_ahead
     # each (1, H, G, point+1+G): keys = cache then group; latents are group keys 0..NL-1
-    mass = torch.stack([a[0, :, -layout.n_ahead:, point + 1: point + 1 + NL] for a in out.attentions])
-    return mass.float().mean(dim=(0, 1))                                      # (A, NL)
+    mass = torch.stack([a[0, :, -A:, point + 1: point + 1 + NL] for a in out.attentions])
+    return out.last_hidden_state[0, -A:], mass.float().mean(dim=(0, 1))
+
+
+def latent_attention(decoder, coprocessor, cache, input_ids, point, latents):
+    """Attention mass each continuation position puts on the latents (mean over heads, layers) -> (A, NL)."""
+    return _group_with_attention(decoder, coprocessor, cache, input_ids, point, latents)[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,26 @@ def test_score_continuation_matches_reference(arch, layout):
         torch.testing.assert_close(sc.latents, mp.latents[0, 0])
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["default", "gated"])
+def test_score_continuation_with_attention_reads_the_group_once(arch, gated):
+    """With attention the scores come from the eager pass that also yields the attention weights:
+    the same NLLs as the SDPA pass, and each row's attention on the latents is a share of 1."""
+    layout = dict(refeed_last=True, hide_point=True, shift_ahead=False, latent_gate=True, gate_init=-1.0) if gated else {}
+    dec = tiny_decoder(arch)
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, **layout), dec).eval()
+    ids = torch.randint(1, 96, (1, 17), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = augment.score_continuation(dec, cop, ids, 5)
+        both = augment.score_continuation(dec, cop, ids, 5, with_attention=True)
+        cache, _ = augment.prefill(dec, ids)
+        ref = augment.latent_attention(dec, cop, cache, ids, 5, both.latents[None, None])
+    assert plain.attn_to_latents is None and both.attn_to_latents.shape == (11, 3)
+    torch.testing.assert_close(both.nll_aug, plain.nll_aug, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both.nll_base, plain.nll_base)
+    torch.testing.assert_close(both.attn_to_latents, ref)
+    assert bool((both.attn_to_latents >= 0).all()) and bool((both.attn_to_latents.sum(-1) <= 1 + 1e-5).all())
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 100])
 def test_compare_next_token_matches_whole_matrix(rows):
     g = torch.Generator().manual_seed(0)
