@@ -373,11 +373,11 @@ class _AugState:
         if self.latent_cols is None or (self.hidden is None and self.gate is None):
             return {}
         K = kv.length(self.cache) + n_new
-        allowed = torch.ones(n_new, K, dtype=torch.bool, device=device)
-        allowed[:, K - n_new:] = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
+        seen = torch.ones(1, K - n_new, dtype=torch.bool, device=device)
         if self.hidden is not None:
-            allowed[:, self.hidden] = False
-        kw = {"attention_mask": masks.to_additive(allowed[None], decoder_dtype(self.decoder))}  # (1, 1, n, K)
+            seen[:, self.hidden] = False
+        allowed = masks.append_allowed(seen, torch.ones(1, n_new, dtype=torch.bool, device=device))
+        kw = {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder))}        # (1, 1, n, K)
         if self.gate is not None:
             cols = torch.zeros(K, dtype=torch.bool, device=device)
             cols[self.latent_cols[0]: self.latent_cols[1]] = True
@@ -482,7 +482,7 @@ class _BatchState:
         ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-        self.ids, self.P = ids, P
+        self.ids = ids
         self.cache = None
         self.keys = torch.zeros(B, 0, dtype=torch.bool, device=dev)                 # (B, K) visible columns
         self.latent_cols = None
@@ -490,11 +490,8 @@ class _BatchState:
 
     def _forward(self, visible: torch.Tensor, pos: torch.Tensor, **inputs) -> torch.Tensor:
         """Append n inputs per row (visible (B, n): may later inputs see them) -> hidden (B, n, d)."""
-        B, n = visible.shape
-        K = self.keys.shape[1] + n
-        allowed = torch.cat([self.keys[:, None, :].expand(B, n, -1),
-                             visible[:, None, :] & torch.ones(n, n, dtype=torch.bool, device=pos.device).tril()],
-                            dim=2)                                                    # (B, n, K)
+        K = self.keys.shape[1] + visible.shape[1]
+        allowed = masks.append_allowed(self.keys, visible)                            # (B, n, K)
         kw = {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder))}   # (B, 1, n, K)
         if self.gate is not None and self.latent_cols is not None:
             cols = torch.zeros(K, dtype=torch.bool, device=pos.device)

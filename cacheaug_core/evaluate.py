@@ -405,8 +405,7 @@ def _shared_context_pass(decoder, reqs, tc: torch.Tensor, targets: torch.Tensor,
     if L > 1:
         k = torch.arange(L - 1, device=dev)
         seen = torch.arange(Pc, device=dev)[None] < tc[:, None]                        # (R, Pc) not padding
-        allowed = torch.cat([seen[:, None, :].expand(R, L - 1, Pc),
-                             torch.ones(L - 1, L - 1, dtype=torch.bool, device=dev).tril().expand(R, -1, -1)], dim=2)
+        allowed = masks.append_allowed(seen, torch.ones(R, L - 1, dtype=torch.bool, device=dev))
         o = decoder.base_model(input_ids=targets[:, : L - 1], position_ids=tc[:, None] + k,
                                attention_mask=masks.to_additive(allowed, augment.decoder_dtype(decoder)),
                                past_key_values=kv.fork(cache), use_cache=True)

@@ -116,6 +116,18 @@ def group_allowed(T: int, points: torch.Tensor, group_len: int, hide_point: bool
     return torch.cat([to_orig.reshape(B, P * group_len, T), to_group], dim=-1)
 
 
+def append_allowed(seen: torch.Tensor, new_visible: torch.Tensor) -> torch.Tensor:
+    """Bool (B, n, K + n): which keys n inputs appended after K cached positions may attend to.
+
+    seen (B, K): the cached keys the new inputs may see (not padding, not a hidden point entry);
+    new_visible (B, n): which of the new inputs count as keys at all (padding does not). Among
+    themselves the new inputs are causal.
+    """
+    B, n = new_visible.shape
+    causal = torch.ones(n, n, dtype=torch.bool, device=seen.device).tril()
+    return torch.cat([seen[:, None, :].expand(B, n, -1), new_visible[:, None, :] & causal], dim=2)
+
+
 def to_additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool -> float additive mask with a head axis: (B, Q, K) -> (B, 1, Q, K)."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)

@@ -13,7 +13,6 @@ from these results. The Gradio app, the CLI and notebooks all call the same meth
 from __future__ import annotations
 
 import copy
-
 import time
 import unicodedata
 from dataclasses import dataclass, field

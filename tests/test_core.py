@@ -305,3 +305,12 @@ def test_block_mask_equals_dense_mask():
     rule = bm.mask_mod(b, torch.zeros(()), q, k)
     assert torch.equal(rule, masks.group_allowed(T, pts, G))
     assert bm.shape[-2:] == (P * G, T + P * G)
+
+
+def test_append_allowed():
+    seen = torch.tensor([[True, False, True], [True, True, False]])        # (B=2, K=3)
+    new = torch.tensor([[True, True], [False, True]])                       # (B=2, n=2)
+    a = masks.append_allowed(seen, new)                                     # (2, 2, 5)
+    assert a.shape == (2, 2, 5)
+    assert a[0].tolist() == [[True, False, True, True, False], [True, False, True, True, True]]
+    assert a[1].tolist() == [[True, True, False, False, False], [True, True, False, False, True]]
