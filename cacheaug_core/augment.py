@@ -328,11 +328,43 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
+# Decoders whose base model is exactly: token embeddings -> layers (one shared rotary embedding,
+# one causal mask for every layer) -> final RMSNorm. The layer-split prefill re-runs those steps
+# itself, so it is only exact where the base model's forward adds nothing else (Gemma scales the
+# embeddings, sliding-window layers need masks of their own, GPT-2 adds position embeddings).
+_SPLIT_MODEL_TYPES = ("llama", "qwen2")
+
+
+def _split_depth(decoder, coprocessor) -> int | None:
+    """K for the layer-split prefill (`_AugState.prefill_and_insert`): the coprocessor reads the
+    decoder's cache of layers 0..K-1 only (K = max(layer_ids) + 1; 0 for pause tokens, which read
+    none). None where the split does not apply or gains nothing (it reads every layer), and the
+    prompt then runs through the whole decoder before the coprocessor, as at any later point."""
+    core = getattr(coprocessor, "module", coprocessor)
+    cfg = decoder.config
+    base = decoder.base_model
+    L = cfg.num_hidden_layers
+    if core is None or cfg.model_type not in _SPLIT_MODEL_TYPES:
+        return None
+    if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return None  # a dense float mask is what the combined pass needs (not a flex BlockMask)
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return None
+    if not all(hasattr(base, a) for a in ("layers", "rotary_emb", "norm")) or len(base.layers) != L:
+        return None
+    if "position_embeddings" not in inspect.signature(base.layers[0].forward).parameters:
+        return None
+    K = 0 if core.body is None else max(core.layer_ids) + 1
+    return K if K < L else None
+
+
 class _AugState:
     """Decoding state with latents: the cache holds clean text up to `clean_len`, then a group.
 
     While a group is in the cache, every later forward gets an explicit 4-D mask when the layout
     hides the point's original entry or the coprocessor gates its latents (`_group_kwargs`).
+    The first group at the end of the prompt can be built by `prefill_and_insert` instead of
+    `feed_clean` + `latents_now` + `insert`: the same cache and logits, less time to first token.
     """
 
     def __init__(self, decoder, coprocessor):
@@ -401,6 +433,87 @@ class _AugState:
         self.next_pos = self.clean_len + layout.offset
         return out.logits[0, -1]
 
+    def prefill_and_insert(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Feed the prompt (1, n) and append a group at its end (point x_{n-1}). -> next-token
+        logits, those of `feed_clean(prompt)`, then `insert(latents_now(), x_{n-1})`.
+
+        Layer-split prefill: the coprocessor reads only the decoder's layers 0..K-1
+        (`_split_depth`), so the prompt first runs through those layers alone, the coprocessor
+        makes the latents from that partial cache, and the group (latents + re-fed x_{n-1}) runs
+        through layers 0..K-1 against it. Layers K..L-1 then take prompt and group rows in ONE
+        pass (n + G rows): prompt rows causal among themselves and blind to the group, group rows
+        as in `insert` (the prompt but a hidden point entry, causal within the group, the gate on
+        the latent keys). On CPU the G group rows add a few percent to a compute-bound n-row pass,
+        where `insert` runs G rows through all L layers, bound by reading every weight once more.
+        The cache afterwards is laid out as `insert` leaves it (per layer: n prompt entries, then
+        G group entries), so `feed_after`, `drop_group` and re-augmentation work unchanged.
+        Falls back to the three calls wherever `_split_depth` says the split does not apply.
+        """
+        K = _split_depth(self.decoder, self.cop)
+        if K is None or prompt_ids.shape[0] != 1:
+            self.feed_clean(prompt_ids)
+            return self.insert(self.latents_now(), prompt_ids[0, -1])
+        if self.cache is not None:
+            raise RuntimeError("prefill_and_insert starts a generation: the cache must be empty")
+        from transformers.masking_utils import create_causal_mask
+
+        dec, base, dev = self.decoder, self.decoder.base_model, prompt_ids.device
+        dtype = decoder_dtype(dec)
+        layout = self.cop.layout(1)
+        n = prompt_ids.shape[1]
+        cache = kv.new_cache(dec.config)       # the cache the decoder's own prefill would start
+        x = embed(dec, prompt_ids)                                               # (1, n, d)
+        p = torch.tensor([[n - 1]], device=dev)
+        pos_x = torch.arange(n, device=dev)[None]                               # (1, n)
+
+        def run(h, layers, **kw):
+            for layer in layers:
+                h = layer(h, past_key_values=cache, use_cache=True, **kw)
+            return h
+
+        # 1. the prompt through layers 0..K-1, with the mask (None: SDPA's own causal path) the
+        #    decoder's forward makes for it, so these layers' cache equals the plain prefill's
+        causal = create_causal_mask(config=dec.config, inputs_embeds=x, attention_mask=None,
+                                    past_key_values=cache, position_ids=pos_x)
+        rope = base.rotary_emb(x, pos_x)
+        hx = run(x, base.layers[:K], attention_mask=causal, position_ids=pos_x, position_embeddings=rope)
+        # 2. latents from the partial cache (the coprocessor reads only layers 0..K-1)
+        latents = self.cop(kv.select_layers(cache, list(range(K))), p)          # (1, 1, NL, d)
+        g = latents[0, 0].to(dtype)[None]                                        # (1, NL, d)
+        if layout.refeed_last:
+            g = torch.cat([g, embed(dec, prompt_ids[:, -1:])], dim=1)            # (1, G, d)
+        G = g.shape[1]
+        pos_g = masks.group_positions(p, layout)[0, :, :G]                       # (1, G)
+        # keys of every layer once it is done: n prompt entries, then G group entries
+        seen = torch.ones(1, n, dtype=torch.bool, device=dev)
+        if layout.hide_point:
+            seen[:, n - 1] = False
+        group_rows = masks.append_allowed(seen, torch.ones(1, G, dtype=torch.bool, device=dev))  # (1, G, n+G)
+        prompt_rows = torch.cat([torch.ones(n, n, dtype=torch.bool, device=dev).tril(),
+                                 torch.zeros(n, G, dtype=torch.bool, device=dev)], dim=1)[None]  # (1, n, n+G)
+        mask = masks.to_additive(torch.cat([prompt_rows, group_rows], dim=1), dtype)            # (1, 1, n+G, n+G)
+        extra = {}
+        if self.gate is not None:  # prompt rows get it too, on keys their mask blocks anyway
+            cols = torch.zeros(n + G, dtype=torch.bool, device=dev)
+            cols[n: n + layout.num_latents] = True
+            extra["latent_gate"] = (self.gate, cols)
+        pos = torch.cat([pos_x, pos_g], dim=1)                                   # (1, n+G)
+        rope = base.rotary_emb(g, pos)     # elementwise in the position: slices equal separate calls
+        # 3. the group through layers 0..K-1, against the prompt's entries there
+        hg = run(g, base.layers[:K], attention_mask=mask[:, :, n:], position_ids=pos_g,
+                 position_embeddings=tuple(r[:, n:] for r in rope), **extra)
+        # 4. layers K..L-1 once, on prompt and group rows together
+        h = run(torch.cat([hx, hg], dim=1), base.layers[K:], attention_mask=mask, position_ids=pos,
+                position_embeddings=rope, **extra)
+        # 5. the next token is read off the group's last row (the re-fed x_{n-1})
+        logits = hidden_to_logits(dec, base.norm(h[:, -1:]))
+        self.cache = cache
+        self.clean_len = n
+        self.latent_cols = (n, n + layout.num_latents)
+        self.hidden = n - 1 if layout.hide_point else None
+        self.next_pos = n + layout.offset
+        return logits[0, -1]
+
     def feed_after(self, token: torch.Tensor) -> torch.Tensor:
         """Feed a generated token after the group (shifted positions)."""
         pos = torch.tensor([[self.next_pos]], device=token.device)
@@ -421,7 +534,8 @@ def stream_generate(decoder, tokenizer, coprocessor, prompt_ids: torch.Tensor, a
     and seed. `reaugment_every=k` calls the coprocessor again every k generated tokens (the old
     group is dropped and the text since it re-read clean, as in training where a group sees only
     original text). `async_delay=N` inserts the latents computed at the end of the prompt only
-    after N more tokens were generated (the paper's Table 8).
+    after N more tokens were generated (the paper's Table 8). Without a delay the first group is
+    built together with the prompt's prefill (`_AugState.prefill_and_insert`, the layer split).
     """
     gen = torch.Generator().manual_seed(seed)
     if stop_ids is None:
@@ -429,17 +543,16 @@ def stream_generate(decoder, tokenizer, coprocessor, prompt_ids: torch.Tensor, a
     use = augment and coprocessor is not None
     st = _AugState(decoder, coprocessor)
     t0 = time.perf_counter()
-    logits = st.feed_clean(prompt_ids)
     pending = None                 # latents waiting for an async insertion
     since = []                     # tokens generated since the last augmentation point
     in_group = False
-    if use:
-        lat = st.latents_now()
-        if async_delay > 0:
-            pending = lat
-        else:
-            logits = st.insert(lat, prompt_ids[0, -1])
-            in_group = True
+    if use and async_delay == 0:
+        logits = st.prefill_and_insert(prompt_ids)       # = feed_clean, latents_now, insert; sooner
+        in_group = True
+    else:
+        logits = st.feed_clean(prompt_ids)
+        if use:
+            pending = st.latents_now()
     for i in range(max_new_tokens):
         tok = _sample(logits, temperature, top_k, top_p, gen)
         just_aug = use and in_group and not since

@@ -17,9 +17,10 @@ Cache = DynamicCache
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, H_kv, S, D_head)
 
 
-def new_cache() -> DynamicCache:
-    """An empty cache for a forward to fill."""
-    return DynamicCache()
+def new_cache(config=None) -> DynamicCache:
+    """An empty cache for a forward to fill. With the decoder's config it is the cache the
+    decoder's own forward would start (one layer object per decoder layer, of its type)."""
+    return DynamicCache(config=config)
 
 
 def to_layers(cache) -> list[LayerKV]:

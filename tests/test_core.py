@@ -254,6 +254,99 @@ def test_reaugment_and_async_generation_run(tiny_tokenizer):
     assert b[:2] == plain[:2]
 
 
+# The layer-split prefill of the first augmentation (`_AugState.prefill_and_insert`) against the
+# path it replaces (feed_clean, latents_now, insert): compact coprocessors of 1-2 of 4 decoder layers, so
+# the combined pass of prompt and group rows spans more than one layer.
+SPLIT_LAYOUTS = {   # name: (coprocessor config, K: decoder layers the split runs before the coprocessor)
+    "default": (dict(num_layers=2), 2),
+    "refeed": (dict(num_layers=1, refeed_last=True), 1),
+    "shared": (dict(num_layers=2, latent_pos="shared", refeed_last=True), 2),
+    "gated": (dict(num_layers=2, refeed_last=True, hide_point=True, shift_ahead=False, latent_gate=True,
+                   gate_init=-1.0), 2),
+    "pause": (dict(body="none", refeed_last=True, latent_gate=True, gate_init=0.5), 0),   # reads no layer
+}
+
+
+def _split_off(d, c):
+    return None
+
+
+def _three_call_state(dec, cop, prompt):
+    st = augment._AugState(dec, cop)
+    st.feed_clean(prompt)
+    return st, st.insert(st.latents_now(), prompt[0, -1])
+
+
+@pytest.mark.parametrize("arch_", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", list(SPLIT_LAYOUTS))
+def test_layer_split_prefill_matches_insert(arch_, name):
+    """Same first-token logits, same cache layout and contents, same later steps (a token after
+    the group, then a re-augmentation through the unchanged path)."""
+    layout, K = SPLIT_LAYOUTS[name]
+    dec = tiny_decoder(arch_, layers=4)
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, **layout), dec).eval()
+    assert augment._split_depth(dec, cop) == K
+    prompt = _ids(T=11)
+    with torch.no_grad():
+        ref, ref_logits = _three_call_state(dec, cop, prompt)
+        st = augment._AugState(dec, cop)
+        logits = st.prefill_and_insert(prompt)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+        for attr in ("clean_len", "next_pos", "hidden", "latent_cols"):
+            assert getattr(st, attr) == getattr(ref, attr), attr
+        got, want = kv.to_layers(st.cache), kv.to_layers(ref.cache)
+        assert len(got) == len(want) == dec.config.num_hidden_layers
+        for (k, v), (k0, v0) in zip(got, want):
+            assert k.shape == k0.shape and k.shape[2] == 11 + 3 + int(cop.config.refeed_last)
+            torch.testing.assert_close(k, k0, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v, v0, atol=1e-5, rtol=1e-5)
+        t = torch.tensor([int(logits.argmax())])
+        torch.testing.assert_close(st.feed_after(t), ref.feed_after(t), atol=1e-5, rtol=1e-5)
+        for s in (st, ref):
+            s.drop_group()
+            s.feed_clean(t.view(1, 1))
+        torch.testing.assert_close(st.insert(st.latents_now(), t), ref.insert(ref.latents_now(), t),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch_", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["default", "gated", "pause"])
+@pytest.mark.parametrize("reaugment_every", [0, 3])
+def test_layer_split_generation_matches(arch_, name, reaugment_every, tiny_tokenizer, monkeypatch):
+    """Whole greedy generations with the layer-split first augmentation equal the previous path's."""
+    dec = tiny_decoder(arch_, layers=4)
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, **SPLIT_LAYOUTS[name][0]), dec).eval()
+    assert augment._split_depth(dec, cop) == SPLIT_LAYOUTS[name][1]
+    prompt = _ids(T=9, seed=4)
+    tiny_tokenizer.eos_token_id = None
+    kw = dict(max_new_tokens=10, reaugment_every=reaugment_every)
+    got = [s.token_id for s in augment.stream_generate(dec, tiny_tokenizer, cop, prompt, **kw)]
+    monkeypatch.setattr(augment, "_split_depth", _split_off)
+    want = [s.token_id for s in augment.stream_generate(dec, tiny_tokenizer, cop, prompt, **kw)]
+    assert got == want
+
+
+@pytest.mark.parametrize("arch_,layout", [
+    ("gpt2", dict(num_layers=1, refeed_last=True, hide_point=True, latent_gate=True)),  # no rotary in its layers
+    ("llama", dict()),                                                 # the coprocessor reads every layer
+    ("qwen2", dict(num_layers=2, layer_map="spread", refeed_last=True)),  # layers 0 and 3 of 4: K == L
+], ids=["gpt2", "all-layers", "spread"])
+def test_layer_split_falls_back(arch_, layout, tiny_tokenizer):
+    """Where the split does not apply or gains nothing, prefill_and_insert takes the previous path
+    (feed_clean, latents_now, insert) and generation works as before."""
+    tiny_tokenizer.eos_token_id = None
+    prompt = _ids(T=8)
+    dec = tiny_decoder(arch_, layers=4)
+    cop = Coprocessor(CoprocessorConfig(num_latents=2, **layout), dec).eval()
+    assert augment._split_depth(dec, cop) is None
+    with torch.no_grad():
+        _, ref_logits = _three_call_state(dec, cop, prompt)
+        logits = augment._AugState(dec, cop).prefill_and_insert(prompt)
+    assert torch.equal(logits, ref_logits)
+    steps = list(augment.stream_generate(dec, tiny_tokenizer, cop, prompt, max_new_tokens=6, reaugment_every=2))
+    assert len(steps) == 6 and steps[0].augmented_at and steps[0].token_id == int(ref_logits.argmax())
+
+
 def test_score_after_every_token_shapes_and_base(arch):
     dec = tiny_decoder(arch)
     cop = Coprocessor(CoprocessorConfig(num_latents=2), dec)
