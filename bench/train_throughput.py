@@ -2,14 +2,23 @@
 
     python bench/train_throughput.py --out results/train_throughput.json            # GPU
     python bench/train_throughput.py --tiny --steps 2 --out /tmp/tp.json             # CPU smoke test
+    python bench/train_throughput.py --shapes ref --paths fast --profile /tmp/prof.txt   # where time goes
+    python bench/train_throughput.py --shapes ref --paths dense,fast,fast@128             # path@B: batch B
 
 The decoder is SmolLM2-135M-shaped with random weights (throughput depends on shapes, not on the
-weights, so nothing needs to be staged), the coprocessor a full copy. For each shape both paths
+weights, so nothing needs to be staged), the coprocessor a full copy. For each shape the paths
 run the same number of optimizer steps on the same batches:
 
-  dense  SDPA with the dense float group mask, full-precision logits for every predicted position
-  fast   FlexAttention with the group BlockMask (blocks nobody sees are skipped) + chunked
-         cross-entropy through the LM head with recomputation
+  dense          `augment.multi_point_loss` through transformers: SDPA with the dense float group
+                 mask, full-precision logits for every predicted position
+  dense+compile  the same with every transformer block compiled (`augment.compile_layers`)
+  fast           `fastpath.multi_point_loss`: plain per-layer K/V, FlexAttention with the group
+                 BlockMask (key blocks nobody sees are skipped; groups padded to tile the blocks),
+                 fused chunked LM head + cross-entropy, one compiled block function for all
+                 layers (on CPU: dense masks, uncompiled)
+  fast-b64       the same with 64-wide attention blocks
+  fast-cop64     64-wide blocks in the coprocessor pass only
+  fast-nopad     the same without padding the groups
 
 Reported per run: original (text) tokens per second, a counted-FLOP model (matmul FLOPs of the
 useful work: decoder prefill forward, coprocessor forward+backward, decoder group pass forward +
@@ -31,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cacheaug_core import augment, masks  # noqa: E402
+from cacheaug_core import augment, fastpath, masks  # noqa: E402
 from cacheaug_core.config import CoprocessorConfig  # noqa: E402
 from cacheaug_core.coprocessor import Coprocessor  # noqa: E402
 from cacheaug_core.decoder import freeze  # noqa: E402
@@ -79,51 +88,88 @@ def make_models(cfg, attn: str, device, dtype, state=None):
     return freeze(dec)
 
 
-def run_path(name, dec, cop, batches, pts_list, A, steps, warmup, fast: bool):
-    opt = torch.optim.AdamW(cop.parameters(), lr=1e-5)
+FAST_VARIANTS = {"fast": {}, "fast-b64": {"block": 64, "cop_block": 64}, "fast-cop64": {"cop_block": 64},
+                 "fast-nopad": {"align": 1}}
+
+
+def step_loss(dec, cop, ids, pts, A, fast: bool | dict):
+    """fast: False (dense path), True (fast path, defaults) or keyword arguments of the fast path."""
+    dev = ids.device
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        if fast is not False:
+            return fastpath.multi_point_loss(dec, cop, ids, pts, A, **({} if fast is True else fast))
+        cache = augment.prefill_cache(dec, ids)
+        return augment.multi_point_loss(dec, cop, ids, pts, A, cache=cache)[0]
+
+
+def run_path(name, dec, cop, batches, pts_list, A, steps, warmup, fast: bool, profile: str | None = None):
+    """Median step time (s), peak memory (GiB), last loss, and the first (compiling) step's time."""
+    opt = torch.optim.AdamW(cop.parameters(), lr=1e-5, fused=batches[0].device.type == "cuda")
     dev = batches[0].device
     torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
     times = []
+    first = None
     for i in range(warmup + steps):
         ids, pts = batches[i % len(batches)], pts_list[i % len(pts_list)]
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            cache = augment.prefill_cache(dec, ids)
-            loss, _ = augment.multi_point_loss(dec, cop, ids, pts, A, cache=cache, chunked=fast)
+        loss = step_loss(dec, cop, ids, pts, A, fast)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        if first is None:
+            first = time.perf_counter() - t0
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-    return sorted(times)[len(times) // 2], peak, float(loss)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with prof(activities=acts) as p:
+            loss = step_loss(dec, cop, batches[0], pts_list[0], A, fast)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        with open(profile, "a") as f:
+            f.write(f"==== {name}\n" + p.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n")
+    return sorted(times)[len(times) // 2], peak, float(loss), first
 
 
-def parity(cfg, dev, dtype, T, P, NL, A):
-    """Loss and coprocessor gradients of both paths on one batch (bf16 autocast, batch 2)."""
-    dense = make_models(cfg, "sdpa", dev, dtype)
-    flex = make_models(cfg, "flex_attention", dev, dtype, dense.state_dict())
-    cd = Coprocessor(CoprocessorConfig(num_latents=NL), dense).float()
-    cf = Coprocessor(CoprocessorConfig(num_latents=NL), flex).float()
-    cf.load_state_dict(cd.state_dict())
+def parity(cfg, dev, dtype, T, P, NL, A, **cop_kw):
+    """Loss and coprocessor gradients of both paths on one batch (bf16 autocast on GPU, batch 2)."""
+    dec = make_models(cfg, "sdpa", dev, dtype)
+    cop = Coprocessor(CoprocessorConfig(num_latents=NL, **cop_kw), dec).float()
+    with torch.no_grad():  # move off the identity/zero init so every gradient is exercised
+        for p in cop.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 1e-3)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (2, T), generator=g).to(dev)
     pts = masks.sample_points(T, P, 2, g).to(dev)
     out = {}
-    for name, dec, cop, fast in (("dense", dense, cd, False), ("fast", flex, cf, True)):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss, _ = augment.multi_point_loss(dec, cop, ids, pts, A, cache=augment.prefill_cache(dec, ids),
-                                               chunked=fast)
+    for name, fast in (("dense", False), ("fast", True)):
+        cop.zero_grad(set_to_none=True)
+        loss = step_loss(dec, cop, ids, pts, A, fast)
         loss.backward()
         out[name] = (float(loss), torch.cat([p.grad.flatten().float() for p in cop.parameters() if p.grad is not None]))
     gd, gf = out["dense"][1], out["fast"][1]
     cos = float(torch.nn.functional.cosine_similarity(gd, gf, dim=0))
-    return {"loss_dense": out["dense"][0], "loss_fast": out["fast"][0], "grad_cosine": cos,
-            "grad_rel_err": float((gd - gf).norm() / gd.norm())}
+    return {"coprocessor": cop_kw or "full copy", "loss_dense": out["dense"][0], "loss_fast": out["fast"][0],
+            "grad_cosine": cos, "grad_rel_err": float((gd - gf).norm() / gd.norm())}
+
+
+def save(result: dict, out: str, partial: dict | None = None) -> None:
+    """Write the results so far (a run cut short by a time limit still leaves its finished rows)."""
+    doc = dict(result, runs=result["runs"] + ([partial] if partial is not None else []))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(doc, indent=1))
 
 
 def main(argv=None):
@@ -133,7 +179,10 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--shapes", default="ref,paper,nl32,nl64", help="which shapes to run")
-    ap.add_argument("--paths", default="dense,fast,dense+compile,fast+compile", help="which paths to run")
+    ap.add_argument("--paths", default="dense,dense+compile,fast", help="which paths to run")
+    ap.add_argument("--batch", type=int, default=0, help="batch size for every shape (0: each shape's default)")
+    ap.add_argument("--no-parity", dest="parity", action="store_false", help="skip the loss/gradient comparison")
+    ap.add_argument("--profile", default="", help="append a torch.profiler table of one step per path to this file")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -151,51 +200,62 @@ def main(argv=None):
     result = {"device": gpu, "torch": torch.__version__, "commit": commit, "bf16_peak_flops": peak,
               "command": " ".join(["python"] + sys.argv), "runs": []}
     T0, P0, NL0, A0 = (512, 16, 16, 16) if not args.tiny else (64, 4, 4, 4)
-    try:
-        result["parity"] = parity(cfg, dev, dtype, T0, P0, NL0, A0)
-    except Exception as e:  # keep measuring even if one path fails
-        result["parity"] = {"error": repr(e)[:500]}
-    print("parity", result["parity"], flush=True)
+    if "fast" in args.paths and dev.type == "cuda":
+        fastpath.enable_compile()
     for key in args.shapes.split(","):
         if key not in shapes:
             continue
-        label, T, P, NL, A, B = shapes[key]
-        g = torch.Generator().manual_seed(0)
-        batches = [torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(dev) for _ in range(2)]
-        pts = [masks.sample_points(T, P, B, g).to(dev) for _ in range(2)]
-        fl = counted_flops(cfg, B, T, P, NL, A)
-        row = {"shape": label, "T": T, "points": P, "num_latents": NL, "n_ahead": A, "batch": B,
-               "counted_flops_per_step": fl["per_step"], "flops_breakdown_per_seq": fl["per_seq"]}
+        label, T, P, NL, A, B0 = shapes[key]
+        B0 = args.batch or B0
+        row = {"shape": label, "T": T, "points": P, "num_latents": NL, "n_ahead": A, "batch": B0,
+               "flops_breakdown_per_seq": counted_flops(cfg, 1, T, P, NL, A)["per_seq"]}
         for name in args.paths.split(","):
-            fast = name.startswith("fast")
-            attn = "flex_attention" if fast else "sdpa"
+            # "path@B": this path at batch B (the fast path fits larger batches than the dense one)
+            path, _, b = name.partition("@")
+            B = int(b) if b else B0
+            g = torch.Generator().manual_seed(0)  # the same batches for every path at this batch size
+            batches = [torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(dev) for _ in range(2)]
+            pts = [masks.sample_points(T, P, B, g).to(dev) for _ in range(2)]
+            fl = counted_flops(cfg, B, T, P, NL, A)
+            fast = FAST_VARIANTS.get(path, False)
             try:
-                dec = make_models(cfg, attn, dev, dtype)
+                dec = make_models(cfg, "sdpa", dev, dtype)
                 cop = Coprocessor(CoprocessorConfig(num_latents=NL), dec).float()
-                if name.endswith("+compile"):
+                if path == "dense+compile":
                     augment.compile_layers(dec)
                     augment.compile_layers(cop.body)
-                t, mem, loss = run_path(name, dec, cop, batches, pts, A, args.steps, args.warmup, fast)
+                t, mem, loss, first = run_path(name, dec, cop, batches, pts, A, args.steps, args.warmup, fast,
+                                               args.profile or None)
                 tps = B * T / t
-                row[name] = {"step_s": t, "orig_tokens_per_s": tps, "peak_mem_gib": mem, "loss": loss,
+                row[name] = {"batch": B, "step_s": t, "first_step_s": first, "orig_tokens_per_s": tps,
+                             "peak_mem_gib": mem, "loss": loss, "counted_flops_per_step": fl["per_step"],
                              "flops_per_s": fl["per_step"] / t,
                              "frac_bf16_peak": None if peak is None else fl["per_step"] / t / peak}
             except torch.OutOfMemoryError as e:
-                row[name] = {"error": "out of memory: " + str(e)[:200]}
+                row[name] = {"batch": B, "error": "out of memory: " + str(e)[:200]}
             except Exception as e:
-                row[name] = {"error": repr(e)[:500]}
+                row[name] = {"batch": B, "error": repr(e)[:500]}
             finally:
-                dec = cop = None
+                dec = cop = batches = None
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             print(key, name, row[name], flush=True)
+            save(result, args.out, partial=row)
         base = row.get("dense", {}).get("orig_tokens_per_s")
         if base:
             row["speedup_over_dense"] = {k: row[k]["orig_tokens_per_s"] / base for k in args.paths.split(",")
                                          if "orig_tokens_per_s" in row.get(k, {})}
         result["runs"].append(row)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.parity:
+        result["parity"] = []  # after the timings: its small shapes compile the fast path once more
+        for kw in ({}, {"num_layers": 8 if not args.tiny else 1, "refeed_last": True, "hide_point": True,
+                        "shift_ahead": False, "latent_gate": True, "gate_init": -1.0}):
+            try:
+                result["parity"].append(parity(cfg, dev, dtype, T0, P0, NL0, A0, **kw))
+            except Exception as e:  # keep measuring even if one path fails
+                result["parity"].append({"coprocessor": kw or "full copy", "error": repr(e)[:500]})
+            print("parity", result["parity"][-1], flush=True)
+    save(result, args.out)
     print(json.dumps(result, indent=1))
 
 

@@ -167,38 +167,11 @@ def multi_point(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Ten
     return MultiPointOutput(hidden, targets, valid, latents, logits)
 
 
-def chunked_cross_entropy(decoder, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Summed cross-entropy of hidden (N, d) against targets (N,), through the LM head in chunks.
-
-    Each chunk's logits (chunk, V) are made, reduced and dropped; the backward pass recomputes them
-    (activation checkpointing), so full-precision logits for all N positions never exist at once.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    head = decoder.get_output_embeddings()
-
-    def piece(h, t):
-        return F.cross_entropy(head(h).float(), t, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(piece, hidden[i: i + chunk], targets[i: i + chunk], use_reentrant=False)
-    return total
-
-
-def multi_point_loss(decoder, coprocessor, input_ids, points, n_ahead, cache=None, pad_id: int = 0,
-                     chunked: bool = False):
+def multi_point_loss(decoder, coprocessor, input_ids, points, n_ahead, cache=None, pad_id: int = 0):
     """Mean cross-entropy over valid ahead tokens, and per-(point, ahead) NLL (B, P, A).
 
-    `chunked=True` is the training fast path: the loss goes through `chunked_cross_entropy` and the
-    per-token NLL is not returned (None).
+    The training fast path computes the same loss in `fastpath.multi_point_loss`.
     """
-    if chunked:
-        out = multi_point(decoder, coprocessor, input_ids, points, n_ahead, cache=cache, pad_id=pad_id,
-                          with_logits=False)
-        h = out.hidden[out.valid]                                              # (N, d)
-        loss = chunked_cross_entropy(decoder, h, out.targets[out.valid]) / h.shape[0]
-        return loss, None
     out = multi_point(decoder, coprocessor, input_ids, points, n_ahead, cache=cache, pad_id=pad_id)
     nll = token_nll(out.logits, out.targets, out.valid)
     loss = nll[out.valid].mean()

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import AutoModel
 
-from . import kv, masks
+from . import fastpath, kv, masks
 from .config import CoprocessorConfig
 
 _LAYER_KEY = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
@@ -218,6 +218,8 @@ class Coprocessor(nn.Module):
 
     def forward(self, cache, points: torch.Tensor) -> torch.Tensor:
         """Latents for each point. cache: the decoder's cache of x (B, T); points (B, P) -> (B, P, NL, d)."""
+        if isinstance(cache, fastpath.Prefix):  # the training fast path's plain K/V tensors
+            return fastpath.coprocessor_latents(self, cache, points)
         B, P = points.shape
         NL, d = self.config.num_latents, self.hidden_size
         dtype = self.soft_tokens.dtype

@@ -148,7 +148,7 @@ def latent_columns(T: int, n_points: int, layout: GroupLayout) -> torch.Tensor:
     return (k >= T) & ((k - T) % G < layout.num_latents)
 
 
-def group_block_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool = False):
+def group_block_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool = False, block_size: int = 128):
     """The same mask as a FlexAttention BlockMask: whole blocks that no row may see are skipped,
     so groups cost attention only over their own prefix and their own block. (B, P) -> BlockMask
     for Q = P*G queries and K = T + P*G keys."""
@@ -165,7 +165,7 @@ def group_block_mask(T: int, points: torch.Tensor, group_len: int, hide_point: b
         to_group = ((kg // G) == grp) & ((kg % G) <= (q % G))
         return torch.where(k < T, to_orig, to_group)
 
-    return create_block_mask(mask_mod, B, None, P * G, T + P * G, device=points.device)
+    return create_block_mask(mask_mod, B, None, P * G, T + P * G, device=points.device, BLOCK_SIZE=block_size)
 
 
 def group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.dtype, attn_implementation: str | None,

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import augment, kv, masks
+from . import augment, fastpath, kv, masks
 from .checkpoint import (load_coprocessor, read_config, recover_interrupted_write,
                          save_coprocessor)
 from .config import CoprocessorConfig, TrainConfig, from_dict, to_dict
@@ -322,8 +322,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
 
     # The frozen decoder is stored in the compute precision (no master copy needed: it never updates).
     dec_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
-    decoder, tok, info = load_decoder(cfg.decoder or None, device=acc.device, dtype=dec_dtype,
-                                      attn_implementation="flex_attention" if cfg.fast else None)
+    decoder, tok, info = load_decoder(cfg.decoder or None, device=acc.device, dtype=dec_dtype)
     pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
     train_data = open_data(cfg.data, tok, "train")
     heldout = open_data(cfg.data, tok, "heldout")
@@ -335,9 +334,11 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         cop_cfg = cop.config
     else:
         cop = Coprocessor(cop_cfg, decoder)
-    if cop.config.latent_gate and (cfg.fast or _is_fsdp(acc)):
-        raise TrainingError("--latent-gate trains on the dense path only (not --fast, not FSDP): "
-                            "its bias is added to a float attention mask")
+    if cop.config.latent_gate and _is_fsdp(acc):
+        raise TrainingError("--latent-gate does not train under FSDP (DDP or one process): its bias is read "
+                            "outside the coprocessor's forward")
+    if cfg.fast and (why := fastpath.unsupported(decoder, cop)):
+        raise TrainingError(f"--fast: {why}; train without --fast")
     cop.float().train()
     scalars = _fsdp_unscalar(cop) if _is_fsdp(acc) else set()
     opt = torch.optim.AdamW(param_groups(cop, cfg), betas=(0.9, 0.95), eps=1e-8)
@@ -361,7 +362,9 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             torch.cuda.set_rng_state(state_tensors["rng.cuda"])
         step, tokens_seen = state_meta["step"], state_meta["tokens_seen"]
         elapsed0 = state_meta.get("elapsed_s", 0.0)
-    if cfg.compile:
+    if cfg.compile and cfg.fast:
+        fastpath.enable_compile()
+    elif cfg.compile:
         augment.compile_layers(decoder)
         if cop.body is not None:
             augment.compile_layers(cop.body)
@@ -434,9 +437,12 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             ids = train_data.sample(cfg.batch_size, cfg.seq_len, gen).to(acc.device)
             pts = masks.sample_points(cfg.seq_len, cfg.points, cfg.batch_size, gen).to(acc.device)
             with acc.autocast():
-                cache = augment.prefill_cache(decoder, ids)
-                loss, _ = augment.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, cache=cache,
-                                                   pad_id=pad_id, chunked=cfg.fast)
+                if cfg.fast:
+                    loss = fastpath.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, pad_id=pad_id)
+                else:
+                    cache = augment.prefill_cache(decoder, ids)
+                    loss, _ = augment.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, cache=cache,
+                                                       pad_id=pad_id)
             if not torch.isfinite(loss):
                 raise stop(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
                                     f"is kept in {last}. Lower --lr or use --precision no.")

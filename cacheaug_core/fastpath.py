@@ -1,0 +1,398 @@
+"""The training fast path: the one-pass multi-point loss written out as plain functions over the
+weights of a Llama-family decoder (Llama, Qwen2), with block-sparse attention and a fused
+cross-entropy. Same losses and gradients as the dense path of `augment.multi_point_loss`.
+
+    loss = fastpath.multi_point_loss(decoder, coprocessor, ids, points, n_ahead)   # ids (B, T), points (B, P)
+    loss.backward()
+    fastpath.enable_compile()        # GPU: compile the block functions (once, shared by all layers)
+
+    cacheaug train ... --fast [--compile]                     # the trainer's switch for this path
+
+Why a second implementation of the same forward: at SmolLM2's width (d=576) the dense path spends
+most of a step outside its matmuls. Its group mask is a dense float tensor, so every group query
+is scored against every group of the batch row (~4x the useful attention work) by a kernel that
+also reads the mask; the transformers layers read their KV cache through cache objects whose
+per-layer state makes `torch.compile` trace each layer separately; and the cross-entropy
+materialises full-precision logits for every predicted position. Here:
+
+- the decoder's prefill returns plain per-layer K/V tensors (B, H_kv, T, hd), computed with the
+  causal flash kernel; the last layer stops after its K/V projection (nothing reads its output);
+- the coprocessor pass and the group pass attend with FlexAttention and the group `BlockMask`
+  (`masks.group_block_mask`): key blocks that no query of a block may see are skipped. The
+  coprocessor's latent gate (a learned bias on latent keys) is a FlexAttention `score_mod`;
+- one block function serves every layer of every model (the layer's modules are arguments), so
+  `torch.compile` traces it once per pass kind and fuses the norms, rotary embeddings and
+  activations around the matmuls and the attention kernel;
+- the LM head and cross-entropy run chunk by chunk in one autograd function that computes the
+  input gradient during the forward (the loss is the last node, so its incoming gradient is a
+  scalar): each chunk's logits exist once, and nothing is recomputed;
+- no host synchronisation in the step: invalid ahead tokens (past the end of the text) are
+  weighted out instead of selected out.
+
+Supported: decoders whose layers are Llama-style (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
+RMSNorm, rotary embeddings, full attention), coprocessor bodies copy/scratch/lora/none, one round.
+`unsupported(decoder, coprocessor)` says why a pair is not; the trainer then refuses `--fast`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import masks
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+
+def unsupported(decoder, coprocessor=None) -> str | None:
+    """Why this decoder (and coprocessor) cannot take the fast path, or None if it can."""
+    cfg = decoder.config
+    if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return f"the fast path covers {', '.join(SUPPORTED_MODEL_TYPES)} decoders, not {cfg.model_type!r}"
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "the fast path covers full-attention layers only (this decoder has sliding-window layers)"
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+        return f"the fast path covers SiLU MLPs, not {cfg.hidden_act!r}"
+    if coprocessor is not None:
+        core = getattr(coprocessor, "module", coprocessor)
+        if core.config.rounds != 1:
+            return "the fast path covers one coprocessor round (rounds=1)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of a Llama block, written as transformers writes them (same dtypes, same order of
+# operations), so that both paths agree to rounding.
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dt = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dt)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin                          # x (B, H, Q, hd); cos (B, 1, Q, hd)
+
+
+def _qkv(layer, x: torch.Tensor, cos, sin):
+    """Pre-norm, projections, rotary. x (B, Q, d) -> q (B, H, Q, hd), k, v (B, H_kv, Q, hd)."""
+    a = layer.self_attn
+    B, Q, _ = x.shape
+    hd = a.head_dim
+    h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+    q = a.q_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+    k = a.k_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+    v = a.v_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Attention output projection + residual, then the MLP + residual. o (B, Q, H*hd)."""
+    x = x + layer.self_attn.o_proj(o)
+    m = layer.mlp
+    n = layer.post_attention_layernorm
+    h = _rms(x, n.weight, n.variance_epsilon)
+    return x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
+
+
+def _merge_heads(o: torch.Tensor) -> torch.Tensor:
+    """(B, H, Q, hd) -> (B, Q, H*hd)."""
+    B, _, Q, _ = o.shape
+    return o.transpose(1, 2).reshape(B, Q, -1)
+
+
+def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool):
+    """One layer over the original tokens, causal. -> (x, k, v); with `last` only k, v are made
+    (the group pass reads every layer's K/V, but nothing reads the last layer's output)."""
+    q, k, v = _qkv(layer, x, cos, sin)
+    if last:
+        return x, k, v
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
+                                       scale=layer.self_attn.scaling, enable_gqa=True)
+    return _out_and_mlp(layer, x, _merge_heads(o)), k, v
+
+
+def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
+                gate_cols=None):
+    """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
+    cached original tokens and to each other as `mask` allows.
+
+    x (B, Q, d); k_past, v_past (B, H_kv, T, hd). `mask` is the group `BlockMask` (FlexAttention:
+    key blocks nobody sees are skipped) or the same mask as a dense additive float tensor
+    (B, 1, Q, T + Q) through SDPA (CPU, where FlexAttention has no backward). gate_cols (T + Q,)
+    float: the latent gate's bias on each key (zero off the latents), or None. Attention runs in
+    `attn_dtype` (under autocast SDPA would cast to the autocast dtype; FlexAttention is not on
+    autocast's lists).
+    """
+    q, k, v = _qkv(layer, x, cos, sin)
+    q = q.to(attn_dtype)
+    K = torch.cat([k_past.to(attn_dtype), k.to(attn_dtype)], dim=2)   # (B, H_kv, T + Q, hd)
+    V = torch.cat([v_past.to(attn_dtype), v.to(attn_dtype)], dim=2)
+    scale = layer.self_attn.scaling
+    if isinstance(mask, torch.Tensor):
+        if gate_cols is not None:
+            mask = mask + gate_cols.to(mask.dtype)
+        o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask.to(attn_dtype), scale=scale, enable_gqa=True)
+    else:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        score_mod = None
+        if gate_cols is not None:
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + gate_cols[kv_idx]
+        # blocks smaller than the kernel's default tiles need tiles that divide them
+        tiles = None
+        if mask.BLOCK_SIZE[0] < 128 or mask.BLOCK_SIZE[1] < 128:
+            t = min(mask.BLOCK_SIZE)
+            tiles = {"BLOCK_M": t, "BLOCK_N": t, "BLOCK_M1": t // 2, "BLOCK_N1": t, "BLOCK_M2": t, "BLOCK_N2": t // 2}
+        o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
+                           kernel_options=tiles)
+    return _out_and_mlp(layer, x, _merge_heads(o))
+
+
+_compiled: dict = {}
+
+
+def enable_compile(on: bool = True) -> None:
+    """torch.compile the block functions (GPU). Every layer of the decoder and the coprocessor
+    goes through the same two functions with its modules as arguments, so each compiles once per
+    kind of pass (prefill, coprocessor, group; forward and backward), not once per layer. The
+    cross-entropy chunk compiles too (its softmax, one-hot and weighting fuse into one kernel).
+    Without compilation FlexAttention runs an unfused reference implementation: correct, for
+    tests on CPU, but slow and memory-hungry."""
+    if not on:
+        _compiled.clear()
+        return
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    _compiled["prefill"] = torch.compile(prefill_block, dynamic=False)
+    _compiled["group"] = torch.compile(group_block, dynamic=False)
+    _compiled["ce"] = torch.compile(_ce_chunk, dynamic=False)
+
+
+def _block(kind: str):
+    return _compiled.get(kind, prefill_block if kind == "prefill" else group_block)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three passes.
+
+
+@dataclass
+class Prefix:
+    """The decoder's cache of the original tokens as plain tensors, one (k, v) per decoder layer,
+    each (B, H_kv, T, hd), rotary embeddings applied. What the coprocessor and the groups read."""
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    attention: str = "auto"   # how rows appended after it attend (see `_group_mask`)
+    block: int = 128          # FlexAttention block size (query and key) of the group pass
+    cop_block: int = 128      # ... and of the coprocessor pass
+    align: int = 32           # with FlexAttention, groups are padded to a multiple (or divisor) of this
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+
+def _base(model):
+    return getattr(model, "model", None) if hasattr(model, "lm_head") else model
+
+
+@torch.no_grad()
+def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32,
+            cop_block: int = 128) -> Prefix:
+    """The frozen decoder over input_ids (B, T): every layer's K/V, no logits. `attention` picks
+    how the coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`)."""
+    base = _base(decoder)
+    B, T = input_ids.shape
+    x = base.embed_tokens(input_ids)                                 # (B, T, d)
+    pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+    cos, sin = base.rotary_emb(x, pos)                               # (B, T, hd)
+    cos, sin = cos[:, None], sin[:, None]
+    ks, vs = [], []
+    n = len(base.layers)
+    blk = _block("prefill")
+    for i, layer in enumerate(base.layers):
+        x, k, v = blk(layer, x, cos, sin, i == n - 1)
+        ks.append(k)
+        vs.append(v)
+    return Prefix(ks, vs, attention, block, cop_block, align)
+
+
+ATTENTION = ("auto", "flex", "dense")
+
+
+def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, prefix: "Prefix", block: int):
+    """The group mask in the form `group_block` takes: a BlockMask ("flex", the default on
+    CUDA) or a dense float mask ("dense", the default elsewhere)."""
+    attention = prefix.attention
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
+    if attention == "auto":
+        attention = "flex" if points.device.type == "cuda" else "dense"
+    if attention == "flex":
+        return masks.group_block_mask(T, points, group_len, hide_point, block_size=block)
+    return masks.dense_group_mask(T, points, group_len, torch.float32, hide_point)
+
+
+def _aligned(group_len: int, align: int) -> int:
+    """Group length padded up to a divisor or multiple of `align` (see `group_hidden`)."""
+    if group_len >= align:
+        return -(-group_len // align) * align
+    n = 1
+    while n < group_len:
+        n *= 2
+    return n
+
+
+def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, layer_ids, block_mask,
+                   gate_cols=None) -> torch.Tensor:
+    """Rows x (B, Q, d) at positions pos (B, Q) through `base`'s layers; layer j reads the prefix
+    K/V of decoder layer layer_ids[j]. -> last hidden state after the final norm (B, Q, d)."""
+    cos, sin = base.rotary_emb(x, pos)
+    cos, sin = cos[:, None], sin[:, None]
+    dev = x.device.type
+    attn_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    blk = _block("group")
+    for j, layer in enumerate(base.layers):
+        i = layer_ids[j]
+        x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
+                None if gate_cols is None else gate_cols[j])
+    return _rms(x, base.norm.weight, base.norm.variance_epsilon)
+
+
+def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor) -> torch.Tensor:
+    """The coprocessor's latents from a `Prefix` (what `Coprocessor.forward` does with a
+    transformers cache). core: an unwrapped Coprocessor; points (B, P) -> (B, P, NL, d)."""
+    B, P = points.shape
+    NL, d = core.config.num_latents, core.hidden_size
+    soft = core.soft_tokens[None, None].expand(B, P, NL, d)
+    if core.body is None:  # pause tokens
+        return core._scale(soft)
+    T = prefix.length
+    layout = masks.GroupLayout(NL, 1, latent_pos=core.config.latent_pos)
+    pos = masks.latent_positions(points, layout).reshape(B, P * NL)
+    body_dtype = next(core.body.parameters()).dtype
+    bm = _group_mask(T, points, NL, False, prefix, prefix.cop_block)
+    h = _appended_pass(core.body, soft.reshape(B, P * NL, d).to(body_dtype), pos, prefix, core.layer_ids, bm)
+    return core._scale(core.out_proj(h.view(B, P, NL, d).to(core.soft_tokens.dtype)))
+
+
+def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.Tensor, tokens: torch.Tensor,
+                 layout: masks.GroupLayout, gate: torch.Tensor | None = None, pad_id: int = 0) -> torch.Tensor:
+    """Every point's group read against the prefix. latents (B, P, NL, d), tokens (B, P, n_tokens)
+    -> normed hidden states of the rows that predict the ahead tokens (B, P, A, d).
+
+    With FlexAttention each group gets padding rows at its end up to a length that tiles the
+    kernel's blocks (31 -> 32: four groups per 128-row block, and each block's own keys in one
+    key block instead of straddling two). Groups are causal, so no real row sees a padding row;
+    padding outputs are dropped.
+    """
+    base = _base(decoder)
+    B, P = points.shape
+    T = prefix.length
+    dtype = base.embed_tokens.weight.dtype
+    x = torch.cat([latents.to(dtype), base.embed_tokens(tokens)], dim=2)   # (B, P, G, d)
+    pos = masks.group_positions(points, layout)                             # (B, P, G)
+    G = x.shape[2]
+    flex = prefix.attention == "flex" or (prefix.attention == "auto" and points.device.type == "cuda")
+    Gp = _aligned(G, prefix.align) if flex else G
+    if Gp > G:
+        pad = torch.full((B, P, Gp - G), pad_id, dtype=tokens.dtype, device=tokens.device)
+        x = torch.cat([x, base.embed_tokens(pad)], dim=2)                   # (B, P, Gp, d)
+        pos = torch.cat([pos, pos[..., -1:] + torch.arange(1, Gp - G + 1, device=pos.device)], dim=2)
+    bm = _group_mask(T, points, Gp, layout.hide_point, prefix, prefix.block)
+    gate_cols = None
+    if gate is not None:
+        padded = masks.GroupLayout(layout.num_latents, layout.n_ahead + Gp - G, **{
+            k: getattr(layout, k) for k in ("refeed_last", "latent_pos", "shift_ahead", "hide_point")})
+        cols = masks.latent_columns(T, P, padded).to(points.device)          # (T + P*Gp,) bool
+        gate_cols = gate.float()[:, None] * cols                             # (L, T + P*Gp)
+    ids = list(range(len(base.layers)))
+    h = _appended_pass(base, x.reshape(B, P * Gp, -1), pos.reshape(B, P * Gp), prefix, ids, bm, gate_cols)
+    return h.view(B, P, Gp, -1)[:, :, G - layout.n_ahead: G]
+
+
+# ---------------------------------------------------------------------------------------------
+# LM head + cross-entropy, fused by chunks.
+
+
+def _ce_chunk(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+    """One chunk: weighted summed cross-entropy, and its gradient with respect to h.
+    h (c, d), head_weight (V, d), targets (c,), weights (c,) -> (scalar, (c, d))."""
+    logits = (h @ head_weight.t()).float()                               # (c, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, targets[:, None])[:, 0]
+    loss = ((lse - picked) * weights).sum()
+    # d loss / d logits = weights * (softmax - onehot)
+    onehot = torch.arange(logits.shape[1], device=h.device)[None] == targets[:, None]
+    g = (torch.exp(logits - lse[:, None]) - onehot.float()) * weights[:, None]
+    return loss, (g.to(head_weight.dtype) @ head_weight).to(h.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of h (N, d) through a frozen head (V, d) against targets (N,), with
+    weights (N,) (0 drops a row). The input gradient is computed in the forward, chunk by chunk,
+    and kept (N, d): the backward only scales it by the incoming scalar gradient."""
+
+    @staticmethod
+    def forward(ctx, h, head_weight, targets, weights, chunk):
+        fn = _compiled.get("ce", _ce_chunk)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grads = []
+        for s in range(0, h.shape[0], chunk):
+            loss, g = fn(h[s: s + chunk], head_weight, targets[s: s + chunk], weights[s: s + chunk])
+            total = total + loss
+            grads.append(g)
+        ctx.save_for_backward(torch.cat(grads) if h.requires_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * g.to(grad.dtype)), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                         weights: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Sum over rows of weights * CE(hidden @ head_weight.T, targets). hidden (N, d), targets (N,)."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
+        head_weight = head_weight.to(hidden.dtype)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(hidden, head_weight, targets, weights.float(), chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+
+def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
+                     prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
+                     block: int = 128, align: int = 32, cop_block: int = 128) -> torch.Tensor:
+    """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
+    loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
+
+    `coprocessor` may be wrapped (DDP): it is called, so the wrapper's gradient hooks run.
+    """
+    if prefix is None:
+        prefix = prefill(decoder, input_ids, attention, block, align, cop_block)
+    core = getattr(coprocessor, "module", coprocessor)
+    layout = core.layout(n_ahead)
+    latents = coprocessor(prefix, points)                                   # (B, P, NL, d)
+    tokens, targets, valid = masks.group_tokens(input_ids, points, layout, pad_id)
+    h = group_hidden(decoder, prefix, points, latents, tokens, layout, getattr(core, "gate_bias", None), pad_id)
+    w = valid.flatten().float()
+    head = decoder.get_output_embeddings().weight
+    total = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head, targets.flatten(), w)
+    return total / w.sum().clamp(min=1.0)

@@ -1,0 +1,160 @@
+"""The training fast path (`fastpath.py`) against the dense path, on tiny models on CPU.
+
+    pytest tests/test_fastpath.py
+
+FlexAttention has no backward on CPU, so losses and gradients are compared with the fast path's
+dense-mask attention; the FlexAttention masks (block skipping, padded groups, the latent gate as a
+score_mod) are compared forward-only. The GPU run of `bench/train_throughput.py` repeats the
+loss/gradient comparison with compiled FlexAttention (results/train_throughput.json, "parity").
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cacheaug_core import augment, fastpath, masks
+from cacheaug_core.config import CoprocessorConfig, TrainConfig
+from cacheaug_core.coprocessor import Coprocessor
+from cacheaug_core.train import TrainingError, train
+from tests.conftest import save_tiny_decoder, tiny_decoder
+
+COPROCESSORS = {
+    "copy": dict(),
+    "compact-gated": dict(num_layers=2, refeed_last=True, hide_point=True, shift_ahead=False,
+                          latent_gate=True, gate_init=-1.0),
+    "shared-positions": dict(num_layers=2, layer_map="spread", latent_pos="shared", refeed_last=True),
+    "lora": dict(body="lora", lora_rank=4),
+    "pause": dict(body="none", refeed_last=True),
+}
+
+
+def _setup(arch, cop_kw, T=40, P=5, B=2, seed=1):
+    dec = tiny_decoder(arch, layers=3)
+    cop = Coprocessor(CoprocessorConfig(num_latents=4, **cop_kw), dec).float()
+    with torch.no_grad():  # move off the identity / zero initialisation so every gradient is exercised
+        for p in cop.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 96, (B, T), generator=g)
+    pts = masks.sample_points(T, P, B, g)
+    return dec, cop, ids, pts
+
+
+def _grads(cop):
+    return {n: p.grad.detach().clone() for n, p in cop.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", list(COPROCESSORS))
+def test_fast_loss_and_gradients_match_dense(arch, name):
+    dec, cop, ids, pts = _setup(arch, COPROCESSORS[name])
+    loss_d, _ = augment.multi_point_loss(dec, cop, ids, pts, 6, cache=augment.prefill_cache(dec, ids))
+    loss_d.backward()
+    gd = _grads(cop)
+    cop.zero_grad(set_to_none=True)
+    loss_f = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense")
+    loss_f.backward()
+    gf = _grads(cop)
+    torch.testing.assert_close(loss_f, loss_d, atol=1e-5, rtol=1e-5)
+    assert gd.keys() == gf.keys() and len(gd) > 0
+    for n in gd:
+        scale = gd[n].abs().max().clamp(min=1e-8)
+        assert float((gf[n] - gd[n]).abs().max() / scale) < 1e-3, n
+
+
+def test_points_near_the_end_are_weighted_out():
+    """Ahead tokens past the end of the text count for nothing on both paths."""
+    dec, cop, ids, _ = _setup("llama", {})
+    pts = torch.tensor([[3, 20, 37, 38], [0, 10, 30, 38]])                  # T = 40: the last ones run off
+    loss_d, nll = augment.multi_point_loss(dec, cop, ids, pts, 6, cache=augment.prefill_cache(dec, ids))
+    assert torch.isnan(nll).any()
+    loss_f = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense")
+    torch.testing.assert_close(loss_f, loss_d, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["copy", "compact-gated"])
+@pytest.mark.parametrize("block,align", [(128, 32), (16, 8), (16, 1)])
+def test_flex_masks_match_dense_forward(name, block, align):
+    """FlexAttention's BlockMask (with groups padded to tile its blocks, and the gate as a
+    score_mod) reads the same latents and hidden states as the dense mask."""
+    dec, cop, ids, pts = _setup("llama", COPROCESSORS[name])
+    layout = cop.layout(6)
+    tokens, _, _ = masks.group_tokens(ids, pts, layout)
+    out = {}
+    with torch.no_grad():
+        for att in ("dense", "flex"):
+            pre = fastpath.prefill(dec, ids, att, block=block, align=align, cop_block=block)
+            lat = cop(pre, pts)
+            out[att] = (lat, fastpath.group_hidden(dec, pre, pts, lat, tokens, layout, cop.gate_bias))
+    torch.testing.assert_close(out["flex"][0], out["dense"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["flex"][1], out["dense"][1], atol=1e-5, rtol=1e-5)
+    assert out["dense"][1].shape == (2, pts.shape[1], 6, dec.config.hidden_size)
+
+
+def test_prefill_cache_matches_transformers():
+    """The prefix K/V are the decoder's own cache entries (the last layer stops after K/V)."""
+    from cacheaug_core import kv
+
+    dec, _, ids, _ = _setup("qwen2", {})
+    pre = fastpath.prefill(dec, ids)
+    ref = kv.to_layers(augment.prefill_cache(dec, ids))
+    assert len(pre.k) == len(ref)
+    for k, v, (k0, v0) in zip(pre.k, pre.v, ref):
+        torch.testing.assert_close(k, k0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, v0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_linear_cross_entropy(chunk):
+    """Fused head + cross-entropy: the weighted sum of F.cross_entropy and its input gradient."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(23, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g)
+    t = torch.randint(0, 50, (23,), generator=g)
+    wt = (torch.rand(23, generator=g) > 0.3).float()
+    got = fastpath.linear_cross_entropy(h, w, t, wt, chunk=chunk)
+    (gh,) = torch.autograd.grad(2.0 * got, h)
+    h2 = h.detach().clone().requires_grad_()
+    want = (F.cross_entropy(h2 @ w.t(), t, reduction="none") * wt).sum()
+    (gh2,) = torch.autograd.grad(2.0 * want, h2)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gh, gh2, atol=1e-5, rtol=1e-4)
+
+
+def test_group_padding_lengths():
+    assert [fastpath._aligned(g, 32) for g in (31, 32, 33, 16, 12, 5)] == [32, 32, 64, 16, 16, 8]
+    assert fastpath._aligned(31, 1) == 31
+
+
+def test_unsupported_decoders_are_named():
+    assert fastpath.unsupported(tiny_decoder("llama")) is None
+    why = fastpath.unsupported(tiny_decoder("gpt2"))
+    assert why and "gpt2" in why
+    dec = tiny_decoder("llama")
+    assert "rounds" in fastpath.unsupported(dec, Coprocessor(CoprocessorConfig(num_latents=2, rounds=2), dec))
+
+
+def _cfg(tmp_path, decoder, data, **kw):
+    base = dict(decoder=decoder, data=data, out_dir=str(tmp_path / "run"), seq_len=40, points=5, n_ahead=4,
+                batch_size=2, steps=3, warmup=1, lr=3e-3, eval_every=0, save_every=3, log_every=1,
+                device="cpu", fast=True)
+    return TrainConfig(**(base | kw))
+
+
+def test_trainer_takes_the_fast_path(tmp_path, repeated_text_file, monkeypatch):
+    """`cacheaug train --fast` runs its steps through fastpath.multi_point_loss (gated layout too)."""
+    calls = []
+    real = fastpath.multi_point_loss
+    monkeypatch.setattr(fastpath, "multi_point_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=3)
+    cop_cfg = CoprocessorConfig(num_latents=3, num_layers=2, refeed_last=True, hide_point=True, shift_ahead=False,
+                                latent_gate=True)
+    last = train(_cfg(tmp_path, decoder, repeated_text_file), cop_cfg, show_progress=False)
+    assert (last / "trainer_state.json").exists() and len(calls) == 3
+
+
+def test_trainer_refuses_fast_for_gpt2(tmp_path, repeated_text_file):
+    decoder = save_tiny_decoder(tmp_path / "dec", "gpt2", layers=2)
+    with pytest.raises(TrainingError, match="--fast"):
+        train(_cfg(tmp_path, decoder, repeated_text_file), CoprocessorConfig(num_latents=2), show_progress=False)
