@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from cacheaug_core import augment  # noqa: E402
 from cacheaug_core.workbench import Workbench  # noqa: E402
 
+NOTES_MARK = "<!-- notes: kept when the benchmark rewrites the tables above -->"
 TARGETS = {"ttft_ratio": 1.25, "decode_ratio_min": 0.95, "score_every_s": 15.0, "score_text_s": 1.5,
            "peak_rss_gb": 4.0}
 
@@ -328,7 +329,11 @@ def main(argv=None) -> int:
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(res, indent=1, default=float))
     md = markdown(res)
-    Path(args.out_md).write_text(md)
+    out_md = Path(args.out_md)
+    # Notes written by hand below the generated tables (history of earlier runs) are kept.
+    old = out_md.read_text() if out_md.exists() else ""
+    notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else ""
+    out_md.write_text(md.rstrip("\n") + "\n\n" + (notes or NOTES_MARK + "\n"))
     print(md)
     return 0
 
