@@ -115,7 +115,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm (0 = off)")
     precision: str = _f("no", "mixed precision: no | bf16 | fp16")
-    fast: bool = _f(False, "the fast path (fastpath.py): block-sparse FlexAttention + fused cross-entropy (GPU, with --compile)")
+    fast: bool = _f(False, "the fast path (fastpath.py): block-sparse FlexAttention + fused cross-entropy (GPU; compiled there)")
     compile: bool = _f(False, "torch.compile the transformer blocks (GPU; with --fast: the fast path's block functions)")
     eval_every: int = _f(100, "held-out evaluation every N steps (0 = off)")
     eval_batches: int = _f(4, "held-out batches per evaluation")

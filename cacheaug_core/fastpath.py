@@ -6,7 +6,7 @@ cross-entropy. Same losses and gradients as the dense path of `augment.multi_poi
     loss.backward()
     fastpath.enable_compile()        # GPU: compile the block functions (once, shared by all layers)
 
-    cacheaug train ... --fast [--compile]                     # the trainer's switch for this path
+    cacheaug train ... --fast                                 # the trainer's switch (compiled on GPU)
 
 Why a second implementation of the same forward: at SmolLM2's width (d=576) the dense path spends
 most of a step outside its matmuls. Its group mask is a dense float tensor, so every group query
@@ -26,8 +26,14 @@ materialises full-precision logits for every predicted position. Here:
 - the LM head and cross-entropy run chunk by chunk in one autograd function that computes the
   input gradient during the forward (the loss is the last node, so its incoming gradient is a
   scalar): each chunk's logits exist once, and nothing is recomputed;
+- groups are padded at their end to a length that tiles the attention blocks (31 -> 32 rows: four
+  groups per 128-row block, their own keys in one key block); groups are causal, so no real row
+  sees a padding row;
 - no host synchronisation in the step: invalid ahead tokens (past the end of the text) are
   weighted out instead of selected out.
+
+On CPU, where FlexAttention has no backward, the same functions attend through SDPA with the dense
+group mask (what the tests compare). Throughput on one H100: results/train_throughput.md.
 
 Supported: decoders whose layers are Llama-style (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
 RMSNorm, rotary embeddings, full attention), coprocessor bodies copy/scratch/lora/none, one round.

@@ -362,7 +362,8 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             torch.cuda.set_rng_state(state_tensors["rng.cuda"])
         step, tokens_seen = state_meta["step"], state_meta["tokens_seen"]
         elapsed0 = state_meta.get("elapsed_s", 0.0)
-    if cfg.compile and cfg.fast:
+    if cfg.fast and (cfg.compile or acc.device.type == "cuda"):
+        # uncompiled FlexAttention is a slow reference implementation: on a GPU --fast compiles
         fastpath.enable_compile()
     elif cfg.compile:
         augment.compile_layers(decoder)
