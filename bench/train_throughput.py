@@ -16,8 +16,6 @@ run the same number of optimizer steps on the same batches:
                  BlockMask (key blocks nobody sees are skipped; groups padded to tile the blocks),
                  fused chunked LM head + cross-entropy, one compiled block function for all
                  layers (on CPU: dense masks, uncompiled)
-  fast-b64       the same with 64-wide attention blocks
-  fast-cop64     64-wide blocks in the coprocessor pass only
   fast-nopad     the same without padding the groups
 
 Reported per run: original (text) tokens per second, a counted-FLOP model (matmul FLOPs of the
@@ -88,8 +86,7 @@ def make_models(cfg, attn: str, device, dtype, state=None):
     return freeze(dec)
 
 
-FAST_VARIANTS = {"fast": {}, "fast-b64": {"block": 64, "cop_block": 64}, "fast-cop64": {"cop_block": 64},
-                 "fast-nopad": {"align": 1}}
+FAST_VARIANTS = {"fast": {}, "fast-nopad": {"align": 1}}
 
 
 def step_loss(dec, cop, ids, pts, A, fast: bool | dict):
@@ -102,7 +99,7 @@ def step_loss(dec, cop, ids, pts, A, fast: bool | dict):
         return augment.multi_point_loss(dec, cop, ids, pts, A, cache=cache)[0]
 
 
-def run_path(name, dec, cop, batches, pts_list, A, steps, warmup, fast: bool, profile: str | None = None):
+def run_path(name, dec, cop, batches, pts_list, A, steps, warmup, fast: bool | dict, profile: str | None = None):
     """Median step time (s), peak memory (GiB), last loss, and the first (compiling) step's time."""
     opt = torch.optim.AdamW(cop.parameters(), lr=1e-5, fused=batches[0].device.type == "cuda")
     dev = batches[0].device

@@ -331,6 +331,27 @@ def _split_depth(decoder, coprocessor) -> int | None:
     return K if K < L else None
 
 
+def _group_inputs(decoder, layout: masks.GroupLayout, latents: torch.Tensor, last_tokens: torch.Tensor,
+                  points: torch.Tensor):
+    """What a generation appends at its augmentation points: the latents, then (with
+    `refeed_last`) the point token again. latents (B, NL, d), last_tokens (B,) the point tokens
+    x_p, points (B, 1) their positions -> inputs_embeds (B, G, d), position ids (B, G)."""
+    x = latents.to(decoder_dtype(decoder))
+    if layout.refeed_last:
+        x = torch.cat([x, embed(decoder, last_tokens.reshape(-1, 1))], dim=1)
+    return x, masks.group_positions(points, layout)[:, 0, : x.shape[1]]
+
+
+def _gate_kwargs(gate, latent_cols: tuple[int, int] | None, n_keys: int, device) -> dict:
+    """The `latent_gate` argument of a forward whose keys (n_keys cache columns after it) hold
+    latents at columns latent_cols = (start, end); {} without a gate or latents."""
+    if gate is None or latent_cols is None:
+        return {}
+    cols = torch.zeros(n_keys, dtype=torch.bool, device=device)
+    cols[latent_cols[0]: latent_cols[1]] = True
+    return {"latent_gate": (gate, cols)}
+
+
 class _AugState:
     """Decoding state with latents: the cache holds clean text up to `clean_len`, then a group.
 
@@ -382,28 +403,24 @@ class _AugState:
         if self.hidden is not None:
             seen[:, self.hidden] = False
         allowed = masks.append_allowed(seen, torch.ones(1, n_new, dtype=torch.bool, device=device))
-        kw = {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder))}        # (1, 1, n, K)
-        if self.gate is not None:
-            cols = torch.zeros(K, dtype=torch.bool, device=device)
-            cols[self.latent_cols[0]: self.latent_cols[1]] = True
-            kw["latent_gate"] = (self.gate, cols)
-        return kw
+        return {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder)),  # (1, 1, n, K)
+                **_gate_kwargs(self.gate, self.latent_cols, K, device)}
+
+    def _enter_group(self, start: int, layout: masks.GroupLayout) -> None:
+        """Record a group appended at cache column `start` after the clean text."""
+        self.latent_cols = (start, start + layout.num_latents)
+        self.hidden = self.clean_len - 1 if layout.hide_point else None
+        self.next_pos = self.clean_len + layout.offset
 
     def insert(self, latents: torch.Tensor, last_token: torch.Tensor) -> torch.Tensor:
         """Append a group (latents, re-fed token) after the clean text. -> next-token logits."""
         layout = self.cop.layout(1)
         p = torch.tensor([[self.clean_len - 1]], device=latents.device)
-        x = latents[0, 0].to(decoder_dtype(self.decoder))[None]                  # (1, NL, d)
-        if layout.refeed_last:
-            x = torch.cat([x, embed(self.decoder, last_token.view(1, 1))], dim=1)
-        pos = masks.group_positions(p, layout)[0, :, : x.shape[1]]
-        start = kv.length(self.cache)
-        self.latent_cols = (start, start + layout.num_latents)
-        self.hidden = self.clean_len - 1 if layout.hide_point else None
+        x, pos = _group_inputs(self.decoder, layout, latents[:, 0], last_token, p)   # (1, G, d), (1, G)
+        self._enter_group(kv.length(self.cache), layout)
         out = self.decoder(inputs_embeds=x, position_ids=pos, past_key_values=self.cache, use_cache=True,
                            **self.last_only, **self._group_kwargs(x.shape[1], x.device))
         self.cache = out.past_key_values
-        self.next_pos = self.clean_len + layout.offset
         return out.logits[0, -1]
 
     def prefill_and_insert(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -452,11 +469,8 @@ class _AugState:
         hx = run(x, base.layers[:K], attention_mask=causal, position_ids=pos_x, position_embeddings=rope)
         # 2. latents from the partial cache (the coprocessor reads only layers 0..K-1)
         latents = self.cop(kv.select_layers(cache, list(range(K))), p)          # (1, 1, NL, d)
-        g = latents[0, 0].to(dtype)[None]                                        # (1, NL, d)
-        if layout.refeed_last:
-            g = torch.cat([g, embed(dec, prompt_ids[:, -1:])], dim=1)            # (1, G, d)
+        g, pos_g = _group_inputs(dec, layout, latents[:, 0], prompt_ids[:, -1], p)   # (1, G, d), (1, G)
         G = g.shape[1]
-        pos_g = masks.group_positions(p, layout)[0, :, :G]                       # (1, G)
         # keys of every layer once it is done: n prompt entries, then G group entries
         seen = torch.ones(1, n, dtype=torch.bool, device=dev)
         if layout.hide_point:
@@ -465,11 +479,8 @@ class _AugState:
         prompt_rows = torch.cat([torch.ones(n, n, dtype=torch.bool, device=dev).tril(),
                                  torch.zeros(n, G, dtype=torch.bool, device=dev)], dim=1)[None]  # (1, n, n+G)
         mask = masks.to_additive(torch.cat([prompt_rows, group_rows], dim=1), dtype)            # (1, 1, n+G, n+G)
-        extra = {}
-        if self.gate is not None:  # prompt rows get it too, on keys their mask blocks anyway
-            cols = torch.zeros(n + G, dtype=torch.bool, device=dev)
-            cols[n: n + layout.num_latents] = True
-            extra["latent_gate"] = (self.gate, cols)
+        # the gate: prompt rows get it too, on keys their mask blocks anyway
+        extra = _gate_kwargs(self.gate, (n, n + layout.num_latents), n + G, dev)
         pos = torch.cat([pos_x, pos_g], dim=1)                                   # (1, n+G)
         rope = base.rotary_emb(g, pos)     # elementwise in the position: slices equal separate calls
         # 3. the group through layers 0..K-1, against the prompt's entries there
@@ -482,9 +493,7 @@ class _AugState:
         logits = hidden_to_logits(dec, base.norm(h[:, -1:]))
         self.cache = cache
         self.clean_len = n
-        self.latent_cols = (n, n + layout.num_latents)
-        self.hidden = n - 1 if layout.hide_point else None
-        self.next_pos = n + layout.offset
+        self._enter_group(n, layout)
         return logits[0, -1]
 
     def feed_after(self, token: torch.Tensor) -> torch.Tensor:
@@ -578,11 +587,8 @@ class _BatchState:
         """Append n inputs per row (visible (B, n): may later inputs see them) -> hidden (B, n, d)."""
         K = self.keys.shape[1] + visible.shape[1]
         allowed = masks.append_allowed(self.keys, visible)                            # (B, n, K)
-        kw = {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder))}   # (B, 1, n, K)
-        if self.gate is not None and self.latent_cols is not None:
-            cols = torch.zeros(K, dtype=torch.bool, device=pos.device)
-            cols[self.latent_cols[0]: self.latent_cols[1]] = True
-            kw["latent_gate"] = (self.gate, cols)
+        kw = {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder)),   # (B, 1, n, K)
+              **_gate_kwargs(self.gate, self.latent_cols, K, pos.device)}
         out = self.decoder.base_model(position_ids=pos, past_key_values=self.cache, use_cache=True, **inputs, **kw)
         self.cache = out.past_key_values
         self.keys = torch.cat([self.keys, visible], dim=1)
@@ -615,12 +621,8 @@ class _BatchState:
         of x_p's original entry (hidden from now on with `hide_point`). -> next-token logits (B, V).
         """
         layout = self.cop.layout(1)
-        dtype = decoder_dtype(self.decoder)
-        x = latents[:, 0].to(dtype)                                                  # (B, NL, d)
-        if layout.refeed_last:
-            x = torch.cat([x, embed(self.decoder, last_tokens[:, None])], dim=1)      # (B, NL + 1, d)
         points = (self.next_pos - 1)[:, None]                                         # (B, 1) position of x_p
-        pos = masks.group_positions(points, layout)[:, 0, : x.shape[1]]               # (B, G)
+        x, pos = _group_inputs(self.decoder, layout, latents[:, 0], last_tokens, points)   # (B, G, d), (B, G)
         if layout.hide_point:
             rows = torch.arange(self.keys.shape[0], device=x.device)
             self.keys[rows, point_col] = False

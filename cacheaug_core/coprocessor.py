@@ -218,14 +218,14 @@ class Coprocessor(nn.Module):
 
     def forward(self, cache, points: torch.Tensor) -> torch.Tensor:
         """Latents for each point. cache: the decoder's cache of x (B, T); points (B, P) -> (B, P, NL, d)."""
-        if isinstance(cache, fastpath.Prefix):  # the training fast path's plain K/V tensors
-            return fastpath.coprocessor_latents(self, cache, points)
         B, P = points.shape
         NL, d = self.config.num_latents, self.hidden_size
         dtype = self.soft_tokens.dtype
         soft = self.soft_tokens[None, None].expand(B, P, NL, d)
         if self.body is None:  # pause tokens
             return self._scale(soft)
+        if isinstance(cache, fastpath.Prefix):  # the training fast path's plain K/V tensors
+            return fastpath.coprocessor_latents(self, cache, points, soft)
         T = kv.length(cache)
         prefix = kv.select_layers(cache, self.layer_ids)
         layout = masks.GroupLayout(NL, 1, latent_pos=self.config.latent_pos)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from . import masks
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+ATTENTION = ("auto", "flex", "dense")   # auto: FlexAttention on CUDA, dense masks elsewhere
 
 
 def unsupported(decoder, coprocessor=None) -> str | None:
@@ -155,13 +156,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
         if gate_cols is not None:
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score + gate_cols[kv_idx]
-        # blocks smaller than the kernel's default tiles need tiles that divide them
-        tiles = None
-        if mask.BLOCK_SIZE[0] < 128 or mask.BLOCK_SIZE[1] < 128:
-            t = min(mask.BLOCK_SIZE)
-            tiles = {"BLOCK_M": t, "BLOCK_N": t, "BLOCK_M1": t // 2, "BLOCK_N1": t, "BLOCK_M2": t, "BLOCK_N2": t // 2}
-        o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
-                           kernel_options=tiles)
+        o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True)
     return _out_and_mlp(layer, x, _merge_heads(o))
 
 
@@ -200,9 +195,8 @@ class Prefix:
     each (B, H_kv, T, hd), rotary embeddings applied. What the coprocessor and the groups read."""
     k: list[torch.Tensor]
     v: list[torch.Tensor]
-    attention: str = "auto"   # how rows appended after it attend (see `_group_mask`)
-    block: int = 128          # FlexAttention block size (query and key) of the group pass
-    cop_block: int = 128      # ... and of the coprocessor pass
+    attention: str = "dense"  # how rows appended after it attend: "flex" or "dense" (see `prefill`)
+    block: int = 128          # FlexAttention block size (query and key)
     align: int = 32           # with FlexAttention, groups are padded to a multiple (or divisor) of this
 
     @property
@@ -215,8 +209,7 @@ def _base(model):
 
 
 @torch.no_grad()
-def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32,
-            cop_block: int = 128) -> Prefix:
+def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32) -> Prefix:
     """The frozen decoder over input_ids (B, T): every layer's K/V, no logits. `attention` picks
     how the coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`)."""
     base = _base(decoder)
@@ -232,22 +225,17 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         x, k, v = blk(layer, x, cos, sin, i == n - 1)
         ks.append(k)
         vs.append(v)
-    return Prefix(ks, vs, attention, block, cop_block, align)
-
-
-ATTENTION = ("auto", "flex", "dense")
-
-
-def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, prefix: "Prefix", block: int):
-    """The group mask in the form `group_block` takes: a BlockMask ("flex", the default on
-    CUDA) or a dense float mask ("dense", the default elsewhere)."""
-    attention = prefix.attention
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
-    if attention == "auto":
-        attention = "flex" if points.device.type == "cuda" else "dense"
-    if attention == "flex":
-        return masks.group_block_mask(T, points, group_len, hide_point, block_size=block)
+    if attention == "auto":  # FlexAttention has no backward on CPU
+        attention = "flex" if input_ids.device.type == "cuda" else "dense"
+    return Prefix(ks, vs, attention, block, align)
+
+
+def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, prefix: "Prefix"):
+    """The group mask in the form `group_block` takes: a BlockMask ("flex") or a dense float mask."""
+    if prefix.attention == "flex":
+        return masks.group_block_mask(T, points, group_len, hide_point, block_size=prefix.block)
     return masks.dense_group_mask(T, points, group_len, torch.float32, hide_point)
 
 
@@ -277,19 +265,16 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     return _rms(x, base.norm.weight, base.norm.variance_epsilon)
 
 
-def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor) -> torch.Tensor:
-    """The coprocessor's latents from a `Prefix` (what `Coprocessor.forward` does with a
-    transformers cache). core: an unwrapped Coprocessor; points (B, P) -> (B, P, NL, d)."""
-    B, P = points.shape
-    NL, d = core.config.num_latents, core.hidden_size
-    soft = core.soft_tokens[None, None].expand(B, P, NL, d)
-    if core.body is None:  # pause tokens
-        return core._scale(soft)
+def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """The latents of a coprocessor with a body from a `Prefix`: what `Coprocessor.forward` does
+    with a transformers cache, and calls this for. core: the Coprocessor; points (B, P); soft
+    (B, P, NL, d) its soft tokens -> (B, P, NL, d)."""
+    B, P, NL, d = soft.shape
     T = prefix.length
     layout = masks.GroupLayout(NL, 1, latent_pos=core.config.latent_pos)
     pos = masks.latent_positions(points, layout).reshape(B, P * NL)
     body_dtype = next(core.body.parameters()).dtype
-    bm = _group_mask(T, points, NL, False, prefix, prefix.cop_block)
+    bm = _group_mask(T, points, NL, False, prefix)
     h = _appended_pass(core.body, soft.reshape(B, P * NL, d).to(body_dtype), pos, prefix, core.layer_ids, bm)
     return core._scale(core.out_proj(h.view(B, P, NL, d).to(core.soft_tokens.dtype)))
 
@@ -311,13 +296,12 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
     x = torch.cat([latents.to(dtype), base.embed_tokens(tokens)], dim=2)   # (B, P, G, d)
     pos = masks.group_positions(points, layout)                             # (B, P, G)
     G = x.shape[2]
-    flex = prefix.attention == "flex" or (prefix.attention == "auto" and points.device.type == "cuda")
-    Gp = _aligned(G, prefix.align) if flex else G
+    Gp = _aligned(G, prefix.align) if prefix.attention == "flex" else G
     if Gp > G:
         pad = torch.full((B, P, Gp - G), pad_id, dtype=tokens.dtype, device=tokens.device)
         x = torch.cat([x, base.embed_tokens(pad)], dim=2)                   # (B, P, Gp, d)
         pos = torch.cat([pos, pos[..., -1:] + torch.arange(1, Gp - G + 1, device=pos.device)], dim=2)
-    bm = _group_mask(T, points, Gp, layout.hide_point, prefix, prefix.block)
+    bm = _group_mask(T, points, Gp, layout.hide_point, prefix)
     gate_cols = None
     if gate is not None:
         padded = masks.GroupLayout(layout.num_latents, layout.n_ahead + Gp - G, **{
@@ -385,14 +369,14 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
-                     block: int = 128, align: int = 32, cop_block: int = 128) -> torch.Tensor:
+                     block: int = 128, align: int = 32) -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 
     `coprocessor` may be wrapped (DDP): it is called, so the wrapper's gradient hooks run.
     """
     if prefix is None:
-        prefix = prefill(decoder, input_ids, attention, block, align, cop_block)
+        prefix = prefill(decoder, input_ids, attention, block, align)
     core = getattr(coprocessor, "module", coprocessor)
     layout = core.layout(n_ahead)
     latents = coprocessor(prefix, points)                                   # (B, P, NL, d)

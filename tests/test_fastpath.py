@@ -84,7 +84,7 @@ def test_flex_masks_match_dense_forward(name, block, align):
     out = {}
     with torch.no_grad():
         for att in ("dense", "flex"):
-            pre = fastpath.prefill(dec, ids, att, block=block, align=align, cop_block=block)
+            pre = fastpath.prefill(dec, ids, att, block=block, align=align)
             lat = cop(pre, pts)
             out[att] = (lat, fastpath.group_hidden(dec, pre, pts, lat, tokens, layout, cop.gate_bias))
     torch.testing.assert_close(out["flex"][0], out["dense"][0], atol=1e-5, rtol=1e-5)
