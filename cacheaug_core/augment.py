@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import kv, masks
+from . import fastpath, kv, masks
 
 
 def embed(decoder, ids: torch.Tensor) -> torch.Tensor:
@@ -184,14 +184,23 @@ def multi_point_loss(decoder, coprocessor, input_ids, points, n_ahead, cache=Non
 
 @torch.no_grad()
 def score_after_every_token(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 16,
-                            points_per_pass: int = 64, pad_id: int = 0, progress=None):
+                            points_per_pass: int = 64, pad_id: int = 0, progress=None, fast: bool | None = None):
     """Latents after every token, the n-th token ahead scored for n = 1..positions.
 
     input_ids (1, T). Returns (nll_aug (T-1, A), nll_base (T-1, A)): row p is the augmentation
     point after token p, column n-1 the token n ahead; NaN past the end of the text. Points are
     processed `points_per_pass` at a time against one shared cache, so memory stays bounded and
     the whole text costs a handful of batched passes, never one call per token.
+
+    `fast` (default: wherever the decoder allows it, Llama/Qwen2) computes the same scores with
+    `fastpath.score_every`: each group attends to its own prefix and rows only, and the LM head
+    runs by vocabulary slices. Otherwise the groups of a pass go through transformers with the
+    dense group mask (every group scored against every other, then masked).
     """
+    if fast is None:
+        fast = fastpath.unsupported(decoder, coprocessor) is None
+    if fast:
+        return fastpath.score_every(decoder, coprocessor, input_ids, positions, points_per_pass, pad_id, progress)
     T = input_ids.shape[1]
     cache, logits = prefill(decoder, input_ids)
     base = plain_nll(logits, input_ids)[0]                                     # (T,)

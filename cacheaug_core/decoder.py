@@ -238,14 +238,37 @@ def byte_level_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed blocks of up to 32 MiB in the process instead of returning them to the
+    system. By default a freed block above the (adaptive) mmap threshold goes back at once, and
+    the next tensor of that size starts on fresh pages, each of which faults on first touch:
+    inference on CPU allocates and frees such activations every layer, and in a virtual machine
+    those faults cost about a fifth of the per-token analysis's time (bench/app_latency.py).
+    Returns whether the setting took (False off glibc, e.g. on macOS: nothing changes there)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # 32 MiB is glibc's largest mmap threshold; trimming waits for 1 GiB free at the heap's top
+    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+
+
 def load_decoder(
     name: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
 ):
-    """Load a decoder and its tokenizer, frozen. Returns (decoder, tokenizer, DecoderInfo)."""
+    """Load a decoder and its tokenizer, frozen. Returns (decoder, tokenizer, DecoderInfo).
+    On CPU the process keeps freed memory for reuse (`keep_freed_memory`)."""
     from transformers import AutoModelForCausalLM
+
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()
 
     display, path = resolve_decoder(name)
     try:

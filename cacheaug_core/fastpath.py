@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from . import masks
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-ATTENTION = ("auto", "flex", "dense")   # auto: FlexAttention on CUDA, dense masks elsewhere
+ATTENTION = ("auto", "flex", "dense", "points")   # auto: FlexAttention on CUDA, dense masks elsewhere
 
 
 def unsupported(decoder, coprocessor=None) -> str | None:
@@ -128,6 +128,40 @@ def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool):
     return _out_and_mlp(layer, x, _merge_heads(o)), k, v
 
 
+@dataclass
+class PointMask:
+    """Per-point attention, for scoring on CPU: the appended rows are laid out one point per batch
+    row (B*P, G, d) and each point's rows attend to the first `keep` cached positions (copied per
+    point) and to their own group only, through SDPA with `bias` (B*P, 1, G, keep + G). The dense
+    mask scores every row of a pass against every group of the pass; here a group costs
+    attention over its own prefix and its own rows, the same work as the BlockMask's."""
+    bias: torch.Tensor
+    keep: int
+    repeats: int   # P: points per cached sequence
+
+    def keys(self, past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Each point's keys (or values): the kept prefix, then its own rows.
+        past (B, H_kv, T, hd), new (B*P, H_kv, G, hd) -> (B*P, H_kv, keep + G, hd), written once."""
+        BP, H, G, hd = new.shape
+        out = new.new_empty(BP, H, self.keep + G, hd)
+        out.view(-1, self.repeats, H, self.keep + G, hd)[:, :, :, :self.keep] = past[:, None, :, :self.keep]
+        out[:, :, self.keep:] = new
+        return out
+
+
+def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, dtype: torch.dtype) -> PointMask:
+    """The group mask in per-point form. points (B, P) -> PointMask with bias (B*P, 1, G, keep + G):
+    cached key t is seen by point p's rows iff t <= p (t < p with `hide_point`); own rows causally."""
+    B, P = points.shape
+    keep = min(T, int(points.max()) + 1)
+    t = torch.arange(keep, device=points.device)
+    to_orig = t[None, :] <= (points.reshape(-1) - int(hide_point))[:, None]        # (B*P, keep)
+    causal = torch.ones(group_len, group_len, dtype=torch.bool, device=points.device).tril()
+    allowed = torch.cat([to_orig[:, None, :].expand(-1, group_len, -1),
+                         causal[None].expand(B * P, -1, -1)], dim=2)                # (B*P, G, keep + G)
+    return PointMask(masks.to_additive(allowed, dtype), keep, P)
+
+
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
                 gate_cols=None):
     """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
@@ -135,15 +169,21 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
 
     x (B, Q, d); k_past, v_past (B, H_kv, T, hd). `mask` is the group `BlockMask` (FlexAttention:
     key blocks nobody sees are skipped) or the same mask as a dense additive float tensor
-    (B, 1, Q, T + Q) through SDPA (CPU, where FlexAttention has no backward). gate_cols (T + Q,)
+    (B, 1, Q, T + Q) through SDPA (CPU, where FlexAttention has no backward), or a `PointMask`
+    (x is then (B*P, G, d), one point per row). gate_cols (T + Q,)
     float: the latent gate's bias on each key (zero off the latents), or None. Attention runs in
     `attn_dtype` (under autocast SDPA would cast to the autocast dtype; FlexAttention is not on
     autocast's lists).
     """
     q, k, v = _qkv(layer, x, cos, sin)
     q = q.to(attn_dtype)
-    K = torch.cat([k_past.to(attn_dtype), k.to(attn_dtype)], dim=2)   # (B, H_kv, T + Q, hd)
-    V = torch.cat([v_past.to(attn_dtype), v.to(attn_dtype)], dim=2)
+    if isinstance(mask, PointMask):
+        K = mask.keys(k_past.to(attn_dtype), k.to(attn_dtype))        # (B*P, H_kv, keep + G, hd)
+        V = mask.keys(v_past.to(attn_dtype), v.to(attn_dtype))
+        mask = mask.bias
+    else:
+        K = torch.cat([k_past.to(attn_dtype), k.to(attn_dtype)], dim=2)   # (B, H_kv, T + Q, hd)
+        V = torch.cat([v_past.to(attn_dtype), v.to(attn_dtype)], dim=2)
     scale = layer.self_attn.scaling
     if isinstance(mask, torch.Tensor):
         if gate_cols is not None:
@@ -209,9 +249,16 @@ def _base(model):
 
 
 @torch.no_grad()
-def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32) -> Prefix:
-    """The frozen decoder over input_ids (B, T): every layer's K/V, no logits. `attention` picks
-    how the coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`)."""
+def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32,
+            with_hidden: bool = False):
+    """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
+    coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`).
+    -> Prefix; with `with_hidden`, (Prefix, last hidden state after the final norm (B, T, d)) for
+    the plain decoder's own predictions (scoring), else no output rows are made at all."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
+    if attention == "auto":  # FlexAttention has no backward on CPU
+        attention = "flex" if input_ids.device.type == "cuda" else "dense"
     base = _base(decoder)
     B, T = input_ids.shape
     x = base.embed_tokens(input_ids)                                 # (B, T, d)
@@ -222,20 +269,22 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
     n = len(base.layers)
     blk = _block("prefill")
     for i, layer in enumerate(base.layers):
-        x, k, v = blk(layer, x, cos, sin, i == n - 1)
+        x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden)
         ks.append(k)
         vs.append(v)
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
-    if attention == "auto":  # FlexAttention has no backward on CPU
-        attention = "flex" if input_ids.device.type == "cuda" else "dense"
-    return Prefix(ks, vs, attention, block, align)
+    prefix = Prefix(ks, vs, attention, block, align)
+    if with_hidden:
+        return prefix, _rms(x, base.norm.weight, base.norm.variance_epsilon)
+    return prefix
 
 
 def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, prefix: "Prefix"):
-    """The group mask in the form `group_block` takes: a BlockMask ("flex") or a dense float mask."""
+    """The group mask in the form `group_block` takes: a BlockMask ("flex"), a `PointMask`
+    ("points") or a dense float mask."""
     if prefix.attention == "flex":
         return masks.group_block_mask(T, points, group_len, hide_point, block_size=prefix.block)
+    if prefix.attention == "points":
+        return point_mask(T, points, group_len, hide_point, torch.float32)
     return masks.dense_group_mask(T, points, group_len, torch.float32, hide_point)
 
 
@@ -275,7 +324,9 @@ def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor, soft: torch.
     pos = masks.latent_positions(points, layout).reshape(B, P * NL)
     body_dtype = next(core.body.parameters()).dtype
     bm = _group_mask(T, points, NL, False, prefix)
-    h = _appended_pass(core.body, soft.reshape(B, P * NL, d).to(body_dtype), pos, prefix, core.layer_ids, bm)
+    rows = (B * P, NL) if prefix.attention == "points" else (B, P * NL)   # one point per batch row
+    h = _appended_pass(core.body, soft.reshape(*rows, d).to(body_dtype), pos.reshape(rows), prefix,
+                       core.layer_ids, bm)
     return core._scale(core.out_proj(h.view(B, P, NL, d).to(core.soft_tokens.dtype)))
 
 
@@ -302,14 +353,20 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
         x = torch.cat([x, base.embed_tokens(pad)], dim=2)                   # (B, P, Gp, d)
         pos = torch.cat([pos, pos[..., -1:] + torch.arange(1, Gp - G + 1, device=pos.device)], dim=2)
     bm = _group_mask(T, points, Gp, layout.hide_point, prefix)
+    per_point = isinstance(bm, PointMask)
     gate_cols = None
     if gate is not None:
-        padded = masks.GroupLayout(layout.num_latents, layout.n_ahead + Gp - G, **{
-            k: getattr(layout, k) for k in ("refeed_last", "latent_pos", "shift_ahead", "hide_point")})
-        cols = masks.latent_columns(T, P, padded).to(points.device)          # (T + P*Gp,) bool
-        gate_cols = gate.float()[:, None] * cols                             # (L, T + P*Gp)
+        if per_point:   # keys: the kept prefix, then the point's own group
+            k = torch.arange(bm.keep + Gp, device=points.device)
+            cols = (k >= bm.keep) & (k < bm.keep + layout.num_latents)       # (keep + Gp,) bool
+        else:
+            padded = masks.GroupLayout(layout.num_latents, layout.n_ahead + Gp - G, **{
+                k: getattr(layout, k) for k in ("refeed_last", "latent_pos", "shift_ahead", "hide_point")})
+            cols = masks.latent_columns(T, P, padded).to(points.device)      # (T + P*Gp,) bool
+        gate_cols = gate.float()[:, None] * cols                             # (L, keys)
     ids = list(range(len(base.layers)))
-    h = _appended_pass(base, x.reshape(B, P * Gp, -1), pos.reshape(B, P * Gp), prefix, ids, bm, gate_cols)
+    rows = (B * P, Gp) if per_point else (B, P * Gp)                         # one point per batch row
+    h = _appended_pass(base, x.reshape(*rows, -1), pos.reshape(rows), prefix, ids, bm, gate_cols)
     return h.view(B, P, Gp, -1)[:, :, G - layout.n_ahead: G]
 
 
@@ -386,3 +443,69 @@ def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torc
     head = decoder.get_output_embeddings().weight
     total = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head, targets.flatten(), w)
     return total / w.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring (no gradients): the paper's evaluation after every token.
+
+
+@torch.no_grad()
+def head_nll(decoder, hidden: torch.Tensor, targets: torch.Tensor, vocab_chunk: int = 2048) -> torch.Tensor:
+    """NLL (nats, float32) of targets (N,) under the LM head on hidden (N, d), by slices of the
+    vocabulary with a running log-sum-exp. The (N, V) logits never exist whole (4096 rows x 49k
+    words would be 800 MB), and each slice of the head's weight is read once for all N rows: row
+    chunks against the whole vocabulary re-read the 113 MB head from memory for every chunk and
+    ran at half the speed on a 2-core CPU."""
+    head = decoder.get_output_embeddings()
+    w, b = head.weight, head.bias
+    N = hidden.shape[0]
+    m = torch.full((N,), float("-inf"), device=hidden.device)               # running max
+    acc = torch.zeros(N, device=hidden.device)                              # running sum of exp(logit - m)
+    picked = torch.zeros(N, device=hidden.device)
+    for v in range(0, w.shape[0], vocab_chunk):
+        logits = F.linear(hidden, w[v: v + vocab_chunk], None if b is None else b[v: v + vocab_chunk]).float()
+        new_m = torch.maximum(m, logits.amax(-1))
+        acc = acc * torch.exp(m - new_m) + torch.exp(logits - new_m[:, None]).sum(-1)
+        m = new_m
+        here = (targets >= v) & (targets < v + logits.shape[1])
+        picked[here] = logits[here, targets[here] - v]
+    return m + acc.log() - picked
+
+
+@torch.no_grad()
+def score_every(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 16, points_per_pass: int = 64,
+                pad_id: int = 0, progress=None):
+    """`augment.score_after_every_token` on the fast path: latents after every token of input_ids
+    (1, T), the n-th token ahead scored for n = 1..positions. -> (nll_aug (T-1, A), nll_base (T-1, A)),
+    NaN past the end of the text.
+
+    Every point's group attends per point (`PointMask`): its own prefix and its own rows, so the
+    attention work is what the groups need, not (points per pass)^2 as with the dense mask. Points
+    go `points_per_pass` at a time (the progress callback gets the fraction done after each pass);
+    a pass keeps only the prefix its last point sees. Ahead rows past the end of the text skip the
+    LM head.
+    """
+    T = input_ids.shape[1]
+    dev = input_ids.device
+    core = getattr(coprocessor, "module", coprocessor)
+    layout = core.layout(positions)
+    prefix, h = prefill(decoder, input_ids, "points", with_hidden=True)
+    base = head_nll(decoder, h[0, :-1], input_ids[0, 1:])                   # (T-1,): token t+1 given x_0..x_t
+    all_points = torch.arange(T - 1, device=dev)
+    idx = all_points[:, None] + torch.arange(positions, device=dev)          # (T-1, A): index into base
+    nan = torch.full(idx.shape, float("nan"), device=dev)
+    nll_base = torch.where(idx < T - 1, base[idx.clamp(max=T - 2)], nan)
+    nll_aug = nan.clone()
+    chunks = list(torch.split(all_points, points_per_pass))
+    gate = getattr(core, "gate_bias", None)
+    for i, pts in enumerate(chunks):
+        pts = pts[None]                                                      # (1, P)
+        latents = coprocessor(prefix, pts)                                   # (1, P, NL, d)
+        tokens, targets, valid = masks.group_tokens(input_ids, pts, layout, pad_id)
+        hid = group_hidden(decoder, prefix, pts, latents, tokens, layout, gate, pad_id)   # (1, P, A, d)
+        rows = nll_aug[pts[0]]                                               # (P, A)
+        rows[valid[0]] = head_nll(decoder, hid[0][valid[0]], targets[0][valid[0]])
+        nll_aug[pts[0]] = rows
+        if progress is not None:
+            progress((i + 1) / len(chunks))
+    return nll_aug, nll_base

@@ -122,6 +122,57 @@ def test_linear_cross_entropy(chunk):
     torch.testing.assert_close(gh, gh2, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["copy", "compact-gated"])
+def test_per_point_attention_matches_dense_forward(name):
+    """The scoring layout (one point per batch row, each attending to its own prefix and rows)
+    reads the same latents and hidden states as the dense mask, points in any order."""
+    dec, cop, ids, pts = _setup("llama", COPROCESSORS[name])
+    pts = pts.flip(1)
+    layout = cop.layout(6)
+    tokens, _, _ = masks.group_tokens(ids, pts, layout)
+    out = {}
+    with torch.no_grad():
+        for att in ("dense", "points"):
+            pre = fastpath.prefill(dec, ids, att)
+            lat = cop(pre, pts)
+            out[att] = (lat, fastpath.group_hidden(dec, pre, pts, lat, tokens, layout, cop.gate_bias))
+    torch.testing.assert_close(out["points"][0], out["dense"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["points"][1], out["dense"][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", list(COPROCESSORS))
+def test_score_every_matches_the_transformers_path(arch, name):
+    """Mode (b) scoring on the fast path: the same NLL table as the dense transformers path,
+    NaN in the same places (ahead tokens past the end), whatever the points per pass."""
+    dec, cop, ids, _ = _setup(arch, COPROCESSORS[name], T=23, B=1)
+    ref_aug, ref_base = augment.score_after_every_token(dec, cop, ids, 5, points_per_pass=8, fast=False)
+    seen = []
+    aug, base = augment.score_after_every_token(dec, cop, ids, 5, points_per_pass=6, progress=seen.append)
+    assert aug.shape == ref_aug.shape == (22, 5)
+    assert torch.equal(torch.isnan(aug), torch.isnan(ref_aug)) and torch.isnan(aug[-1, 1:]).all()
+    torch.testing.assert_close(aug, ref_aug, atol=1e-4, rtol=1e-4, equal_nan=True)
+    torch.testing.assert_close(base, ref_base, atol=1e-4, rtol=1e-4, equal_nan=True)
+    assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_head_nll_is_cross_entropy():
+    """The vocabulary-sliced running log-sum-exp equals cross-entropy over the whole head (with
+    a bias, and slices that do not divide the vocabulary)."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+
+    class Dec:
+        def get_output_embeddings(self):
+            return head
+
+    h = torch.randn(9, 16, generator=g)
+    t = torch.randint(0, 50, (9,), generator=g)
+    want = F.cross_entropy(head(h), t, reduction="none")
+    for chunk in (7, 50, 64):
+        torch.testing.assert_close(fastpath.head_nll(Dec(), h, t, vocab_chunk=chunk), want, atol=1e-5, rtol=1e-5)
+
+
 def test_group_padding_lengths():
     assert [fastpath._aligned(g, 32) for g in (31, 32, 33, 16, 12, 5)] == [32, 32, 64, 16, 16, 8]
     assert fastpath._aligned(31, 1) == 31
