@@ -44,6 +44,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,6 +195,27 @@ def bench_call(fn, repeats: int, log, name: str, setup=None, check=None, min_col
     return {"cold_s": cold[1], "wall_s": stats(walls), "cpu_s": stats(cpus)}
 
 
+def bench_every_vs_reference(wb: Workbench, text: str, positions: int, repeats: int, log) -> tuple[dict, dict]:
+    """(c) and the same scores through the transformers path with the dense group mask (16 points
+    per pass, its fastest on CPU), alternated call by call so that drifts of the machine's speed
+    hit both; the NLL tables must agree."""
+    ids = wb.encode(text)
+    calls = {"fast": lambda: wb.score_every(text, positions=positions)["nll_aug"],
+             "reference": lambda: augment.score_after_every_token(wb.decoder, wb.coprocessor, ids, positions, 16,
+                                                                  fast=False)[0].numpy()}
+    out = {k: {"walls": [], "cpus": []} for k in calls}
+    tables = {k: f() for k, f in calls.items()}                              # cold calls, untimed
+    if not np.allclose(tables["fast"], tables["reference"], atol=1e-3, equal_nan=True):
+        raise RuntimeError("score_every: the fast path and the transformers path disagree")
+    for r in range(repeats):
+        for name in (("fast", "reference") if r % 2 == 0 else ("reference", "fast")):
+            _, w, c = timed(calls[name])
+            out[name]["walls"].append(w)
+            out[name]["cpus"].append(c)
+            log(f"score_every {name}: {r + 1}/{repeats} {w:.3f}s (cpu {c:.3f}s)")
+    return tuple({"wall_s": stats(out[k]["walls"]), "cpu_s": stats(out[k]["cpus"])} for k in calls)
+
+
 def _linear_params(module: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
@@ -271,7 +293,9 @@ def verdicts(res: dict, peak_rss_gb: float, rss_after_load_gb: float) -> list[di
              f"; matmul-only floor {res['score_every_floor']['floor_s']:.1f}s "
              f"({res['score_every_floor']['counted_flops'] / 1e12:.2f} TFLOP at "
              f"{res['score_every_floor']['matmul_rate_flops'] / 1e9:.0f} GFLOP/s measured here)"
-             if "score_every_floor" in res else "")),
+             if "score_every_floor" in res else "") + (
+             f"; transformers path alternated with it {res['score_every_reference']['wall_s']['median']:.2f}s"
+             if "score_every_reference" in res else "")),
         ("(d) mode (a) score_text, 256 tokens", res["score_text"]["wall_s"], "s", "<=", TARGETS["score_text_s"],
          f"cpu {res['score_text']['cpu_s']['median']:.2f}s"),
     ]
@@ -319,6 +343,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="", help="torch thread counts, comma-separated, each a full run "
                     "(default: torch's default only)")
     ap.add_argument("--skip-every", action="store_true", help="skip (c), the slowest part")
+    ap.add_argument("--compare-reference", action="store_true",
+                    help="(c): alternate each timed call with the transformers (dense-mask) path on the same text")
     ap.add_argument("--decoder", default="", help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--coprocessor", default="", help="default: the shipped coprocessor")
     ap.add_argument("--out-json", default=str(ROOT / "results" / "app_latency.json"))
@@ -361,6 +387,9 @@ def main(argv=None) -> int:
         if args.skip_every:
             nan = {"median": float("nan"), "min": float("nan"), "n": 0, "samples": []}
             run["score_every"] = {"skipped": True, "wall_s": nan, "cpu_s": nan}
+        elif args.compare_reference:
+            run["score_every"], run["score_every_reference"] = bench_every_vs_reference(
+                wb, text, args.positions, args.every_repeats, log)
         else:
             run["score_every"] = bench_call(lambda: wb.score_every(text, positions=args.positions),
                                             args.every_repeats, log, "score_every")
