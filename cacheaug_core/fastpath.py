@@ -20,6 +20,9 @@ materialises full-precision logits for every predicted position. Here:
 - the coprocessor pass and the group pass attend with FlexAttention and the group `BlockMask`
   (`masks.group_block_mask`): key blocks that no query of a block may see are skipped. The
   coprocessor's latent gate (a learned bias on latent keys) is a FlexAttention `score_mod`;
+- the prefix K/V come from the frozen decoder and need no gradient: the BlockMask lists no query
+  blocks for the prefix key blocks in its key-major half, which only the key/value-gradient part
+  of FlexAttention's backward reads, so the backward skips that work (most of it; `_group_mask`);
 - one block function serves every layer of every model (the layer's modules are arguments), so
   `torch.compile` traces it once per pass kind and fuses the norms, rotary embeddings and
   activations around the matmuls and the attention kernel;
@@ -129,7 +132,7 @@ def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool):
 
 
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
-                gate_cols=None):
+                gate_cols=None, kernel_options=None):
     """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
     cached original tokens and to each other as `mask` allows.
 
@@ -138,7 +141,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     (B, 1, Q, T + Q) through SDPA (CPU, where FlexAttention has no backward). gate_cols (T + Q,)
     float: the latent gate's bias on each key (zero off the latents), or None. Attention runs in
     `attn_dtype` (under autocast SDPA would cast to the autocast dtype; FlexAttention is not on
-    autocast's lists).
+    autocast's lists). kernel_options: FlexAttention's (block sizes, warps; None: its defaults).
     """
     q, k, v = _qkv(layer, x, cos, sin)
     q = q.to(attn_dtype)
@@ -156,7 +159,8 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
         if gate_cols is not None:
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score + gate_cols[kv_idx]
-        o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True)
+        o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
     return _out_and_mlp(layer, x, _merge_heads(o))
 
 
@@ -198,6 +202,8 @@ class Prefix:
     attention: str = "dense"  # how rows appended after it attend: "flex" or "dense" (see `prefill`)
     block: int = 128          # FlexAttention block size (query and key)
     align: int = 32           # with FlexAttention, groups are padded to a multiple (or divisor) of this
+    frozen: bool = True       # with FlexAttention, skip the key/value gradients of these K/V (see `_group_mask`)
+    kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults)
 
     @property
     def length(self) -> int:
@@ -209,9 +215,11 @@ def _base(model):
 
 
 @torch.no_grad()
-def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32) -> Prefix:
+def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32,
+            frozen: bool = True, kernel_options: dict | None = None) -> Prefix:
     """The frozen decoder over input_ids (B, T): every layer's K/V, no logits. `attention` picks
-    how the coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`)."""
+    how the coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
+    `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`)."""
     base = _base(decoder)
     B, T = input_ids.shape
     x = base.embed_tokens(input_ids)                                 # (B, T, d)
@@ -229,13 +237,24 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
     if attention == "auto":  # FlexAttention has no backward on CPU
         attention = "flex" if input_ids.device.type == "cuda" else "dense"
-    return Prefix(ks, vs, attention, block, align)
+    return Prefix(ks, vs, attention, block, align, frozen, kernel_options)
 
 
 def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, prefix: "Prefix"):
-    """The group mask in the form `group_block` takes: a BlockMask ("flex") or a dense float mask."""
+    """The group mask in the form `group_block` takes: a BlockMask ("flex") or a dense float mask.
+
+    The prefix K/V come from the frozen decoder (no gradient), yet they are concatenated with the
+    appended rows' own K/V, so FlexAttention's backward would compute key/value gradients for every
+    prefix key block a query block reads: most of its work, thrown away. With `prefix.frozen` (and
+    prefix tensors that indeed need no gradient) the BlockMask lists no query blocks for the prefix
+    key blocks in its key-major half, which only that part of the backward reads
+    (`masks.without_prefix_key_grads`): forward and query gradients are unchanged, the gradients
+    of the appended rows' own keys and values too."""
     if prefix.attention == "flex":
-        return masks.group_block_mask(T, points, group_len, hide_point, block_size=prefix.block)
+        bm = masks.group_block_mask(T, points, group_len, hide_point, block_size=prefix.block)
+        if prefix.frozen and not any(t.requires_grad for t in prefix.k + prefix.v):
+            bm = masks.without_prefix_key_grads(bm, T)
+        return bm
     return masks.dense_group_mask(T, points, group_len, torch.float32, hide_point)
 
 
@@ -261,7 +280,7 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     for j, layer in enumerate(base.layers):
         i = layer_ids[j]
         x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
-                None if gate_cols is None else gate_cols[j])
+                None if gate_cols is None else gate_cols[j], prefix.kernel_options)
     return _rms(x, base.norm.weight, base.norm.variance_epsilon)
 
 
@@ -369,14 +388,15 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
-                     block: int = 128, align: int = 32) -> torch.Tensor:
+                     block: int = 128, align: int = 32, frozen: bool = True,
+                     kernel_options: dict | None = None) -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 
     `coprocessor` may be wrapped (DDP): it is called, so the wrapper's gradient hooks run.
     """
     if prefix is None:
-        prefix = prefill(decoder, input_ids, attention, block, align)
+        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options)
     core = getattr(coprocessor, "module", coprocessor)
     layout = core.layout(n_ahead)
     latents = coprocessor(prefix, points)                                   # (B, P, NL, d)
