@@ -19,7 +19,9 @@ run the same number of optimizer steps on the same batches:
   fast-nopad     the same without padding the groups
   fast-prefixgrads  the fast path with FlexAttention computing key/value gradients for the frozen
                  prefix keys too (what it did before `masks.without_prefix_key_grads`)
-  fast-<opts>    the fast path with FlexAttention kernel options (FAST_VARIANTS below)
+  fast-untuned   the fast path with FlexAttention's default kernel configurations
+  fast-before    both: the fast path as it was before these two changes
+  fast-<opts>    the fast path with other FlexAttention kernel options (FAST_VARIANTS below)
 
 `--autotune flex` lets inductor benchmark FlexAttention's kernel configurations when it compiles
 (max_autotune with ATen-only matmuls, so the matmuls are not tuned); `--autotune all` tunes the
@@ -97,6 +99,8 @@ FAST_VARIANTS = {
     "fast": {},
     "fast-nopad": {"align": 1},
     "fast-prefixgrads": {"frozen": False},
+    "fast-untuned": {"kernel_options": None},
+    "fast-before": {"frozen": False, "kernel_options": None},
     "fast-safe": {"kernel_options": {"ROWS_GUARANTEED_SAFE": True}},  # every row sees its own key
     "fast-bwd64": {"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
                                       "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}},
@@ -104,7 +108,8 @@ FAST_VARIANTS = {
     "fast-fwd8": {"kernel_options": {"fwd_num_warps": 8, "fwd_num_stages": 2}},
     "fast-fwd64": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4}},
     "fast-fwd128x64": {"kernel_options": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4}},
-    # what `--autotune flex` picked on an H100 at the reference shape (both passes, forward and backward)
+    # what `--autotune flex` picked on an H100 at the reference shape (both passes, forward and
+    # backward); since made the default there (fastpath.TUNED_KERNEL_OPTIONS)
     "fast-tuned": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
                                       "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
                                       "bwd_num_warps": 4, "bwd_num_stages": 3}},

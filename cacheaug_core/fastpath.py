@@ -23,6 +23,8 @@ materialises full-precision logits for every predicted position. Here:
 - the prefix K/V come from the frozen decoder and need no gradient: the BlockMask lists no query
   blocks for the prefix key blocks in its key-major half, which only the key/value-gradient part
   of FlexAttention's backward reads, so the backward skips that work (most of it; `_group_mask`);
+- FlexAttention's kernels run with the configuration its autotuning picked on an H100
+  (`TUNED_KERNEL_OPTIONS`, Hopper with head dim 64; its defaults elsewhere);
 - one block function serves every layer of every model (the layer's modules are arguments), so
   `torch.compile` traces it once per pass kind and fuses the norms, rotary embeddings and
   activations around the matmuls and the attention kernel;
@@ -54,6 +56,24 @@ from . import masks
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 ATTENTION = ("auto", "flex", "dense")   # auto: FlexAttention on CUDA, dense masks elsewhere
+
+# FlexAttention's kernel configuration for the coprocessor and group passes with head dim 64 on a
+# Hopper GPU: what inductor's autotuning picked for all four kernels (both passes, forward and
+# backward) on an H100 at the reference shape (bench/train_throughput.py --autotune flex), 4%
+# faster per step there than the defaults (64x128 backward tiles with 8 warps, 128x128 forward).
+# Every block size divides the BlockMask's 128. kernel_options="auto" uses it where it applies.
+TUNED_KERNEL_OPTIONS = {
+    "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+    "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+    "bwd_num_warps": 4, "bwd_num_stages": 3,
+}
+
+
+def _auto_kernel_options(device: torch.device, head_dim: int, block: int) -> dict | None:
+    if (device.type == "cuda" and head_dim == 64 and block % 64 == 0
+            and torch.cuda.get_device_capability(device) == (9, 0)):
+        return dict(TUNED_KERNEL_OPTIONS)
+    return None
 
 
 def unsupported(decoder, coprocessor=None) -> str | None:
@@ -203,7 +223,7 @@ class Prefix:
     block: int = 128          # FlexAttention block size (query and key)
     align: int = 32           # with FlexAttention, groups are padded to a multiple (or divisor) of this
     frozen: bool = True       # with FlexAttention, skip the key/value gradients of these K/V (see `_group_mask`)
-    kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults)
+    kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
 
     @property
     def length(self) -> int:
@@ -216,10 +236,11 @@ def _base(model):
 
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32,
-            frozen: bool = True, kernel_options: dict | None = None) -> Prefix:
+            frozen: bool = True, kernel_options: dict | str | None = "auto") -> Prefix:
     """The frozen decoder over input_ids (B, T): every layer's K/V, no logits. `attention` picks
     how the coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
-    `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`)."""
+    `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
+    `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64, else FlexAttention's defaults)."""
     base = _base(decoder)
     B, T = input_ids.shape
     x = base.embed_tokens(input_ids)                                 # (B, T, d)
@@ -237,6 +258,8 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
     if attention == "auto":  # FlexAttention has no backward on CPU
         attention = "flex" if input_ids.device.type == "cuda" else "dense"
+    if kernel_options == "auto":
+        kernel_options = _auto_kernel_options(input_ids.device, ks[0].shape[-1], block) if attention == "flex" else None
     return Prefix(ks, vs, attention, block, align, frozen, kernel_options)
 
 
@@ -389,7 +412,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
                      block: int = 128, align: int = 32, frozen: bool = True,
-                     kernel_options: dict | None = None) -> torch.Tensor:
+                     kernel_options: dict | str | None = "auto") -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 

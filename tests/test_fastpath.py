@@ -132,6 +132,18 @@ def test_prefix_key_grads_dropped_leaves_other_gradients_alone():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_kernel_options_auto_only_where_tuned():
+    """"auto" kernel options: the tuned configuration on a Hopper GPU with head dim 64 only; on
+    CPU (dense masks) nothing, and explicit options pass through."""
+    dec, _, ids, _ = _setup("llama", {})
+    assert fastpath.prefill(dec, ids).kernel_options is None
+    assert fastpath.prefill(dec, ids, "flex").kernel_options is None
+    opts = {"fwd_num_warps": 8}
+    assert fastpath.prefill(dec, ids, "flex", kernel_options=opts).kernel_options == opts
+    assert fastpath._auto_kernel_options(torch.device("cpu"), 64, 128) is None
+    assert all(128 % v == 0 for k, v in fastpath.TUNED_KERNEL_OPTIONS.items() if "BLOCK" in k)
+
+
 def test_prefill_cache_matches_transformers():
     """The prefix K/V are the decoder's own cache entries (the last layer stops after K/V)."""
     from cacheaug_core import kv
