@@ -17,6 +17,15 @@ run the same number of optimizer steps on the same batches:
                  fused chunked LM head + cross-entropy, one compiled block function for all
                  layers (on CPU: dense masks, uncompiled)
   fast-nopad     the same without padding the groups
+  fast-prefixgrads  the fast path with FlexAttention computing key/value gradients for the frozen
+                 prefix keys too (what it did before `masks.without_prefix_key_grads`)
+  fast-untuned   the fast path with FlexAttention's default kernel configurations
+  fast-before    both: the fast path as it was before these two changes
+  fast-<opts>    the fast path with other FlexAttention kernel options (FAST_VARIANTS below)
+
+`--autotune flex` lets inductor benchmark FlexAttention's kernel configurations when it compiles
+(max_autotune with ATen-only matmuls, so the matmuls are not tuned); `--autotune all` tunes the
+matmuls too (Triton templates, with their epilogues fused). Run each as its own process.
 
 Reported per run: original (text) tokens per second, a counted-FLOP model (matmul FLOPs of the
 useful work: decoder prefill forward, coprocessor forward+backward, decoder group pass forward +
@@ -86,7 +95,25 @@ def make_models(cfg, attn: str, device, dtype, state=None):
     return freeze(dec)
 
 
-FAST_VARIANTS = {"fast": {}, "fast-nopad": {"align": 1}}
+FAST_VARIANTS = {
+    "fast": {},
+    "fast-nopad": {"align": 1},
+    "fast-prefixgrads": {"frozen": False},
+    "fast-untuned": {"kernel_options": None},
+    "fast-before": {"frozen": False, "kernel_options": None},
+    "fast-safe": {"kernel_options": {"ROWS_GUARANTEED_SAFE": True}},  # every row sees its own key
+    "fast-bwd64": {"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                                      "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}},
+    "fast-bwdm2": {"kernel_options": {"bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4}},
+    "fast-fwd8": {"kernel_options": {"fwd_num_warps": 8, "fwd_num_stages": 2}},
+    "fast-fwd64": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4}},
+    "fast-fwd128x64": {"kernel_options": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4}},
+    # what `--autotune flex` picked on an H100 at the reference shape (both passes, forward and
+    # backward); since made the default there (fastpath.TUNED_KERNEL_OPTIONS)
+    "fast-tuned": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+                                      "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                                      "bwd_num_warps": 4, "bwd_num_stages": 3}},
+}
 
 
 def step_loss(dec, cop, ids, pts, A, fast: bool | dict):
@@ -139,8 +166,9 @@ def run_path(name, dec, cop, batches, pts_list, A, steps, warmup, fast: bool | d
     return sorted(times)[len(times) // 2], peak, float(loss), first
 
 
-def parity(cfg, dev, dtype, T, P, NL, A, **cop_kw):
-    """Loss and coprocessor gradients of both paths on one batch (bf16 autocast on GPU, batch 2)."""
+def parity(cfg, dev, dtype, T, P, NL, A, variants=("fast",), **cop_kw):
+    """Loss and coprocessor gradients of both paths on one batch (bf16 autocast on GPU, batch 2);
+    fast-path variants other than "fast" are compared with the dense path and with "fast"."""
     dec = make_models(cfg, "sdpa", dev, dtype)
     cop = Coprocessor(CoprocessorConfig(num_latents=NL, **cop_kw), dec).float()
     with torch.no_grad():  # move off the identity/zero init so every gradient is exercised
@@ -151,15 +179,23 @@ def parity(cfg, dev, dtype, T, P, NL, A, **cop_kw):
     ids = torch.randint(0, cfg.vocab_size, (2, T), generator=g).to(dev)
     pts = masks.sample_points(T, P, 2, g).to(dev)
     out = {}
-    for name, fast in (("dense", False), ("fast", True)):
+    names = ["dense", "fast"] + [v for v in variants if v != "fast"]
+    for name in names:
         cop.zero_grad(set_to_none=True)
-        loss = step_loss(dec, cop, ids, pts, A, fast)
+        loss = step_loss(dec, cop, ids, pts, A, FAST_VARIANTS.get(name, False))
         loss.backward()
         out[name] = (float(loss), torch.cat([p.grad.flatten().float() for p in cop.parameters() if p.grad is not None]))
     gd, gf = out["dense"][1], out["fast"][1]
     cos = float(torch.nn.functional.cosine_similarity(gd, gf, dim=0))
-    return {"coprocessor": cop_kw or "full copy", "loss_dense": out["dense"][0], "loss_fast": out["fast"][0],
-            "grad_cosine": cos, "grad_rel_err": float((gd - gf).norm() / gd.norm())}
+    res = {"coprocessor": cop_kw or "full copy", "loss_dense": out["dense"][0], "loss_fast": out["fast"][0],
+           "grad_cosine": cos, "grad_rel_err": float((gd - gf).norm() / gd.norm())}
+    for name in names[2:]:
+        g = out[name][1]
+        res[name] = {"loss": out[name][0], "grad_cosine": float(torch.nn.functional.cosine_similarity(gd, g, dim=0)),
+                     "grad_rel_err": float((gd - g).norm() / gd.norm()),
+                     "grad_rel_diff_vs_fast": float((g - gf).norm() / gf.norm()),
+                     "loss_diff_vs_fast": out[name][0] - out["fast"][0]}
+    return res
 
 
 def save(result: dict, out: str, partial: dict | None = None) -> None:
@@ -180,7 +216,16 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=0, help="batch size for every shape (0: each shape's default)")
     ap.add_argument("--no-parity", dest="parity", action="store_false", help="skip the loss/gradient comparison")
     ap.add_argument("--profile", default="", help="append a torch.profiler table of one step per path to this file")
+    ap.add_argument("--autotune", choices=("none", "flex", "all"), default="none",
+                    help="inductor benchmarks kernel configurations when it compiles: FlexAttention's only "
+                         "(matmuls stay ATen), or the matmuls' too")
     args = ap.parse_args(argv)
+    if args.autotune != "none":
+        import torch._inductor.config as ind
+
+        ind.max_autotune = True
+        if args.autotune == "flex":
+            ind.max_autotune_gemm_backends = "ATEN"
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = smollm2_config(args.tiny)
@@ -195,7 +240,7 @@ def main(argv=None):
         shapes = {k: (v[0], 64, 4, 4, 4, 2) for k, v in shapes.items() if k == "ref"}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"device": gpu, "torch": torch.__version__, "commit": commit, "bf16_peak_flops": peak,
-              "command": " ".join(["python"] + sys.argv), "runs": []}
+              "command": " ".join(["python"] + sys.argv), "autotune": args.autotune, "runs": []}
     T0, P0, NL0, A0 = (512, 16, 16, 16) if not args.tiny else (64, 4, 4, 4)
     if "fast" in args.paths and dev.type == "cuda":
         fastpath.enable_compile()
@@ -248,7 +293,9 @@ def main(argv=None):
         for kw in ({}, {"num_layers": 8 if not args.tiny else 1, "refeed_last": True, "hide_point": True,
                         "shift_ahead": False, "latent_gate": True, "gate_init": -1.0}):
             try:
-                result["parity"].append(parity(cfg, dev, dtype, T0, P0, NL0, A0, **kw))
+                variants = [p.partition("@")[0] for p in args.paths.split(",")]
+                variants = [v for v in dict.fromkeys(variants) if v in FAST_VARIANTS]
+                result["parity"].append(parity(cfg, dev, dtype, T0, P0, NL0, A0, variants, **kw))
             except Exception as e:  # keep measuring even if one path fails
                 result["parity"].append({"coprocessor": kw or "full copy", "error": repr(e)[:500]})
             print("parity", result["parity"][-1], flush=True)

@@ -20,6 +20,11 @@ materialises full-precision logits for every predicted position. Here:
 - the coprocessor pass and the group pass attend with FlexAttention and the group `BlockMask`
   (`masks.group_block_mask`): key blocks that no query of a block may see are skipped. The
   coprocessor's latent gate (a learned bias on latent keys) is a FlexAttention `score_mod`;
+- the prefix K/V come from the frozen decoder and need no gradient: the BlockMask lists no query
+  blocks for the prefix key blocks in its key-major half, which only the key/value-gradient part
+  of FlexAttention's backward reads, so the backward skips that work (most of it; `_group_mask`);
+- FlexAttention's kernels run with the configuration its autotuning picked on an H100
+  (`TUNED_KERNEL_OPTIONS`, Hopper with head dim 64; its defaults elsewhere);
 - one block function serves every layer of every model (the layer's modules are arguments), so
   `torch.compile` traces it once per pass kind and fuses the norms, rotary embeddings and
   activations around the matmuls and the attention kernel;
@@ -51,6 +56,24 @@ from . import masks
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 ATTENTION = ("auto", "flex", "dense", "points")   # auto: FlexAttention on CUDA, dense masks elsewhere
+
+# FlexAttention's kernel configuration for the coprocessor and group passes with head dim 64 on a
+# Hopper GPU: what inductor's autotuning picked for all four kernels (both passes, forward and
+# backward) on an H100 at the reference shape (bench/train_throughput.py --autotune flex), 4%
+# faster per step there than the defaults (64x128 backward tiles with 8 warps, 128x128 forward).
+# Every block size divides the BlockMask's 128. kernel_options="auto" uses it where it applies.
+TUNED_KERNEL_OPTIONS = {
+    "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+    "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+    "bwd_num_warps": 4, "bwd_num_stages": 3,
+}
+
+
+def _auto_kernel_options(device: torch.device, head_dim: int, block: int) -> dict | None:
+    if (device.type == "cuda" and head_dim == 64 and block % 64 == 0
+            and torch.cuda.get_device_capability(device) == (9, 0)):
+        return dict(TUNED_KERNEL_OPTIONS)
+    return None
 
 
 def unsupported(decoder, coprocessor=None) -> str | None:
@@ -163,7 +186,7 @@ def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, d
 
 
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
-                gate_cols=None):
+                gate_cols=None, kernel_options=None):
     """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
     cached original tokens and to each other as `mask` allows.
 
@@ -173,7 +196,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     (x is then (B*P, G, d), one point per row). gate_cols (T + Q,)
     float: the latent gate's bias on each key (zero off the latents), or None. Attention runs in
     `attn_dtype` (under autocast SDPA would cast to the autocast dtype; FlexAttention is not on
-    autocast's lists).
+    autocast's lists). kernel_options: FlexAttention's (block sizes, warps; None: its defaults).
     """
     q, k, v = _qkv(layer, x, cos, sin)
     q = q.to(attn_dtype)
@@ -196,7 +219,8 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
         if gate_cols is not None:
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score + gate_cols[kv_idx]
-        o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True)
+        o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
+                           kernel_options=kernel_options)
     return _out_and_mlp(layer, x, _merge_heads(o))
 
 
@@ -235,9 +259,11 @@ class Prefix:
     each (B, H_kv, T, hd), rotary embeddings applied. What the coprocessor and the groups read."""
     k: list[torch.Tensor]
     v: list[torch.Tensor]
-    attention: str = "dense"  # how rows appended after it attend: "flex" or "dense" (see `prefill`)
+    attention: str = "dense"  # how rows appended after it attend: "flex", "dense" or "points" (see `prefill`)
     block: int = 128          # FlexAttention block size (query and key)
     align: int = 32           # with FlexAttention, groups are padded to a multiple (or divisor) of this
+    frozen: bool = True       # with FlexAttention, skip the key/value gradients of these K/V (see `_group_mask`)
+    kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
 
     @property
     def length(self) -> int:
@@ -250,9 +276,11 @@ def _base(model):
 
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32,
-            with_hidden: bool = False):
+            frozen: bool = True, kernel_options: dict | str | None = "auto", with_hidden: bool = False):
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
-    coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`).
+    coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
+    `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
+    `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64, else FlexAttention's defaults).
     -> Prefix; with `with_hidden`, (Prefix, last hidden state after the final norm (B, T, d)) for
     the plain decoder's own predictions (scoring), else no output rows are made at all."""
     if attention not in ATTENTION:
@@ -272,7 +300,9 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden)
         ks.append(k)
         vs.append(v)
-    prefix = Prefix(ks, vs, attention, block, align)
+    if kernel_options == "auto":
+        kernel_options = _auto_kernel_options(input_ids.device, ks[0].shape[-1], block) if attention == "flex" else None
+    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options)
     if with_hidden:
         return prefix, _rms(x, base.norm.weight, base.norm.variance_epsilon)
     return prefix
@@ -280,9 +310,20 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
 
 def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, prefix: "Prefix"):
     """The group mask in the form `group_block` takes: a BlockMask ("flex"), a `PointMask`
-    ("points") or a dense float mask."""
+    ("points") or a dense float mask.
+
+    The prefix K/V come from the frozen decoder (no gradient), yet they are concatenated with the
+    appended rows' own K/V, so FlexAttention's backward would compute key/value gradients for every
+    prefix key block a query block reads: most of its work, thrown away. With `prefix.frozen` (and
+    prefix tensors that indeed need no gradient) the BlockMask lists no query blocks for the prefix
+    key blocks in its key-major half, which only that part of the backward reads
+    (`masks.without_prefix_key_grads`): forward and query gradients are unchanged, the gradients
+    of the appended rows' own keys and values too."""
     if prefix.attention == "flex":
-        return masks.group_block_mask(T, points, group_len, hide_point, block_size=prefix.block)
+        bm = masks.group_block_mask(T, points, group_len, hide_point, block_size=prefix.block)
+        if prefix.frozen and not any(t.requires_grad for t in prefix.k + prefix.v):
+            bm = masks.without_prefix_key_grads(bm, T)
+        return bm
     if prefix.attention == "points":
         return point_mask(T, points, group_len, hide_point, torch.float32)
     return masks.dense_group_mask(T, points, group_len, torch.float32, hide_point)
@@ -310,7 +351,7 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     for j, layer in enumerate(base.layers):
         i = layer_ids[j]
         x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
-                None if gate_cols is None else gate_cols[j])
+                None if gate_cols is None else gate_cols[j], prefix.kernel_options)
     return _rms(x, base.norm.weight, base.norm.variance_epsilon)
 
 
@@ -426,14 +467,15 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
-                     block: int = 128, align: int = 32) -> torch.Tensor:
+                     block: int = 128, align: int = 32, frozen: bool = True,
+                     kernel_options: dict | str | None = "auto") -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 
     `coprocessor` may be wrapped (DDP): it is called, so the wrapper's gradient hooks run.
     """
     if prefix is None:
-        prefix = prefill(decoder, input_ids, attention, block, align)
+        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options)
     core = getattr(coprocessor, "module", coprocessor)
     layout = core.layout(n_ahead)
     latents = coprocessor(prefix, points)                                   # (B, P, NL, d)

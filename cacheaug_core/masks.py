@@ -168,6 +168,26 @@ def group_block_mask(T: int, points: torch.Tensor, group_len: int, hide_point: b
     return create_block_mask(mask_mod, B, None, P * G, T + P * G, device=points.device, BLOCK_SIZE=block_size)
 
 
+def without_prefix_key_grads(block_mask, T: int):
+    """The same BlockMask for the forward and the query gradient, with no query block listed for
+    the key blocks that lie wholly in the first T keys: FlexAttention's backward then skips those
+    blocks' key and value gradients (it writes zeros there). For keys that need no gradient: the
+    decoder's frozen cache of the original tokens, which every group row reads. Only the
+    transposed (key-major) block lists change, which the forward and the query-gradient loop do
+    not read; key blocks that straddle T keep theirs."""
+    import copy
+
+    n = T // block_mask.BLOCK_SIZE[1]
+    out = copy.copy(block_mask)
+    for name in ("q_num_blocks", "full_q_num_blocks"):
+        t = getattr(block_mask, name)
+        if t is not None:
+            t = t.clone()
+            t[..., :n] = 0
+            setattr(out, name, t)
+    return out
+
+
 def group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.dtype, attn_implementation: str | None,
                hide_point: bool = False):
     """The group mask in the form the attention implementation takes: a BlockMask for

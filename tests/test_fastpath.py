@@ -92,6 +92,58 @@ def test_flex_masks_match_dense_forward(name, block, align):
     assert out["dense"][1].shape == (2, pts.shape[1], 6, dec.config.hidden_size)
 
 
+@pytest.mark.parametrize("T,block", [(40, 16), (64, 16)])
+def test_prefix_key_grads_dropped_from_the_key_major_lists_only(T, block):
+    """`masks.without_prefix_key_grads` leaves the query-major block lists (forward, query
+    gradients) alone and lists no query blocks for key blocks wholly inside the prefix; a key
+    block that straddles the prefix's end keeps its query blocks."""
+    pts = masks.sample_points(T, 4, 2, torch.Generator().manual_seed(0))
+    bm = masks.group_block_mask(T, pts, 8, block_size=block)
+    out = masks.without_prefix_key_grads(bm, T)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_indices", "full_q_indices"):
+        assert torch.equal(getattr(out, name), getattr(bm, name)), name
+    n = T // block
+    for name in ("q_num_blocks", "full_q_num_blocks"):
+        new, old = getattr(out, name), getattr(bm, name)
+        assert (new[..., :n] == 0).all() and torch.equal(new[..., n:], old[..., n:]), name
+    assert int(bm.q_num_blocks[..., :n].sum()) > 0  # there was something to drop
+    assert out.to_dense().equal(bm.to_dense())       # to_dense reads the query-major lists
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU")
+def test_prefix_key_grads_dropped_leaves_other_gradients_alone():
+    """Compiled FlexAttention with the frozen-prefix BlockMask: the same output and the same
+    gradients of the queries and of the appended keys and values."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    T, P, G, B = 256, 8, 32, 2
+    pts = masks.sample_points(T, P, B, torch.Generator().manual_seed(0)).cuda()
+    bm = masks.group_block_mask(T, pts, G)
+    fa = torch.compile(flex_attention, dynamic=False)
+    q = torch.randn(B, 6, P * G, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kp, vp = (torch.randn(B, 2, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kg, vg = (torch.randn(B, 2, P * G, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn(B, 6, P * G, 64, device="cuda", dtype=torch.bfloat16)
+    res = []
+    for m in (bm, masks.without_prefix_key_grads(bm, T)):
+        o = fa(q, torch.cat([kp, kg], 2), torch.cat([vp, vg], 2), block_mask=m, enable_gqa=True)
+        res.append((o, *torch.autograd.grad(o, (q, kg, vg), do)))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_kernel_options_auto_only_where_tuned():
+    """"auto" kernel options: the tuned configuration on a Hopper GPU with head dim 64 only; on
+    CPU (dense masks) nothing, and explicit options pass through."""
+    dec, _, ids, _ = _setup("llama", {})
+    assert fastpath.prefill(dec, ids).kernel_options is None
+    assert fastpath.prefill(dec, ids, "flex").kernel_options is None
+    opts = {"fwd_num_warps": 8}
+    assert fastpath.prefill(dec, ids, "flex", kernel_options=opts).kernel_options == opts
+    assert fastpath._auto_kernel_options(torch.device("cpu"), 64, 128) is None
+    assert all(128 % v == 0 for k, v in fastpath.TUNED_KERNEL_OPTIONS.items() if "BLOCK" in k)
+
+
 def test_prefill_cache_matches_transformers():
     """The prefix K/V are the decoder's own cache entries (the last layer stops after K/V)."""
     from cacheaug_core import kv
