@@ -24,7 +24,7 @@ materialises full-precision logits for every predicted position. Here:
   blocks for the prefix key blocks in its key-major half, which only the key/value-gradient part
   of FlexAttention's backward reads, so the backward skips that work (most of it; `_group_mask`);
 - FlexAttention's kernels run with the configuration its autotuning picked on an H100
-  (`TUNED_KERNEL_OPTIONS`, Hopper with head dim 64; its defaults elsewhere);
+  (`TUNED_KERNEL_OPTIONS`, Hopper with head dim 64 and prefixes up to 1024; its defaults elsewhere);
 - one block function serves every layer of every model (the layer's modules are arguments), so
   `torch.compile` traces it once per pass kind and fuses the norms, rotary embeddings and
   activations around the matmuls and the attention kernel;
@@ -61,7 +61,11 @@ ATTENTION = ("auto", "flex", "dense", "points")   # auto: FlexAttention on CUDA,
 # Hopper GPU: what inductor's autotuning picked for all four kernels (both passes, forward and
 # backward) on an H100 at the reference shape (bench/train_throughput.py --autotune flex), 4%
 # faster per step there than the defaults (64x128 backward tiles with 8 warps, 128x128 forward).
-# Every block size divides the BlockMask's 128. kernel_options="auto" uses it where it applies.
+# Every block size divides the BlockMask's 128. kernel_options="auto" uses it where it applies and
+# was measured to help: prefixes up to 1024 tokens. At the paper's shape (T = 2048, 128 points,
+# batch 4) the same options made the step 11% slower than the defaults (146 vs 132 ms, one run,
+# results/train_throughput.md), so longer prefixes keep FlexAttention's defaults.
+TUNED_MAX_PREFIX = 1024
 TUNED_KERNEL_OPTIONS = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
@@ -69,8 +73,8 @@ TUNED_KERNEL_OPTIONS = {
 }
 
 
-def _auto_kernel_options(device: torch.device, head_dim: int, block: int) -> dict | None:
-    if (device.type == "cuda" and head_dim == 64 and block % 64 == 0
+def _auto_kernel_options(device: torch.device, head_dim: int, block: int, prefix_len: int = 0) -> dict | None:
+    if (device.type == "cuda" and head_dim == 64 and block % 64 == 0 and prefix_len <= TUNED_MAX_PREFIX
             and torch.cuda.get_device_capability(device) == (9, 0)):
         return dict(TUNED_KERNEL_OPTIONS)
     return None
@@ -280,8 +284,8 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
     `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
-    `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64, else FlexAttention's defaults).
-    -> Prefix; with `with_hidden`, (Prefix, last hidden state after the final norm (B, T, d)) for
+    `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64 and prefixes up to `TUNED_MAX_PREFIX`,
+    else FlexAttention's defaults). -> Prefix; with `with_hidden`, (Prefix, last hidden state after the final norm (B, T, d)) for
     the plain decoder's own predictions (scoring), else no output rows are made at all."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
@@ -301,7 +305,8 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         ks.append(k)
         vs.append(v)
     if kernel_options == "auto":
-        kernel_options = _auto_kernel_options(input_ids.device, ks[0].shape[-1], block) if attention == "flex" else None
+        kernel_options = (_auto_kernel_options(input_ids.device, ks[0].shape[-1], block, T)
+                          if attention == "flex" else None)
     prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options)
     if with_hidden:
         return prefix, _rms(x, base.norm.weight, base.norm.variance_epsilon)

@@ -281,7 +281,7 @@ class Workbench:
         # groups of its pass, so there attention grows with the points per pass: on CPU 16 take
         # about a quarter less time than 64. Per-point attention (the fast path) has no such cost
         # and runs faster with larger matmuls.
-        fast = fastpath.unsupported(self.decoder, self.coprocessor) is None
+        fast = ids.device.type == "cpu" and fastpath.unsupported(self.decoder, self.coprocessor) is None
         ppp = 64 if fast or ids.device.type != "cpu" else 16
         aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions, ppp,
                                                     progress=progress, fast=fast)
