@@ -144,6 +144,15 @@ def test_kernel_options_auto_only_where_tuned():
     assert all(128 % v == 0 for k, v in fastpath.TUNED_KERNEL_OPTIONS.items() if "BLOCK" in k)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tuned_kernels_only_for_short_prefixes_on_hopper():
+    dev = torch.device("cuda")
+    hopper = torch.cuda.get_device_capability(dev) == (9, 0)
+    assert fastpath._auto_kernel_options(dev, 64, 128, 512) == (fastpath.TUNED_KERNEL_OPTIONS if hopper else None)
+    assert fastpath._auto_kernel_options(dev, 64, 128, fastpath.TUNED_MAX_PREFIX + 1) is None
+    assert fastpath._auto_kernel_options(dev, 128, 128, 512) is None
+
+
 def test_prefill_cache_matches_transformers():
     """The prefix K/V are the decoder's own cache entries (the last layer stops after K/V)."""
     from cacheaug_core import kv
