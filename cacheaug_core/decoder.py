@@ -242,9 +242,11 @@ def keep_freed_memory() -> bool:
     """Let glibc keep freed blocks of up to 32 MiB in the process instead of returning them to the
     system. By default a freed block above the (adaptive) mmap threshold goes back at once, and
     the next tensor of that size starts on fresh pages, each of which faults on first touch:
-    inference on CPU allocates and frees such activations every layer, and in a virtual machine
-    those faults cost about a fifth of the per-token analysis's time (bench/app_latency.py).
-    Returns whether the setting took (False off glibc, e.g. on macOS: nothing changes there)."""
+    inference on CPU allocates and frees such activations every layer. On the 2-core virtual
+    machine of bench/app_latency.py a mode (b) analysis took 0.3M page faults instead of 1.25M
+    (1.0 s of system time instead of 4.3 s), and mode (a) ran in 1.19-1.28 s instead of
+    1.33-1.53 s in back-to-back processes. Returns whether the setting took (False off glibc,
+    e.g. on macOS: nothing changes there)."""
     import ctypes
     import ctypes.util
 

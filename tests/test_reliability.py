@@ -493,3 +493,20 @@ def test_load_quick():
     assert q["max_requests_in_flight_client_side"] >= 2      # the clients really overlapped
     rss = res["server_rss_mib"]
     assert rss["samples"] >= 3 and 0 < rss["start"] <= rss["peak"]
+
+
+def test_keep_freed_memory_on_glibc():
+    """The CPU allocator setting takes on glibc (Linux) and is a no-op elsewhere; allocating and
+    freeing large tensors afterwards works as before."""
+    import platform
+
+    from cacheaug_core.decoder import keep_freed_memory
+
+    took = keep_freed_memory()
+    assert isinstance(took, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert took
+    for _ in range(3):
+        x = torch.ones(4 << 20)          # 16 MiB: below the 32 MiB threshold, reused from the heap
+        assert float(x.sum()) == float(4 << 20)
+        del x
