@@ -40,6 +40,13 @@ materialises full-precision logits for every predicted position. Here:
 On CPU, where FlexAttention has no backward, the same functions attend through SDPA with the dense
 group mask (what the tests compare). Throughput on one H100: results/train_throughput.md.
 
+The same blocks also score without gradients: `score_every` is mode (b) of the app and of
+`eval ppl` on CPU (latents after every token, n-th token ahead), with each point's group in its
+own batch row attending to its own prefix and rows only (`PointMask`) and the LM head's NLL taken
+by vocabulary slices (`head_nll`); `augment.score_after_every_token` dispatches to it.
+
+    nll_aug, nll_base = fastpath.score_every(decoder, coprocessor, ids, positions=16)   # ids (1, T)
+
 Supported: decoders whose layers are Llama-style (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
 RMSNorm, rotary embeddings, full attention), coprocessor bodies copy/scratch/lora/none, one round.
 `unsupported(decoder, coprocessor)` says why a pair is not; the trainer then refuses `--fast`.
