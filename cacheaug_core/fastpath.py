@@ -190,9 +190,8 @@ def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, d
     keep = min(T, int(points.max()) + 1)
     t = torch.arange(keep, device=points.device)
     to_orig = t[None, :] <= (points.reshape(-1) - int(hide_point))[:, None]        # (B*P, keep)
-    causal = torch.ones(group_len, group_len, dtype=torch.bool, device=points.device).tril()
-    allowed = torch.cat([to_orig[:, None, :].expand(-1, group_len, -1),
-                         causal[None].expand(B * P, -1, -1)], dim=2)                # (B*P, G, keep + G)
+    own = torch.ones(B * P, group_len, dtype=torch.bool, device=points.device)
+    allowed = masks.append_allowed(to_orig, own)                                   # (B*P, G, keep + G)
     return PointMask(masks.to_additive(allowed, dtype), keep, P)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import augment, fastpath
+from . import augment
 from .checkpoint import CheckpointError, load_coprocessor, read_config
 from .config import CoprocessorConfig
 from .coprocessor import Coprocessor
@@ -277,14 +277,7 @@ class Workbench:
         ids = self.encode(text)
         if ids.shape[1] < 2:
             raise InputError("Need at least two tokens.")
-        # The dense group mask (decoders without the fast path) scores every query against all
-        # groups of its pass, so there attention grows with the points per pass: on CPU 16 take
-        # about a quarter less time than 64. Per-point attention (the fast path) has no such cost
-        # and runs faster with larger matmuls.
-        fast = ids.device.type == "cpu" and fastpath.unsupported(self.decoder, self.coprocessor) is None
-        ppp = 64 if fast or ids.device.type != "cpu" else 16
-        aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions, ppp,
-                                                    progress=progress, fast=fast)
+        aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions, progress=progress)
         return {"tokens": self.token_strings(ids[0]), "nll_aug": aug.cpu().numpy(), "nll_base": base.cpu().numpy(),
                 "notice": notice}
 
