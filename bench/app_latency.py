@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/app_latency.py                      # writes results/app_latency.{json,md}
     .venv/bin/python bench/app_latency.py --repeats 3 --every-repeats 1 --out-json /tmp/l.json --out-md /tmp/l.md
+    .venv/bin/python bench/app_latency.py --compare-reference --profile-every   # (c) against the transformers path, and profiled
 
 A benchmark, not a test: it loads the default decoder (SmolLM2-135M-Instruct) and the shipped
 coprocessor (`Workbench.load()`) and measures, in one process:
@@ -257,6 +258,32 @@ def score_every_floor(wb: Workbench, T: int, A: int, rows: int = 2048, repeats: 
     return {"counted_flops": flops, "matmul_rate_flops": rate, "floor_s": flops / rate}
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv")
+
+
+def profile_every(wb: Workbench, text: str, positions: int, floor: dict) -> dict:
+    """One more (c) call under the torch profiler: where its time goes. Self time of the matmul
+    ops, of the attention kernels (SDPA) and of everything else, the rate the matmuls ran at
+    (the floor's counted FLOPs over their time), and what (c) would take if the matmuls ran at the
+    floor's rate with the rest unchanged. The profiler records intra-op parallel work on the
+    calling thread, so the self times add up to about the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _, wall, _ = timed(lambda: wb.score_every(text, positions=positions))
+    by_op = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    total = sum(by_op.values())
+    matmul = sum(v for k, v in by_op.items() if k in MATMUL_OPS)
+    attention = sum(v for k, v in by_op.items() if "scaled_dot_product" in k)
+    rest = total - matmul - attention
+    top = sorted(((k, v) for k, v in by_op.items() if k not in MATMUL_OPS and "scaled_dot_product" not in k),
+                 key=lambda kv: -kv[1])[:8]
+    return {"wall_s": wall, "profiled_self_s": total, "matmul_s": matmul, "attention_s": attention,
+            "other_s": rest, "matmul_rate_flops": floor["counted_flops"] / matmul,
+            "with_matmuls_at_floor_rate_s": floor["floor_s"] + attention + rest,
+            "top_other_ops_s": dict(top)}
+
+
 def score_text_hooks(wb: Workbench):
     """(setup, check) for timing `Workbench.score_text` as a user's first call on a text.
 
@@ -330,6 +357,14 @@ def markdown(res: dict) -> str:
                   f"{g['cold']['plain']['ttft_s']:.3f}s, augmented {g['cold']['augmented']['ttft_s']:.3f}s. "
                   f"Same ratios in process CPU time: TTFT {g['ttft_cpu_ratio_pairs']['median']:.3f}, decode "
                   f"{g['decode_cpu_ratio_pairs']['median']:.3f}.", ""]
+        if "score_every_profile" in run:
+            pr = run["score_every_profile"]
+            other = ", ".join(f"{k.removeprefix('aten::')} {v:.2f}s" for k, v in list(pr["top_other_ops_s"].items())[:5])
+            lines += [f"(c) profiled once ({pr['wall_s']:.2f}s under the profiler): matmuls {pr['matmul_s']:.2f}s "
+                      f"({pr['matmul_s'] / pr['profiled_self_s']:.0%}, {pr['matmul_rate_flops'] / 1e9:.0f} GFLOP/s "
+                      f"on the counted FLOPs), attention {pr['attention_s']:.2f}s, the rest {pr['other_s']:.2f}s "
+                      f"({other}). With every matmul at the floor's rate and the rest unchanged: "
+                      f"{pr['with_matmuls_at_floor_rate_s']:.2f}s.", ""]
     return "\n".join(lines)
 
 
@@ -345,6 +380,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-every", action="store_true", help="skip (c), the slowest part")
     ap.add_argument("--compare-reference", action="store_true",
                     help="(c): alternate each timed call with the transformers (dense-mask) path on the same text")
+    ap.add_argument("--profile-every", action="store_true",
+                    help="(c): profile one more call and split its time into matmuls, attention and the rest")
     ap.add_argument("--decoder", default="", help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--coprocessor", default="", help="default: the shipped coprocessor")
     ap.add_argument("--out-json", default=str(ROOT / "results" / "app_latency.json"))
@@ -395,6 +432,9 @@ def main(argv=None) -> int:
                                             args.every_repeats, log, "score_every")
         run["score_every_floor"] = score_every_floor(wb, n_text, args.positions)
         log(f"score_every floor: {run['score_every_floor']}")
+        if args.profile_every:
+            run["score_every_profile"] = profile_every(wb, text, args.positions, run["score_every_floor"])
+            log(f"score_every profile: {run['score_every_profile']}")
         run["loadavg_after"] = os.getloadavg()
         res["runs"].append(run)
     res["peak_rss_gb"] = peak_rss_bytes() / 1e9
