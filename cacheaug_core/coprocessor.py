@@ -67,6 +67,9 @@ def _gate_hook(layer: int):
         gate = kwargs.pop("latent_gate", None)
         if gate is None:
             return None
+        if torch.is_tensor(gate):               # finished masks, one per layer (L, B, 1, n, K)
+            kwargs["attention_mask"] = gate[layer]
+            return args, kwargs
         bias, cols = gate                       # bias (L,) learned; cols (K,) or (B, K) bool: latent keys
         mask = kwargs.get("attention_mask")
         if mask is None or not torch.is_tensor(mask) or mask.dim() != 4:
@@ -79,8 +82,9 @@ def _gate_hook(layer: int):
 
 def attach_gate(decoder) -> None:
     """Let the decoder's forward take `latent_gate=(bias (L,), cols)`: attention layer l then adds
-    bias[l] to its scores on the keys where cols is True (on top of the 4-D mask it is given).
-    A forward without the argument is untouched. Idempotent; the decoder's weights are not changed.
+    bias[l] to its scores on the keys where cols is True (on top of the 4-D mask it is given);
+    or `latent_gate=masks` (L, B, 1, n, K), finished masks with the gate in them: layer l attends
+    with masks[l] (decoding, where they are built once per group). A forward without the argument is untouched. Idempotent; the decoder's weights are not changed.
     """
     if getattr(decoder, "_cacheaug_gate", False):
         return

@@ -238,6 +238,29 @@ def test_augmented_generation_matches_scoring(layout, tiny_tokenizer):
     assert sc.logits_aug.argmax(-1).tolist() == toks[0].tolist()
 
 
+@pytest.mark.parametrize("arch_", ["llama", "gpt2"])
+def test_gated_decoding_logits_match_scoring(arch_):
+    """Decoding after a gated group (hidden point entry, open-ish gate) reuses its mask rows from
+    step to step (`_AugState._decode_kwargs`); every step's logits equal the scorer's, also
+    when the rows run out of room and are rebuilt."""
+    dec = tiny_decoder(arch_)
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, **LAYOUTS[4]), dec)
+    with torch.no_grad():
+        cop.gate_bias.copy_(torch.linspace(-1.0, 1.0, cop.gate_bias.numel()))
+    full = _ids(T=16)
+    point = 8
+    sc = augment.score_continuation(dec, cop, full, point=point)
+    with torch.no_grad():
+        st = augment._AugState(dec, cop)
+        got = [st.prefill_and_insert(full[:, : point + 1])]
+        for j in range(point + 1, full.shape[1] - 1):
+            got.append(st.feed_after(full[0, j: j + 1]))
+            if j % 2:   # keep the rows exactly as long as the cache: the next step must rebuild them
+                st._rows = st._rows[..., : kv.length(st.cache)]
+    got = torch.log_softmax(torch.stack(got).float(), dim=-1)        # the scorer keeps log-probabilities
+    torch.testing.assert_close(got, sc.logits_aug[: len(got)], atol=1e-5, rtol=1e-5)
+
+
 def test_reaugment_and_async_generation_run(tiny_tokenizer):
     dec = tiny_decoder("qwen2")
     cop = Coprocessor(CoprocessorConfig(num_latents=2, refeed_last=True), dec)
