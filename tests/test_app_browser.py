@@ -268,7 +268,11 @@ def test_cached_example_and_stop(page):
     stopped = dec.input_value()
     page.wait_for_timeout(2500)
     assert dec.input_value() == stopped and 0 < len(stopped.split()) < 200
-    expect(page.locator("#gen-status")).to_have_text("Stopped.")       # the run never finished
+    # the run never finished. (Now and then Gradio's front end also puts its "Error" badge on the
+    # cancelled event's outputs, this one among them, when the cancellation races a streamed update;
+    # the text is ours and is what is checked.)
+    expect(page.locator("#gen-status p")).to_have_text("Stopped.")
+    expect(page.locator("#gen-status")).not_to_contain_text("Done")
 
 
 def test_hostile_input_is_inert(page):
