@@ -88,9 +88,7 @@ def _free_port() -> int:
 
 def command(n: int, engine: str, train_flags: list[str], tiny: bool) -> list[str]:
     """The command that trains on n GPUs (or n CPU processes with --tiny) with the given engine."""
-    # FSDP shards the coprocessor's parameters, and the latent gate's bias is read outside its
-    # forward: the FSDP runs train the same shape without the gate.
-    train = ["-m", "cacheaug_core.cli", "train", *train_flags, *(["--no-latent-gate"] if engine == "fsdp" else [])]
+    train = ["-m", "cacheaug_core.cli", "train", *train_flags]
     if n == 1 and engine == "ddp":
         return [sys.executable, *train]
     config = CONFIGS["cpu" if tiny else engine]

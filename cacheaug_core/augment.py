@@ -158,9 +158,9 @@ def multi_point(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Ten
         cache = kv.detach(cache)
     core = getattr(coprocessor, "module", coprocessor)  # unwrap DDP/FSDP for the layout only
     layout = core.layout(n_ahead)
-    latents = coprocessor(cache, points)                                    # (B, P, NL, d)
+    latents, gate = coprocessor(cache, points, with_gate=True)              # (B, P, NL, d), (L,) or None
     tokens, targets, valid = masks.group_tokens(input_ids, points, layout, pad_id)
-    out = group_forward(decoder, cache, points, latents, tokens, layout, gate=gate_of(coprocessor))
+    out = group_forward(decoder, cache, points, latents, tokens, layout, gate=gate)
     d = out.last_hidden_state.shape[-1]
     hidden = out.last_hidden_state.view(B, points.shape[1], layout.group_len, d)[:, :, -n_ahead:]
     logits = hidden_to_logits(decoder, hidden) if with_logits else None

@@ -220,8 +220,18 @@ class Coprocessor(nn.Module):
             h = (h.float() * (self.embed_rms / rms)).to(h.dtype)
         return h * self.latent_gain.to(h.dtype)
 
-    def forward(self, cache, points: torch.Tensor) -> torch.Tensor:
-        """Latents for each point. cache: the decoder's cache of x (B, T); points (B, P) -> (B, P, NL, d)."""
+    def forward(self, cache, points: torch.Tensor, with_gate: bool = False):
+        """Latents for each point. cache: the decoder's cache of x (B, T); points (B, P) -> (B, P, NL, d).
+
+        With `with_gate`, (latents, gate): the latent gate's bias (L,) or None, as an output of this
+        forward. Training reads the gate this way: under FSDP the parameter is whole only inside
+        the coprocessor's forward, and an output's gradient is what brings its backward in."""
+        latents = self._latents(cache, points)
+        if not with_gate:
+            return latents
+        return latents, (None if self.gate_bias is None else self.gate_bias * 1.0)
+
+    def _latents(self, cache, points: torch.Tensor) -> torch.Tensor:
         B, P = points.shape
         NL, d = self.config.num_latents, self.hidden_size
         dtype = self.soft_tokens.dtype

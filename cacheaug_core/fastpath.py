@@ -489,9 +489,9 @@ def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torc
         prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options)
     core = getattr(coprocessor, "module", coprocessor)
     layout = core.layout(n_ahead)
-    latents = coprocessor(prefix, points)                                   # (B, P, NL, d)
+    latents, gate = coprocessor(prefix, points, with_gate=True)             # (B, P, NL, d), (L,) or None
     tokens, targets, valid = masks.group_tokens(input_ids, points, layout, pad_id)
-    h = group_hidden(decoder, prefix, points, latents, tokens, layout, getattr(core, "gate_bias", None), pad_id)
+    h = group_hidden(decoder, prefix, points, latents, tokens, layout, gate, pad_id)
     w = valid.flatten().float()
     head = decoder.get_output_embeddings().weight
     total = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head, targets.flatten(), w)

@@ -334,9 +334,6 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         cop_cfg = cop.config
     else:
         cop = Coprocessor(cop_cfg, decoder)
-    if cop.config.latent_gate and _is_fsdp(acc):
-        raise TrainingError("--latent-gate does not train under FSDP (DDP or one process): its bias is read "
-                            "outside the coprocessor's forward")
     if cfg.fast and (why := fastpath.unsupported(decoder, cop)):
         raise TrainingError(f"--fast: {why}; train without --fast")
     cop.float().train()

@@ -34,7 +34,9 @@ from cacheaug_core import train as train_mod  # noqa: E402
 from cacheaug_core.config import CoprocessorConfig, TrainConfig  # noqa: E402
 from cacheaug_core.decoder import load_decoder  # noqa: E402
 
-COPROCESSOR = CoprocessorConfig(num_latents=2, num_layers=1)
+# gated (the shipped layout): the gate's bias is a forward output of the sharded coprocessor
+COPROCESSOR = CoprocessorConfig(num_latents=2, num_layers=1, refeed_last=True, hide_point=True, shift_ahead=False,
+                                latent_gate=True, gate_init=-1.0)
 
 
 def train_config(decoder: str, data: str, out_dir: str, **kw) -> TrainConfig:

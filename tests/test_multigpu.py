@@ -17,7 +17,8 @@ the recorded batches and weights); the weights stay identical across ranks; the 
 wrapped, stays frozen and bit-identical to its saved copy; only rank 0 writes checkpoint files.
 Checked on the checkpoints: step counts and tokens continue, every rank's data stream is kept
 (also across a leg with fewer processes), and an FSDP checkpoint holds whole tensors in the
-single-process layout.
+single-process layout. The coprocessor is gated like the shipped one: the latent gate's bias
+trains under DDP and FSDP alike.
 """
 
 import json
@@ -123,6 +124,7 @@ def _check_leg(report: Path, decoder_dir: str, wrapper: str, first_ids: list[tor
     g0, g1 = _named(t0, "grad"), _named(t1, "grad")
     per_rank, mean = _mean_local_gradient(decoder_dir, w0, [(t0["ids"], t0["pts"]), (t1["ids"], t1["pts"])])
     assert set(g0) == set(mean)
+    assert mean["gate_bias"].abs().sum() > 0   # the coprocessor is gated: its gate trains on every engine
     for n in mean:
         assert torch.equal(g0[n], g1[n]), n
         torch.testing.assert_close(g0[n].reshape(mean[n].shape), mean[n], rtol=2e-4, atol=1e-6, msg=n)
@@ -226,8 +228,7 @@ def test_throughput_bench_arithmetic(tmp_path):
     assert bench.command(1, "ddp", ["--x"], tiny=False)[1:] == ["-m", "cacheaug_core.cli", "train", "--x"]
     cmd = bench.command(4, "fsdp", ["--x"], tiny=False)
     assert cmd[cmd.index("--config_file") + 1].endswith("fsdp.yaml") and cmd[cmd.index("--num_processes") + 1] == "4"
-    # FSDP trains without the latent gate (its bias is read outside the sharded forward)
-    assert cmd[-5:] == ["-m", "cacheaug_core.cli", "train", "--x", "--no-latent-gate"]
+    assert cmd[-4:] == ["-m", "cacheaug_core.cli", "train", "--x"]
     m = tmp_path / "metrics.jsonl"
     m.write_text("\n".join(json.dumps(r) for r in [
         {"step": 1, "loss": 9.0, "tokens_seen": 100, "elapsed_s": 5.0},
