@@ -306,6 +306,30 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(arch, layout):
             assert g == want
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_decoding_logits_equal_one_prompt_at_a_time(arch):
+    """After a gated group (hidden point entries, an open-ish gate), every row's logits in
+    batched decoding equal those of its prompt decoded alone, step by step."""
+    wb = _wb(arch, **GATED)
+    with torch.no_grad():
+        wb.coprocessor.gate_bias.copy_(torch.linspace(-1.0, 1.0, wb.coprocessor.gate_bias.numel()))
+    prompts = [[5, 9, 14, 3], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    feed = torch.tensor([[11, 12, 13, 14, 15], [21, 22, 23, 24, 25], [31, 32, 33, 34, 35]])   # (B, steps)
+    with torch.no_grad():
+        st = augment._BatchState(wb.decoder, wb.coprocessor, prompts)
+        st.prefill()
+        B = len(prompts)
+        got = [st.insert(st.latents(), st.ids[torch.arange(B), st.n - 1], st.n - 1)]
+        for j in range(feed.shape[1]):
+            got.append(st.step(feed[:, j]))
+        got = torch.stack(got, dim=1)                                                     # (B, 1 + steps, V)
+        for b, p in enumerate(prompts):
+            one = augment._AugState(wb.decoder, wb.coprocessor)
+            want = [one.prefill_and_insert(torch.tensor([p]))]
+            want += [one.feed_after(feed[b, j: j + 1]) for j in range(feed.shape[1])]
+            torch.testing.assert_close(got[b], torch.stack(want), atol=1e-4, rtol=1e-4)
+
+
 def test_batched_generation_rejects_empty_prompts():
     wb = _wb("llama")
     for prompts in ([], [[5, 6], []]):
