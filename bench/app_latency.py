@@ -271,16 +271,21 @@ def profile_every(wb: Workbench, text: str, positions: int, floor: dict) -> dict
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _, wall, _ = timed(lambda: wb.score_every(text, positions=positions))
-    by_op = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
-    total = sum(by_op.values())
-    matmul = sum(v for k, v in by_op.items() if k in MATMUL_OPS)
-    attention = sum(v for k, v in by_op.items() if "scaled_dot_product" in k)
-    rest = total - matmul - attention
-    top = sorted(((k, v) for k, v in by_op.items() if k not in MATMUL_OPS and "scaled_dot_product" not in k),
-                 key=lambda kv: -kv[1])[:8]
-    return {"wall_s": wall, "profiled_self_s": total, "matmul_s": matmul, "attention_s": attention,
-            "other_s": rest, "matmul_rate_flops": floor["counted_flops"] / matmul,
-            "with_matmuls_at_floor_rate_s": floor["floor_s"] + attention + rest,
+    def kind(op: str) -> str:
+        return "matmul" if op in MATMUL_OPS else "attention" if "scaled_dot_product" in op else "other"
+
+    seconds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    other_ops = {}
+    for e in prof.key_averages():
+        k, s = kind(e.key), e.self_cpu_time_total / 1e6
+        seconds[k] += s
+        if k == "other":
+            other_ops[e.key] = s
+    top = sorted(other_ops.items(), key=lambda kv: -kv[1])[:8]
+    return {"wall_s": wall, "profiled_self_s": sum(seconds.values()), "matmul_s": seconds["matmul"],
+            "attention_s": seconds["attention"], "other_s": seconds["other"],
+            "matmul_rate_flops": floor["counted_flops"] / seconds["matmul"],
+            "with_matmuls_at_floor_rate_s": floor["floor_s"] + seconds["attention"] + seconds["other"],
             "top_other_ops_s": dict(top)}
 
 

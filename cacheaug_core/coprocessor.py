@@ -84,7 +84,8 @@ def attach_gate(decoder) -> None:
     """Let the decoder's forward take `latent_gate=(bias (L,), cols)`: attention layer l then adds
     bias[l] to its scores on the keys where cols is True (on top of the 4-D mask it is given);
     or `latent_gate=masks` (L, B, 1, n, K), finished masks with the gate in them: layer l attends
-    with masks[l] (decoding, where they are built once per group). A forward without the argument is untouched. Idempotent; the decoder's weights are not changed.
+    with masks[l] (decoding, where they are built once per group). A forward without the argument
+    is untouched. Idempotent; the decoder's weights are not changed.
     """
     if getattr(decoder, "_cacheaug_gate", False):
         return

@@ -291,8 +291,9 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
     `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
     `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64 and prefixes up to `TUNED_MAX_PREFIX`,
-    else FlexAttention's defaults). -> Prefix; with `with_hidden`, (Prefix, last hidden state after the final norm (B, T, d)) for
-    the plain decoder's own predictions (scoring), else no output rows are made at all."""
+    else FlexAttention's defaults). -> Prefix; with `with_hidden`, (Prefix, last hidden state
+    after the final norm (B, T, d)) for the plain decoder's own predictions (scoring), else no
+    output rows are made at all."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
     if attention == "auto":  # FlexAttention has no backward on CPU
