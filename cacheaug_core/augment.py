@@ -362,14 +362,19 @@ def _group_inputs(decoder, layout: masks.GroupLayout, latents: torch.Tensor, las
     return x, masks.group_positions(points, layout)[:, 0, : x.shape[1]]
 
 
+def _latent_keys(latent_cols: tuple[int, int], n_keys: int, device) -> torch.Tensor:
+    """(n_keys,) bool: True at the latents' columns latent_cols = (start, end)."""
+    cols = torch.zeros(n_keys, dtype=torch.bool, device=device)
+    cols[latent_cols[0]: latent_cols[1]] = True
+    return cols
+
+
 def _gate_kwargs(gate, latent_cols: tuple[int, int] | None, n_keys: int, device) -> dict:
     """The `latent_gate` argument of a forward whose keys (n_keys cache columns after it) hold
     latents at columns latent_cols = (start, end); {} without a gate or latents."""
     if gate is None or latent_cols is None:
         return {}
-    cols = torch.zeros(n_keys, dtype=torch.bool, device=device)
-    cols[latent_cols[0]: latent_cols[1]] = True
-    return {"latent_gate": (gate, cols)}
+    return {"latent_gate": (gate, _latent_keys(latent_cols, n_keys, device))}
 
 
 class _AugState:
@@ -442,8 +447,7 @@ class _AugState:
             if self.hidden is not None:
                 row[self.hidden] = torch.finfo(row.dtype).min
             if self.gate is not None:
-                cols = torch.zeros(C, dtype=torch.bool, device=device)
-                cols[self.latent_cols[0]: self.latent_cols[1]] = True
+                cols = _latent_keys(self.latent_cols, C, device)
                 row = row + torch.where(cols, self.gate.detach().to(row.dtype)[:, None], 0.0)   # (L, C)
             self._rows = row.view(-1, 1, 1, 1, C)
         rows = self._rows[..., :K]                                          # (1 or L, 1, 1, 1, K)
