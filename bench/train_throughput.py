@@ -13,14 +13,15 @@ run the same number of optimizer steps on the same batches:
                  mask, full-precision logits for every predicted position
   dense+compile  the same with every transformer block compiled (`augment.compile_layers`)
   fast           `fastpath.multi_point_loss`: plain per-layer K/V, FlexAttention with the group
-                 BlockMask (key blocks nobody sees are skipped; groups padded to tile the blocks),
-                 fused chunked LM head + cross-entropy, one compiled block function for all
-                 layers (on CPU: dense masks, uncompiled)
+                 BlockMask (64 x 64 blocks on an H100; key blocks nobody sees are skipped; groups
+                 padded to tile the blocks), fused chunked LM head + cross-entropy, one compiled
+                 block function for all layers (on CPU: dense masks, uncompiled)
   fast-nopad     the same without padding the groups
   fast-prefixgrads  the fast path with FlexAttention computing key/value gradients for the frozen
                  prefix keys too (what it did before `masks.without_prefix_key_grads`)
   fast-untuned   the fast path with FlexAttention's default kernel configurations
   fast-before    both: the fast path as it was before these two changes
+  fast-b<Q>[x<K>]  the fast path with BlockMask blocks of Q queries x K keys (fast-b128: the blocks before the 64 x 64 default)
   fast-<opts>    the fast path with other FlexAttention kernel options (FAST_VARIANTS below)
 
 `--autotune flex` lets inductor benchmark FlexAttention's kernel configurations when it compiles
@@ -99,20 +100,28 @@ FAST_VARIANTS = {
     "fast": {},
     "fast-nopad": {"align": 1},
     "fast-prefixgrads": {"frozen": False},
-    "fast-untuned": {"kernel_options": None},
-    "fast-before": {"frozen": False, "kernel_options": None},
-    "fast-safe": {"kernel_options": {"ROWS_GUARANTEED_SAFE": True}},  # every row sees its own key
-    "fast-bwd64": {"kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
-                                      "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}},
-    "fast-bwdm2": {"kernel_options": {"bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4}},
-    "fast-fwd8": {"kernel_options": {"fwd_num_warps": 8, "fwd_num_stages": 2}},
-    "fast-fwd64": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4}},
-    "fast-fwd128x64": {"kernel_options": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4}},
-    # what `--autotune flex` picked on an H100 at the reference shape (both passes, forward and
-    # backward); since made the default there (fastpath.TUNED_KERNEL_OPTIONS)
-    "fast-tuned": {"kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
-                                      "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
-                                      "bwd_num_warps": 4, "bwd_num_stages": 3}},
+    # the BlockMask's blocks (query x key; the default on an H100 is 64 x 64: fastpath.BLOCK)
+    "fast-b128": {"block": 128},
+    "fast-b64": {"block": 64},
+    "fast-b64x128": {"block": (64, 128)},
+    "fast-b128x64": {"block": (128, 64)},
+    "fast-b32x64": {"block": (32, 64)},
+    # the variants below were measured with 128 x 128 blocks, and keep them
+    "fast-untuned": {"kernel_options": None, "block": 128},
+    "fast-before": {"frozen": False, "kernel_options": None, "block": 128},
+    "fast-safe": {"kernel_options": {"ROWS_GUARANTEED_SAFE": True}, "block": 128},  # every row sees its own key
+    "fast-bwd64": {"block": 128, "kernel_options": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64,
+                                                    "bwd_BLOCK_N2": 64, "bwd_num_warps": 4, "bwd_num_stages": 3}},
+    "fast-bwdm2": {"block": 128, "kernel_options": {"bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4}},
+    "fast-fwd8": {"block": 128, "kernel_options": {"fwd_num_warps": 8, "fwd_num_stages": 2}},
+    "fast-fwd64": {"block": 128, "kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 128, "fwd_num_warps": 4}},
+    "fast-fwd128x64": {"block": 128, "kernel_options": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 4}},
+    # what `--autotune flex` picked on an H100 at the reference shape with 128 x 128 blocks (both
+    # passes, forward and backward); since made the default there (fastpath.TUNED_KERNEL_OPTIONS)
+    "fast-tuned": {"block": 128, "kernel_options": {
+        "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
+        "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+        "bwd_num_warps": 4, "bwd_num_stages": 3}},
 }
 
 

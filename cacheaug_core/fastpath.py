@@ -18,7 +18,8 @@ materialises full-precision logits for every predicted position. Here:
 - the decoder's prefill returns plain per-layer K/V tensors (B, H_kv, T, hd), computed with the
   causal flash kernel; the last layer stops after its K/V projection (nothing reads its output);
 - the coprocessor pass and the group pass attend with FlexAttention and the group `BlockMask`
-  (`masks.group_block_mask`): key blocks that no query of a block may see are skipped. The
+  (`masks.group_block_mask`; 64 x 64 blocks on Hopper: `BLOCK`): key blocks that no query of a
+  block may see are skipped. The
   coprocessor's latent gate (a learned bias on latent keys) is a FlexAttention `score_mod`;
 - the prefix K/V come from the frozen decoder and need no gradient: the BlockMask lists no query
   blocks for the prefix key blocks in its key-major half, which only the key/value-gradient part
@@ -32,7 +33,7 @@ materialises full-precision logits for every predicted position. Here:
   input gradient during the forward (the loss is the last node, so its incoming gradient is a
   scalar): each chunk's logits exist once, and nothing is recomputed;
 - groups are padded at their end to a length that tiles the attention blocks (31 -> 32 rows: four
-  groups per 128-row block, their own keys in one key block); groups are causal, so no real row
+  groups per 64-row block, their own keys in one key block); groups are causal, so no real row
   sees a padding row;
 - no host synchronisation in the step: invalid ahead tokens (past the end of the text) are
   weighted out instead of selected out.
@@ -68,10 +69,11 @@ ATTENTION = ("auto", "flex", "dense", "points")   # auto: FlexAttention on CUDA,
 # Hopper GPU: what inductor's autotuning picked for all four kernels (both passes, forward and
 # backward) on an H100 at the reference shape (bench/train_throughput.py --autotune flex), 4%
 # faster per step there than the defaults (64x128 backward tiles with 8 warps, 128x128 forward).
-# Every block size divides the BlockMask's 128. kernel_options="auto" uses it where it applies and
-# was measured to help: prefixes up to 1024 tokens. At the paper's shape (T = 2048, 128 points,
-# batch 4) the same options made the step 11% slower than the defaults (146 vs 132 ms, one run,
-# results/train_throughput.md), so longer prefixes keep FlexAttention's defaults.
+# Smaller BlockMask blocks get these tiles cut to fit (`fit_kernel_options`). kernel_options="auto"
+# uses it where it applies and was measured to help: prefixes up to 1024 tokens. At the paper's
+# shape (T = 2048, 128 points, batch 4) the same options made the step 11% slower than the
+# defaults (146 vs 132 ms, one run, results/train_throughput.md), so longer prefixes keep
+# FlexAttention's defaults (and 128 x 128 blocks).
 TUNED_MAX_PREFIX = 1024
 TUNED_KERNEL_OPTIONS = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
@@ -79,12 +81,91 @@ TUNED_KERNEL_OPTIONS = {
     "bwd_num_warps": 4, "bwd_num_stages": 3,
 }
 
+# The BlockMask's block size (queries and keys). A 128-row block holds 4 groups (8 points' soft
+# tokens in the coprocessor pass) and reads keys up to its last point's prefix; 64 x 64 blocks
+# cut the attention work read per useful score from 1.73x to 1.33x (group pass) and from 1.97x
+# to 1.48x (coprocessor pass) at the reference shape, and the step from 274 to 257 ms on an H100
+# (batch 128, one run; 32 x 64 was slower again: 284 ms; results/train_throughput.md).
+BLOCK = 64
 
-def _auto_kernel_options(device: torch.device, head_dim: int, block: int, prefix_len: int = 0) -> dict | None:
-    if (device.type == "cuda" and head_dim == 64 and block % 64 == 0 and prefix_len <= TUNED_MAX_PREFIX
-            and torch.cuda.get_device_capability(device) == (9, 0)):
-        return dict(TUNED_KERNEL_OPTIONS)
+
+def _blocks(block: int | tuple[int, int]) -> tuple[int, int]:
+    """The BlockMask's (query block, key block) sizes from one size or a pair."""
+    return (block, block) if isinstance(block, int) else (int(block[0]), int(block[1]))
+
+
+def fit_kernel_options(options: dict, block: int | tuple[int, int]) -> dict:
+    """`options` with every kernel tile no larger than the BlockMask block it walks: query tiles
+    (fwd_BLOCK_M, bwd_BLOCK_M1, bwd_BLOCK_M2) within the query block, key tiles (fwd_BLOCK_N,
+    bwd_BLOCK_N1, bwd_BLOCK_N2) within the key block, keeping the backward kernel's constraints
+    (BLOCK_N1 a multiple of BLOCK_M1, BLOCK_M2 a multiple of BLOCK_N2)."""
+    qb, kb = _blocks(block)
+    out = dict(options)
+    for key, cap in (("fwd_BLOCK_M", qb), ("bwd_BLOCK_M1", qb), ("bwd_BLOCK_M2", qb),
+                     ("fwd_BLOCK_N", kb), ("bwd_BLOCK_N1", kb), ("bwd_BLOCK_N2", kb)):
+        if key in out:
+            out[key] = min(out[key], cap)
+    if "bwd_BLOCK_M1" in out and "bwd_BLOCK_N1" in out:
+        out["bwd_BLOCK_M1"] = min(out["bwd_BLOCK_M1"], out["bwd_BLOCK_N1"])
+    if "bwd_BLOCK_M2" in out and "bwd_BLOCK_N2" in out:
+        out["bwd_BLOCK_N2"] = min(out["bwd_BLOCK_N2"], out["bwd_BLOCK_M2"])
+    return out
+
+
+def _tuned_applies(device: torch.device, head_dim: int, prefix_len: int) -> bool:
+    """Where `TUNED_KERNEL_OPTIONS` were measured to help: Hopper, head dim 64, short prefixes."""
+    return (device.type == "cuda" and head_dim == 64 and prefix_len <= TUNED_MAX_PREFIX
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def _auto_block(device: torch.device, head_dim: int, prefix_len: int) -> int:
+    """`BLOCK` where the tuned kernels apply (where it was measured), else FlexAttention's 128."""
+    return BLOCK if _tuned_applies(device, head_dim, prefix_len) else 128
+
+
+def _auto_kernel_options(device: torch.device, head_dim: int, block: int | tuple[int, int],
+                         prefix_len: int = 0) -> dict | None:
+    """The tuned tiles (cut to fit the blocks) where they apply; on a GPU, blocks under 128 take
+    them anywhere (FlexAttention's own default tiles may be 128 wide and not fit); else None."""
+    small = min(_blocks(block)) < 128
+    if device.type == "cuda" and (_tuned_applies(device, head_dim, prefix_len) or small):
+        return fit_kernel_options(TUNED_KERNEL_OPTIONS, block)
     return None
+
+
+_SMALL_BLOCK_CARRIER = (32, 32, 32, 32)   # backward tiles (M1, N1, M2, N2) that divide blocks of 32 and up
+
+
+def _allow_small_blocks() -> None:
+    """Let FlexAttention's backward compile for BlockMasks with blocks under 128 on Hopper.
+
+    Inductor's lowering (torch 2.11-2.13) first keeps those configurations of its built-in list
+    whose tiles divide the BlockMask's blocks, and only then lays `kernel_options` over them. On
+    Hopper with head dim 64 the list holds a single configuration with 128-wide tiles, so a
+    BlockMask of 64-row or 64-key blocks keeps none and fails (NoValidChoicesError) even when
+    `kernel_options` name tiles that divide its blocks. This appends one configuration with
+    32-wide tiles to the list: the filter keeps it, and explicit tile options replace its tiles.
+    Installed once, only when such a BlockMask is built on a GPU."""
+    import dataclasses
+
+    from torch._inductor import choices
+
+    cls = choices.InductorChoices
+    if getattr(cls.get_flex_attention_bwd_configs, "_with_small_blocks", False):
+        return
+    orig = cls.get_flex_attention_bwd_configs
+
+    def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+        configs = list(orig(self, head_dim, dtype, device_type))
+        if configs and dataclasses.is_dataclass(configs[0]):
+            m1, n1, m2, n2 = _SMALL_BLOCK_CARRIER
+            extra = dataclasses.replace(configs[0], block_m1=m1, block_n1=n1, block_m2=m2, block_n2=n2)
+            if extra not in configs:
+                configs.append(extra)
+        return configs
+
+    get_flex_attention_bwd_configs._with_small_blocks = True
+    cls.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
 
 
 def unsupported(decoder, coprocessor=None) -> str | None:
@@ -270,7 +351,7 @@ class Prefix:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     attention: str = "dense"  # how rows appended after it attend: "flex", "dense" or "points" (see `prefill`)
-    block: int = 128          # FlexAttention block size (query and key)
+    block: int | tuple[int, int] = 128   # FlexAttention BlockMask block size: one for queries and keys, or a pair
     align: int = 32           # with FlexAttention, groups are padded to a multiple (or divisor) of this
     frozen: bool = True       # with FlexAttention, skip the key/value gradients of these K/V (see `_group_mask`)
     kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
@@ -285,15 +366,16 @@ def _base(model):
 
 
 @torch.no_grad()
-def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int = 128, align: int = 32,
-            frozen: bool = True, kernel_options: dict | str | None = "auto", with_hidden: bool = False):
+def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int | tuple[int, int] | str = "auto",
+            align: int = 32, frozen: bool = True, kernel_options: dict | str | None = "auto",
+            with_hidden: bool = False):
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
-    `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
-    `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64 and prefixes up to `TUNED_MAX_PREFIX`,
-    else FlexAttention's defaults). -> Prefix; with `with_hidden`, (Prefix, last hidden state
-    after the final norm (B, T, d)) for the plain decoder's own predictions (scoring), else no
-    output rows are made at all."""
+    `block`, `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
+    `BLOCK` and `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64 and prefixes up to
+    `TUNED_MAX_PREFIX`, else 128 and FlexAttention's defaults). -> Prefix; with `with_hidden`,
+    (Prefix, last hidden state after the final norm (B, T, d)) for the plain decoder's own
+    predictions (scoring), else no output rows are made at all."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
     if attention == "auto":  # FlexAttention has no backward on CPU
@@ -311,9 +393,11 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden)
         ks.append(k)
         vs.append(v)
+    hd = ks[0].shape[-1]
+    if block == "auto":
+        block = _auto_block(input_ids.device, hd, T) if attention == "flex" else 128
     if kernel_options == "auto":
-        kernel_options = (_auto_kernel_options(input_ids.device, ks[0].shape[-1], block, T)
-                          if attention == "flex" else None)
+        kernel_options = _auto_kernel_options(input_ids.device, hd, block, T) if attention == "flex" else None
     prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options)
     if with_hidden:
         return prefix, _rms(x, base.norm.weight, base.norm.variance_epsilon)
@@ -332,7 +416,9 @@ def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, 
     (`masks.without_prefix_key_grads`): forward and query gradients are unchanged, the gradients
     of the appended rows' own keys and values too."""
     if prefix.attention == "flex":
-        bm = masks.group_block_mask(T, points, group_len, hide_point, block_size=prefix.block)
+        if points.device.type == "cuda" and min(_blocks(prefix.block)) < 128:
+            _allow_small_blocks()
+        bm = masks.group_block_mask(T, points, group_len, hide_point, block_size=_blocks(prefix.block))
         if prefix.frozen and not any(t.requires_grad for t in prefix.k + prefix.v):
             bm = masks.without_prefix_key_grads(bm, T)
         return bm
@@ -389,7 +475,7 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
     -> normed hidden states of the rows that predict the ahead tokens (B, P, A, d).
 
     With FlexAttention each group gets padding rows at its end up to a length that tiles the
-    kernel's blocks (31 -> 32: four groups per 128-row block, and each block's own keys in one
+    kernel's blocks (31 -> 32: two groups per 64-row block, and each block's own keys in one
     key block instead of straddling two). Groups are causal, so no real row sees a padding row;
     padding outputs are dropped.
     """
@@ -479,7 +565,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
-                     block: int = 128, align: int = 32, frozen: bool = True,
+                     block: int | tuple[int, int] | str = "auto", align: int = 32, frozen: bool = True,
                      kernel_options: dict | str | None = "auto") -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.

@@ -148,10 +148,11 @@ def latent_columns(T: int, n_points: int, layout: GroupLayout) -> torch.Tensor:
     return (k >= T) & ((k - T) % G < layout.num_latents)
 
 
-def group_block_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool = False, block_size: int = 128):
+def group_block_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool = False,
+                     block_size: int | tuple[int, int] = 128):
     """The same mask as a FlexAttention BlockMask: whole blocks that no row may see are skipped,
     so groups cost attention only over their own prefix and their own block. (B, P) -> BlockMask
-    for Q = P*G queries and K = T + P*G keys."""
+    for Q = P*G queries and K = T + P*G keys; block_size: one size, or (query block, key block)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     B, P = points.shape

@@ -74,7 +74,7 @@ def test_points_near_the_end_are_weighted_out():
 
 
 @pytest.mark.parametrize("name", ["copy", "compact-gated"])
-@pytest.mark.parametrize("block,align", [(128, 32), (16, 8), (16, 1)])
+@pytest.mark.parametrize("block,align", [(128, 32), (16, 8), (16, 1), ((8, 16), 8), ((16, 8), 4)])
 def test_flex_masks_match_dense_forward(name, block, align):
     """FlexAttention's BlockMask (with groups padded to tile its blocks, and the gate as a
     score_mod) reads the same latents and hidden states as the dense mask."""
@@ -142,6 +142,46 @@ def test_kernel_options_auto_only_where_tuned():
     assert fastpath.prefill(dec, ids, "flex", kernel_options=opts).kernel_options == opts
     assert fastpath._auto_kernel_options(torch.device("cpu"), 64, 128) is None
     assert all(128 % v == 0 for k, v in fastpath.TUNED_KERNEL_OPTIONS.items() if "BLOCK" in k)
+
+
+@pytest.mark.parametrize("block", [128, 64, (64, 128), (128, 64), (32, 64), 32])
+def test_kernel_options_fit_the_blocks(block):
+    """Tuned tiles shrink to the BlockMask's blocks (queries: M tiles, keys: N tiles) and keep the
+    backward kernel's constraints, so every tile divides the block it walks."""
+    qb, kb = fastpath._blocks(block)
+    opts = fastpath.fit_kernel_options(fastpath.TUNED_KERNEL_OPTIONS, block)
+    for key in ("fwd_BLOCK_M", "bwd_BLOCK_M1", "bwd_BLOCK_M2"):
+        assert qb % opts[key] == 0 and opts[key] <= fastpath.TUNED_KERNEL_OPTIONS[key], key
+    for key in ("fwd_BLOCK_N", "bwd_BLOCK_N1", "bwd_BLOCK_N2"):
+        assert kb % opts[key] == 0 and opts[key] <= fastpath.TUNED_KERNEL_OPTIONS[key], key
+    assert opts["bwd_BLOCK_N1"] % opts["bwd_BLOCK_M1"] == 0 and opts["bwd_BLOCK_M2"] % opts["bwd_BLOCK_N2"] == 0
+    if qb >= 64 and kb >= 64:
+        assert opts == fastpath.TUNED_KERNEL_OPTIONS   # nothing to shrink
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("block", [64, (32, 64)])
+def test_small_blocks_compile_and_match_128(block):
+    """Compiled FlexAttention over BlockMasks of blocks under 128 (the backward config list is
+    extended for them): the same output and gradients as with 128-blocks, up to bf16 rounding."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    T, P, G, B = 256, 8, 32, 2
+    pts = masks.sample_points(T, P, B, torch.Generator().manual_seed(0)).cuda()
+    fastpath._allow_small_blocks()
+    fa = torch.compile(flex_attention, dynamic=False)
+    q = torch.randn(B, 6, P * G, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kp, vp = (torch.randn(B, 2, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kg, vg = (torch.randn(B, 2, P * G, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn(B, 6, P * G, 64, device="cuda", dtype=torch.bfloat16)
+    res = []
+    for b in (128, block):
+        m = masks.without_prefix_key_grads(masks.group_block_mask(T, pts, G, block_size=b), T)
+        opts = fastpath.fit_kernel_options(fastpath.TUNED_KERNEL_OPTIONS, b)
+        o = fa(q, torch.cat([kp, kg], 2), torch.cat([vp, vg], 2), block_mask=m, enable_gqa=True, kernel_options=opts)
+        res.append((o, *torch.autograd.grad(o, (q, kg, vg), do)))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
