@@ -24,6 +24,13 @@ run the same number of optimizer steps on the same batches:
   fast-b<Q>[x<K>]  the fast path with BlockMask blocks of Q queries x K keys (fast-b128: the blocks before the 64 x 64 default)
   fast-<opts>    the fast path with other FlexAttention kernel options (FAST_VARIANTS below)
 
+The paths of a shape take their timed steps in turns (`--order interleaved`, the default): all
+are warmed up (compiled) first, then each round times one step of every path, the order rotated
+each round, so that an H100 whose speed drifts within a process (identical paths run one after
+the other measured up to 14% apart) drifts for all of them alike. They share one decoder,
+coprocessor and optimizer (a step's time does not depend on the weights), except dense+compile,
+which compiles its modules in place. Peak memory is the largest of the path's own steps.
+
 `--autotune flex` lets inductor benchmark FlexAttention's kernel configurations when it compiles
 (max_autotune with ATen-only matmuls, so the matmuls are not tuned); `--autotune all` tunes the
 matmuls too (Triton templates, with their epilogues fused). Run each as its own process.
@@ -42,6 +49,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -135,44 +143,94 @@ def step_loss(dec, cop, ids, pts, A, fast: bool | dict):
         return augment.multi_point_loss(dec, cop, ids, pts, A, cache=cache)[0]
 
 
-def run_path(name, dec, cop, batches, pts_list, A, steps, warmup, fast: bool | dict, profile: str | None = None):
-    """Median step time (s), peak memory (GiB), last loss, and the first (compiling) step's time."""
-    opt = torch.optim.AdamW(cop.parameters(), lr=1e-5, fused=batches[0].device.type == "cuda")
-    dev = batches[0].device
-    torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
-    times = []
-    first = None
-    for i in range(warmup + steps):
-        ids, pts = batches[i % len(batches)], pts_list[i % len(pts_list)]
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class PathRun:
+    """One path of one shape: its models, optimizer and batches, and what its steps measured."""
+    name: str
+    fast: bool | dict
+    dec: torch.nn.Module
+    cop: torch.nn.Module
+    opt: torch.optim.Optimizer
+    batches: list
+    pts: list
+    A: int
+    times: list = field(default_factory=list)
+    peaks: list = field(default_factory=list)
+    first: float | None = None
+    loss: float | None = None
+    steps_done: int = 0
+    error: str | None = None
+
+    def step(self) -> float:
+        """One optimizer step, synchronised: its wall time (s); the step's peak memory is kept."""
+        dev = self.batches[0].device
+        i = self.steps_done
+        ids, pts = self.batches[i % len(self.batches)], self.pts[i % len(self.pts)]
         if dev.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        _sync(dev)
         t0 = time.perf_counter()
-        loss = step_loss(dec, cop, ids, pts, A, fast)
+        loss = step_loss(self.dec, self.cop, ids, pts, self.A, self.fast)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        t = time.perf_counter() - t0
         if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if first is None:
-            first = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-    if profile:
+            self.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
+        self.first = t if self.first is None else self.first
+        self.loss = float(loss.detach())
+        self.steps_done += 1
+        return t
+
+    def profile(self, out: str) -> None:
+        """Append a torch.profiler table of one step to `out`."""
         from torch.profiler import ProfilerActivity, profile as prof
 
+        dev = self.batches[0].device
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with prof(activities=acts) as p:
-            loss = step_loss(dec, cop, batches[0], pts_list[0], A, fast)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            self.step()
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-        with open(profile, "a") as f:
-            f.write(f"==== {name}\n" + p.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90) + "\n")
-    return sorted(times)[len(times) // 2], peak, float(loss), first
+        table = p.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
+        with open(out, "a") as f:
+            f.write(f"==== {self.name}\n" + table + "\n")
+
+
+def run_paths(runs: list[PathRun], steps: int, warmup: int, interleave: bool) -> None:
+    """Time `steps` steps of every path after `warmup` steps (the first compiles). Interleaved:
+    warm every path up, then take one timed step of each path per round, the paths' order rotated
+    each round, so that a GPU whose speed drifts during the run (clocks, temperature) drifts
+    for all paths alike; otherwise each path's steps run back to back."""
+    def guarded(run, timed):
+        try:
+            t = run.step()
+            if timed:
+                run.times.append(t)
+        except torch.OutOfMemoryError as e:
+            run.error = "out of memory: " + str(e)[:200]
+        except Exception as e:  # keep measuring the other paths
+            run.error = repr(e)[:500]
+
+    if not interleave:
+        for run in runs:
+            for i in range(warmup + steps):
+                if run.error is None:
+                    guarded(run, i >= warmup)
+        return
+    for run in runs:
+        for _ in range(warmup):
+            if run.error is None:
+                guarded(run, False)
+    for r in range(steps):
+        for run in runs[r % len(runs):] + runs[:r % len(runs)]:
+            if run.error is None:
+                guarded(run, True)
 
 
 def parity(cfg, dev, dtype, T, P, NL, A, variants=("fast",), **cop_kw):
@@ -225,6 +283,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=0, help="batch size for every shape (0: each shape's default)")
     ap.add_argument("--no-parity", dest="parity", action="store_false", help="skip the loss/gradient comparison")
     ap.add_argument("--profile", default="", help="append a torch.profiler table of one step per path to this file")
+    ap.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved",
+                    help="timed steps of the paths taken in turns (default) or each path's back to back")
     ap.add_argument("--autotune", choices=("none", "flex", "all"), default="none",
                     help="inductor benchmarks kernel configurations when it compiles: FlexAttention's only "
                          "(matmuls stay ATen), or the matmuls' too")
@@ -249,7 +309,8 @@ def main(argv=None):
         shapes = {k: (v[0], 64, 4, 4, 4, 2) for k, v in shapes.items() if k == "ref"}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"device": gpu, "torch": torch.__version__, "commit": commit, "bf16_peak_flops": peak,
-              "command": " ".join(["python"] + sys.argv), "autotune": args.autotune, "runs": []}
+              "command": " ".join(["python"] + sys.argv), "autotune": args.autotune, "order": args.order,
+              "runs": []}
     T0, P0, NL0, A0 = (512, 16, 16, 16) if not args.tiny else (64, 4, 4, 4)
     if "fast" in args.paths and dev.type == "cuda":
         fastpath.enable_compile()
@@ -260,6 +321,7 @@ def main(argv=None):
         B0 = args.batch or B0
         row = {"shape": label, "T": T, "points": P, "num_latents": NL, "n_ahead": A, "batch": B0,
                "flops_breakdown_per_seq": counted_flops(cfg, 1, T, P, NL, A)["per_seq"]}
+        runs, shared = [], None
         for name in args.paths.split(","):
             # "path@B": this path at batch B (the fast path fits larger batches than the dense one)
             path, _, b = name.partition("@")
@@ -267,31 +329,37 @@ def main(argv=None):
             g = torch.Generator().manual_seed(0)  # the same batches for every path at this batch size
             batches = [torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(dev) for _ in range(2)]
             pts = [masks.sample_points(T, P, B, g).to(dev) for _ in range(2)]
-            fl = counted_flops(cfg, B, T, P, NL, A)
-            fast = FAST_VARIANTS.get(path, False)
-            try:
+            if path == "dense+compile" or shared is None:
                 dec = make_models(cfg, "sdpa", dev, dtype)
                 cop = Coprocessor(CoprocessorConfig(num_latents=NL), dec).float()
-                if path == "dense+compile":
+                opt = torch.optim.AdamW(cop.parameters(), lr=1e-5, fused=dev.type == "cuda")
+                if path == "dense+compile":  # compiles its modules in place: models of its own
                     augment.compile_layers(dec)
                     augment.compile_layers(cop.body)
-                t, mem, loss, first = run_path(name, dec, cop, batches, pts, A, args.steps, args.warmup, fast,
-                                               args.profile or None)
-                tps = B * T / t
-                row[name] = {"batch": B, "step_s": t, "first_step_s": first, "orig_tokens_per_s": tps,
-                             "peak_mem_gib": mem, "loss": loss, "counted_flops_per_step": fl["per_step"],
-                             "flops_per_s": fl["per_step"] / t,
-                             "frac_bf16_peak": None if peak is None else fl["per_step"] / t / peak}
-            except torch.OutOfMemoryError as e:
-                row[name] = {"batch": B, "error": "out of memory: " + str(e)[:200]}
-            except Exception as e:
-                row[name] = {"batch": B, "error": repr(e)[:500]}
-            finally:
-                dec = cop = batches = None
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-            print(key, name, row[name], flush=True)
-            save(result, args.out, partial=row)
+                else:  # the step's time does not depend on the weights: the other paths share them
+                    shared = (dec, cop, opt)
+            dec, cop, opt = shared if path != "dense+compile" else (dec, cop, opt)
+            runs.append(PathRun(name, FAST_VARIANTS.get(path, False), dec, cop, opt, batches, pts, A))
+        run_paths(runs, args.steps, args.warmup, args.order == "interleaved")
+        for run in runs:
+            B = run.batches[0].shape[0]
+            if run.error is None and args.profile:
+                run.profile(args.profile)
+            if run.error is not None or not run.times:
+                row[run.name] = {"batch": B, "error": run.error or "no timed step"}
+            else:
+                fl = counted_flops(cfg, B, T, P, NL, A)
+                t = sorted(run.times)[len(run.times) // 2]
+                row[run.name] = {"batch": B, "step_s": t, "step_s_all": run.times, "first_step_s": run.first,
+                                 "orig_tokens_per_s": B * T / t,
+                                 "peak_mem_gib": max(run.peaks) if run.peaks else None, "loss": run.loss,
+                                 "counted_flops_per_step": fl["per_step"], "flops_per_s": fl["per_step"] / t,
+                                 "frac_bf16_peak": None if peak is None else fl["per_step"] / t / peak}
+            print(key, run.name, row[run.name], flush=True)
+        runs = shared = dec = cop = opt = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        save(result, args.out, partial=row)
         base = row.get("dense", {}).get("orig_tokens_per_s")
         if base:
             row["speedup_over_dense"] = {k: row[k]["orig_tokens_per_s"] / base for k in args.paths.split(",")

@@ -310,3 +310,31 @@ def test_trainer_refuses_fast_for_gpt2(tmp_path, repeated_text_file):
     decoder = save_tiny_decoder(tmp_path / "dec", "gpt2", layers=2)
     with pytest.raises(TrainingError, match="--fast"):
         train(_cfg(tmp_path, decoder, repeated_text_file), CoprocessorConfig(num_latents=2), show_progress=False)
+
+
+def test_throughput_bench_interleaves_paths_on_cpu(tmp_path, monkeypatch):
+    """bench/train_throughput.py on a tiny model: every path times its steps (taken in turns),
+    and the parity check finds the fast path's loss and gradients equal to the dense path's."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", src)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_throughput", bench)   # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "tp.json"
+    bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--paths", "dense,fast,fast-b64@4", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["order"] == "interleaved"
+    row = doc["runs"][0]
+    for name, batch in (("dense", 2), ("fast", 2), ("fast-b64@4", 4)):
+        r = row[name]
+        assert "error" not in r, r
+        assert r["batch"] == batch and len(r["step_s_all"]) == 3 and r["step_s"] in r["step_s_all"]
+        assert r["orig_tokens_per_s"] == pytest.approx(batch * 64 / r["step_s"])
+    assert set(row["speedup_over_dense"]) == {"dense", "fast", "fast-b64@4"}
+    for p in doc["parity"]:
+        assert p["grad_cosine"] > 0.9999 and abs(p["loss_fast"] - p["loss_dense"]) < 1e-4
