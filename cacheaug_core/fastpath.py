@@ -84,8 +84,9 @@ TUNED_KERNEL_OPTIONS = {
 # The BlockMask's block size (queries and keys). A 128-row block holds 4 groups (8 points' soft
 # tokens in the coprocessor pass) and reads keys up to its last point's prefix; 64 x 64 blocks
 # cut the attention work read per useful score from 1.73x to 1.33x (group pass) and from 1.97x
-# to 1.48x (coprocessor pass) at the reference shape, and the step from 274 to 257 ms on an H100
-# (batch 128, one run; 32 x 64 was slower again: 284 ms; results/train_throughput.md).
+# to 1.48x (coprocessor pass) at the reference shape, and the step at batch 128 on an H100 from
+# 272 to 254 ms (steps interleaved in one process; 270 -> 259 and 274 -> 257 in two other runs;
+# 32 x 64 was slower again: 284 ms; results/train_throughput.md).
 BLOCK = 64
 
 
