@@ -224,23 +224,29 @@ def _projections(h: torch.Tensor, mods, fused: bool) -> list[torch.Tensor]:
     return list(F.linear(h, w, b).split([m.out_features for m in mods], dim=-1))
 
 
-def _qkv(layer, x: torch.Tensor, cos, sin, fused: bool = False):
+def _fuse(fused: bool | str, part: str) -> bool:
+    """Whether the `part` ("qkv" or "mlp") projections run fused: fused is True/"all", or names it."""
+    return fused is True or fused in ("all", part)
+
+
+def _qkv(layer, x: torch.Tensor, cos, sin, fused: bool | str = False):
     """Pre-norm, projections, rotary. x (B, Q, d) -> q (B, H, Q, hd), k, v (B, H_kv, Q, hd)."""
     a = layer.self_attn
     B, Q, _ = x.shape
     hd = a.head_dim
     h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-    q, k, v = (t.view(B, Q, -1, hd).transpose(1, 2) for t in _projections(h, (a.q_proj, a.k_proj, a.v_proj), fused))
+    qkv = _projections(h, (a.q_proj, a.k_proj, a.v_proj), _fuse(fused, "qkv"))
+    q, k, v = (t.view(B, Q, -1, hd).transpose(1, 2) for t in qkv)
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
-def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, fused: bool = False) -> torch.Tensor:
+def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, fused: bool | str = False) -> torch.Tensor:
     """Attention output projection + residual, then the MLP + residual. o (B, Q, H*hd)."""
     x = x + layer.self_attn.o_proj(o)
     m = layer.mlp
     n = layer.post_attention_layernorm
     h = _rms(x, n.weight, n.variance_epsilon)
-    gate, up = _projections(h, (m.gate_proj, m.up_proj), fused)
+    gate, up = _projections(h, (m.gate_proj, m.up_proj), _fuse(fused, "mlp"))
     return x + m.down_proj(m.act_fn(gate) * up)
 
 
@@ -250,11 +256,11 @@ def _merge_heads(o: torch.Tensor) -> torch.Tensor:
     return o.transpose(1, 2).reshape(B, Q, -1)
 
 
-def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fused: bool = False):
+def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fused: bool | str = False):
     """One layer over the original tokens, causal. -> (x, k, v); with `last` only k, v are made
     (the group pass reads every layer's K/V, but nothing reads the last layer's output; the unused
     query projection is dropped from the compiled graph). `fused`: see `_projections`."""
-    q, k, v = _qkv(layer, x, cos, sin, fused and not last)
+    q, k, v = _qkv(layer, x, cos, sin, False if last else fused)
     if last:
         return x, k, v
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
@@ -296,7 +302,7 @@ def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, d
 
 
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
-                gate_cols=None, kernel_options=None, fused: bool = False):
+                gate_cols=None, kernel_options=None, fused: bool | str = False):
     """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
     cached original tokens and to each other as `mask` allows.
 
@@ -307,7 +313,8 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     float: the latent gate's bias on each key (zero off the latents), or None. Attention runs in
     `attn_dtype` (under autocast SDPA would cast to the autocast dtype; FlexAttention is not on
     autocast's lists). kernel_options: FlexAttention's (block sizes, warps; None: its defaults).
-    fused: q/k/v and gate/up projections as one matmul each (`_projections`).
+    fused: q/k/v and gate/up projections as one matmul each (True or "all"; "qkv" or "mlp": only
+    those; `_projections`).
     """
     q, k, v = _qkv(layer, x, cos, sin, fused)
     q = q.to(attn_dtype)
@@ -375,7 +382,7 @@ class Prefix:
     align: int = 32           # with FlexAttention, groups are padded to a multiple (or divisor) of this
     frozen: bool = True       # with FlexAttention, skip the key/value gradients of these K/V (see `_group_mask`)
     kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
-    fused: bool = False       # q/k/v and gate/up projections as one matmul each (`_projections`)
+    fused: bool | str = False  # q/k/v and/or gate/up projections as one matmul each (`group_block`)
 
     @property
     def length(self) -> int:
@@ -389,7 +396,7 @@ def _base(model):
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int | tuple[int, int] | str = "auto",
             align: int = 32, frozen: bool = True, kernel_options: dict | str | None = "auto",
-            with_hidden: bool = False, fused: bool = False):
+            with_hidden: bool = False, fused: bool | str = False):
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
     `block`, `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
@@ -588,7 +595,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
                      block: int | tuple[int, int] | str = "auto", align: int = 32, frozen: bool = True,
-                     kernel_options: dict | str | None = "auto", fused: bool = False) -> torch.Tensor:
+                     kernel_options: dict | str | None = "auto", fused: bool | str = False) -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 
