@@ -108,9 +108,6 @@ FAST_VARIANTS = {
     "fast": {},
     "fast-nopad": {"align": 1},
     "fast-prefixgrads": {"frozen": False},
-    "fast-fused": {"fused": True},   # q/k/v and gate/up projections as one matmul each
-    "fast-fusedmlp": {"fused": "mlp"},   # gate/up only
-    "fast-fusedqkv": {"fused": "qkv"},   # q/k/v only
     # the BlockMask's blocks (query x key; the default on an H100 is 64 x 64: fastpath.BLOCK)
     "fast-b128": {"block": 128},
     "fast-b64": {"block": 64},

@@ -206,48 +206,25 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + _rotate_half(x) * sin                          # x (B, H, Q, hd); cos (B, 1, Q, hd)
 
 
-def _fusable(*mods) -> bool:
-    """Plain linears (no adapter wrapped around them) that all have a bias or none has."""
-    return (all(type(m) is torch.nn.Linear for m in mods)
-            and len({m.bias is None for m in mods}) == 1)
-
-
-def _projections(h: torch.Tensor, mods, fused: bool) -> list[torch.Tensor]:
-    """Each module applied to h; with `fused` (and plain linears) as one matmul over their
-    concatenated weights, split after: one wide GEMM instead of several narrow ones (k and v are
-    192 wide at SmolLM2's size), and in the backward one input-gradient GEMM instead of one per
-    projection plus the sum of their results."""
-    if not (fused and _fusable(*mods)):
-        return [m(h) for m in mods]
-    w = torch.cat([m.weight for m in mods])
-    b = None if mods[0].bias is None else torch.cat([m.bias for m in mods])
-    return list(F.linear(h, w, b).split([m.out_features for m in mods], dim=-1))
-
-
-def _fuse(fused: bool | str, part: str) -> bool:
-    """Whether the `part` ("qkv" or "mlp") projections run fused: fused is True/"all", or names it."""
-    return fused is True or fused in ("all", part)
-
-
-def _qkv(layer, x: torch.Tensor, cos, sin, fused: bool | str = False):
+def _qkv(layer, x: torch.Tensor, cos, sin):
     """Pre-norm, projections, rotary. x (B, Q, d) -> q (B, H, Q, hd), k, v (B, H_kv, Q, hd)."""
     a = layer.self_attn
     B, Q, _ = x.shape
     hd = a.head_dim
     h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-    qkv = _projections(h, (a.q_proj, a.k_proj, a.v_proj), _fuse(fused, "qkv"))
-    q, k, v = (t.view(B, Q, -1, hd).transpose(1, 2) for t in qkv)
+    q = a.q_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+    k = a.k_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+    v = a.v_proj(h).view(B, Q, -1, hd).transpose(1, 2)
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
-def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, fused: bool | str = False) -> torch.Tensor:
+def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """Attention output projection + residual, then the MLP + residual. o (B, Q, H*hd)."""
     x = x + layer.self_attn.o_proj(o)
     m = layer.mlp
     n = layer.post_attention_layernorm
     h = _rms(x, n.weight, n.variance_epsilon)
-    gate, up = _projections(h, (m.gate_proj, m.up_proj), _fuse(fused, "mlp"))
-    return x + m.down_proj(m.act_fn(gate) * up)
+    return x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
 
 
 def _merge_heads(o: torch.Tensor) -> torch.Tensor:
@@ -256,16 +233,15 @@ def _merge_heads(o: torch.Tensor) -> torch.Tensor:
     return o.transpose(1, 2).reshape(B, Q, -1)
 
 
-def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fused: bool | str = False):
+def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool):
     """One layer over the original tokens, causal. -> (x, k, v); with `last` only k, v are made
-    (the group pass reads every layer's K/V, but nothing reads the last layer's output; the unused
-    query projection is dropped from the compiled graph). `fused`: see `_projections`."""
-    q, k, v = _qkv(layer, x, cos, sin, False if last else fused)
+    (the group pass reads every layer's K/V, but nothing reads the last layer's output)."""
+    q, k, v = _qkv(layer, x, cos, sin)
     if last:
         return x, k, v
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
                                        scale=layer.self_attn.scaling, enable_gqa=True)
-    return _out_and_mlp(layer, x, _merge_heads(o), fused), k, v
+    return _out_and_mlp(layer, x, _merge_heads(o)), k, v
 
 
 @dataclass
@@ -302,7 +278,7 @@ def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, d
 
 
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
-                gate_cols=None, kernel_options=None, fused: bool | str = False):
+                gate_cols=None, kernel_options=None):
     """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
     cached original tokens and to each other as `mask` allows.
 
@@ -313,10 +289,8 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     float: the latent gate's bias on each key (zero off the latents), or None. Attention runs in
     `attn_dtype` (under autocast SDPA would cast to the autocast dtype; FlexAttention is not on
     autocast's lists). kernel_options: FlexAttention's (block sizes, warps; None: its defaults).
-    fused: q/k/v and gate/up projections as one matmul each (True or "all"; "qkv" or "mlp": only
-    those; `_projections`).
     """
-    q, k, v = _qkv(layer, x, cos, sin, fused)
+    q, k, v = _qkv(layer, x, cos, sin)
     q = q.to(attn_dtype)
     if isinstance(mask, PointMask):
         K = mask.keys(k_past.to(attn_dtype), k.to(attn_dtype))        # (B*P, H_kv, keep + G, hd)
@@ -339,7 +313,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
                 return score + gate_cols[kv_idx]
         o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
                            kernel_options=kernel_options)
-    return _out_and_mlp(layer, x, _merge_heads(o), fused)
+    return _out_and_mlp(layer, x, _merge_heads(o))
 
 
 _compiled: dict = {}
@@ -382,7 +356,6 @@ class Prefix:
     align: int = 32           # with FlexAttention, groups are padded to a multiple (or divisor) of this
     frozen: bool = True       # with FlexAttention, skip the key/value gradients of these K/V (see `_group_mask`)
     kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
-    fused: bool | str = False  # q/k/v and/or gate/up projections as one matmul each (`group_block`)
 
     @property
     def length(self) -> int:
@@ -396,15 +369,14 @@ def _base(model):
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int | tuple[int, int] | str = "auto",
             align: int = 32, frozen: bool = True, kernel_options: dict | str | None = "auto",
-            with_hidden: bool = False, fused: bool | str = False):
+            with_hidden: bool = False):
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
     `block`, `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
     `BLOCK` and `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64 and prefixes up to
     `TUNED_MAX_PREFIX`, else 128 and FlexAttention's defaults). -> Prefix; with `with_hidden`,
     (Prefix, last hidden state after the final norm (B, T, d)) for the plain decoder's own
-    predictions (scoring), else no output rows are made at all. `fused`: q/k/v and gate/up as
-    one matmul each, here and in the passes that read this prefix (`_projections`)."""
+    predictions (scoring), else no output rows are made at all."""
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
     if attention == "auto":  # FlexAttention has no backward on CPU
@@ -419,7 +391,7 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
     n = len(base.layers)
     blk = _block("prefill")
     for i, layer in enumerate(base.layers):
-        x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden, fused)
+        x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden)
         ks.append(k)
         vs.append(v)
     hd = ks[0].shape[-1]
@@ -427,7 +399,7 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         block = _auto_block(input_ids.device, hd, T) if attention == "flex" else 128
     if kernel_options == "auto":
         kernel_options = _auto_kernel_options(input_ids.device, hd, block, T) if attention == "flex" else None
-    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options, fused)
+    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options)
     if with_hidden:
         return prefix, _rms(x, base.norm.weight, base.norm.variance_epsilon)
     return prefix
@@ -478,7 +450,7 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     for j, layer in enumerate(base.layers):
         i = layer_ids[j]
         x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
-                None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fused)
+                None if gate_cols is None else gate_cols[j], prefix.kernel_options)
     return _rms(x, base.norm.weight, base.norm.variance_epsilon)
 
 
@@ -595,14 +567,14 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
                      block: int | tuple[int, int] | str = "auto", align: int = 32, frozen: bool = True,
-                     kernel_options: dict | str | None = "auto", fused: bool | str = False) -> torch.Tensor:
+                     kernel_options: dict | str | None = "auto") -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 
     `coprocessor` may be wrapped (DDP): it is called, so the wrapper's gradient hooks run.
     """
     if prefix is None:
-        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options, fused=fused)
+        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options)
     core = getattr(coprocessor, "module", coprocessor)
     layout = core.layout(n_ahead)
     latents, gate = coprocessor(prefix, points, with_gate=True)             # (B, P, NL, d), (L,) or None
