@@ -19,13 +19,13 @@ materialises full-precision logits for every predicted position. Here:
   causal flash kernel; the last layer stops after its K/V projection (nothing reads its output);
 - the coprocessor pass and the group pass attend with FlexAttention and the group `BlockMask`
   (`masks.group_block_mask`; 64 x 64 blocks on Hopper: `BLOCK`): key blocks that no query of a
-  block may see are skipped. The
-  coprocessor's latent gate (a learned bias on latent keys) is a FlexAttention `score_mod`;
+  block may see are skipped. The coprocessor's latent gate (a learned bias on latent keys) is a
+  FlexAttention `score_mod`;
 - the prefix K/V come from the frozen decoder and need no gradient: the BlockMask lists no query
   blocks for the prefix key blocks in its key-major half, which only the key/value-gradient part
   of FlexAttention's backward reads, so the backward skips that work (most of it; `_group_mask`);
 - FlexAttention's kernels run with the configuration its autotuning picked on an H100
-  (`TUNED_KERNEL_OPTIONS`, Hopper with head dim 64 and prefixes up to 1024; its defaults elsewhere);
+  (`TUNED_KERNEL_OPTIONS`, Hopper with head dim 64; its defaults and 128 x 128 blocks elsewhere);
 - one block function serves every layer of every model (the layer's modules are arguments), so
   `torch.compile` traces it once per pass kind and fuses the norms, rotary embeddings and
   activations around the matmuls and the attention kernel;
@@ -70,11 +70,11 @@ ATTENTION = ("auto", "flex", "dense", "points")   # auto: FlexAttention on CUDA,
 # backward) on an H100 at the reference shape (bench/train_throughput.py --autotune flex), 4%
 # faster per step there than the defaults (64x128 backward tiles with 8 warps, 128x128 forward).
 # Smaller BlockMask blocks get these tiles cut to fit (`fit_kernel_options`). kernel_options="auto"
-# uses it where it applies and was measured to help: prefixes up to 1024 tokens. At the paper's
-# shape (T = 2048, 128 points, batch 4) the same options made the step 11% slower than the
-# defaults (146 vs 132 ms, one run, results/train_throughput.md), so longer prefixes keep
-# FlexAttention's defaults (and 128 x 128 blocks).
-TUNED_MAX_PREFIX = 1024
+# uses it on Hopper with head dim 64, with `BLOCK`. (From 4dc8002 to 4716861 prefixes past 1024
+# tokens kept FlexAttention's defaults and 128 x 128 blocks, after one run at the paper's shape
+# with batch 4 measured the tuned tiles 11% slower; steps of batch 4 there turned out to spread
+# by +-25%. At batch 16, where the steps are steady, 64 x 64 blocks with these tiles took 277 ms
+# against 307 ms for the defaults: results/train_throughput.md.)
 TUNED_KERNEL_OPTIONS = {
     "fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4, "fwd_num_stages": 3,
     "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
@@ -113,23 +113,22 @@ def fit_kernel_options(options: dict, block: int | tuple[int, int]) -> dict:
     return out
 
 
-def _tuned_applies(device: torch.device, head_dim: int, prefix_len: int) -> bool:
-    """Where `TUNED_KERNEL_OPTIONS` were measured to help: Hopper, head dim 64, short prefixes."""
-    return (device.type == "cuda" and head_dim == 64 and prefix_len <= TUNED_MAX_PREFIX
+def _tuned_applies(device: torch.device, head_dim: int) -> bool:
+    """Where `TUNED_KERNEL_OPTIONS` and `BLOCK` were measured to help: Hopper, head dim 64."""
+    return (device.type == "cuda" and head_dim == 64
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
-def _auto_block(device: torch.device, head_dim: int, prefix_len: int) -> int:
+def _auto_block(device: torch.device, head_dim: int) -> int:
     """`BLOCK` where the tuned kernels apply (where it was measured), else FlexAttention's 128."""
-    return BLOCK if _tuned_applies(device, head_dim, prefix_len) else 128
+    return BLOCK if _tuned_applies(device, head_dim) else 128
 
 
-def _auto_kernel_options(device: torch.device, head_dim: int, block: int | tuple[int, int],
-                         prefix_len: int = 0) -> dict | None:
+def _auto_kernel_options(device: torch.device, head_dim: int, block: int | tuple[int, int]) -> dict | None:
     """The tuned tiles (cut to fit the blocks) where they apply; on a GPU, blocks under 128 take
     them anywhere (FlexAttention's own default tiles may be 128 wide and not fit); else None."""
     small = min(_blocks(block)) < 128
-    if device.type == "cuda" and (_tuned_applies(device, head_dim, prefix_len) or small):
+    if device.type == "cuda" and (_tuned_applies(device, head_dim) or small):
         return fit_kernel_options(TUNED_KERNEL_OPTIONS, block)
     return None
 
@@ -373,8 +372,8 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
     `block`, `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
-    `BLOCK` and `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64 and prefixes up to
-    `TUNED_MAX_PREFIX`, else 128 and FlexAttention's defaults). -> Prefix; with `with_hidden`,
+    `BLOCK` and `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64, else 128 and
+    FlexAttention's defaults). -> Prefix; with `with_hidden`,
     (Prefix, last hidden state after the final norm (B, T, d)) for the plain decoder's own
     predictions (scoring), else no output rows are made at all."""
     if attention not in ATTENTION:
@@ -396,9 +395,9 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         vs.append(v)
     hd = ks[0].shape[-1]
     if block == "auto":
-        block = _auto_block(input_ids.device, hd, T) if attention == "flex" else 128
+        block = _auto_block(input_ids.device, hd) if attention == "flex" else 128
     if kernel_options == "auto":
-        kernel_options = _auto_kernel_options(input_ids.device, hd, block, T) if attention == "flex" else None
+        kernel_options = _auto_kernel_options(input_ids.device, hd, block) if attention == "flex" else None
     prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options)
     if with_hidden:
         return prefix, _rms(x, base.norm.weight, base.norm.variance_epsilon)

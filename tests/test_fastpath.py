@@ -185,12 +185,15 @@ def test_small_blocks_compile_and_match_128(block):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_tuned_kernels_only_for_short_prefixes_on_hopper():
+def test_tuned_kernels_and_small_blocks_on_hopper_only():
+    """On a Hopper GPU with head dim 64: 64 x 64 blocks and the tuned tiles; elsewhere 128 x 128
+    and FlexAttention's default tiles, unless blocks under 128 are asked for (tiles that fit)."""
     dev = torch.device("cuda")
     hopper = torch.cuda.get_device_capability(dev) == (9, 0)
-    assert fastpath._auto_kernel_options(dev, 64, 128, 512) == (fastpath.TUNED_KERNEL_OPTIONS if hopper else None)
-    assert fastpath._auto_kernel_options(dev, 64, 128, fastpath.TUNED_MAX_PREFIX + 1) is None
-    assert fastpath._auto_kernel_options(dev, 128, 128, 512) is None
+    assert fastpath._auto_block(dev, 64) == (fastpath.BLOCK if hopper else 128)
+    assert fastpath._auto_kernel_options(dev, 64, 128) == (fastpath.TUNED_KERNEL_OPTIONS if hopper else None)
+    assert fastpath._auto_kernel_options(dev, 128, 128) is None and fastpath._auto_block(dev, 128) == 128
+    assert fastpath._auto_kernel_options(dev, 128, 64) == fastpath.fit_kernel_options(fastpath.TUNED_KERNEL_OPTIONS, 64)
 
 
 def test_prefill_cache_matches_transformers():
