@@ -110,24 +110,36 @@ def test_prefix_key_grads_dropped_from_the_key_major_lists_only(T, block):
     assert out.to_dense().equal(bm.to_dense())       # to_dense reads the query-major lists
 
 
+def _flex_case(device="cuda"):
+    """A group-attention case for compiled FlexAttention: T prefix keys without gradient, P groups
+    of G rows, 6 query heads over 2 key/value heads, bf16. -> (T, G, points, q, prefix k, v,
+    group k, v, output gradient)."""
+    T, P, G, B = 256, 8, 32, 2
+    pts = masks.sample_points(T, P, B, torch.Generator().manual_seed(0)).to(device)
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, requires_grad=grad)
+    return (T, G, pts, rand(B, 6, P * G, 64, grad=True), rand(B, 2, T, 64), rand(B, 2, T, 64),
+            rand(B, 2, P * G, 64, grad=True), rand(B, 2, P * G, 64, grad=True), rand(B, 6, P * G, 64))
+
+
+def _flex_grads(fa, case, block_mask, **kw):
+    """Output and gradients of the queries and the group keys/values for one BlockMask."""
+    _, _, _, q, kp, vp, kg, vg, do = case
+    o = fa(q, torch.cat([kp, kg], 2), torch.cat([vp, vg], 2), block_mask=block_mask, enable_gqa=True, **kw)
+    return (o, *torch.autograd.grad(o, (q, kg, vg), do))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU")
 def test_prefix_key_grads_dropped_leaves_other_gradients_alone():
     """Compiled FlexAttention with the frozen-prefix BlockMask: the same output and the same
     gradients of the queries and of the appended keys and values."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    T, P, G, B = 256, 8, 32, 2
-    pts = masks.sample_points(T, P, B, torch.Generator().manual_seed(0)).cuda()
+    case = _flex_case()
+    T, G, pts = case[:3]
     bm = masks.group_block_mask(T, pts, G)
     fa = torch.compile(flex_attention, dynamic=False)
-    q = torch.randn(B, 6, P * G, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    kp, vp = (torch.randn(B, 2, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    kg, vg = (torch.randn(B, 2, P * G, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    do = torch.randn(B, 6, P * G, 64, device="cuda", dtype=torch.bfloat16)
-    res = []
-    for m in (bm, masks.without_prefix_key_grads(bm, T)):
-        o = fa(q, torch.cat([kp, kg], 2), torch.cat([vp, vg], 2), block_mask=m, enable_gqa=True)
-        res.append((o, *torch.autograd.grad(o, (q, kg, vg), do)))
+    res = [_flex_grads(fa, case, m) for m in (bm, masks.without_prefix_key_grads(bm, T))]
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -166,20 +178,14 @@ def test_small_blocks_compile_and_match_128(block):
     extended for them): the same output and gradients as with 128-blocks, up to bf16 rounding."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    T, P, G, B = 256, 8, 32, 2
-    pts = masks.sample_points(T, P, B, torch.Generator().manual_seed(0)).cuda()
+    case = _flex_case()
+    T, G, pts = case[:3]
     fastpath._allow_small_blocks()
     fa = torch.compile(flex_attention, dynamic=False)
-    q = torch.randn(B, 6, P * G, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    kp, vp = (torch.randn(B, 2, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    kg, vg = (torch.randn(B, 2, P * G, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    do = torch.randn(B, 6, P * G, 64, device="cuda", dtype=torch.bfloat16)
     res = []
     for b in (128, block):
         m = masks.without_prefix_key_grads(masks.group_block_mask(T, pts, G, block_size=b), T)
-        opts = fastpath.fit_kernel_options(fastpath.TUNED_KERNEL_OPTIONS, b)
-        o = fa(q, torch.cat([kp, kg], 2), torch.cat([vp, vg], 2), block_mask=m, enable_gqa=True, kernel_options=opts)
-        res.append((o, *torch.autograd.grad(o, (q, kg, vg), do)))
+        res.append(_flex_grads(fa, case, m, kernel_options=fastpath.fit_kernel_options(fastpath.TUNED_KERNEL_OPTIONS, b)))
     for a, b in zip(*res):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
