@@ -143,6 +143,13 @@ def step_loss(dec, cop, ids, pts, A, fast: bool | dict):
         return augment.multi_point_loss(dec, cop, ids, pts, A, cache=cache)[0]
 
 
+def new_models(cfg, dev, dtype, NL: int):
+    """(decoder, full-copy coprocessor with NL latents, its optimizer) for one or more paths."""
+    dec = make_models(cfg, "sdpa", dev, dtype)
+    cop = Coprocessor(CoprocessorConfig(num_latents=NL), dec).float()
+    return dec, cop, torch.optim.AdamW(cop.parameters(), lr=1e-5, fused=dev.type == "cuda")
+
+
 def _sync(dev) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -329,17 +336,13 @@ def main(argv=None):
             g = torch.Generator().manual_seed(0)  # the same batches for every path at this batch size
             batches = [torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(dev) for _ in range(2)]
             pts = [masks.sample_points(T, P, B, g).to(dev) for _ in range(2)]
-            if path == "dense+compile" or shared is None:
-                dec = make_models(cfg, "sdpa", dev, dtype)
-                cop = Coprocessor(CoprocessorConfig(num_latents=NL), dec).float()
-                opt = torch.optim.AdamW(cop.parameters(), lr=1e-5, fused=dev.type == "cuda")
-                if path == "dense+compile":  # compiles its modules in place: models of its own
-                    augment.compile_layers(dec)
-                    augment.compile_layers(cop.body)
-                else:  # the step's time does not depend on the weights: the other paths share them
-                    shared = (dec, cop, opt)
-            dec, cop, opt = shared if path != "dense+compile" else (dec, cop, opt)
-            runs.append(PathRun(name, FAST_VARIANTS.get(path, False), dec, cop, opt, batches, pts, A))
+            if path == "dense+compile":  # compiles its modules in place: models of its own
+                models = new_models(cfg, dev, dtype, NL)
+                augment.compile_layers(models[0])
+                augment.compile_layers(models[1].body)
+            else:  # the step's time does not depend on the weights: the other paths share them
+                models = shared = shared or new_models(cfg, dev, dtype, NL)
+            runs.append(PathRun(name, FAST_VARIANTS.get(path, False), *models, batches, pts, A))
         run_paths(runs, args.steps, args.warmup, args.order == "interleaved")
         for run in runs:
             B = run.batches[0].shape[0]
@@ -356,7 +359,7 @@ def main(argv=None):
                                  "counted_flops_per_step": fl["per_step"], "flops_per_s": fl["per_step"] / t,
                                  "frac_bf16_peak": None if peak is None else fl["per_step"] / t / peak}
             print(key, run.name, row[run.name], flush=True)
-        runs = shared = dec = cop = opt = None
+        runs = shared = models = None
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         save(result, args.out, partial=row)
