@@ -23,6 +23,8 @@ run the same number of optimizer steps on the same batches:
   fast-before    both: the fast path as it was before these two changes
   fast-b<Q>[x<K>]  the fast path with BlockMask blocks of Q queries x K keys (fast-b128: the blocks before the 64 x 64 default)
   fast-<opts>    the fast path with other FlexAttention kernel options (FAST_VARIANTS below)
+  <path>+graph   a fast path with its forward and backward replayed as one CUDA graph
+                 (`fastpath.CapturedStep`; the optimizer step stays outside it)
 
 The paths of a shape take their timed steps in turns (`--order interleaved`, the default): all
 are warmed up (compiled) first, then each round times one step of every path, the order rotated
@@ -172,6 +174,8 @@ class PathRun:
     loss: float | None = None
     steps_done: int = 0
     error: str | None = None
+    graph: bool = False          # the step's forward and backward replayed as one CUDA graph
+    captured: object = None      # its fastpath.CapturedStep, made on the first step
 
     def step(self) -> float:
         """One optimizer step, synchronised: its wall time (s); the step's peak memory is kept."""
@@ -182,8 +186,14 @@ class PathRun:
             torch.cuda.reset_peak_memory_stats()
         _sync(dev)
         t0 = time.perf_counter()
-        loss = step_loss(self.dec, self.cop, ids, pts, self.A, self.fast)
-        loss.backward()
+        if self.graph:
+            if self.captured is None:  # warms up on a side stream and captures: a warmup step's work
+                self.captured = fastpath.CapturedStep(
+                    lambda i, p: step_loss(self.dec, self.cop, i, p, self.A, self.fast), self.cop.parameters(), ids, pts)
+            loss = self.captured(ids, pts)
+        else:
+            loss = step_loss(self.dec, self.cop, ids, pts, self.A, self.fast)
+            loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         _sync(dev)
@@ -333,6 +343,8 @@ def main(argv=None):
             # "path@B": this path at batch B (the fast path fits larger batches than the dense one)
             path, _, b = name.partition("@")
             B = int(b) if b else B0
+            graph = path.endswith("+graph") and dev.type == "cuda"
+            path = path.removesuffix("+graph")
             g = torch.Generator().manual_seed(0)  # the same batches for every path at this batch size
             batches = [torch.randint(0, cfg.vocab_size, (B, T), generator=g).to(dev) for _ in range(2)]
             pts = [masks.sample_points(T, P, B, g).to(dev) for _ in range(2)]
@@ -342,7 +354,7 @@ def main(argv=None):
                 augment.compile_layers(models[1].body)
             else:  # the step's time does not depend on the weights: the other paths share them
                 models = shared = shared or new_models(cfg, dev, dtype, NL)
-            runs.append(PathRun(name, FAST_VARIANTS.get(path, False), *models, batches, pts, A))
+            runs.append(PathRun(name, FAST_VARIANTS.get(path, False), *models, batches, pts, A, graph=graph))
         run_paths(runs, args.steps, args.warmup, args.order == "interleaved")
         for run in runs:
             B = run.batches[0].shape[0]
@@ -373,7 +385,7 @@ def main(argv=None):
         for kw in ({}, {"num_layers": 8 if not args.tiny else 1, "refeed_last": True, "hide_point": True,
                         "shift_ahead": False, "latent_gate": True, "gate_init": -1.0}):
             try:
-                variants = [p.partition("@")[0] for p in args.paths.split(",")]
+                variants = [p.partition("@")[0].removesuffix("+graph") for p in args.paths.split(",")]
                 variants = [v for v in dict.fromkeys(variants) if v in FAST_VARIANTS]
                 result["parity"].append(parity(cfg, dev, dtype, T0, P0, NL0, A0, variants, **kw))
             except Exception as e:  # keep measuring even if one path fails
