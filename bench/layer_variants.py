@@ -11,10 +11,12 @@ under bf16 autocast, 16 rows per point, weight gradients too), each through Flex
 the group BlockMask as `fastpath.group_block` runs it. Variants:
 
   separate   fastpath.group_block as it is: q, k, v and gate, up as five matmuls
-  kv         k and v as one matmul (N = 2 x 192 instead of two of 192)
-  qkv        q, k and v as one matmul; rotary embedding on the q and k heads together
-  qkv-bqhd   the same with the rotary embedding applied before the (B, Q, H, hd) -> (B, H, Q, hd)
+  rope-bqhd  separate, with the rotary embedding applied before the (B, Q, H, hd) -> (B, H, Q, hd)
              transpose
+  kv         k and v as one matmul (N = 2 x 192 instead of two of 192)
+  kv-bqhd    the same, rotary embedding before the transpose
+  qkv        q, k and v as one matmul; rotary embedding on the q and k heads together
+  qkv-bqhd   the same, rotary embedding before the transpose
   gateup     gate and up as one matmul
   kv+gateup  both
 
@@ -53,6 +55,28 @@ def qkv_separate(layer, h, cos, sin):
     B, Q, _ = h.shape
     q, k, v = (p(h).view(B, Q, -1, a.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
     return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
+def _rope_bqhd(x, cos, sin):
+    """Rotary embedding on x (B, Q, H, hd), cos/sin given as (B, 1, Q, hd) -> (B, H, Q, hd)."""
+    return _rope(x, cos.transpose(1, 2), sin.transpose(1, 2)).transpose(1, 2)
+
+
+def qkv_rope_bqhd(layer, h, cos, sin):
+    a = layer.self_attn
+    B, Q, _ = h.shape
+    q, k, v = (p(h).view(B, Q, -1, a.head_dim) for p in (a.q_proj, a.k_proj, a.v_proj))
+    return _rope_bqhd(q, cos, sin), _rope_bqhd(k, cos, sin), v.transpose(1, 2)
+
+
+def qkv_kv_bqhd(layer, h, cos, sin):
+    a = layer.self_attn
+    B, Q, _ = h.shape
+    q = a.q_proj(h).view(B, Q, -1, a.head_dim)
+    kv = F.linear(h, torch.cat([a.k_proj.weight, a.v_proj.weight]), _bias(a.k_proj, a.v_proj))
+    kv = kv.view(B, Q, -1, a.head_dim)                                # (B, Q, 2 H_kv, hd)
+    hk = kv.shape[2] // 2
+    return _rope_bqhd(q, cos, sin), _rope_bqhd(kv[:, :, :hk], cos, sin), kv[:, :, hk:].transpose(1, 2)
 
 
 def qkv_kv(layer, h, cos, sin):
@@ -102,11 +126,14 @@ def mlp_gateup(m, h):
 
 VARIANTS = {
     "separate": (qkv_separate, mlp_separate),
+    "rope-bqhd": (qkv_rope_bqhd, mlp_separate),
     "kv": (qkv_kv, mlp_separate),
+    "kv-bqhd": (qkv_kv_bqhd, mlp_separate),
     "qkv": (qkv_fused, mlp_separate),
     "qkv-bqhd": (qkv_fused_bqhd, mlp_separate),
     "gateup": (qkv_separate, mlp_gateup),
     "kv+gateup": (qkv_kv, mlp_gateup),
+    "qkv-bqhd+gateup": (qkv_fused_bqhd, mlp_gateup),
 }
 
 
@@ -117,9 +144,13 @@ def make_block(qkv_fn, mlp_fn):
     def block(layer, x, cos, sin, k_past, v_past, mask, attn_dtype, kernel_options):
         h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         q, k, v = qkv_fn(layer, h, cos, sin)
-        K = torch.cat([k_past.to(attn_dtype), k.to(attn_dtype)], dim=2)
-        V = torch.cat([v_past.to(attn_dtype), v.to(attn_dtype)], dim=2)
-        if isinstance(mask, torch.Tensor):
+        if mask is not None:
+            K = torch.cat([k_past.to(attn_dtype), k.to(attn_dtype)], dim=2)
+            V = torch.cat([v_past.to(attn_dtype), v.to(attn_dtype)], dim=2)
+        if mask is None:   # the prefill: causal over its own rows
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
+                                               scale=layer.self_attn.scaling, enable_gqa=True)
+        elif isinstance(mask, torch.Tensor):
             o = F.scaled_dot_product_attention(q.to(attn_dtype), K, V, attn_mask=mask.to(attn_dtype),
                                                scale=layer.self_attn.scaling, enable_gqa=True)
         else:
@@ -154,27 +185,36 @@ def main(argv=None):
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
     prefix = fastpath.prefill(dec, ids, attention)
     base = dec.model
-    passes = {}
-    for name, rows, layer, dtype in (("group", 32, base.layers[0], torch.bfloat16), ("coprocessor", NL, cop_layer, torch.float32)):
+    passes = {}   # name: (layer, x, cos, sin, mask or None (causal prefill), backward?)
+    for name, rows, layer, dtype in (("group", 32, base.layers[0], torch.bfloat16),
+                                     ("coprocessor", NL, cop_layer, torch.float32)):
         mask = fastpath._group_mask(T, pts, rows, False, prefix)
         x = torch.randn(B, P * rows, cfg.hidden_size, device=dev, dtype=dtype if dev.type == "cuda" else torch.float32)
         pos = (pts[:, :, None] + 1 + torch.arange(rows, device=dev)).reshape(B, -1)
         cos, sin = base.rotary_emb(x, pos)
-        passes[name] = (layer, x.requires_grad_(), cos[:, None], sin[:, None], mask)
+        passes[name] = (layer, x.requires_grad_(), cos[:, None], sin[:, None], mask, True)
+    x = base.embed_tokens(ids)
+    cos, sin = base.rotary_emb(x, torch.arange(T, device=dev)[None].expand(B, T))
+    passes["prefill"] = (base.layers[0], x, cos[:, None], sin[:, None], None, False)
     names = args.variants.split(",")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     fns = {}
     for v in names:
         fn = make_block(*VARIANTS[v])
         fns[v] = torch.compile(fn, dynamic=False) if dev.type == "cuda" else fn
+    attn_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 
     def run(v, pass_name):
-        layer, x, cos, sin, mask = passes[pass_name]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            y = fns[v](layer, x, cos, sin, prefix.k[0], prefix.v[0], mask, torch.bfloat16 if dev.type == "cuda"
-                       else torch.float32, prefix.kernel_options)
-        y.float().sum().backward()
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
+        layer, x, cos, sin, mask, backward = passes[pass_name]
+        with torch.set_grad_enabled(backward), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                                enabled=dev.type == "cuda"):
+            y = fns[v](layer, x, cos, sin, prefix.k[0], prefix.v[0], mask, attn_dtype, prefix.kernel_options)
+        if backward:
+            y.float().sum().backward()
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+        return y.detach().float()
 
     def timed(v, pass_name):
         if dev.type == "cuda":
@@ -188,20 +228,14 @@ def main(argv=None):
     out = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
            "command": " ".join(["python"] + sys.argv), "batch": B, "T": T, "points": P, "passes": {}}
-    # the outputs agree (the variants are the same function written differently)
-    ref = {}
-    for pass_name in passes:
+    for pass_name in ("prefill", "group", "coprocessor"):
         times = {v: [] for v in names}
-        errs = {}
-        for v in names:
+        errs, ref = {}, None
+        for v in names:   # compile and warm up; the outputs agree (the same function written differently)
             for _ in range(2):
-                run(v, pass_name)   # compile, warm up
-            layer, x, cos, sin, mask = passes[pass_name]
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                y = fns[v](layer, x, cos, sin, prefix.k[0], prefix.v[0], mask,
-                           torch.bfloat16 if dev.type == "cuda" else torch.float32, prefix.kernel_options).float()
-            ref.setdefault(pass_name, y)
-            errs[v] = float((y - ref[pass_name]).norm() / ref[pass_name].norm())
+                y = run(v, pass_name)
+            ref = y if ref is None else ref
+            errs[v] = float((y - ref).norm() / ref.norm())
         for r in range(args.iters):
             for v in names[r % len(names):] + names[:r % len(names)]:
                 times[v].append(timed(v, pass_name))
