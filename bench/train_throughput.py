@@ -17,6 +17,7 @@ run the same number of optimizer steps on the same batches:
                  padded to tile the blocks), fused chunked LM head + cross-entropy, one compiled
                  block function for all layers (on CPU: dense masks, uncompiled)
   fast-nopad     the same without padding the groups
+  fast-kvsplit   the fast path with k and v projected by two matmuls instead of one
   fast-prefixgrads  the fast path with FlexAttention computing key/value gradients for the frozen
                  prefix keys too (what it did before `masks.without_prefix_key_grads`)
   fast-untuned   the fast path with FlexAttention's default kernel configurations
@@ -109,6 +110,7 @@ def make_models(cfg, attn: str, device, dtype, state=None):
 FAST_VARIANTS = {
     "fast": {},
     "fast-nopad": {"align": 1},
+    "fast-kvsplit": {"fuse_kv": False},   # k and v as two matmuls (as before fastpath._qkv fused them)
     "fast-prefixgrads": {"frozen": False},
     # the BlockMask's blocks (query x key; the default on an H100 is 64 x 64: fastpath.BLOCK)
     "fast-b128": {"block": 128},

@@ -26,6 +26,7 @@ materialises full-precision logits for every predicted position. Here:
   of FlexAttention's backward reads, so the backward skips that work (most of it; `_group_mask`);
 - FlexAttention's kernels run with the configuration its autotuning picked on an H100
   (`TUNED_KERNEL_OPTIONS`, Hopper with head dim 64; its defaults and 128 x 128 blocks elsewhere);
+- k and v are projected by one matmul (each is 192 wide at SmolLM2's size);
 - one block function serves every layer of every model (the layer's modules are arguments), so
   `torch.compile` traces it once per pass kind and fuses the norms, rotary embeddings and
   activations around the matmuls and the attention kernel;
@@ -205,15 +206,28 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + _rotate_half(x) * sin                          # x (B, H, Q, hd); cos (B, 1, Q, hd)
 
 
-def _qkv(layer, x: torch.Tensor, cos, sin):
-    """Pre-norm, projections, rotary. x (B, Q, d) -> q (B, H, Q, hd), k, v (B, H_kv, Q, hd)."""
+def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True):
+    """Pre-norm, projections, rotary. x (B, Q, d) -> q (B, H, Q, hd), k, v (B, H_kv, Q, hd).
+
+    With `fuse_kv` k and v come out of one matmul over their stacked weights: at SmolLM2's width
+    each is only 192 wide, and one 384-wide matmul (one for their input gradient too) took a
+    coprocessor layer's forward + backward from 3.45 to 3.31 ms and a group-pass layer's from
+    4.61 to 4.54 ms on an H100 at the reference shape (bench/layer_variants.py; q/k/v as one
+    matmul, gate/up as one, or the rotary embedding before the transpose gained less or nothing).
+    Projections that are not plain linear layers (LoRA-wrapped) stay two matmuls."""
     a = layer.self_attn
     B, Q, _ = x.shape
     hd = a.head_dim
     h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
     q = a.q_proj(h).view(B, Q, -1, hd).transpose(1, 2)
-    k = a.k_proj(h).view(B, Q, -1, hd).transpose(1, 2)
-    v = a.v_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+    if fuse_kv and isinstance(a.k_proj, torch.nn.Linear) and isinstance(a.v_proj, torch.nn.Linear):
+        bias = None if a.k_proj.bias is None else torch.cat([a.k_proj.bias, a.v_proj.bias])
+        kv = F.linear(h, torch.cat([a.k_proj.weight, a.v_proj.weight]), bias).view(B, Q, -1, hd)
+        n = kv.shape[2] // 2                                             # kv (B, Q, 2 H_kv, hd)
+        k, v = kv[:, :, :n].transpose(1, 2), kv[:, :, n:].transpose(1, 2)
+    else:
+        k = a.k_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+        v = a.v_proj(h).view(B, Q, -1, hd).transpose(1, 2)
     return _rope(q, cos, sin), _rope(k, cos, sin), v
 
 
@@ -232,10 +246,10 @@ def _merge_heads(o: torch.Tensor) -> torch.Tensor:
     return o.transpose(1, 2).reshape(B, Q, -1)
 
 
-def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool):
+def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fuse_kv: bool = True):
     """One layer over the original tokens, causal. -> (x, k, v); with `last` only k, v are made
     (the group pass reads every layer's K/V, but nothing reads the last layer's output)."""
-    q, k, v = _qkv(layer, x, cos, sin)
+    q, k, v = _qkv(layer, x, cos, sin, fuse_kv)
     if last:
         return x, k, v
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
@@ -277,7 +291,7 @@ def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, d
 
 
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
-                gate_cols=None, kernel_options=None):
+                gate_cols=None, kernel_options=None, fuse_kv: bool = True):
     """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
     cached original tokens and to each other as `mask` allows.
 
@@ -288,8 +302,9 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     float: the latent gate's bias on each key (zero off the latents), or None. Attention runs in
     `attn_dtype` (under autocast SDPA would cast to the autocast dtype; FlexAttention is not on
     autocast's lists). kernel_options: FlexAttention's (block sizes, warps; None: its defaults).
+    fuse_kv: k and v from one matmul (`_qkv`).
     """
-    q, k, v = _qkv(layer, x, cos, sin)
+    q, k, v = _qkv(layer, x, cos, sin, fuse_kv)
     q = q.to(attn_dtype)
     if isinstance(mask, PointMask):
         K = mask.keys(k_past.to(attn_dtype), k.to(attn_dtype))        # (B*P, H_kv, keep + G, hd)
@@ -355,6 +370,7 @@ class Prefix:
     align: int = 32           # with FlexAttention, groups are padded to a multiple (or divisor) of this
     frozen: bool = True       # with FlexAttention, skip the key/value gradients of these K/V (see `_group_mask`)
     kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
+    fuse_kv: bool = True      # k and v projected by one matmul in every block (`_qkv`)
 
     @property
     def length(self) -> int:
@@ -368,12 +384,12 @@ def _base(model):
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int | tuple[int, int] | str = "auto",
             align: int = 32, frozen: bool = True, kernel_options: dict | str | None = "auto",
-            with_hidden: bool = False):
+            with_hidden: bool = False, fuse_kv: bool = True):
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
     `block`, `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
     `BLOCK` and `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64, else 128 and
-    FlexAttention's defaults). -> Prefix; with `with_hidden`,
+    FlexAttention's defaults; `fuse_kv`: see `_qkv`). -> Prefix; with `with_hidden`,
     (Prefix, last hidden state after the final norm (B, T, d)) for the plain decoder's own
     predictions (scoring), else no output rows are made at all."""
     if attention not in ATTENTION:
@@ -390,7 +406,7 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
     n = len(base.layers)
     blk = _block("prefill")
     for i, layer in enumerate(base.layers):
-        x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden)
+        x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden, fuse_kv)
         ks.append(k)
         vs.append(v)
     hd = ks[0].shape[-1]
@@ -398,7 +414,7 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         block = _auto_block(input_ids.device, hd) if attention == "flex" else 128
     if kernel_options == "auto":
         kernel_options = _auto_kernel_options(input_ids.device, hd, block) if attention == "flex" else None
-    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options)
+    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options, fuse_kv)
     if with_hidden:
         return prefix, _rms(x, base.norm.weight, base.norm.variance_epsilon)
     return prefix
@@ -449,7 +465,7 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     for j, layer in enumerate(base.layers):
         i = layer_ids[j]
         x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
-                None if gate_cols is None else gate_cols[j], prefix.kernel_options)
+                None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv)
     return _rms(x, base.norm.weight, base.norm.variance_epsilon)
 
 
@@ -566,14 +582,14 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
                      block: int | tuple[int, int] | str = "auto", align: int = 32, frozen: bool = True,
-                     kernel_options: dict | str | None = "auto") -> torch.Tensor:
+                     kernel_options: dict | str | None = "auto", fuse_kv: bool = True) -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 
     `coprocessor` may be wrapped (DDP): it is called, so the wrapper's gradient hooks run.
     """
     if prefix is None:
-        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options)
+        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options, fuse_kv=fuse_kv)
     core = getattr(coprocessor, "module", coprocessor)
     layout = core.layout(n_ahead)
     latents, gate = coprocessor(prefix, points, with_gate=True)             # (B, P, NL, d), (L,) or None
