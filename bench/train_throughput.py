@@ -25,7 +25,7 @@ run the same number of optimizer steps on the same batches:
   fast-b<Q>[x<K>]  the fast path with BlockMask blocks of Q queries x K keys (fast-b128: the blocks before the 64 x 64 default)
   fast-<opts>    the fast path with other FlexAttention kernel options (FAST_VARIANTS below)
   <path>+graph   a fast path with its forward and backward replayed as one CUDA graph
-                 (`fastpath.CapturedStep`; the optimizer step stays outside it)
+                 (`CapturedStep`; the optimizer step stays outside it)
 
 The paths of a shape take their timed steps in turns (`--order interleaved`, the default): all
 are warmed up (compiled) first, then each round times one step of every path, the order rotated
@@ -154,6 +154,58 @@ def new_models(cfg, dev, dtype, NL: int):
     return dec, cop, torch.optim.AdamW(cop.parameters(), lr=1e-5, fused=dev.type == "cuda")
 
 
+class CapturedStep:
+    """A training step's forward and backward captured once as a CUDA graph and replayed on
+    every batch: the host launches one graph instead of the step's ~1,500 kernels one by one
+    (the `+graph` paths; at the reference shape it gained 0.6%, within the steps' spread: the
+    host is not what holds the fast path back; results/train_throughput.md).
+
+        step = CapturedStep(lambda ids, pts: loss_fn(ids, pts), params, ids, pts)
+        loss = step(ids, pts)          # gradients in p.grad, as after loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+
+    `loss_fn(*inputs)` must take tensors of the captured shapes and synchronise nothing with the
+    host (`multi_point_loss` does not). Each call copies the inputs into the graph's own tensors
+    and replays it; the loss and the gradients live in the graph's memory and are overwritten by
+    the next call (read or step on them first; one batch per optimizer step, no accumulation).
+    The optimizer runs outside the graph, so any optimizer and learning-rate schedule works.
+    Capture first runs `warmup` steps on a side stream (compilation, cuBLAS workspaces); their
+    gradients are dropped."""
+
+    def __init__(self, loss_fn, params, *inputs: torch.Tensor, warmup: int = 2):
+        if not torch.cuda.is_available() or any(t.device.type != "cuda" for t in inputs):
+            raise ValueError("CapturedStep needs CUDA tensors (CUDA graphs exist on GPUs only)")
+        self.params = [p for p in params if p.requires_grad]
+        self.inputs = [t.clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn_loss = loss_fn(*self.inputs)
+                fn_loss.backward()
+                for p in self.params:
+                    p.grad = None
+        torch.cuda.current_stream().wait_stream(side)
+        for p in self.params:   # grads made inside the capture: the backward writes, not adds
+            p.grad = None
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = loss_fn(*self.inputs)
+            self.loss.backward()
+        self.grads = [p.grad for p in self.params]
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        for dst, src in zip(self.inputs, inputs):
+            if dst.shape != src.shape:
+                raise ValueError(f"CapturedStep was captured for inputs of shape {tuple(dst.shape)}, "
+                                 f"not {tuple(src.shape)}")
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        for p, g in zip(self.params, self.grads):   # zero_grad(set_to_none=True) dropped them
+            p.grad = g
+        return self.loss
+
+
 def _sync(dev) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -177,7 +229,7 @@ class PathRun:
     steps_done: int = 0
     error: str | None = None
     graph: bool = False          # the step's forward and backward replayed as one CUDA graph
-    captured: object = None      # its fastpath.CapturedStep, made on the first step
+    captured: object = None      # its CapturedStep, made on the first step
 
     def step(self) -> float:
         """One optimizer step, synchronised: its wall time (s); the step's peak memory is kept."""
@@ -190,7 +242,7 @@ class PathRun:
         t0 = time.perf_counter()
         if self.graph:
             if self.captured is None:  # warms up on a side stream and captures: a warmup step's work
-                self.captured = fastpath.CapturedStep(
+                self.captured = CapturedStep(
                     lambda i, p: step_loss(self.dec, self.cop, i, p, self.A, self.fast), self.cop.parameters(), ids, pts)
             loss = self.captured(ids, pts)
         else:
