@@ -63,6 +63,21 @@ def test_fast_loss_and_gradients_match_dense(arch, name):
         assert float((gf[n] - gd[n]).abs().max() / scale) < 1e-3, n
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])   # qwen2: k and v projections with biases
+def test_stacked_kv_projection_matches_two_matmuls(arch):
+    dec, cop, ids, pts = _setup(arch, {})
+    out = {}
+    for fuse in (True, False):
+        cop.zero_grad(set_to_none=True)
+        loss = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense", fuse_kv=fuse)
+        loss.backward()
+        out[fuse] = (loss.detach(), _grads(cop))
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=1e-6)
+    assert out[True][1].keys() == out[False][1].keys()
+    for n, g in out[True][1].items():
+        torch.testing.assert_close(g, out[False][1][n], atol=1e-6, rtol=1e-5)
+
+
 def test_points_near_the_end_are_weighted_out():
     """Ahead tokens past the end of the text count for nothing on both paths."""
     dec, cop, ids, _ = _setup("llama", {})
@@ -347,3 +362,23 @@ def test_throughput_bench_interleaves_paths_on_cpu(tmp_path, monkeypatch):
     assert set(row["speedup_over_dense"]) == {"dense", "fast", "fast-b64@4"}
     for p in doc["parity"]:
         assert p["grad_cosine"] > 0.9999 and abs(p["loss_fast"] - p["loss_dense"]) < 1e-4
+
+
+def test_layer_variants_bench_agrees_on_cpu(tmp_path):
+    """bench/layer_variants.py on a tiny layer: every formulation of the projections gives the
+    same output in every pass, and each is timed."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "lv.json"
+    subprocess.run([sys.executable, str(root / "bench" / "layer_variants.py"), "--tiny", "--iters", "1",
+                    "--out", str(out)], check=True, cwd=root, capture_output=True)
+    doc = json.loads(out.read_text())
+    assert set(doc["passes"]) == {"prefill", "group", "coprocessor"}
+    for rows in doc["passes"].values():
+        assert len(rows) >= 6
+        for r in rows.values():
+            assert r["rel_diff_vs_first"] < 1e-5 and r["median_ms"] > 0
