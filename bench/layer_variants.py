@@ -20,6 +20,11 @@ the group BlockMask as `fastpath.group_block` runs it. Variants:
   gateup     gate and up as one matmul
   kv+gateup  both
 
+A variant name may end in `@tuned` (inductor's max-autotune for that variant's compile only: its
+matmuls choose between cuBLAS and Triton templates with the neighbouring elementwise work fused
+into their prologues and epilogues) or `@tma` (the same with Hopper's persistent TMA templates
+among the choices).
+
 Timed steps are interleaved (one step of every variant per round, the order rotated), and the
 median per variant reported, in ms, with its minimum.
 """
@@ -137,6 +142,14 @@ VARIANTS = {
 }
 
 
+TUNING = {
+    "": None,
+    "tuned": {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON"},
+    "tma": {"max_autotune": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+            "triton.enable_persistent_tma_matmul": True},
+}
+
+
 def make_block(qkv_fn, mlp_fn):
     """`fastpath.group_block` with the projections written by qkv_fn and mlp_fn."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -201,8 +214,10 @@ def main(argv=None):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     fns = {}
     for v in names:
-        fn = make_block(*VARIANTS[v])
-        fns[v] = torch.compile(fn, dynamic=False) if dev.type == "cuda" else fn
+        base_name, _, tuning = v.partition("@")
+        fn = make_block(*VARIANTS[base_name])
+        options = TUNING[tuning]
+        fns[v] = torch.compile(fn, dynamic=False, options=options) if dev.type == "cuda" else fn
     attn_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 
     def run(v, pass_name):
