@@ -82,6 +82,11 @@ def test_short_training_beats_frozen_decoder_on_repeated_text(tiny_decoder_dir, 
     assert sum(ev["nll_aug"]) < sum(ev["nll_base"])
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert lines[-1]["loss"] < lines[0]["loss"]
+    # the logged rate is this run's tokens over its wall time so far
+    train_lines = [r for r in lines if "tokens_per_s" in r]
+    assert train_lines and all(r["tokens_per_s"] > 0 for r in train_lines)
+    last = train_lines[-1]
+    assert last["tokens_per_s"] == pytest.approx(last["tokens_seen"] / last["elapsed_s"], rel=0.2)
 
 
 def test_resume_equals_uninterrupted(tiny_decoder_dir, repeated_text_file, tmp_path):
