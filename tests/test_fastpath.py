@@ -330,6 +330,27 @@ def test_trainer_takes_the_fast_path(tmp_path, repeated_text_file, monkeypatch):
     assert (last / "trainer_state.json").exists() and len(calls) == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_trainer_fast_on_gpu_saves_and_resumes(tmp_path, repeated_text_file):
+    """On a GPU `--fast` compiles the blocks, steps a fused AdamW in bf16 autocast, and a resumed run
+    loads that optimizer's moments and goes on."""
+    import json
+
+    decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=2)
+    cop_cfg = CoprocessorConfig(num_latents=4, num_layers=2)
+    kw = dict(device="", precision="bf16", seq_len=64, points=4, batch_size=4, steps=4, save_every=2,
+              stop_after=2)
+    last = train(_cfg(tmp_path, decoder, repeated_text_file, **kw), cop_cfg, show_progress=False)
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    last = train(_cfg(tmp_path, decoder, repeated_text_file, **(kw | {"resume": True, "stop_after": 0})), cop_cfg,
+                 show_progress=False)
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 4
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    assert len(losses) == 4 and all(l == l and l < 100 for l in losses)   # finite, logged every step
+
+
 def test_trainer_refuses_fast_for_gpt2(tmp_path, repeated_text_file):
     decoder = save_tiny_decoder(tmp_path / "dec", "gpt2", layers=2)
     with pytest.raises(TrainingError, match="--fast"):
