@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -295,12 +296,25 @@ def _trainer_state(step, tokens_seen, streams, opt_state, sched, cfg, elapsed) -
     return tensors, meta
 
 
+def _accelerator(cfg: TrainConfig):
+    """The run's Accelerator. accelerate keeps its settings once per process, so a process that
+    trains twice (a notebook, a test session) with another --precision would be refused, and one
+    with another --device would silently keep the first device. Outside a distributed launch
+    (one process, no WORLD_SIZE) its state is reset first: each train() call gets its own."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if "WORLD_SIZE" not in os.environ and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state()
+        PartialState._reset_state()
+    return Accelerator(mixed_precision=cfg.precision, cpu=(cfg.device == "cpu"))
+
+
 def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = True) -> Path:
     """Run training; returns the folder of the final checkpoint (out_dir/last)."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    acc = Accelerator(mixed_precision=cfg.precision, cpu=(cfg.device == "cpu"))
+    acc = _accelerator(cfg)
     if _is_fsdp(acc) and acc.state.fsdp_plugin.fsdp_version != 2:
         raise TrainingError("FSDP needs fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
     out = Path(cfg.out_dir)

@@ -101,3 +101,15 @@ def test_resume_equals_uninterrupted(tiny_decoder_dir, repeated_text_file, tmp_p
         assert torch.equal(v, b.trainable_state()[k]), k
     state = json.loads((resumed / "trainer_state.json").read_text())
     assert state["step"] == 6
+
+
+def test_two_runs_in_one_process_may_change_precision(tiny_decoder_dir, repeated_text_file, tmp_path):
+    """accelerate keeps its settings per process; each train() call gets its own (a notebook that
+    trains in float32 and then in bf16 must not be refused, nor keep the first run's device)."""
+    data = (tiny_decoder_dir, repeated_text_file)
+    ccfg = CoprocessorConfig(num_latents=2, num_layers=1)
+    for i, precision in enumerate(("no", "bf16", "no")):
+        last = train(_cfg(tmp_path / str(i), data, steps=2, save_every=2, precision=precision), ccfg,
+                     show_progress=False)
+        saved = json.loads((last / "config.json").read_text())
+        assert saved["training"]["precision"] == precision and saved["training"]["steps"] == 2
