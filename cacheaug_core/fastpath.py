@@ -169,8 +169,12 @@ def _allow_small_blocks() -> None:
     cls.get_flex_attention_bwd_configs = get_flex_attention_bwd_configs
 
 
-def unsupported(decoder, coprocessor=None) -> str | None:
-    """Why this decoder (and coprocessor) cannot take the fast path, or None if it can."""
+FLEX_MIN_HEAD_DIM = 16   # FlexAttention's kernels take head dims of 16 and up
+
+
+def unsupported(decoder, coprocessor=None, device: torch.device | str | None = None) -> str | None:
+    """Why this decoder (and coprocessor) cannot take the fast path, or None if it can. On a GPU
+    (`device`), where the fast path attends with FlexAttention, the head dim must be 16 or more."""
     cfg = decoder.config
     if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return f"the fast path covers {', '.join(SUPPORTED_MODEL_TYPES)} decoders, not {cfg.model_type!r}"
@@ -178,6 +182,10 @@ def unsupported(decoder, coprocessor=None) -> str | None:
         return "the fast path covers full-attention layers only (this decoder has sliding-window layers)"
     if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         return f"the fast path covers SiLU MLPs, not {cfg.hidden_act!r}"
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if device is not None and torch.device(device).type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
+        return (f"on a GPU the fast path attends with FlexAttention, which needs a head dim of at least "
+                f"{FLEX_MIN_HEAD_DIM}; this decoder's is {head_dim}")
     if coprocessor is not None:
         core = getattr(coprocessor, "module", coprocessor)
         if core.config.rounds != 1:

@@ -87,10 +87,10 @@ def byte_tokenizer():
     return byte_level_tokenizer()
 
 
-def save_tiny_decoder(path, arch: str = "llama", seed: int = 0, layers: int = 2):
+def save_tiny_decoder(path, arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 32):
     """A tiny random decoder + byte tokenizer saved as a transformers folder."""
     tok = byte_tokenizer()
-    model = tiny_decoder(arch, vocab=len(tok), layers=layers, seed=seed)
+    model = tiny_decoder(arch, vocab=len(tok), layers=layers, hidden=hidden, seed=seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -336,7 +336,7 @@ def test_trainer_fast_on_gpu_saves_and_resumes(tmp_path, repeated_text_file):
     loads that optimizer's moments and goes on."""
     import json
 
-    decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=2)
+    decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=2, hidden=64)   # head dim 16: FlexAttention's least
     cop_cfg = CoprocessorConfig(num_latents=4, num_layers=2)
     kw = dict(device="", precision="bf16", seq_len=64, points=4, batch_size=4, steps=4, save_every=2,
               stop_after=2)
@@ -349,6 +349,14 @@ def test_trainer_fast_on_gpu_saves_and_resumes(tmp_path, repeated_text_file):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in lines if "loss" in r]
     assert len(losses) == 4 and all(l == l and l < 100 for l in losses)   # finite, logged every step
+
+
+def test_fast_path_names_head_dims_flex_attention_cannot_take():
+    dec = tiny_decoder("llama", hidden=32)                       # 4 heads of 8
+    assert fastpath.unsupported(dec) is None                      # on CPU the dense masks take any
+    why = fastpath.unsupported(dec, device=torch.device("cuda"))
+    assert why is not None and "head dim" in why and "16" in why
+    assert fastpath.unsupported(tiny_decoder("llama", hidden=64), device=torch.device("cuda")) is None
 
 
 def test_trainer_refuses_fast_for_gpt2(tmp_path, repeated_text_file):
