@@ -23,6 +23,7 @@ run the same number of optimizer steps on the same batches:
   fast-untuned   the fast path with FlexAttention's default kernel configurations
   fast-before    both: the fast path as it was before these two changes
   fast-b<Q>[x<K>]  the fast path with BlockMask blocks of Q queries x K keys (fast-b128: the blocks before the 64 x 64 default)
+  fast-tma       the fast path with FlexAttention loading its tiles through TMA (Hopper)
   fast-<opts>    the fast path with other FlexAttention kernel options (FAST_VARIANTS below)
   <path>+graph   a fast path with its forward and backward replayed as one CUDA graph
                  (`CapturedStep`; the optimizer step stays outside it)
@@ -118,6 +119,9 @@ FAST_VARIANTS = {
     "fast-b64x128": {"block": (64, 128)},
     "fast-b128x64": {"block": (128, 64)},
     "fast-b32x64": {"block": (32, 64)},
+    # the default tiles with FlexAttention's TMA loads (Hopper's bulk copies; off by default on CUDA)
+    "fast-tma": {"kernel_options": {**fastpath.fit_kernel_options(fastpath.TUNED_KERNEL_OPTIONS, fastpath.BLOCK),
+                                    "USE_TMA": True}},
     # the variants below were measured with 128 x 128 blocks, and keep them
     "fast-untuned": {"kernel_options": None, "block": 128},
     "fast-before": {"frozen": False, "kernel_options": None, "block": 128},
