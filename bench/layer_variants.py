@@ -5,20 +5,22 @@ side: which way of writing the projections is fastest once compiled.
     python bench/layer_variants.py --tiny --iters 1 --out /tmp/lv.json            # CPU smoke test
 
 The layer is SmolLM2-135M's (random weights) at the reference shape of
-bench/train_throughput.py (T=512, 16 points, 16 latents, 16 ahead tokens): the group pass (frozen
-bf16 weights, 32 rows per point, input gradient only) and the coprocessor pass (fp32 weights
-under bf16 autocast, 16 rows per point, weight gradients too), each through FlexAttention with
-the group BlockMask as `fastpath.group_block` runs it. Variants:
+bench/train_throughput.py (T=512, 16 points, 16 latents, 16 ahead tokens, batch 128) in each of
+the fast path's three passes: the prefill (frozen bf16 weights, causal SDPA, forward only), the
+group pass (frozen bf16 weights, 32 rows per point, input gradient only) and the coprocessor pass
+(fp32 weights under bf16 autocast, 16 rows per point, weight gradients too); the last two through
+FlexAttention with the group BlockMask as `fastpath.group_block` runs it. Variants:
 
-  separate   fastpath.group_block as it is: q, k, v and gate, up as five matmuls
-  rope-bqhd  separate, with the rotary embedding applied before the (B, Q, H, hd) -> (B, H, Q, hd)
-             transpose
-  kv         k and v as one matmul (N = 2 x 192 instead of two of 192)
-  kv-bqhd    the same, rotary embedding before the transpose
-  qkv        q, k and v as one matmul; rotary embedding on the q and k heads together
-  qkv-bqhd   the same, rotary embedding before the transpose
-  gateup     gate and up as one matmul
-  kv+gateup  both
+  separate         q, k, v and gate, up as five matmuls (the fast path before 8c1d952)
+  rope-bqhd        separate, with the rotary embedding applied before the
+                   (B, Q, H, hd) -> (B, H, Q, hd) transpose
+  kv               k and v as one matmul (N = 2 x 192 instead of two of 192): `fastpath._qkv` now
+  kv-bqhd          the same, rotary embedding before the transpose
+  qkv              q, k and v as one matmul; rotary embedding on the q and k heads together
+  qkv-bqhd         the same, rotary embedding before the transpose
+  gateup           gate and up as one matmul
+  kv+gateup        both
+  qkv-bqhd+gateup  both
 
 A variant name may end in `@tuned` (inductor's max-autotune for that variant's compile only: its
 matmuls choose between cuBLAS and Triton templates with the neighbouring elementwise work fused
@@ -26,7 +28,8 @@ into their prologues and epilogues) or `@tma` (the same with Hopper's persistent
 among the choices).
 
 Timed steps are interleaved (one step of every variant per round, the order rotated), and the
-median per variant reported, in ms, with its minimum.
+median per variant reported, in ms, with its minimum. Measured: results/train_throughput.md
+("k and v as one matmul", "Inductor's max-autotune on the layer").
 """
 
 from __future__ import annotations
