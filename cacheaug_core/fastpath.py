@@ -50,7 +50,8 @@ by vocabulary slices (`head_nll`); `augment.score_after_every_token` dispatches 
     nll_aug, nll_base = fastpath.score_every(decoder, coprocessor, ids, positions=16)   # ids (1, T)
 
 Supported: decoders whose layers are Llama-style (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
-RMSNorm, rotary embeddings, full attention), coprocessor bodies copy/scratch/lora/none, one round.
+RMSNorm, rotary embeddings, full attention), coprocessor bodies copy/scratch/lora/none, any
+number of rounds.
 `unsupported(decoder, coprocessor)` says why a pair is not; the trainer then refuses `--fast`.
 """
 
@@ -173,8 +174,9 @@ FLEX_MIN_HEAD_DIM = 16   # FlexAttention's kernels take head dims of 16 and up
 
 
 def unsupported(decoder, coprocessor=None, device: torch.device | str | None = None) -> str | None:
-    """Why this decoder (and coprocessor) cannot take the fast path, or None if it can. On a GPU
-    (`device`), where the fast path attends with FlexAttention, the head dim must be 16 or more."""
+    """Why this decoder cannot take the fast path, or None if it can. On a GPU (`device`), where
+    the fast path attends with FlexAttention, the head dim must be 16 or more. Every coprocessor
+    body and number of rounds is covered (`coprocessor` is taken for callers that pass the pair)."""
     cfg = decoder.config
     if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return f"the fast path covers {', '.join(SUPPORTED_MODEL_TYPES)} decoders, not {cfg.model_type!r}"
@@ -186,10 +188,6 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
     if device is not None and torch.device(device).type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
         return (f"on a GPU the fast path attends with FlexAttention, which needs a head dim of at least "
                 f"{FLEX_MIN_HEAD_DIM}; this decoder's is {head_dim}")
-    if coprocessor is not None:
-        core = getattr(coprocessor, "module", coprocessor)
-        if core.config.rounds != 1:
-            return "the fast path covers one coprocessor round (rounds=1)"
     return None
 
 
@@ -480,17 +478,25 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
 def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """The latents of a coprocessor with a body from a `Prefix`: what `Coprocessor.forward` does
     with a transformers cache, and calls this for. core: the Coprocessor; points (B, P); soft
-    (B, P, NL, d) its soft tokens -> (B, P, NL, d)."""
+    (B, P, NL, d) its soft tokens -> (B, P, NL, d). With `rounds` > 1 each later round reads
+    [previous latents, soft tokens] (2 NL rows per point, causal within the point) and keeps the
+    last NL rows' outputs, as the transformers path does."""
     B, P, NL, d = soft.shape
     T = prefix.length
     layout = masks.GroupLayout(NL, 1, latent_pos=core.config.latent_pos)
-    pos = masks.latent_positions(points, layout).reshape(B, P * NL)
     body_dtype = next(core.body.parameters()).dtype
-    bm = _group_mask(T, points, NL, False, prefix)
-    rows = (B * P, NL) if prefix.attention == "points" else (B, P * NL)   # one point per batch row
-    h = _appended_pass(core.body, soft.reshape(*rows, d).to(body_dtype), pos.reshape(rows), prefix,
-                       core.layer_ids, bm)
-    return core._scale(core.out_proj(h.view(B, P, NL, d).to(core.soft_tokens.dtype)))
+    latents = None
+    for _ in range(core.config.rounds):
+        x = soft if latents is None else torch.cat([latents, soft], dim=2)     # (B, P, G, d), G = NL or 2 NL
+        G = x.shape[2]
+        pos = masks.latent_positions(points, layout, n=G)                      # (B, P, G)
+        bm = _group_mask(T, points, G, False, prefix)
+        rows = (B * P, G) if prefix.attention == "points" else (B, P * G)      # one point per batch row
+        h = _appended_pass(core.body, x.reshape(*rows, d).to(body_dtype), pos.reshape(rows), prefix,
+                           core.layer_ids, bm)
+        h = h.view(B, P, G, d)[:, :, -NL:]                                      # (B, P, NL, d)
+        latents = core._scale(core.out_proj(h.to(core.soft_tokens.dtype)))
+    return latents
 
 
 def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.Tensor, tokens: torch.Tensor,
