@@ -338,7 +338,7 @@ def test_trainer_fast_on_gpu_saves_and_resumes(tmp_path, repeated_text_file):
     import json
 
     decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=2, hidden=64)   # head dim 16: FlexAttention's least
-    cop_cfg = CoprocessorConfig(num_latents=4, num_layers=2)
+    cop_cfg = CoprocessorConfig(num_latents=4, num_layers=2, rounds=2)   # FlexAttention for both rounds' groups
     kw = dict(device="", precision="bf16", seq_len=64, points=4, batch_size=4, steps=4, save_every=2,
               stop_after=2)
     last = train(_cfg(tmp_path, decoder, repeated_text_file, **kw), cop_cfg, show_progress=False)
