@@ -380,16 +380,19 @@ def test_throughput_bench_interleaves_paths_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "train_throughput", bench)   # its dataclasses look their module up
     spec.loader.exec_module(bench)
     out = tmp_path / "tp.json"
-    bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--paths", "dense,fast,fast-b64@4", "--out", str(out)])
+    bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--paths", "dense,dense@4,fast,fast-b64@4", "--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["order"] == "interleaved"
     row = doc["runs"][0]
-    for name, batch in (("dense", 2), ("fast", 2), ("fast-b64@4", 4)):
+    for name, batch in (("dense", 2), ("dense@4", 4), ("fast", 2), ("fast-b64@4", 4)):
         r = row[name]
         assert "error" not in r, r
         assert r["batch"] == batch and len(r["step_s_all"]) == 3 and r["step_s"] in r["step_s_all"]
         assert r["orig_tokens_per_s"] == pytest.approx(batch * 64 / r["step_s"])
-    assert set(row["speedup_over_dense"]) == {"dense", "fast", "fast-b64@4"}
+    assert set(row["speedup_over_dense"]) == {"dense", "dense@4", "fast", "fast-b64@4"}
+    rates = {k: row[k]["orig_tokens_per_s"] for k in ("dense", "dense@4")}
+    assert row["best_dense"] == max(rates, key=rates.get) and row["speedup_over_best_dense"][row["best_dense"]] == 1.0
+    assert min(row["speedup_over_best_dense"][k] for k in rates) <= 1.0
     for p in doc["parity"]:
         assert p["grad_cosine"] > 0.9999 and abs(p["loss_fast"] - p["loss_dense"]) < 1e-4
 
