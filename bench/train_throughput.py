@@ -41,7 +41,8 @@ matmuls too (Triton templates, with their epilogues fused). Run each as its own 
 
 Reported per run: original (text) tokens per second, a counted-FLOP model (matmul FLOPs of the
 useful work: decoder prefill forward, coprocessor forward+backward, decoder group pass forward +
-input-gradient backward, LM head; masked-out attention and recomputation are not counted) and the
+input-gradient backward, LM head; masked-out attention, key/value gradients of the frozen prefix
+and recomputation are not counted; `counted_flops`) and the
 fraction of the GPU's bf16 dense peak it implies, peak memory, and the speed-up over the dense
 path (at its default batch, and at its best batch of the run: `speedup_over_best_dense`).
 Before timing, the two paths' losses and coprocessor gradients are compared on one batch.
@@ -81,7 +82,12 @@ def smollm2_config(tiny: bool = False):
 
 
 def counted_flops(cfg, B, T, P, NL, A) -> dict:
-    """Useful matmul FLOPs of one training step (see the module docstring)."""
+    """Useful matmul FLOPs of one training step (see the module docstring).
+
+    Attention counts (query, key) pairs that the mask allows, attn_q FLOPs each for a forward
+    (Q K^T and P V). Backward: the query gradient over every allowed pair (dO V^T and dS K, the
+    same FLOPs as the forward), and key/value gradients only for the keys that take a gradient:
+    the appended rows' own (groups', soft tokens'), not the frozen prefix the decoder cached."""
     d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     hd = d // cfg.num_attention_heads
     kvd = cfg.num_key_value_heads * hd
@@ -90,10 +96,10 @@ def counted_flops(cfg, B, T, P, NL, A) -> dict:
     G = NL + A - 1
     avg_p = (T - 2) / 2                                                       # mean point position
     prefill = 2 * lin * T + attn_q * T * (T + 1) / 2
-    cop_keys = P * (NL * (avg_p + 1) + NL * (NL + 1) / 2)
-    cop = 3 * (2 * lin * P * NL + attn_q * cop_keys)                          # fwd + bwd (weights too)
-    grp_keys = P * (G * (avg_p + 1) + G * (G + 1) / 2)
-    grp = 2 * (2 * lin * P * G + attn_q * grp_keys)                           # fwd + input-grad bwd
+    cop_prefix, cop_own = P * NL * (avg_p + 1), P * NL * (NL + 1) / 2       # allowed pairs
+    cop = 3 * 2 * lin * P * NL + attn_q * (2 * (cop_prefix + cop_own) + cop_own)   # weights' gradients too
+    grp_prefix, grp_own = P * G * (avg_p + 1), P * G * (G + 1) / 2
+    grp = 2 * 2 * lin * P * G + attn_q * (2 * (grp_prefix + grp_own) + grp_own)   # input gradient only
     head = 2 * (2 * d * V * P * A)
     per_seq = prefill + cop + grp + head
     return {"per_step": B * per_seq, "per_seq": {"prefill": prefill, "coprocessor": cop, "group": grp, "head": head}}
