@@ -679,4 +679,3 @@ def score_every(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 
         if progress is not None:
             progress((i + 1) / len(chunks))
     return nll_aug, nll_base
-
