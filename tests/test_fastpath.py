@@ -415,3 +415,21 @@ def test_layer_variants_bench_agrees_on_cpu(tmp_path):
         assert len(rows) >= 6
         for r in rows.values():
             assert r["rel_diff_vs_first"] < 1e-5 and r["median_ms"] > 0
+
+
+def test_trainer_throughput_bench_on_cpu(tmp_path):
+    """bench/trainer_throughput.py on a tiny decoder: `cacheaug train --fast` runs, and the step time
+    comes from the run's own log."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "tt.json"
+    subprocess.run([sys.executable, str(root / "bench" / "trainer_throughput.py"), "--tiny", "--steps", "4",
+                    "--skip", "1", "--out", str(out)], check=True, cwd=root, capture_output=True)
+    doc = json.loads(out.read_text())
+    assert doc["timed_steps"] == 3 and doc["step_s"] > 0
+    assert doc["orig_tokens_per_s"] == pytest.approx(doc["batch"] * doc["shape"]["T"] / doc["step_s"])
+    assert doc["final_loss"] == doc["final_loss"]   # finite (not NaN)

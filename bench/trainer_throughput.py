@@ -1,0 +1,106 @@
+"""`cacheaug train --fast` itself, timed: the trainer's whole loop (data sampling, the fast path,
+fused AdamW, gradient clipping, the NaN checks, logging) at the reference shape of
+bench/train_throughput.py, read back from the run's metrics.jsonl.
+
+    python bench/trainer_throughput.py --out results/runs/trainer_throughput.json      # GPU
+    python bench/trainer_throughput.py --tiny --steps 4 --out /tmp/tt.json              # CPU smoke test
+
+bench/train_throughput.py times the fast path's step alone (loss, backward, optimizer step); this
+says what a user of the trainer gets. The decoder is SmolLM2-135M-shaped with random weights and a
+byte-level tokenizer (throughput depends on shapes, not weights), saved to a temporary folder; the
+training text is random printable bytes; the coprocessor a full copy with 16 latents. Every step
+is logged; the step time is the mean over the steps after `--skip` (the first ones compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cacheaug_core.config import CoprocessorConfig, TrainConfig  # noqa: E402
+from cacheaug_core.decoder import byte_level_tokenizer  # noqa: E402
+from cacheaug_core.train import train  # noqa: E402
+from train_throughput import PEAK_BF16, counted_flops, smollm2_config  # noqa: E402
+
+
+def make_decoder(folder: Path, tiny: bool) -> str:
+    """A random decoder of SmolLM2-135M's shape (or a tiny one) + a byte tokenizer, saved."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = smollm2_config(tiny)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    model.save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def make_text(path: Path, chars: int) -> str:
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    out, n = [], 0
+    while n < chars:
+        w = rng.choice(words)
+        out.append(w)
+        n += len(w) + 1
+    path.write_text(" ".join(out))
+    return str(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="results/runs/trainer_throughput.json")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--skip", type=int, default=5, help="first steps left out of the timing (compilation)")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    T, P, NL, A = (64, 4, 4, 4) if args.tiny else (512, 16, 16, 16)
+    B = 2 if args.tiny else args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        decoder = make_decoder(tmp / "decoder", args.tiny)
+        # enough text for every step's batch without repeating much (the data only has to exist)
+        text = make_text(tmp / "train.txt", max(200_000, 2 * B * T * (args.steps + 2) // 8))
+        cfg = TrainConfig(decoder=decoder, data=text, out_dir=str(tmp / "run"), seq_len=T, points=P, n_ahead=A,
+                          batch_size=B, steps=args.steps, warmup=1, lr=1e-5, eval_every=0,
+                          save_every=10 ** 9, log_every=1, fast=True, precision="bf16" if gpu else "no",
+                          device="" if gpu else "cpu")
+        t0 = time.time()
+        train(cfg, CoprocessorConfig(num_latents=NL), show_progress=False)
+        wall = time.time() - t0
+        lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in lines if "elapsed_s" in r and "loss" in r]
+    skip = min(args.skip, len(logged) - 2)
+    a, b = logged[skip], logged[-1]
+    step_s = (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+    gpu_name = torch.cuda.get_device_name() if gpu else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu_name), None)
+    fl = counted_flops(smollm2_config(args.tiny), B, T, P, NL, A)["per_step"]
+    res = {"device": gpu_name, "torch": torch.__version__,
+           "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+           "command": " ".join(["python"] + sys.argv), "shape": {"T": T, "points": P, "num_latents": NL, "n_ahead": A},
+           "batch": B, "steps": args.steps, "timed_steps": b["step"] - a["step"], "step_s": step_s,
+           "orig_tokens_per_s": B * T / step_s, "frac_bf16_peak": None if peak is None else fl / step_s / peak,
+           "first_steps_s": [r["elapsed_s"] for r in logged[:skip + 1]], "wall_s": wall,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None,
+           "final_loss": logged[-1]["loss"]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
