@@ -62,7 +62,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/runs/trainer_throughput.json")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--skip", type=int, default=5, help="first steps left out of the timing (compilation)")
+    ap.add_argument("--skip", type=int, default=5, help="first steps left out of the timing (compilation; at least 1)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
     args = ap.parse_args(argv)
@@ -83,8 +83,8 @@ def main(argv=None):
         wall = time.time() - t0
         lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in lines if "elapsed_s" in r and "loss" in r]
-    skip = min(args.skip, len(logged) - 2)
-    a, b = logged[skip], logged[-1]
+    skip = max(1, min(args.skip, len(logged) - 1))
+    a, b = logged[skip - 1], logged[-1]             # from the end of the last skipped step to the end
     step_s = (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
     gpu_name = torch.cuda.get_device_name() if gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu_name), None)
@@ -94,7 +94,7 @@ def main(argv=None):
            "command": " ".join(["python"] + sys.argv), "shape": {"T": T, "points": P, "num_latents": NL, "n_ahead": A},
            "batch": B, "steps": args.steps, "timed_steps": b["step"] - a["step"], "step_s": step_s,
            "orig_tokens_per_s": B * T / step_s, "frac_bf16_peak": None if peak is None else fl / step_s / peak,
-           "first_steps_s": [r["elapsed_s"] for r in logged[:skip + 1]], "wall_s": wall,
+           "skipped_steps_elapsed_s": [r["elapsed_s"] for r in logged[:skip]], "wall_s": wall,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None,
            "final_loss": logged[-1]["loss"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
