@@ -468,7 +468,8 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
         # The step's one wait for the GPU: the loss and the gradient norm come to the host together
         # (checking the loss before the backward and the norm after it waited twice more, each time
-        # leaving the GPU idle while the host queued the next kernels: ~10% of a fast-path step).
+        # leaving the GPU idle while the host queued the next kernels: a --fast step at the
+        # reference shape took 280 ms instead of 270 on an H100; bench/trainer_throughput.py).
         # A non-finite loss gives non-finite gradients, so nothing is stepped on either way, and
         # every process sees the same all-reduced norm.
         loss_acc, gnorm_f = _host_floats(loss_sum, gnorm)
