@@ -50,9 +50,10 @@ by vocabulary slices (`head_nll`); `augment.score_after_every_token` dispatches 
     nll_aug, nll_base = fastpath.score_every(decoder, coprocessor, ids, positions=16)   # ids (1, T)
 
 Supported: decoders whose layers are Llama-style (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
-RMSNorm, rotary embeddings, full attention), coprocessor bodies copy/scratch/lora/none, any
-number of rounds.
-`unsupported(decoder, coprocessor)` says why a pair is not; the trainer then refuses `--fast`.
+RMSNorm, rotary embeddings, full attention) or GPT-2's (`ln_1`, `attn.c_attn`/`c_proj`, `ln_2`,
+`mlp`; learned position embeddings), coprocessor bodies copy/scratch/lora/none, any number of
+rounds. `unsupported(decoder, coprocessor)` says why a pair is not; the trainer then refuses
+`--fast`. The Llama-style blocks are the measured ones (results/train_throughput.md).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ import torch.nn.functional as F
 
 from . import masks
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gpt2")
 ATTENTION = ("auto", "flex", "dense", "points")   # auto: FlexAttention on CUDA, dense masks elsewhere
 
 # FlexAttention's kernel configuration for the coprocessor and group passes with head dim 64 on a
@@ -173,17 +174,26 @@ def _allow_small_blocks() -> None:
 FLEX_MIN_HEAD_DIM = 16   # FlexAttention's kernels take head dims of 16 and up
 
 
-def unsupported(decoder, coprocessor=None, device: torch.device | str | None = None) -> str | None:
-    """Why this decoder cannot take the fast path, or None if it can. On a GPU (`device`), where
-    the fast path attends with FlexAttention, the head dim must be 16 or more. Every coprocessor
-    body and number of rounds is covered (`coprocessor` is taken for callers that pass the pair)."""
+def unsupported(decoder, coprocessor=None, device: torch.device | str | None = None,
+                training: bool = False) -> str | None:
+    """Why this decoder (and coprocessor) cannot take the fast path, or None if it can. On a GPU
+    (`device`), where the fast path attends with FlexAttention, the head dim must be 16 or more.
+    Every coprocessor body and number of rounds is covered; for `training`, a GPT-2 body must have
+    no attention dropout (the fast path's attention kernels have none; its other dropouts are
+    applied as transformers applies them)."""
     cfg = decoder.config
     if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return f"the fast path covers {', '.join(SUPPORTED_MODEL_TYPES)} decoders, not {cfg.model_type!r}"
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         return "the fast path covers full-attention layers only (this decoder has sliding-window layers)"
-    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+    if cfg.model_type != "gpt2" and getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         return f"the fast path covers SiLU MLPs, not {cfg.hidden_act!r}"
+    if getattr(cfg, "add_cross_attention", False):
+        return "the fast path covers decoders without cross-attention"
+    body = getattr(getattr(coprocessor, "module", coprocessor), "body", None)
+    if training and body is not None and getattr(body.config, "attn_pdrop", 0.0) > 0:
+        return (f"the fast path has no attention dropout; this coprocessor body's attn_pdrop is "
+                f"{body.config.attn_pdrop}")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if device is not None and torch.device(device).type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
         return (f"on a GPU the fast path attends with FlexAttention, which needs a head dim of at least "
@@ -220,7 +230,13 @@ def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True):
     coprocessor layer's forward + backward from 3.45 to 3.31 ms and a group-pass layer's from
     4.61 to 4.54 ms on an H100 at the reference shape (bench/layer_variants.py; q/k/v as one
     matmul, gate/up as one, or the rotary embedding before the transpose gained less or nothing).
-    Projections that are not plain linear layers (LoRA-wrapped) stay two matmuls."""
+    Projections that are not plain linear layers (LoRA-wrapped) stay two matmuls. GPT-2 layers
+    (LayerNorm; q, k, v from one Conv1D; learned positions, so no rotary): cos, sin are None."""
+    if hasattr(layer, "ln_1"):
+        a = layer.attn
+        B, Q, _ = x.shape
+        q, k, v = a.c_attn(layer.ln_1(x)).split(a.split_size, dim=2)
+        return tuple(t.view(B, Q, -1, a.head_dim).transpose(1, 2) for t in (q, k, v))
     a = layer.self_attn
     B, Q, _ = x.shape
     hd = a.head_dim
@@ -239,11 +255,42 @@ def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True):
 
 def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """Attention output projection + residual, then the MLP + residual. o (B, Q, H*hd)."""
+    if hasattr(layer, "ln_2"):   # GPT-2, its dropouts as transformers applies them (none in eval mode)
+        x = x + layer.attn.resid_dropout(layer.attn.c_proj(o))
+        return x + layer.mlp(layer.ln_2(x))
     x = x + layer.self_attn.o_proj(o)
     m = layer.mlp
     n = layer.post_attention_layernorm
     h = _rms(x, n.weight, n.variance_epsilon)
     return x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
+
+
+def _attn(layer):
+    return getattr(layer, "self_attn", None) or layer.attn
+
+
+def _layers(base):
+    return base.layers if hasattr(base, "layers") else base.h
+
+
+def _embedding(base):
+    return base.embed_tokens if hasattr(base, "embed_tokens") else base.wte
+
+
+def _with_positions(base, x: torch.Tensor, pos: torch.Tensor):
+    """Rows x (B, Q, d) at positions pos (B, Q) -> (x, cos, sin). Rotary decoders: cos, sin
+    (B, 1, Q, hd) for the blocks; GPT-2: its learned position embeddings added to x (and its
+    embedding dropout, as transformers does), no rotary."""
+    if hasattr(base, "rotary_emb"):
+        cos, sin = base.rotary_emb(x, pos)                           # (B, Q, hd)
+        return x, cos[:, None], sin[:, None]
+    return base.drop(x + base.wpe(pos)), None, None
+
+
+def _final_norm(base, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(base, "norm"):
+        return _rms(x, base.norm.weight, base.norm.variance_epsilon)
+    return base.ln_f(x)
 
 
 def _merge_heads(o: torch.Tensor) -> torch.Tensor:
@@ -259,7 +306,7 @@ def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fuse_kv: bool = 
     if last:
         return x, k, v
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
-                                       scale=layer.self_attn.scaling, enable_gqa=True)
+                                       scale=_attn(layer).scaling, enable_gqa=True)
     return _out_and_mlp(layer, x, _merge_heads(o)), k, v
 
 
@@ -319,7 +366,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     else:
         K = torch.cat([k_past.to(attn_dtype), k.to(attn_dtype)], dim=2)   # (B, H_kv, T + Q, hd)
         V = torch.cat([v_past.to(attn_dtype), v.to(attn_dtype)], dim=2)
-    scale = layer.self_attn.scaling
+    scale = _attn(layer).scaling
     if isinstance(mask, torch.Tensor):
         if gate_cols is not None:
             mask = mask + gate_cols.to(mask.dtype)
@@ -384,7 +431,7 @@ class Prefix:
 
 
 def _base(model):
-    return getattr(model, "model", None) if hasattr(model, "lm_head") else model
+    return getattr(model, "base_model", model)
 
 
 @torch.no_grad()
@@ -404,14 +451,14 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         attention = "flex" if input_ids.device.type == "cuda" else "dense"
     base = _base(decoder)
     B, T = input_ids.shape
-    x = base.embed_tokens(input_ids)                                 # (B, T, d)
+    x = _embedding(base)(input_ids)                                 # (B, T, d)
     pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-    cos, sin = base.rotary_emb(x, pos)                               # (B, T, hd)
-    cos, sin = cos[:, None], sin[:, None]
+    x, cos, sin = _with_positions(base, x, pos)
     ks, vs = [], []
-    n = len(base.layers)
+    layers = _layers(base)
+    n = len(layers)
     blk = _block("prefill")
-    for i, layer in enumerate(base.layers):
+    for i, layer in enumerate(layers):
         x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden, fuse_kv)
         ks.append(k)
         vs.append(v)
@@ -422,7 +469,7 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         kernel_options = _auto_kernel_options(input_ids.device, hd, block) if attention == "flex" else None
     prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options, fuse_kv)
     if with_hidden:
-        return prefix, _rms(x, base.norm.weight, base.norm.variance_epsilon)
+        return prefix, _final_norm(base, x)
     return prefix
 
 
@@ -463,16 +510,15 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
                    gate_cols=None) -> torch.Tensor:
     """Rows x (B, Q, d) at positions pos (B, Q) through `base`'s layers; layer j reads the prefix
     K/V of decoder layer layer_ids[j]. -> last hidden state after the final norm (B, Q, d)."""
-    cos, sin = base.rotary_emb(x, pos)
-    cos, sin = cos[:, None], sin[:, None]
+    x, cos, sin = _with_positions(base, x, pos)
     dev = x.device.type
     attn_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     blk = _block("group")
-    for j, layer in enumerate(base.layers):
+    for j, layer in enumerate(_layers(base)):
         i = layer_ids[j]
         x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
                 None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv)
-    return _rms(x, base.norm.weight, base.norm.variance_epsilon)
+    return _final_norm(base, x)
 
 
 def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -512,14 +558,14 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
     base = _base(decoder)
     B, P = points.shape
     T = prefix.length
-    dtype = base.embed_tokens.weight.dtype
-    x = torch.cat([latents.to(dtype), base.embed_tokens(tokens)], dim=2)   # (B, P, G, d)
+    embed = _embedding(base)
+    x = torch.cat([latents.to(embed.weight.dtype), embed(tokens)], dim=2)   # (B, P, G, d)
     pos = masks.group_positions(points, layout)                             # (B, P, G)
     G = x.shape[2]
     Gp = _aligned(G, prefix.align) if prefix.attention == "flex" else G
     if Gp > G:
         pad = torch.full((B, P, Gp - G), pad_id, dtype=tokens.dtype, device=tokens.device)
-        x = torch.cat([x, base.embed_tokens(pad)], dim=2)                   # (B, P, Gp, d)
+        x = torch.cat([x, embed(pad)], dim=2)                               # (B, P, Gp, d)
         pos = torch.cat([pos, pos[..., -1:] + torch.arange(1, Gp - G + 1, device=pos.device)], dim=2)
     bm = _group_mask(T, points, Gp, layout.hide_point, prefix)
     per_point = isinstance(bm, PointMask)
@@ -533,7 +579,7 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
                 k: getattr(layout, k) for k in ("refeed_last", "latent_pos", "shift_ahead", "hide_point")})
             cols = masks.latent_columns(T, P, padded).to(points.device)      # (T + P*Gp,) bool
         gate_cols = gate.float()[:, None] * cols                             # (L, keys)
-    ids = list(range(len(base.layers)))
+    ids = list(range(len(_layers(base))))
     rows = (B * P, Gp) if per_point else (B, P * Gp)                         # one point per batch row
     h = _appended_pass(base, x.reshape(*rows, -1), pos.reshape(rows), prefix, ids, bm, gate_cols)
     return h.view(B, P, Gp, -1)[:, :, G - layout.n_ahead: G]

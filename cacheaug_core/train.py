@@ -349,7 +349,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         cop_cfg = cop.config
     else:
         cop = Coprocessor(cop_cfg, decoder)
-    if cfg.fast and (why := fastpath.unsupported(decoder, cop, acc.device)):
+    if cfg.fast and (why := fastpath.unsupported(decoder, cop, acc.device, training=True)):
         raise TrainingError(f"--fast: {why}; train without --fast")
     cop.float().train()
     scalars = _fsdp_unscalar(cop) if _is_fsdp(acc) else set()

@@ -46,7 +46,7 @@ def _grads(cop):
     return {n: p.grad.detach().clone() for n, p in cop.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("name", list(COPROCESSORS))
 def test_fast_loss_and_gradients_match_dense(arch, name):
     dec, cop, ids, pts = _setup(arch, COPROCESSORS[name])
@@ -266,7 +266,7 @@ def test_per_point_attention_matches_dense_forward(name):
     torch.testing.assert_close(out["points"][1], out["dense"][1], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("name", list(COPROCESSORS))
 def test_score_every_matches_the_transformers_path(arch, name):
     """Mode (b) scoring on the fast path: the same NLL table as the dense transformers path,
@@ -306,8 +306,13 @@ def test_group_padding_lengths():
 
 def test_unsupported_decoders_are_named():
     assert fastpath.unsupported(tiny_decoder("llama")) is None
-    why = fastpath.unsupported(tiny_decoder("gpt2"))
-    assert why and "gpt2" in why
+    assert fastpath.unsupported(tiny_decoder("gpt2")) is None
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    neox = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                                          num_attention_heads=4, intermediate_size=64))
+    why = fastpath.unsupported(neox)
+    assert why and "gpt_neox" in why
     dec = tiny_decoder("llama")
     assert fastpath.unsupported(dec, Coprocessor(CoprocessorConfig(num_latents=2, rounds=2), dec)) is None
 
@@ -319,12 +324,13 @@ def _cfg(tmp_path, decoder, data, **kw):
     return TrainConfig(**(base | kw))
 
 
-def test_trainer_takes_the_fast_path(tmp_path, repeated_text_file, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_trainer_takes_the_fast_path(tmp_path, repeated_text_file, monkeypatch, arch):
     """`cacheaug train --fast` runs its steps through fastpath.multi_point_loss (gated layout too)."""
     calls = []
     real = fastpath.multi_point_loss
     monkeypatch.setattr(fastpath, "multi_point_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
-    decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=3)
+    decoder = save_tiny_decoder(tmp_path / "dec", arch, layers=3)
     cop_cfg = CoprocessorConfig(num_latents=3, num_layers=2, refeed_last=True, hide_point=True, shift_ahead=False,
                                 latent_gate=True)
     last = train(_cfg(tmp_path, decoder, repeated_text_file), cop_cfg, show_progress=False)
@@ -360,10 +366,19 @@ def test_fast_path_names_head_dims_flex_attention_cannot_take():
     assert fastpath.unsupported(tiny_decoder("llama", hidden=64), device=torch.device("cuda")) is None
 
 
-def test_trainer_refuses_fast_for_gpt2(tmp_path, repeated_text_file):
-    decoder = save_tiny_decoder(tmp_path / "dec", "gpt2", layers=2)
-    with pytest.raises(TrainingError, match="--fast"):
-        train(_cfg(tmp_path, decoder, repeated_text_file), CoprocessorConfig(num_latents=2), show_progress=False)
+def test_trainer_refuses_fast_for_gpt2_with_attention_dropout(tmp_path, repeated_text_file):
+    """A GPT-2 coprocessor body with attention dropout (GPT-2's own configs have 0.1) trains on the
+    transformers path only: the fast path's attention kernels have no dropout."""
+    from cacheaug_core.decoder import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    model = tiny_decoder("gpt2", vocab=len(tok), layers=2)
+    model.config.attn_pdrop = 0.1
+    model.save_pretrained(tmp_path / "dec")
+    tok.save_pretrained(tmp_path / "dec")
+    with pytest.raises(TrainingError, match="--fast.*attention dropout"):
+        train(_cfg(tmp_path, str(tmp_path / "dec"), repeated_text_file), CoprocessorConfig(num_latents=2),
+              show_progress=False)
 
 
 def test_throughput_bench_interleaves_paths_on_cpu(tmp_path, monkeypatch):
