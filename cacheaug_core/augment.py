@@ -74,11 +74,7 @@ def compile_layers(model) -> None:
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    base = getattr(model, "base_model", model)
-    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
-    if blocks is None:
-        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
-    for block in blocks:
+    for block in fastpath.blocks(model):
         block.compile()
 
 

@@ -55,11 +55,7 @@ def layer_ids(n_decoder: int, n_body: int, how: str) -> list[int]:
 
 def attention_modules(decoder) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in order (Llama/Qwen2 `self_attn`, GPT-2 `attn`)."""
-    base = decoder.base_model
-    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
-    if blocks is None:
-        raise ValueError(f"cannot find the transformer blocks of {type(decoder).__name__}")
-    return [getattr(b, "self_attn", None) or b.attn for b in blocks]
+    return [fastpath.attention(b) for b in fastpath.blocks(decoder)]
 
 
 def _gate_hook(layer: int):

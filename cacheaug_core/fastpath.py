@@ -265,12 +265,21 @@ def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     return x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
 
 
-def _attn(layer):
-    return getattr(layer, "self_attn", None) or layer.attn
+def blocks(model) -> torch.nn.ModuleList:
+    """The transformer blocks of a decoder, its base model or a coprocessor body, in order
+    (Llama/Qwen2 `layers`, GPT-2 `h`)."""
+    base = getattr(model, "base_model", model)
+    found = getattr(base, "layers", None)
+    if found is None:
+        found = getattr(base, "h", None)
+    if found is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return found
 
 
-def _layers(base):
-    return base.layers if hasattr(base, "layers") else base.h
+def attention(block) -> torch.nn.Module:
+    """A block's self-attention module (Llama/Qwen2 `self_attn`, GPT-2 `attn`)."""
+    return getattr(block, "self_attn", None) or block.attn
 
 
 def _embedding(base):
@@ -306,7 +315,7 @@ def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fuse_kv: bool = 
     if last:
         return x, k, v
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
-                                       scale=_attn(layer).scaling, enable_gqa=True)
+                                       scale=attention(layer).scaling, enable_gqa=True)
     return _out_and_mlp(layer, x, _merge_heads(o)), k, v
 
 
@@ -366,7 +375,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     else:
         K = torch.cat([k_past.to(attn_dtype), k.to(attn_dtype)], dim=2)   # (B, H_kv, T + Q, hd)
         V = torch.cat([v_past.to(attn_dtype), v.to(attn_dtype)], dim=2)
-    scale = _attn(layer).scaling
+    scale = attention(layer).scaling
     if isinstance(mask, torch.Tensor):
         if gate_cols is not None:
             mask = mask + gate_cols.to(mask.dtype)
@@ -455,7 +464,7 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
     pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
     x, cos, sin = _with_positions(base, x, pos)
     ks, vs = [], []
-    layers = _layers(base)
+    layers = blocks(base)
     n = len(layers)
     blk = _block("prefill")
     for i, layer in enumerate(layers):
@@ -514,7 +523,7 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     dev = x.device.type
     attn_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     blk = _block("group")
-    for j, layer in enumerate(_layers(base)):
+    for j, layer in enumerate(blocks(base)):
         i = layer_ids[j]
         x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
                 None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv)
@@ -579,7 +588,7 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
                 k: getattr(layout, k) for k in ("refeed_last", "latent_pos", "shift_ahead", "hide_point")})
             cols = masks.latent_columns(T, P, padded).to(points.device)      # (T + P*Gp,) bool
         gate_cols = gate.float()[:, None] * cols                             # (L, keys)
-    ids = list(range(len(_layers(base))))
+    ids = list(range(len(blocks(base))))
     rows = (B * P, Gp) if per_point else (B, P * Gp)                         # one point per batch row
     h = _appended_pass(base, x.reshape(*rows, -1), pos.reshape(rows), prefix, ids, bm, gate_cols)
     return h.view(B, P, Gp, -1)[:, :, G - layout.n_ahead: G]
