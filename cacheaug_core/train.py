@@ -494,7 +494,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             log({"step": step, "loss": loss_acc, "grad_norm": gnorm_f, "lr": sched.get_last_lr()[-1],
                  "tokens_seen": tokens_seen, "elapsed_s": round(elapsed0 + now - t0, 2),
                  "tokens_per_s": round(rate, 1)})
-        timed_out = cfg.max_minutes > 0 and (time.time() - t0) / 60 >= cfg.max_minutes
+        timed_out = cfg.max_minutes > 0 and (now - t0) / 60 >= cfg.max_minutes
         if cfg.max_minutes > 0 and acc.num_processes > 1:
             # each process reads its own clock: all stop at the same step, or the rest would wait
             # forever in the next step's all-reduce
