@@ -235,7 +235,9 @@ class PathRun:
     A: int
     times: list = field(default_factory=list)
     peaks: list = field(default_factory=list)
+    host: list = field(default_factory=list)   # per timed step: host time to queue it (s)
     first: float | None = None
+    last_queued: float = 0.0
     loss: float | None = None
     steps_done: int = 0
     error: str | None = None
@@ -261,8 +263,10 @@ class PathRun:
             loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        queued = time.perf_counter() - t0   # the host's time to queue the step (near t: host-bound)
         _sync(dev)
         t = time.perf_counter() - t0
+        self.last_queued = queued
         if dev.type == "cuda":
             self.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         self.first = t if self.first is None else self.first
@@ -294,6 +298,7 @@ def run_paths(runs: list[PathRun], steps: int, warmup: int, interleave: bool) ->
             t = run.step()
             if timed:
                 run.times.append(t)
+                run.host.append(run.last_queued)
         except torch.OutOfMemoryError as e:
             run.error = "out of memory: " + str(e)[:200]
         except Exception as e:  # keep measuring the other paths
@@ -432,6 +437,7 @@ def main(argv=None):
                 t = sorted(run.times)[len(run.times) // 2]
                 row[run.name] = {"batch": B, "step_s": t, "step_s_all": run.times, "first_step_s": run.first,
                                  "orig_tokens_per_s": B * T / t,
+                                 "host_queue_s": sorted(run.host)[len(run.host) // 2],
                                  "peak_mem_gib": max(run.peaks) if run.peaks else None, "loss": run.loss,
                                  "counted_flops_per_step": fl["per_step"], "flops_per_s": fl["per_step"] / t,
                                  "frac_bf16_peak": None if peak is None else fl["per_step"] / t / peak}

@@ -10,6 +10,12 @@ says what a user of the trainer gets. The decoder is SmolLM2-135M-shaped with ra
 byte-level tokenizer (throughput depends on shapes, not weights), saved to a temporary folder; the
 training text is random printable bytes; the coprocessor a full copy with 16 latents. Every step
 is logged; the step time is the mean over the steps after `--skip` (the first ones compile).
+
+Where a step's time goes on the host: the trainer waits for the GPU once per step (loss and
+gradient norm fetched together, `train._host_floats`); the bench clocks that call. `host_ms`: from
+the end of one step's wait to the start of the next one's (the host's own work: optimizer step,
+data, queueing the forward and backward); `wait_ms`: the wait itself (the GPU finishing what was
+queued). A wait near zero means the GPU waited for the host instead.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cacheaug_core.config import CoprocessorConfig, TrainConfig  # noqa: E402
 from cacheaug_core.decoder import byte_level_tokenizer  # noqa: E402
+from cacheaug_core import train as train_mod  # noqa: E402
 from cacheaug_core.train import train  # noqa: E402
 from train_throughput import PEAK_BF16, counted_flops, smollm2_config  # noqa: E402
 
@@ -58,6 +65,13 @@ def make_text(path: Path, chars: int) -> str:
     return str(path)
 
 
+def _summary(xs: list[float]) -> dict | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return {"median": round(s[len(s) // 2], 2), "min": round(s[0], 2), "max": round(s[-1], 2)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="results/runs/trainer_throughput.json")
@@ -78,14 +92,30 @@ def main(argv=None):
                           batch_size=B, steps=args.steps, warmup=1, lr=1e-5, eval_every=0,
                           save_every=10 ** 9, log_every=1, fast=True, precision="bf16" if gpu else "no",
                           device="" if gpu else "cpu")
+        marks = []   # (host reached the wait, the wait ended), one per step
+        real = train_mod._host_floats
+
+        def clocked(*tensors):
+            t = time.perf_counter()
+            out = real(*tensors)
+            marks.append((t, time.perf_counter()))
+            return out
+
+        train_mod._host_floats = clocked
         t0 = time.time()
-        train(cfg, CoprocessorConfig(num_latents=NL), show_progress=False)
+        try:
+            train(cfg, CoprocessorConfig(num_latents=NL), show_progress=False)
+        finally:
+            train_mod._host_floats = real
         wall = time.time() - t0
         lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in lines if "elapsed_s" in r and "loss" in r]
     skip = max(1, min(args.skip, len(logged) - 1))
     a, b = logged[skip - 1], logged[-1]             # from the end of the last skipped step to the end
     step_s = (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+    timed = marks[skip:]
+    host = [1e3 * (b_[0] - a_[1]) for a_, b_ in zip(marks[skip - 1:], timed)]
+    wait = [1e3 * (b_ - a_) for a_, b_ in timed]
     gpu_name = torch.cuda.get_device_name() if gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu_name), None)
     fl = counted_flops(smollm2_config(args.tiny), B, T, P, NL, A)["per_step"]
@@ -96,7 +126,8 @@ def main(argv=None):
            "orig_tokens_per_s": B * T / step_s, "frac_bf16_peak": None if peak is None else fl / step_s / peak,
            "skipped_steps_elapsed_s": [r["elapsed_s"] for r in logged[:skip]], "wall_s": wall,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None,
-           "final_loss": logged[-1]["loss"]}
+           "final_loss": logged[-1]["loss"],
+           "host_ms": _summary(host), "wait_ms": _summary(wait)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
