@@ -388,8 +388,21 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score + gate_cols[kv_idx]
         o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
-                           kernel_options=kernel_options)
+                           kernel_options=_main_kernel(kernel_options, q.device))
     return _out_and_mlp(layer, x, _merge_heads(o))
+
+
+def _main_kernel(options: dict | None, device: torch.device) -> dict | None:
+    """FlexAttention's kernel options with its main (training) kernel forced on a GPU. Under 128
+    query rows inductor would otherwise pick its decoding kernel (made for generation), whose
+    configurations may fit none of these passes: on an H100 with torch 2.11 a group pass of 96
+    rows (6 points of 16) failed to compile (NoValidChoicesError) while 64 and 128 rows compiled."""
+    if device.type != "cuda":
+        return options
+    out = dict(options or {})
+    if "BACKEND" not in out:
+        out.setdefault("FORCE_USE_FLEX_ATTENTION", True)
+    return out
 
 
 _compiled: dict = {}
