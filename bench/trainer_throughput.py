@@ -11,11 +11,12 @@ byte-level tokenizer (throughput depends on shapes, not weights), saved to a tem
 training text is random printable bytes; the coprocessor a full copy with 16 latents. Every step
 is logged; the step time is the mean over the steps after `--skip` (the first ones compile).
 
-Where a step's time goes on the host: the trainer waits for the GPU once per step (loss and
-gradient norm fetched together, `train._host_floats`); the bench clocks that call. `host_ms`: from
-the end of one step's wait to the start of the next one's (the host's own work: optimizer step,
-data, queueing the forward and backward); `wait_ms`: the wait itself (the GPU finishing what was
-queued). A wait near zero means the GPU waited for the host instead.
+Where a step's time goes on the host: the trainer waits for the GPU once per step, for a step's
+loss and gradient norm (`train._StepNumbers.values`: before taking the step, or with a fused
+AdamW in one process after queueing the next step's forward and backward); the bench clocks that
+wait. `host_ms`: from the end of one wait to the start of the next (the host's own work:
+optimizer step, data, queueing a forward and backward); `wait_ms`: the wait itself. A wait near
+zero means the GPU waited for the host instead.
 """
 
 from __future__ import annotations
@@ -93,20 +94,20 @@ def main(argv=None):
                           save_every=10 ** 9, log_every=1, fast=True, precision="bf16" if gpu else "no",
                           device="" if gpu else "cpu")
         marks = []   # (host reached the wait, the wait ended), one per step
-        real = train_mod._host_floats
+        real = train_mod._StepNumbers.values
 
-        def clocked(*tensors):
+        def clocked(numbers):
             t = time.perf_counter()
-            out = real(*tensors)
+            out = real(numbers)
             marks.append((t, time.perf_counter()))
             return out
 
-        train_mod._host_floats = clocked
+        train_mod._StepNumbers.values = clocked
         t0 = time.time()
         try:
             train(cfg, CoprocessorConfig(num_latents=NL), show_progress=False)
         finally:
-            train_mod._host_floats = real
+            train_mod._StepNumbers.values = real
         wall = time.time() - t0
         lines = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in lines if "elapsed_s" in r and "loss" in r]

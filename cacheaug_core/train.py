@@ -353,9 +353,10 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         raise TrainingError(f"--fast: {why}; train without --fast")
     cop.float().train()
     scalars = _fsdp_unscalar(cop) if _is_fsdp(acc) else set()
-    # On a GPU the fused AdamW: one kernel for all parameters instead of a few per tensor group
-    # (FSDP keeps the default: its parameters are sharded DTensors).
-    fused = acc.device.type == "cuda" and not _is_fsdp(acc)
+    # The fused AdamW: one kernel for all parameters instead of a few per tensor group, and it
+    # skips a non-finite step by itself (see the loop). FSDP keeps the default: its parameters are
+    # sharded DTensors.
+    fused = not _is_fsdp(acc)
     opt = torch.optim.AdamW(param_groups(cop, cfg), betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     rank = acc.process_index
@@ -446,6 +447,43 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         return TrainingError(msg)
 
     last_eval = None
+    # A step's loss and gradient norm reach the host while the next step runs (`_StepNumbers`):
+    # with a fused AdamW in one process the optimizer skips a non-finite step on its own
+    # (`found_inf`), so the host need not wait for the GPU before stepping; it checks a step
+    # after queueing the next one, and the GPU never idles while the host prepares a step.
+    # Otherwise (several processes, a loss scaler, other optimizers) each step is checked before
+    # it is taken.
+    defer = _defers(acc, opt)
+    pending = None   # a step taken but not yet checked and reported: (step, tokens_seen, lr, numbers)
+
+    def check(at: int, numbers) -> tuple[float, float]:
+        """A step's loss and gradient norm as floats; stop on NaN/inf (at: the step's number, 1-based)."""
+        loss_acc, gnorm_f = numbers.values()
+        if not math.isfinite(loss_acc):
+            raise stop(f"loss became {loss_acc} at step {at - 1}; stopped. The last good checkpoint "
+                       f"is kept in {last}. Lower --lr or use --precision no.")
+        if not math.isfinite(gnorm_f):  # a finite loss can still have NaN/inf gradients; never step on them
+            raise stop(f"the gradient norm became {gnorm_f} at step {at - 1}; stopped. The last good "
+                       f"checkpoint is kept in {last}. Lower --lr or use --precision no.")
+        return loss_acc, gnorm_f
+
+    def settle(rec):
+        """Check a taken step (stop on NaN/inf), then report it: progress bar, metrics.jsonl."""
+        at, seen, lr, numbers = rec
+        loss_acc, gnorm_f = check(at, numbers)
+        bar.update(1)
+        now = time.time()
+        # original tokens per second over this run's steps (all processes); the first steps
+        # include compilation on a GPU, so the rate climbs for a while
+        rate = (seen - tokens0) / max(now - t0, 1e-9)
+        bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
+        if at % cfg.log_every == 0 or at == 1:
+            if acc.num_processes > 1:  # the mean over ranks: the loss whose gradient the ranks share
+                loss_acc = acc.reduce(torch.tensor(loss_acc, device=acc.device), "mean").item()
+            log({"step": at, "loss": loss_acc, "grad_norm": gnorm_f, "lr": lr,
+                 "tokens_seen": seen, "elapsed_s": round(elapsed0 + now - t0, 2),
+                 "tokens_per_s": round(rate, 1)})
+
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=acc.device)
@@ -465,48 +503,45 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
                 acc.backward(loss / cfg.grad_accum)
             loss_sum += loss.detach().float() / cfg.grad_accum
             tokens_seen += ids.numel() * acc.num_processes
+        if pending is not None:   # the previous step, checked while this one runs on the GPU
+            settle(pending)
+            pending = None
         gnorm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        # The step's one wait for the GPU: the loss and the gradient norm come to the host together
-        # (checking the loss before the backward and the norm after it waited twice more, each time
-        # leaving the GPU idle while the host queued the next kernels: a --fast step at the
-        # reference shape took 280 ms instead of 270 on an H100; bench/trainer_throughput.py).
-        # A non-finite loss gives non-finite gradients, so nothing is stepped on either way, and
-        # every process sees the same all-reduced norm.
-        loss_acc, gnorm_f = _host_floats(loss_sum, gnorm)
-        if not math.isfinite(loss_acc):
-            raise stop(f"loss became {loss_acc} at step {step}; stopped. The last good checkpoint "
-                       f"is kept in {last}. Lower --lr or use --precision no.")
-        if not math.isfinite(gnorm_f):  # a finite loss can still have NaN/inf gradients; never step on them
-            raise stop(f"the gradient norm became {gnorm_f} at step {step}; stopped. The last good "
-                       f"checkpoint is kept in {last}. Lower --lr or use --precision no.")
+        # The loss and the gradient norm go to the host together, in one transfer. Checked before
+        # the step, that is the step's one wait for the GPU (every process sees the same
+        # all-reduced norm); deferred, the optimizer skips a non-finite step by itself.
+        numbers = _StepNumbers(loss_sum, gnorm)
+        if defer:
+            getattr(opt, "optimizer", opt).found_inf = numbers.bad
+        else:
+            check(step + 1, numbers)
         opt.step()
         sched.step()
         step += 1
-        bar.update(1)
+        rec = (step, tokens_seen, sched.get_last_lr()[-1], numbers)
+        if defer:
+            pending = rec
+        else:
+            settle(rec)
         now = time.time()
-        # original tokens per second over this run's steps (all processes); the first steps
-        # include compilation on a GPU, so the rate climbs for a while
-        rate = (tokens_seen - tokens0) / max(now - t0, 1e-9)
-        bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{sched.get_last_lr()[-1]:.1e}", tok_s=f"{rate:,.0f}")
-        if step % cfg.log_every == 0 or step == 1:
-            if acc.num_processes > 1:  # the mean over ranks: the loss whose gradient the ranks share
-                loss_acc = acc.reduce(torch.tensor(loss_acc, device=acc.device), "mean").item()
-            log({"step": step, "loss": loss_acc, "grad_norm": gnorm_f, "lr": sched.get_last_lr()[-1],
-                 "tokens_seen": tokens_seen, "elapsed_s": round(elapsed0 + now - t0, 2),
-                 "tokens_per_s": round(rate, 1)})
         timed_out = cfg.max_minutes > 0 and (now - t0) / 60 >= cfg.max_minutes
         if cfg.max_minutes > 0 and acc.num_processes > 1:
             # each process reads its own clock: all stop at the same step, or the rest would wait
             # forever in the next step's all-reduce
             timed_out = acc.reduce(torch.tensor(float(timed_out), device=acc.device), "sum").item() > 0
         done = step >= cfg.steps or timed_out or (cfg.stop_after > 0 and step - start_step >= cfg.stop_after)
-        if eval_batches and (step % cfg.eval_every == 0 or done):
+        evaluating = bool(eval_batches) and (step % cfg.eval_every == 0 or done)
+        saving = step % cfg.save_every == 0 or done
+        if pending is not None and (evaluating or saving):   # nothing is evaluated or saved unchecked
+            settle(pending)
+            pending = None
+        if evaluating:
             last_eval = evaluate_heldout(decoder, acc.unwrap_model(model), eval_batches, eval_points, cfg.n_ahead)
             log({"step": step, "eval": last_eval})
             if acc.is_main_process:
                 bar.write(f"step {step}: held-out rel. ppl change pos1 {last_eval['rel_ppl_change_pct'][0]:+.2f}% "
                           f"mean1-16 {last_eval['mean_rel_1_16']:+.2f}%")
-        if step % cfg.save_every == 0 or done:
+        if saving:
             save("last", last_eval)
         if done:
             break
@@ -524,11 +559,39 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _host_floats(*tensors: torch.Tensor) -> list[float]:
-    """Scalar tensors (on any device; sharded ones whole) as Python floats, in one transfer."""
-    whole = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
-    dev = whole[0].device
-    return torch.stack([t.detach().float().reshape(()).to(dev) for t in whole]).tolist()
+class _StepNumbers:
+    """A step's loss and gradient norm (scalar tensors; sharded ones whole) on their way to the
+    host in one transfer. On a GPU the copy goes to pinned memory without waiting; `values()`
+    waits for this step's kernels only, not for those queued after it. `bad` () is 1.0 on the
+    device where either is NaN or inf: a fused optimizer's `found_inf`, which skips the update."""
+
+    def __init__(self, loss: torch.Tensor, gnorm: torch.Tensor):
+        whole = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in (loss, gnorm)]
+        dev = whole[0].device
+        vals = torch.stack([t.detach().float().reshape(()).to(dev) for t in whole])   # (2,)
+        self.bad = (~torch.isfinite(vals).all()).float()
+        self.event = None
+        if vals.is_cuda:
+            self.host = torch.empty(2, pin_memory=True)
+            self.host.copy_(vals, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = vals
+
+    def values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def _defers(acc, opt) -> bool:
+    """Whether a step may be taken before its numbers reach the host: one process (several must
+    stop together), and a fused AdamW that honours `found_inf` with no loss scaler of its own
+    (fp16's GradScaler sets found_inf itself)."""
+    inner = getattr(opt, "optimizer", opt)
+    return (acc.num_processes == 1 and getattr(acc, "scaler", None) is None
+            and isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and bool(inner.defaults.get("fused")))
 
 
 class _null:

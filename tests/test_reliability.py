@@ -401,6 +401,25 @@ def test_cli_reports_a_training_error_in_one_line(tiny_decoder_dir, repeated_tex
     assert len(lines) == 1 and "loss became nan at step 1" in lines[0] and "Traceback" not in err
 
 
+def test_a_step_is_checked_while_the_next_one_runs(tiny_decoder_dir, repeated_text_file, tmp_path, monkeypatch):
+    """One process with the fused AdamW: a step is taken before its loss reaches the host (the
+    optimizer itself skips a non-finite one) and checked once the next step is queued, so a NaN
+    at the 2nd step stops the run after the 3rd step's forward, naming the 2nd, with nothing saved."""
+    calls = []
+    real = augment_mod.multi_point_loss
+
+    def counted(*a, **kw):
+        calls.append(1)
+        loss, nll = real(*a, **kw)
+        return (loss * float("nan") if len(calls) == 2 else loss), nll
+
+    monkeypatch.setattr(augment_mod, "multi_point_loss", counted)
+    cfg = _cfg(tmp_path / "run", tiny_decoder_dir, repeated_text_file, save_every=100)
+    with pytest.raises(TrainingError, match="loss became nan at step 1"):
+        train(cfg, COP, show_progress=False)
+    assert len(calls) == 3 and not (tmp_path / "run" / "last").exists()
+
+
 def test_kill_between_the_two_renames_is_recovered(reference, tiny_decoder_dir, repeated_text_file, tmp_path):
     """Replacing `last/` takes two renames (old aside, new in place). Killed between them, only
     `.last.old` exists (plus an unfinished temporary folder); the next run restores and resumes."""

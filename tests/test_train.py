@@ -113,3 +113,24 @@ def test_two_runs_in_one_process_may_change_precision(tiny_decoder_dir, repeated
                      show_progress=False)
         saved = json.loads((last / "config.json").read_text())
         assert saved["training"]["precision"] == precision and saved["training"]["steps"] == 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fused_adamw_skips_a_step_whose_numbers_are_not_finite(bad):
+    """The trainer takes a step before its loss reaches the host: `_StepNumbers.bad` as the fused
+    AdamW's found_inf leaves weights, moments and step count as they were; a finite step moves them."""
+    from cacheaug_core.train import _StepNumbers
+
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    p.grad = torch.full((4,), bad)
+    opt.found_inf = _StepNumbers(torch.tensor(bad), torch.tensor(bad)).bad
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(4)) and float(opt.state[p]["step"]) == 0
+    assert torch.isfinite(opt.state[p]["exp_avg"]).all()
+    p.grad = torch.ones(4)
+    numbers = _StepNumbers(torch.tensor(2.5), torch.tensor(1.0))
+    opt.found_inf = numbers.bad
+    opt.step()
+    assert (p.detach() < 1).all() and float(opt.state[p]["step"]) == 1
+    assert numbers.values() == [2.5, 1.0]
