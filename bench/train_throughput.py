@@ -244,34 +244,39 @@ class PathRun:
     graph: bool = False          # the step's forward and backward replayed as one CUDA graph
     captured: object = None      # its CapturedStep, made on the first step
 
-    def step(self) -> float:
-        """One optimizer step, synchronised: its wall time (s); the step's peak memory is kept."""
+    def step(self, chain: int = 1) -> float:
+        """`chain` optimizer steps queued back to back and synchronised once at the end: their wall
+        time per step (s); the peak memory is kept. With chain 1 each step starts from an idle GPU
+        and includes the host's time to queue its first kernels; with more, the host queues a
+        step while the GPU runs the one before, as in a training loop that does not wait for
+        every step's loss (`cacheaug train` on a GPU: train.py)."""
         dev = self.batches[0].device
-        i = self.steps_done
-        ids, pts = self.batches[i % len(self.batches)], self.pts[i % len(self.pts)]
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _sync(dev)
         t0 = time.perf_counter()
-        if self.graph:
-            if self.captured is None:  # warms up on a side stream and captures: a warmup step's work
-                self.captured = CapturedStep(
-                    lambda i, p: step_loss(self.dec, self.cop, i, p, self.A, self.fast), self.cop.parameters(), ids, pts)
-            loss = self.captured(ids, pts)
-        else:
-            loss = step_loss(self.dec, self.cop, ids, pts, self.A, self.fast)
-            loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        queued = time.perf_counter() - t0   # the host's time to queue the step (near t: host-bound)
+        for _ in range(chain):
+            i = self.steps_done
+            ids, pts = self.batches[i % len(self.batches)], self.pts[i % len(self.pts)]
+            if self.graph:
+                if self.captured is None:  # warms up on a side stream and captures: a warmup step's work
+                    self.captured = CapturedStep(
+                        lambda i, p: step_loss(self.dec, self.cop, i, p, self.A, self.fast), self.cop.parameters(), ids, pts)
+                loss = self.captured(ids, pts)
+            else:
+                loss = step_loss(self.dec, self.cop, ids, pts, self.A, self.fast)
+                loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.steps_done += 1
+        queued = time.perf_counter() - t0   # the host's time to queue the steps (near t: host-bound)
         _sync(dev)
-        t = time.perf_counter() - t0
-        self.last_queued = queued
+        t = (time.perf_counter() - t0) / chain
+        self.last_queued = queued / chain
         if dev.type == "cuda":
             self.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         self.first = t if self.first is None else self.first
         self.loss = float(loss.detach())
-        self.steps_done += 1
         return t
 
     def profile(self, out: str) -> None:
@@ -288,14 +293,15 @@ class PathRun:
             f.write(f"==== {self.name}\n" + table + "\n")
 
 
-def run_paths(runs: list[PathRun], steps: int, warmup: int, interleave: bool) -> None:
-    """Time `steps` steps of every path after `warmup` steps (the first compiles). Interleaved:
+def run_paths(runs: list[PathRun], steps: int, warmup: int, interleave: bool, chain: int = 1) -> None:
+    """Time `steps` samples of every path after `warmup` steps (the first compiles), each sample
+    `chain` steps queued back to back (`PathRun.step`). Interleaved:
     warm every path up, then take one timed step of each path per round, the paths' order rotated
     each round, so that a GPU whose speed drifts during the run (clocks, temperature) drifts
     for all paths alike; otherwise each path's steps run back to back."""
     def guarded(run, timed):
         try:
-            t = run.step()
+            t = run.step(chain if timed else 1)
             if timed:
                 run.times.append(t)
                 run.host.append(run.last_queued)
@@ -364,6 +370,9 @@ def main(argv=None):
     ap.add_argument("--out", default="results/train_throughput.json")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--chain", type=int, default=1,
+                    help="steps per timed sample, queued back to back with one wait at the end (1: every "
+                         "step waited for, starting from an idle GPU)")
     ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
     ap.add_argument("--shapes", default="ref,paper,nl32,nl64", help="which shapes to run")
     ap.add_argument("--paths", default="dense,dense+compile,fast", help="which paths to run")
@@ -397,6 +406,7 @@ def main(argv=None):
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"device": gpu, "torch": torch.__version__, "commit": commit, "bf16_peak_flops": peak,
               "command": " ".join(["python"] + sys.argv), "autotune": args.autotune, "order": args.order,
+              "chain": args.chain,
               "runs": []}
     T0, P0, NL0, A0 = (512, 16, 16, 16) if not args.tiny else (64, 4, 4, 4)
     if "fast" in args.paths and dev.type == "cuda":
@@ -425,7 +435,7 @@ def main(argv=None):
             else:  # the step's time does not depend on the weights: the other paths share them
                 models = shared = shared or new_models(cfg, dev, dtype, NL)
             runs.append(PathRun(name, FAST_VARIANTS.get(path, False), *models, batches, pts, A, graph=graph))
-        run_paths(runs, args.steps, args.warmup, args.order == "interleaved")
+        run_paths(runs, args.steps, args.warmup, args.order == "interleaved", args.chain)
         for run in runs:
             B = run.batches[0].shape[0]
             if run.error is None and args.profile:
