@@ -120,6 +120,8 @@ FAST_VARIANTS = {
     "fast-nopad": {"align": 1},
     "fast-kvsplit": {"fuse_kv": False},   # k and v as two matmuls (as before fastpath._qkv fused them)
     "fast-prefixgrads": {"frozen": False},
+    # queries head-packed: a query block is one group's rows for the 3 heads sharing a K/V head
+    "fast-packed": {"pack_gqa": True},
     # the BlockMask's blocks (query x key; the default on an H100 is 64 x 64: fastpath.BLOCK)
     "fast-b128": {"block": 128},
     "fast-b64": {"block": 64},
