@@ -399,8 +399,9 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
             # (B, H, P*G, hd) -> per key/value head, each group's rows of its r query heads: (B, H/r, P*S, hd)
             qp = q.view(B, H // r, r, P, G, hd).transpose(2, 3).reshape(B, H // r, P, r * G, hd)
             qp = F.pad(qp, (0, 0, 0, S - r * G)).reshape(B, H // r, P * S, hd)
+            opts = None if kernel_options is None else fit_kernel_options(kernel_options, (S, 1 << 30))
             o = flex_attention(qp, K, V, score_mod=score_mod, block_mask=mask, scale=scale,
-                               kernel_options=_main_kernel(kernel_options, q.device))
+                               kernel_options=_main_kernel(opts, q.device))
             o = o.view(B, H // r, P, S, hd)[:, :, :, :r * G].reshape(B, H // r, P, r, G, hd)
             o = o.transpose(2, 3).reshape(B, H, Q, hd)
     return _out_and_mlp(layer, x, _merge_heads(o))
