@@ -120,13 +120,6 @@ FAST_VARIANTS = {
     "fast-nopad": {"align": 1},
     "fast-kvsplit": {"fuse_kv": False},   # k and v as two matmuls (as before fastpath._qkv fused them)
     "fast-prefixgrads": {"frozen": False},
-    # queries head-packed: a query block is one group's rows for the 3 heads sharing a K/V head
-    "fast-packed": {"pack_gqa": True},
-    "fast-packed-m128": {"pack_gqa": True, "kernel_options": {   # 128-row query tiles where the groups are 128 rows
-        **fastpath.TUNED_KERNEL_OPTIONS, "fwd_BLOCK_M": 128, "bwd_BLOCK_M2": 128}},
-    "fast-packed-m128w8": {"pack_gqa": True, "kernel_options": {
-        **fastpath.TUNED_KERNEL_OPTIONS, "fwd_BLOCK_M": 128, "bwd_BLOCK_M2": 128, "fwd_num_warps": 8,
-        "bwd_num_warps": 8}},
     # the BlockMask's blocks (query x key; the default on an H100 is 64 x 64: fastpath.BLOCK)
     "fast-b128": {"block": 128},
     "fast-b64": {"block": 64},

@@ -353,7 +353,7 @@ def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, d
 
 
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
-                gate_cols=None, kernel_options=None, fuse_kv: bool = True, pack=None):
+                gate_cols=None, kernel_options=None, fuse_kv: bool = True):
     """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
     cached original tokens and to each other as `mask` allows.
 
@@ -364,9 +364,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     float: the latent gate's bias on each key (zero off the latents), or None. Attention runs in
     `attn_dtype` (under autocast SDPA would cast to the autocast dtype; FlexAttention is not on
     autocast's lists). kernel_options: FlexAttention's (block sizes, warps; None: its defaults).
-    fuse_kv: k and v from one matmul (`_qkv`). pack: (G, S, r) when `mask` is the head-packed
-    BlockMask (`masks.packed_group_block_mask`: groups of G rows, r query heads per key/value
-    head, S packed rows per group), else None.
+    fuse_kv: k and v from one matmul (`_qkv`).
     """
     q, k, v = _qkv(layer, x, cos, sin, fuse_kv)
     q = q.to(attn_dtype)
@@ -389,21 +387,8 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
         if gate_cols is not None:
             def score_mod(score, b, h, q_idx, kv_idx):
                 return score + gate_cols[kv_idx]
-        if pack is None:
-            o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
-                               kernel_options=_main_kernel(kernel_options, q.device))
-        else:
-            G, S, r = pack
-            B, H, Q, hd = q.shape
-            P = Q // G
-            # (B, H, P*G, hd) -> per key/value head, each group's rows of its r query heads: (B, H/r, P*S, hd)
-            qp = q.view(B, H // r, r, P, G, hd).transpose(2, 3).reshape(B, H // r, P, r * G, hd)
-            qp = F.pad(qp, (0, 0, 0, S - r * G)).reshape(B, H // r, P * S, hd)
-            opts = None if kernel_options is None else fit_kernel_options(kernel_options, (S, 1 << 30))
-            o = flex_attention(qp, K, V, score_mod=score_mod, block_mask=mask, scale=scale,
-                               kernel_options=_main_kernel(opts, q.device))
-            o = o.view(B, H // r, P, S, hd)[:, :, :, :r * G].reshape(B, H // r, P, r, G, hd)
-            o = o.transpose(2, 3).reshape(B, H, Q, hd)
+        o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
+                           kernel_options=_main_kernel(kernel_options, q.device))
     return _out_and_mlp(layer, x, _merge_heads(o))
 
 
@@ -461,7 +446,6 @@ class Prefix:
     frozen: bool = True       # with FlexAttention, skip the key/value gradients of these K/V (see `_group_mask`)
     kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
     fuse_kv: bool = True      # k and v projected by one matmul in every block (`_qkv`)
-    pack_gqa: bool = False    # with FlexAttention, queries head-packed (see `_packing`)
 
     @property
     def length(self) -> int:
@@ -475,7 +459,7 @@ def _base(model):
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int | tuple[int, int] | str = "auto",
             align: int = 32, frozen: bool = True, kernel_options: dict | str | None = "auto",
-            with_hidden: bool = False, fuse_kv: bool = True, pack_gqa: bool = False):
+            with_hidden: bool = False, fuse_kv: bool = True):
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
     `block`, `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
@@ -505,29 +489,13 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         block = _auto_block(input_ids.device, hd) if attention == "flex" else 128
     if kernel_options == "auto":
         kernel_options = _auto_kernel_options(input_ids.device, hd, block) if attention == "flex" else None
-    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options, fuse_kv, pack_gqa)
+    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options, fuse_kv)
     if with_hidden:
         return prefix, _final_norm(base, x)
     return prefix
 
 
-def _heads_per_kv(base) -> int:
-    cfg = base.config
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
-    return heads // (getattr(cfg, "num_key_value_heads", None) or heads)
-
-
-def _packing(prefix: "Prefix", group_len: int, heads_per_kv: int):
-    """(G, S, r) for the head-packed layout, or None. Packed, a FlexAttention query block is one
-    group's rows for all r query heads that share a key/value head: every row of the block reads
-    the same keys (no block reads a prefix longer than its own group's), and each K/V block
-    loaded serves r heads; groups are padded to S rows (`masks.packed_stride`)."""
-    if prefix.attention != "flex" or not prefix.pack_gqa or heads_per_kv == 1:
-        return None
-    return group_len, masks.packed_stride(group_len, heads_per_kv), heads_per_kv
-
-
-def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, prefix: "Prefix", pack=None):
+def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, prefix: "Prefix"):
     """The group mask in the form `group_block` takes: a BlockMask ("flex"), a `PointMask`
     ("points") or a dense float mask.
 
@@ -541,10 +509,7 @@ def _group_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, 
     if prefix.attention == "flex":
         if points.device.type == "cuda" and min(_blocks(prefix.block)) < 128:
             _allow_small_blocks()
-        if pack is not None:
-            bm = masks.packed_group_block_mask(T, points, group_len, pack[2], hide_point, _blocks(prefix.block)[1])
-        else:
-            bm = masks.group_block_mask(T, points, group_len, hide_point, block_size=_blocks(prefix.block))
+        bm = masks.group_block_mask(T, points, group_len, hide_point, block_size=_blocks(prefix.block))
         if prefix.frozen and not any(t.requires_grad for t in prefix.k + prefix.v):
             bm = masks.without_prefix_key_grads(bm, T)
         return bm
@@ -564,7 +529,7 @@ def _aligned(group_len: int, align: int) -> int:
 
 
 def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, layer_ids, block_mask,
-                   gate_cols=None, pack=None) -> torch.Tensor:
+                   gate_cols=None) -> torch.Tensor:
     """Rows x (B, Q, d) at positions pos (B, Q) through `base`'s layers; layer j reads the prefix
     K/V of decoder layer layer_ids[j]. -> last hidden state after the final norm (B, Q, d)."""
     x, cos, sin = _with_positions(base, x, pos)
@@ -574,7 +539,7 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     for j, layer in enumerate(blocks(base)):
         i = layer_ids[j]
         x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
-                None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv, pack)
+                None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv)
     return _final_norm(base, x)
 
 
@@ -593,11 +558,10 @@ def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor, soft: torch.
         x = soft if latents is None else torch.cat([latents, soft], dim=2)     # (B, P, G, d), G = NL or 2 NL
         G = x.shape[2]
         pos = masks.latent_positions(points, layout, n=G)                      # (B, P, G)
-        pack = _packing(prefix, G, _heads_per_kv(core.body))
-        bm = _group_mask(T, points, G, False, prefix, pack)
+        bm = _group_mask(T, points, G, False, prefix)
         rows = (B * P, G) if prefix.attention == "points" else (B, P * G)      # one point per batch row
         h = _appended_pass(core.body, x.reshape(*rows, d).to(body_dtype), pos.reshape(rows), prefix,
-                           core.layer_ids, bm, pack=pack)
+                           core.layer_ids, bm)
         h = h.view(B, P, G, d)[:, :, -NL:]                                      # (B, P, NL, d)
         latents = core._scale(core.out_proj(h.to(core.soft_tokens.dtype)))
     return latents
@@ -625,8 +589,7 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
         pad = torch.full((B, P, Gp - G), pad_id, dtype=tokens.dtype, device=tokens.device)
         x = torch.cat([x, embed(pad)], dim=2)                               # (B, P, Gp, d)
         pos = torch.cat([pos, pos[..., -1:] + torch.arange(1, Gp - G + 1, device=pos.device)], dim=2)
-    pack = _packing(prefix, Gp, _heads_per_kv(base))
-    bm = _group_mask(T, points, Gp, layout.hide_point, prefix, pack)
+    bm = _group_mask(T, points, Gp, layout.hide_point, prefix)
     per_point = isinstance(bm, PointMask)
     gate_cols = None
     if gate is not None:
@@ -640,7 +603,7 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
         gate_cols = gate.float()[:, None] * cols                             # (L, keys)
     ids = list(range(len(blocks(base))))
     rows = (B * P, Gp) if per_point else (B, P * Gp)                         # one point per batch row
-    h = _appended_pass(base, x.reshape(*rows, -1), pos.reshape(rows), prefix, ids, bm, gate_cols, pack)
+    h = _appended_pass(base, x.reshape(*rows, -1), pos.reshape(rows), prefix, ids, bm, gate_cols)
     return h.view(B, P, Gp, -1)[:, :, G - layout.n_ahead: G]
 
 
@@ -701,16 +664,14 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
                      block: int | tuple[int, int] | str = "auto", align: int = 32, frozen: bool = True,
-                     kernel_options: dict | str | None = "auto", fuse_kv: bool = True,
-                     pack_gqa: bool = False) -> torch.Tensor:
+                     kernel_options: dict | str | None = "auto", fuse_kv: bool = True) -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 
     `coprocessor` may be wrapped (DDP): it is called, so the wrapper's gradient hooks run.
     """
     if prefix is None:
-        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options, fuse_kv=fuse_kv,
-                         pack_gqa=pack_gqa)
+        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options, fuse_kv=fuse_kv)
     core = getattr(coprocessor, "module", coprocessor)
     layout = core.layout(n_ahead)
     latents, gate = coprocessor(prefix, points, with_gate=True)             # (B, P, NL, d), (L,) or None

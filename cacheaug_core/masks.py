@@ -169,43 +169,6 @@ def group_block_mask(T: int, points: torch.Tensor, group_len: int, hide_point: b
     return create_block_mask(mask_mod, B, None, P * G, T + P * G, device=points.device, BLOCK_SIZE=block_size)
 
 
-def packed_stride(group_len: int, heads_per_kv: int) -> int:
-    """Rows one group takes in the head-packed layout: its rows for every query head that shares
-    a key/value head, padded up to a power of two (32 rows x 3 heads -> 128)."""
-    n = 1
-    while n < group_len * heads_per_kv:
-        n *= 2
-    return n
-
-
-def packed_group_block_mask(T: int, points: torch.Tensor, group_len: int, heads_per_kv: int,
-                            hide_point: bool = False, key_block: int = 128):
-    """The group mask for queries laid out head-packed: per key/value head, group g's rows for
-    its `heads_per_kv` query heads one after another, in `packed_stride` rows from g * stride
-    (padding rows repeat the group's first row). Every query block is one group: all its rows read
-    the same keys (the group's prefix, then its own rows), and the blocks of K/V loaded serve all
-    the query heads that share them. (B, P) -> BlockMask for Q = P * stride packed rows and
-    K = T + P * group_len keys, query blocks of `stride` rows."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    B, P = points.shape
-    G = group_len
-    S = packed_stride(G, heads_per_kv)
-    pts = (points - int(hide_point)).contiguous()
-
-    def mask_mod(b, h, q, k):
-        grp = q // S
-        w = q % S
-        row = torch.where(w < G * heads_per_kv, w % G, 0)   # padding rows: the group's first row
-        kg = k - T
-        to_orig = k <= pts[b, grp]
-        to_group = ((kg // G) == grp) & ((kg % G) <= row)
-        return torch.where(k < T, to_orig, to_group)
-
-    return create_block_mask(mask_mod, B, None, P * S, T + P * G, device=points.device,
-                             BLOCK_SIZE=(S, key_block))
-
-
 def without_prefix_key_grads(block_mask, T: int):
     """The same BlockMask for the forward and the query gradient, with no query block listed for
     the key blocks that lie wholly in the first T keys: FlexAttention's backward then skips those

@@ -108,48 +108,6 @@ def test_flex_masks_match_dense_forward(name, block, align):
     assert out["dense"][1].shape == (2, pts.shape[1], 6, dec.config.hidden_size)
 
 
-@pytest.mark.parametrize("name", ["copy", "compact-gated", "two-rounds"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_head_packed_flex_matches_dense_forward(arch, name):
-    """Queries head-packed for FlexAttention (each query block one group's rows of the heads that
-    share a key/value head) read the same latents and hidden states as the dense mask."""
-    dec, cop, ids, pts = _setup(arch, COPROCESSORS[name])
-    assert fastpath._heads_per_kv(dec.model) == 2
-    layout = cop.layout(6)
-    tokens, _, _ = masks.group_tokens(ids, pts, layout)
-    out = {}
-    with torch.no_grad():
-        for att, pack in (("dense", False), ("flex", True)):
-            pre = fastpath.prefill(dec, ids, att, block=16, align=8, pack_gqa=pack)
-            lat = cop(pre, pts)
-            out[att] = (lat, fastpath.group_hidden(dec, pre, pts, lat, tokens, layout, cop.gate_bias))
-    torch.testing.assert_close(out["flex"][0], out["dense"][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out["flex"][1], out["dense"][1], atol=1e-5, rtol=1e-5)
-
-
-def test_packed_mask_rows():
-    """Packed rows: group g's rows for each query head in turn, then padding; each row sees its
-    group's prefix and its own group causally, a padding row what the group's first row sees."""
-    T, G, r = 6, 3, 2
-    pts = torch.tensor([[1, 4]])
-    S = masks.packed_stride(G, r)
-    assert S == 8 and masks.packed_stride(32, 3) == 128 and masks.packed_stride(16, 3) == 64
-    dense = masks.packed_group_block_mask(T, pts, G, r, key_block=4).to_dense()   # blocks, not rows
-    assert dense.shape[-2:] == (2, 3)
-    bm = masks.packed_group_block_mask(T, pts, G, r, key_block=4)
-    q = torch.arange(2 * S)
-    k = torch.arange(T + 2 * G)
-    seen = bm.mask_mod(torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long),
-                       q[:, None], k[None, :])                                    # (2S, T + 2G)
-    want = torch.zeros(2 * S, T + 2 * G, dtype=torch.bool)
-    for g in range(2):
-        for w in range(S):
-            row = w % G if w < r * G else 0
-            want[g * S + w, :int(pts[0, g]) + 1] = True
-            want[g * S + w, T + g * G: T + g * G + row + 1] = True
-    assert torch.equal(seen, want)
-
-
 @pytest.mark.parametrize("T,block", [(40, 16), (64, 16)])
 def test_prefix_key_grads_dropped_from_the_key_major_lists_only(T, block):
     """`masks.without_prefix_key_grads` leaves the query-major block lists (forward, query
