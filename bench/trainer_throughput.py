@@ -9,7 +9,8 @@ bench/train_throughput.py times the fast path's step alone (loss, backward, opti
 says what a user of the trainer gets. The decoder is SmolLM2-135M-shaped with random weights and a
 byte-level tokenizer (throughput depends on shapes, not weights), saved to a temporary folder; the
 training text is random printable bytes; the coprocessor a full copy with 16 latents. Every step
-is logged; the step time is the mean over the steps after `--skip` (the first ones compile).
+is logged; the step time is the median period between the trainer's waits for the GPU over the
+steps after `--skip` (the first ones compile); `logged_step_s` is the same from metrics.jsonl's clock.
 
 Where a step's time goes on the host: the trainer waits for the GPU once per step, for a step's
 loss and gradient norm (`train._StepNumbers.values`: before taking the step, or with a fused
@@ -113,10 +114,16 @@ def main(argv=None):
     logged = [r for r in lines if "elapsed_s" in r and "loss" in r]
     skip = max(1, min(args.skip, len(logged) - 1))
     a, b = logged[skip - 1], logged[-1]             # from the end of the last skipped step to the end
-    step_s = (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
-    timed = marks[skip:]
+    logged_step_s = (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+    # The last wait comes at the final save, right after the last step is queued, not one step
+    # later as the others do when checks are deferred: periods are taken between the waits before it.
+    timed = marks[skip:-1]
     host = [1e3 * (b_[0] - a_[1]) for a_, b_ in zip(marks[skip - 1:], timed)]
     wait = [1e3 * (b_ - a_) for a_, b_ in timed]
+    period = [1e3 * (b_[1] - a_[1]) for a_, b_ in zip(marks[skip - 1:], timed)]
+    # one step per wait in the steady state: the median period between waits (the logged clock
+    # reads 10 ms steps, and with deferred checks a step is logged while the next one runs)
+    step_s = sorted(period)[len(period) // 2] / 1e3 if period else logged_step_s
     gpu_name = torch.cuda.get_device_name() if gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu_name), None)
     fl = counted_flops(smollm2_config(args.tiny), B, T, P, NL, A)["per_step"]
@@ -128,7 +135,8 @@ def main(argv=None):
            "skipped_steps_elapsed_s": [r["elapsed_s"] for r in logged[:skip]], "wall_s": wall,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None,
            "final_loss": logged[-1]["loss"],
-           "host_ms": _summary(host), "wait_ms": _summary(wait)}
+           "host_ms": _summary(host), "wait_ms": _summary(wait), "period_ms": _summary(period),
+           "logged_step_s": logged_step_s}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
