@@ -206,30 +206,26 @@ def test_small_blocks_compile_and_match_128(block):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("name", ["copy", "compact-gated", "two-rounds"])
-def test_compiled_flex_matches_dense_on_gpu(arch, name):
-    """On a GPU, in float32: the compiled blocks with FlexAttention (BlockMask, padded groups, the
-    latent gate as a score_mod, frozen-prefix key blocks dropped from the backward) give the
-    dense path's loss and coprocessor gradients, for every block kind the fast path writes."""
+def _compiled_flex_against_dense(arch, cop_kw, T=96, P=6, NL=4, A=6, hidden=64):
+    """Loss and coprocessor gradients of the compiled fast path with FlexAttention against the
+    dense path, on a GPU in float32."""
     dev = torch.device("cuda")
-    dec = tiny_decoder(arch, layers=3, hidden=64).to(dev)   # head dim 16: FlexAttention's minimum
-    cop = Coprocessor(CoprocessorConfig(num_latents=4, **COPROCESSORS[name]), dec).float().to(dev)
+    dec = tiny_decoder(arch, layers=3, hidden=hidden).to(dev)
+    cop = Coprocessor(CoprocessorConfig(num_latents=NL, **cop_kw), dec).float().to(dev)
     with torch.no_grad():
         for p in cop.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.02)
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 96, (2, 96), generator=g).to(dev)
-    pts = masks.sample_points(96, 6, 2, g).to(dev)
-    loss_d, _ = augment.multi_point_loss(dec, cop, ids, pts, 6, cache=augment.prefill_cache(dec, ids))
+    ids = torch.randint(1, 96, (2, T), generator=g).to(dev)
+    pts = masks.sample_points(T, P, 2, g).to(dev)
+    loss_d, _ = augment.multi_point_loss(dec, cop, ids, pts, A, cache=augment.prefill_cache(dec, ids))
     loss_d.backward()
     gd = _grads(cop)
     cop.zero_grad(set_to_none=True)
     fastpath.enable_compile()
     try:
-        loss_f = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="flex")
+        loss_f = fastpath.multi_point_loss(dec, cop, ids, pts, A, attention="flex")
         loss_f.backward()
     finally:
         fastpath.enable_compile(False)
@@ -238,6 +234,30 @@ def test_compiled_flex_matches_dense_on_gpu(arch, name):
     assert gf.keys() == gd.keys()
     for n in gd:
         torch.testing.assert_close(gf[n], gd[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["copy", "compact-gated", "two-rounds"])
+def test_compiled_flex_matches_dense_on_gpu(arch, name):
+    """On a GPU: the compiled blocks with FlexAttention (BlockMask, padded groups, the latent gate
+    as a score_mod, frozen-prefix key blocks dropped from the backward) give the dense path's loss
+    and coprocessor gradients, for every block kind the fast path writes (head dim 16)."""
+    _compiled_flex_against_dense(arch, COPROCESSORS[name])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("arch,hidden,T,P,NL,A", [
+    ("llama", 256, 50, 3, 5, 3),     # head dim 64: the tuned tiles and 64-blocks on Hopper
+    ("llama", 256, 200, 7, 1, 1),    # one-row groups
+    ("llama", 256, 130, 1, 16, 16),  # one point
+    ("qwen2", 256, 64, 16, 3, 5),
+    ("gpt2", 64, 77, 5, 7, 2),
+])
+def test_compiled_flex_on_odd_shapes(arch, hidden, T, P, NL, A):
+    """Sequence lengths, point counts and group lengths that tile no block still compile and
+    match the dense path."""
+    _compiled_flex_against_dense(arch, {}, T, P, NL, A, hidden)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
