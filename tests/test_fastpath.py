@@ -4,8 +4,10 @@
 
 FlexAttention has no backward on CPU, so losses and gradients are compared with the fast path's
 dense-mask attention; the FlexAttention masks (block skipping, padded groups, the latent gate as a
-score_mod) are compared forward-only. The GPU run of `bench/train_throughput.py` repeats the
-loss/gradient comparison with compiled FlexAttention (results/train_throughput.json, "parity").
+score_mod) are compared forward-only. On a GPU the tests marked for it compare the compiled fast
+path with FlexAttention against the dense path (every block kind, odd shapes, the trainer's save
+and resume); the GPU run of `bench/train_throughput.py` repeats the comparison at the reference
+shape in bf16 (results/train_throughput.json, "parity").
 """
 
 import pytest
