@@ -237,16 +237,15 @@ class PathRun:
     peaks: list = field(default_factory=list)
     host: list = field(default_factory=list)   # per timed step: host time to queue it (s)
     first: float | None = None
-    last_queued: float = 0.0
     loss: float | None = None
     steps_done: int = 0
     error: str | None = None
     graph: bool = False          # the step's forward and backward replayed as one CUDA graph
     captured: object = None      # its CapturedStep, made on the first step
 
-    def step(self, chain: int = 1) -> float:
+    def step(self, chain: int = 1) -> tuple[float, float]:
         """`chain` optimizer steps queued back to back and synchronised once at the end: their wall
-        time per step (s); the peak memory is kept. With chain 1 each step starts from an idle GPU
+        time per step and the host's time per step to queue them (s); the peak memory is kept. With chain 1 each step starts from an idle GPU
         and includes the host's time to queue its first kernels; with more, the host queues a
         step while the GPU runs the one before, as in a training loop that does not wait for
         every step's loss (`cacheaug train` on a GPU: train.py)."""
@@ -272,12 +271,11 @@ class PathRun:
         queued = time.perf_counter() - t0   # the host's time to queue the steps (near t: host-bound)
         _sync(dev)
         t = (time.perf_counter() - t0) / chain
-        self.last_queued = queued / chain
         if dev.type == "cuda":
             self.peaks.append(torch.cuda.max_memory_allocated() / 2**30)
         self.first = t if self.first is None else self.first
         self.loss = float(loss.detach())
-        return t
+        return t, queued / chain
 
     def profile(self, out: str) -> None:
         """Append a torch.profiler table of one step to `out`."""
@@ -301,10 +299,10 @@ def run_paths(runs: list[PathRun], steps: int, warmup: int, interleave: bool, ch
     for all paths alike; otherwise each path's steps run back to back."""
     def guarded(run, timed):
         try:
-            t = run.step(chain if timed else 1)
+            t, queued = run.step(chain if timed else 1)
             if timed:
                 run.times.append(t)
-                run.host.append(run.last_queued)
+                run.host.append(queued)
         except torch.OutOfMemoryError as e:
             run.error = "out of memory: " + str(e)[:200]
         except Exception as e:  # keep measuring the other paths

@@ -518,11 +518,10 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         opt.step()
         sched.step()
         step += 1
-        rec = (step, tokens_seen, sched.get_last_lr()[-1], numbers)
-        if defer:
-            pending = rec
-        else:
-            settle(rec)
+        pending = (step, tokens_seen, sched.get_last_lr()[-1], numbers)
+        if not defer:   # checked already: reported at once
+            settle(pending)
+            pending = None
         now = time.time()
         timed_out = cfg.max_minutes > 0 and (now - t0) / 60 >= cfg.max_minutes
         if cfg.max_minutes > 0 and acc.num_processes > 1:
@@ -570,7 +569,7 @@ class _StepNumbers:
         dev = whole[0].device
         vals = torch.stack([t.detach().float().reshape(()).to(dev) for t in whole])   # (2,)
         self.bad = (~torch.isfinite(vals).all()).float()
-        self.event = None
+        self.event, self._values = None, None
         if vals.is_cuda:
             self.host = torch.empty(2, pin_memory=True)
             self.host.copy_(vals, non_blocking=True)
@@ -580,9 +579,11 @@ class _StepNumbers:
             self.host = vals
 
     def values(self) -> list[float]:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.tolist()
+        if self._values is None:
+            if self.event is not None:
+                self.event.synchronize()
+            self._values = self.host.tolist()
+        return self._values
 
 
 def _defers(acc, opt) -> bool:

@@ -31,9 +31,9 @@ COPROCESSORS = {
 }
 
 
-def _setup(arch, cop_kw, T=40, P=5, B=2, seed=1):
-    dec = tiny_decoder(arch, layers=3)
-    cop = Coprocessor(CoprocessorConfig(num_latents=4, **cop_kw), dec).float()
+def _setup(arch, cop_kw, T=40, P=5, B=2, seed=1, hidden=32, NL=4, device="cpu"):
+    dec = tiny_decoder(arch, layers=3, hidden=hidden).to(device)
+    cop = Coprocessor(CoprocessorConfig(num_latents=NL, **cop_kw), dec).float()
     with torch.no_grad():  # move off the identity / zero initialisation so every gradient is exercised
         for p in cop.parameters():
             if p.requires_grad:
@@ -41,7 +41,7 @@ def _setup(arch, cop_kw, T=40, P=5, B=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 96, (B, T), generator=g)
     pts = masks.sample_points(T, P, B, g)
-    return dec, cop, ids, pts
+    return dec, cop, ids.to(device), pts.to(device)
 
 
 def _grads(cop):
@@ -211,16 +211,7 @@ def test_small_blocks_compile_and_match_128(block):
 def _compiled_flex_against_dense(arch, cop_kw, T=96, P=6, NL=4, A=6, hidden=64):
     """Loss and coprocessor gradients of the compiled fast path with FlexAttention against the
     dense path, on a GPU in float32."""
-    dev = torch.device("cuda")
-    dec = tiny_decoder(arch, layers=3, hidden=hidden).to(dev)
-    cop = Coprocessor(CoprocessorConfig(num_latents=NL, **cop_kw), dec).float().to(dev)
-    with torch.no_grad():
-        for p in cop.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.02)
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 96, (2, T), generator=g).to(dev)
-    pts = masks.sample_points(T, P, 2, g).to(dev)
+    dec, cop, ids, pts = _setup(arch, cop_kw, T, P, seed=3, hidden=hidden, NL=NL, device="cuda")
     loss_d, _ = augment.multi_point_loss(dec, cop, ids, pts, A, cache=augment.prefill_cache(dec, ids))
     loss_d.backward()
     gd = _grads(cop)
