@@ -87,22 +87,37 @@ def counted_flops(cfg, B, T, P, NL, A) -> dict:
     Attention counts (query, key) pairs that the mask allows, attn_q FLOPs each for a forward
     (Q K^T and P V). Backward: the query gradient over every allowed pair (dO V^T and dS K, the
     same FLOPs as the forward), and key/value gradients only for the keys that take a gradient:
-    the appended rows' own (groups', soft tokens'), not the frozen prefix the decoder cached."""
+    the appended rows' own (groups', soft tokens'), not the frozen prefix the decoder cached.
+
+    The last decoder layer's outputs count only where a loss reads them: the prefill's last layer
+    counts its key/value projection alone (the coprocessor and the groups read its cache, nothing
+    reads its hidden states), and in the group pass's last layer the latent rows count their
+    key/value projection alone (only the ahead rows' outputs reach the LM head)."""
     d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     hd = d // cfg.num_attention_heads
     kvd = cfg.num_key_value_heads * hd
-    lin = L * (2 * d * d + 2 * d * kvd + 3 * d * cfg.intermediate_size)     # params in linears
-    attn_q = 4 * cfg.num_attention_heads * hd * L                            # FLOPs per (query, key)
+    layer = 2 * d * d + 2 * d * kvd + 3 * d * cfg.intermediate_size         # params in one layer's linears
+    lin, kv_only = L * layer, 2 * d * kvd
+    attn_q = 4 * cfg.num_attention_heads * hd                                # FLOPs per (query, key) and layer
     G = NL + A - 1
     avg_p = (T - 2) / 2                                                       # mean point position
-    prefill = 2 * lin * T + attn_q * T * (T + 1) / 2
-    cop_prefix, cop_own = P * NL * (avg_p + 1), P * NL * (NL + 1) / 2       # allowed pairs
-    cop = 3 * 2 * lin * P * NL + attn_q * (2 * (cop_prefix + cop_own) + cop_own)   # weights' gradients too
+    # the linears' matmuls (LM head included) per sequence
+    linear = {"prefill": 2 * (lin - layer + kv_only) * T,
+              "coprocessor": 3 * 2 * (lin + d * d) * P * NL,                    # + its output projection;
+                                                                                # weights' gradients too
+              "group": 2 * 2 * (lin * P * G - (layer - kv_only) * P * NL),      # input gradient only
+              "head": 2 * (2 * d * V * P * A)}
+    # attention: allowed (query, key) pairs
+    cop_prefix, cop_own = P * NL * (avg_p + 1), P * NL * (NL + 1) / 2
     grp_prefix, grp_own = P * G * (avg_p + 1), P * G * (G + 1) / 2
-    grp = 2 * 2 * lin * P * G + attn_q * (2 * (grp_prefix + grp_own) + grp_own)   # input gradient only
-    head = 2 * (2 * d * V * P * A)
-    per_seq = prefill + cop + grp + head
-    return {"per_step": B * per_seq, "per_seq": {"prefill": prefill, "coprocessor": cop, "group": grp, "head": head}}
+    lat_prefix, lat_own = P * NL * (avg_p + 1), P * NL * (NL + 1) / 2       # the latent rows' own pairs
+    attention = {"prefill": (L - 1) * attn_q * T * (T + 1) / 2,
+                 "coprocessor": L * attn_q * (2 * (cop_prefix + cop_own) + cop_own),
+                 "group": (L * attn_q * (2 * (grp_prefix + grp_own) + grp_own)
+                           - attn_q * 2 * (lat_prefix + lat_own)),              # last layer: latent queries
+                 "head": 0.0}
+    per_seq = {k: linear[k] + attention[k] for k in linear}
+    return {"per_step": B * sum(per_seq.values()), "per_seq": per_seq, "linear_per_seq": linear}
 
 
 def make_models(cfg, attn: str, device, dtype, state=None):
@@ -289,6 +304,15 @@ class PathRun:
         table = p.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
         with open(out, "a") as f:
             f.write(f"==== {self.name}\n" + table + "\n")
+        if dev.type == "cuda":
+            # every GPU kernel of the step (the table above lists the top 60 rows only)
+            from torch.autograd import DeviceType
+            rows = [(e.key, e.count, e.self_device_time_total) for e in p.key_averages()
+                    if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+            with open(out + f".{self.name.replace('@', '_')}.kernels.csv", "w") as f:
+                f.write("kernel,calls,self_us\n")
+                for name, n, us in sorted(rows, key=lambda r: -r[2]):
+                    f.write(f'"{name}",{n},{us:.1f}\n')
 
 
 def run_paths(runs: list[PathRun], steps: int, warmup: int, interleave: bool, chain: int = 1) -> None:

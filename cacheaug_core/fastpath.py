@@ -222,8 +222,9 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + _rotate_half(x) * sin                          # x (B, H, Q, hd); cos (B, 1, Q, hd)
 
 
-def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True):
-    """Pre-norm, projections, rotary. x (B, Q, d) -> q (B, H, Q, hd), k, v (B, H_kv, Q, hd).
+def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True, with_q: bool = True):
+    """Pre-norm, projections, rotary. x (B, Q, d) -> q (B, H, Q, hd), k, v (B, H_kv, Q, hd);
+    q is None without `with_q`.
 
     With `fuse_kv` k and v come out of one matmul over their stacked weights: at SmolLM2's width
     each is only 192 wide, and one 384-wide matmul (one for their input gradient too) took a
@@ -235,13 +236,14 @@ def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True):
     if hasattr(layer, "ln_1"):
         a = layer.attn
         B, Q, _ = x.shape
-        q, k, v = a.c_attn(layer.ln_1(x)).split(a.split_size, dim=2)
-        return tuple(t.view(B, Q, -1, a.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k, v = a.c_attn(layer.ln_1(x)).split(a.split_size, dim=2)   # one Conv1D for all three
+        q, k, v = (t.view(B, Q, -1, a.head_dim).transpose(1, 2) for t in (q, k, v))
+        return (q if with_q else None), k, v
     a = layer.self_attn
     B, Q, _ = x.shape
     hd = a.head_dim
     h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-    q = a.q_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+    q = a.q_proj(h).view(B, Q, -1, hd).transpose(1, 2) if with_q else None
     if fuse_kv and isinstance(a.k_proj, torch.nn.Linear) and isinstance(a.v_proj, torch.nn.Linear):
         bias = None if a.k_proj.bias is None else torch.cat([a.k_proj.bias, a.v_proj.bias])
         kv = F.linear(h, torch.cat([a.k_proj.weight, a.v_proj.weight]), bias).view(B, Q, -1, hd)
@@ -250,7 +252,7 @@ def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True):
     else:
         k = a.k_proj(h).view(B, Q, -1, hd).transpose(1, 2)
         v = a.v_proj(h).view(B, Q, -1, hd).transpose(1, 2)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
+    return (_rope(q, cos, sin) if with_q else None), _rope(k, cos, sin), v
 
 
 def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -310,8 +312,9 @@ def _merge_heads(o: torch.Tensor) -> torch.Tensor:
 
 def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fuse_kv: bool = True):
     """One layer over the original tokens, causal. -> (x, k, v); with `last` only k, v are made
-    (the group pass reads every layer's K/V, but nothing reads the last layer's output)."""
-    q, k, v = _qkv(layer, x, cos, sin, fuse_kv)
+    (the group pass reads every layer's K/V, but nothing reads the last layer's output; compiled,
+    inductor drops the unused work anyway, eager it is skipped here)."""
+    q, k, v = _qkv(layer, x, cos, sin, fuse_kv, with_q=not last)
     if last:
         return x, k, v
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,

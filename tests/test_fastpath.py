@@ -495,3 +495,35 @@ def test_trainer_throughput_bench_on_cpu(tmp_path):
     assert doc["timed_steps"] == 3 and doc["step_s"] > 0
     assert doc["orig_tokens_per_s"] == pytest.approx(doc["batch"] * doc["shape"]["T"] / doc["step_s"])
     assert doc["final_loss"] == doc["final_loss"]   # finite (not NaN)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_throughput_bench_counts_the_matmuls_the_fast_path_runs(arch):
+    """`counted_flops`'s matmul part (bench/train_throughput.py: the FLOP fraction of issue 7's
+    target) against every matmul FLOP the fast path runs for a loss and its backward, counted by
+    torch's FlopCounterMode: equal, up to the one piece of work the path does and the count
+    leaves out as useless (the latent rows' queries, attention output and MLP in the group pass's
+    last layer: only the ahead rows' outputs reach the LM head)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    src = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput_flops", src)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    B, T, P, NL, A = 2, 40, 5, 4, 6
+    dec, cop, ids, pts = _setup(arch, COPROCESSORS["copy"], T=T, P=P, B=B, NL=NL)
+    with FlopCounterMode(display=False) as counter:
+        fastpath.multi_point_loss(dec, cop, ids, pts, A, attention="dense", align=1).backward()
+    ran = sum(n for op, n in counter.get_flop_counts()["Global"].items()
+              if str(op) in ("aten.mm", "aten.addmm"))
+    cfg = dec.config
+    d, kvd = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    layer = 2 * d * d + 2 * d * kvd + 3 * d * cfg.intermediate_size
+    unneeded = B * 2 * 2 * (layer - 2 * d * kvd) * P * NL          # forward + input gradient
+    counted = B * sum(bench.counted_flops(cfg, B, T, P, NL, A)["linear_per_seq"].values())
+    assert ran == counted + unneeded
