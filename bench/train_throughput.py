@@ -18,6 +18,8 @@ run the same number of optimizer steps on the same batches:
                  block function for all layers (on CPU: dense masks, uncompiled)
   fast-nopad     the same without padding the groups
   fast-kvsplit   the fast path with k and v projected by two matmuls instead of one
+  fast-fullrows  the fast path with every row through the coprocessor's and the group pass's last
+                 layer (before, the rows read only as keys and values there were made too)
   fast-prefixgrads  the fast path with FlexAttention computing key/value gradients for the frozen
                  prefix keys too (what it did before `masks.without_prefix_key_grads`)
   fast-untuned   the fast path with FlexAttention's default kernel configurations
@@ -91,8 +93,8 @@ def counted_flops(cfg, B, T, P, NL, A) -> dict:
 
     The last decoder layer's outputs count only where a loss reads them: the prefill's last layer
     counts its key/value projection alone (the coprocessor and the groups read its cache, nothing
-    reads its hidden states), and in the group pass's last layer the latent rows count their
-    key/value projection alone (only the ahead rows' outputs reach the LM head)."""
+    reads its hidden states), and in the group pass's last layer the rows before the A that predict
+    the ahead tokens (all latents but the last) count their key/value projection alone."""
     d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     hd = d // cfg.num_attention_heads
     kvd = cfg.num_key_value_heads * hd
@@ -100,21 +102,22 @@ def counted_flops(cfg, B, T, P, NL, A) -> dict:
     lin, kv_only = L * layer, 2 * d * kvd
     attn_q = 4 * cfg.num_attention_heads * hd                                # FLOPs per (query, key) and layer
     G = NL + A - 1
+    U = G - A                                                                 # rows whose last-layer output no loss reads
     avg_p = (T - 2) / 2                                                       # mean point position
     # the linears' matmuls (LM head included) per sequence
     linear = {"prefill": 2 * (lin - layer + kv_only) * T,
               "coprocessor": 3 * 2 * (lin + d * d) * P * NL,                    # + its output projection;
                                                                                 # weights' gradients too
-              "group": 2 * 2 * (lin * P * G - (layer - kv_only) * P * NL),      # input gradient only
+              "group": 2 * 2 * (lin * P * G - (layer - kv_only) * P * U),       # input gradient only
               "head": 2 * (2 * d * V * P * A)}
     # attention: allowed (query, key) pairs
     cop_prefix, cop_own = P * NL * (avg_p + 1), P * NL * (NL + 1) / 2
     grp_prefix, grp_own = P * G * (avg_p + 1), P * G * (G + 1) / 2
-    lat_prefix, lat_own = P * NL * (avg_p + 1), P * NL * (NL + 1) / 2       # the latent rows' own pairs
+    u_prefix, u_own = P * U * (avg_p + 1), P * U * (U + 1) / 2               # the U rows' pairs
     attention = {"prefill": (L - 1) * attn_q * T * (T + 1) / 2,
                  "coprocessor": L * attn_q * (2 * (cop_prefix + cop_own) + cop_own),
                  "group": (L * attn_q * (2 * (grp_prefix + grp_own) + grp_own)
-                           - attn_q * 2 * (lat_prefix + lat_own)),              # last layer: latent queries
+                           - attn_q * 2 * (u_prefix + u_own)),                  # last layer: the U rows' queries
                  "head": 0.0}
     per_seq = {k: linear[k] + attention[k] for k in linear}
     return {"per_step": B * sum(per_seq.values()), "per_seq": per_seq, "linear_per_seq": linear}
@@ -134,6 +137,7 @@ FAST_VARIANTS = {
     "fast": {},
     "fast-nopad": {"align": 1},
     "fast-kvsplit": {"fuse_kv": False},   # k and v as two matmuls (as before fastpath._qkv fused them)
+    "fast-fullrows": {"trim_last": False},  # every row through the appended passes' last layer (as before)
     "fast-prefixgrads": {"frozen": False},
     # the BlockMask's blocks (query x key; the default on an H100 is 64 x 64: fastpath.BLOCK)
     "fast-b128": {"block": 128},

@@ -356,7 +356,7 @@ def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, d
 
 
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
-                gate_cols=None, kernel_options=None, fuse_kv: bool = True):
+                gate_cols=None, kernel_options=None, fuse_kv: bool = True, rows: tuple[int, int, int] | None = None):
     """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
     cached original tokens and to each other as `mask` allows.
 
@@ -367,7 +367,9 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     float: the latent gate's bias on each key (zero off the latents), or None. Attention runs in
     `attn_dtype` (under autocast SDPA would cast to the autocast dtype; FlexAttention is not on
     autocast's lists). kernel_options: FlexAttention's (block sizes, warps; None: its defaults).
-    fuse_kv: k and v from one matmul (`_qkv`).
+    fuse_kv: k and v from one matmul (`_qkv`). rows (n, lo, hi): only rows lo..hi-1 of every run
+    of n rows (a group) come out, (B, Q * (hi - lo) / n, d): in a pass's last layer the other rows
+    are needed as keys and values only, so their attention output projection and MLP are skipped.
     """
     q, k, v = _qkv(layer, x, cos, sin, fuse_kv)
     q = q.to(attn_dtype)
@@ -392,7 +394,16 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
                 return score + gate_cols[kv_idx]
         o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
                            kernel_options=_main_kernel(kernel_options, q.device))
-    return _out_and_mlp(layer, x, _merge_heads(o))
+    o = _merge_heads(o)                                               # (B, Q, H*hd)
+    if rows is not None:
+        x, o = _keep_rows(x, *rows), _keep_rows(o, *rows)
+    return _out_and_mlp(layer, x, o)
+
+
+def _keep_rows(x: torch.Tensor, n: int, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo..hi-1 of every run of n rows. x (B, Q, d) -> (B, Q // n * (hi - lo), d)."""
+    B, Q, d = x.shape
+    return x.view(B, Q // n, n, d)[:, :, lo:hi].contiguous().view(B, -1, d)   # GPT-2's Conv1D views its input
 
 
 def _main_kernel(options: dict | None, device: torch.device) -> dict | None:
@@ -449,6 +460,7 @@ class Prefix:
     frozen: bool = True       # with FlexAttention, skip the key/value gradients of these K/V (see `_group_mask`)
     kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
     fuse_kv: bool = True      # k and v projected by one matmul in every block (`_qkv`)
+    trim_last: bool = True    # an appended pass's last layer makes only the rows read after it (`group_block`)
 
     @property
     def length(self) -> int:
@@ -462,12 +474,12 @@ def _base(model):
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int | tuple[int, int] | str = "auto",
             align: int = 32, frozen: bool = True, kernel_options: dict | str | None = "auto",
-            with_hidden: bool = False, fuse_kv: bool = True):
+            with_hidden: bool = False, fuse_kv: bool = True, trim_last: bool = True):
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
     `block`, `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
     `BLOCK` and `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64, else 128 and
-    FlexAttention's defaults; `fuse_kv`: see `_qkv`). -> Prefix; with `with_hidden`,
+    FlexAttention's defaults; `fuse_kv`: see `_qkv`; `trim_last`: see `Prefix`). -> Prefix; with `with_hidden`,
     (Prefix, last hidden state after the final norm (B, T, d)) for the plain decoder's own
     predictions (scoring), else no output rows are made at all."""
     if attention not in ATTENTION:
@@ -492,7 +504,7 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         block = _auto_block(input_ids.device, hd) if attention == "flex" else 128
     if kernel_options == "auto":
         kernel_options = _auto_kernel_options(input_ids.device, hd, block) if attention == "flex" else None
-    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options, fuse_kv)
+    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options, fuse_kv, trim_last)
     if with_hidden:
         return prefix, _final_norm(base, x)
     return prefix
@@ -532,17 +544,22 @@ def _aligned(group_len: int, align: int) -> int:
 
 
 def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, layer_ids, block_mask,
-                   gate_cols=None) -> torch.Tensor:
+                   gate_cols=None, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Rows x (B, Q, d) at positions pos (B, Q) through `base`'s layers; layer j reads the prefix
-    K/V of decoder layer layer_ids[j]. -> last hidden state after the final norm (B, Q, d)."""
+    K/V of decoder layer layer_ids[j]. -> last hidden state after the final norm (B, Q, d); with
+    rows (n, lo, hi) that of rows lo..hi-1 of every n only (`group_block`), (B, Q // n * (hi - lo), d)."""
     x, cos, sin = _with_positions(base, x, pos)
     dev = x.device.type
     attn_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     blk = _block("group")
-    for j, layer in enumerate(blocks(base)):
+    layers = blocks(base)
+    for j, layer in enumerate(layers):
         i = layer_ids[j]
+        last = rows if j == len(layers) - 1 and prefix.trim_last else None
         x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
-                None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv)
+                None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv, last)
+    if rows is not None and not prefix.trim_last:
+        x = _keep_rows(x, *rows)
     return _final_norm(base, x)
 
 
@@ -564,8 +581,8 @@ def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor, soft: torch.
         bm = _group_mask(T, points, G, False, prefix)
         rows = (B * P, G) if prefix.attention == "points" else (B, P * G)      # one point per batch row
         h = _appended_pass(core.body, x.reshape(*rows, d).to(body_dtype), pos.reshape(rows), prefix,
-                           core.layer_ids, bm)
-        h = h.view(B, P, G, d)[:, :, -NL:]                                      # (B, P, NL, d)
+                           core.layer_ids, bm, rows=(G, G - NL, G))
+        h = h.view(B, P, NL, d)                                                 # the last NL rows' outputs
         latents = core._scale(core.out_proj(h.to(core.soft_tokens.dtype)))
     return latents
 
@@ -606,8 +623,10 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
         gate_cols = gate.float()[:, None] * cols                             # (L, keys)
     ids = list(range(len(blocks(base))))
     rows = (B * P, Gp) if per_point else (B, P * Gp)                         # one point per batch row
-    h = _appended_pass(base, x.reshape(*rows, -1), pos.reshape(rows), prefix, ids, bm, gate_cols)
-    return h.view(B, P, Gp, -1)[:, :, G - layout.n_ahead: G]
+    # only the rows that predict the ahead tokens leave the last layer
+    h = _appended_pass(base, x.reshape(*rows, -1), pos.reshape(rows), prefix, ids, bm, gate_cols,
+                       rows=(Gp, G - layout.n_ahead, G))
+    return h.view(B, P, layout.n_ahead, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,14 +686,16 @@ def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, target
 def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torch.Tensor, n_ahead: int,
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
                      block: int | tuple[int, int] | str = "auto", align: int = 32, frozen: bool = True,
-                     kernel_options: dict | str | None = "auto", fuse_kv: bool = True) -> torch.Tensor:
+                     kernel_options: dict | str | None = "auto", fuse_kv: bool = True,
+                     trim_last: bool = True) -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 
     `coprocessor` may be wrapped (DDP): it is called, so the wrapper's gradient hooks run.
     """
     if prefix is None:
-        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options, fuse_kv=fuse_kv)
+        prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options, fuse_kv=fuse_kv,
+                         trim_last=trim_last)
     core = getattr(coprocessor, "module", coprocessor)
     layout = core.layout(n_ahead)
     latents, gate = coprocessor(prefix, points, with_gate=True)             # (B, P, NL, d), (L,) or None

@@ -502,8 +502,8 @@ def test_throughput_bench_counts_the_matmuls_the_fast_path_runs(arch):
     """`counted_flops`'s matmul part (bench/train_throughput.py: the FLOP fraction of issue 7's
     target) against every matmul FLOP the fast path runs for a loss and its backward, counted by
     torch's FlopCounterMode: equal, up to the one piece of work the path does and the count
-    leaves out as useless (the latent rows' queries, attention output and MLP in the group pass's
-    last layer: only the ahead rows' outputs reach the LM head)."""
+    leaves out as useless: the query projection, in the group pass's last layer, of the rows whose
+    outputs no loss reads (the path skips their attention output projection and MLP)."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -522,8 +522,26 @@ def test_throughput_bench_counts_the_matmuls_the_fast_path_runs(arch):
     ran = sum(n for op, n in counter.get_flop_counts()["Global"].items()
               if str(op) in ("aten.mm", "aten.addmm"))
     cfg = dec.config
-    d, kvd = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
-    layer = 2 * d * d + 2 * d * kvd + 3 * d * cfg.intermediate_size
-    unneeded = B * 2 * 2 * (layer - 2 * d * kvd) * P * NL          # forward + input gradient
+    d = cfg.hidden_size
+    unread = cop.layout(A).group_len - A                           # rows before those that predict
+    unneeded = B * 2 * 2 * d * d * P * unread                      # forward + input gradient
     counted = B * sum(bench.counted_flops(cfg, B, T, P, NL, A)["linear_per_seq"].values())
     assert ran == counted + unneeded
+
+
+@pytest.mark.parametrize("name", ["copy", "two-rounds", "compact-gated"])
+def test_last_layer_rows_trimmed_or_not_give_the_same_loss_and_gradients(name):
+    """The appended passes' last layer makes only the rows read after it (`Prefix.trim_last`):
+    loss and coprocessor gradients equal those of every row made (the bench's fast-fullrows)."""
+    dec, cop, ids, pts = _setup("llama", COPROCESSORS[name])
+    out = []
+    for trim in (True, False):
+        cop.zero_grad(set_to_none=True)
+        loss = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense", trim_last=trim)
+        loss.backward()
+        out.append((loss.detach(), _grads(cop)))
+    (l1, g1), (l2, g2) = out
+    torch.testing.assert_close(l1, l2, atol=1e-6, rtol=1e-6)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-6, rtol=1e-5, msg=n)
