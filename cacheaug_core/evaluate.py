@@ -355,15 +355,6 @@ def _token_logprobs(decoder, hidden: torch.Tensor, targets: torch.Tensor):
     return torch.stack(lps), torch.stack(gs)
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (R, T, ...) at per-row indices idx (R, n) -> (R, n, ...)."""
-    shape = idx.shape + x.shape[2:]
-    flat = idx.reshape(idx.shape[0], -1)
-    for _ in x.shape[2:]:
-        flat = flat[..., None]
-    return torch.gather(x, 1, flat.expand(-1, -1, *x.shape[2:])).view(shape)
-
-
 def request_batches(lengths: list[int], max_tokens: int = 16384, max_rows: int = 256) -> list[list[int]]:
     """Indices of requests grouped into batches of at most `max_tokens` padded tokens (rows x the
     longest row) and `max_rows` rows, longest first, so rows of one batch have similar lengths."""
@@ -381,12 +372,15 @@ def request_batches(lengths: list[int], max_tokens: int = 16384, max_rows: int =
     return out
 
 
-def _shared_context_pass(decoder, reqs, tc: torch.Tensor, targets: torch.Tensor, pad_id: int):
-    """The plain reading of a batch whose requests share contexts (async_delay 0): each distinct
-    context is run once (right-padded, (U, Pc)); its cache is repeated to the requests' rows, and
-    the continuations (R, L-1) are read against it with a 4-D mask that hides each row's context
-    padding. -> (cache (R, Pc): contexts only, the plain arm's log-probs and is-argmax (R, L), and
-    latents(cop) -> (R, 1, NL, d): each context's latents, computed once)."""
+def _shared_context_pass(decoder, reqs, tc: torch.Tensor, targets: torch.Tensor, pad_id: int,
+                         keep_continuation: bool = False):
+    """The plain reading of a batch whose requests share contexts: each distinct context is run
+    once (right-padded, (U, Pc)); its cache is repeated to the requests' rows, and the
+    continuations (R, L-1) are read against it with a 4-D mask that hides each row's context
+    padding. -> (cache (R, Pc): contexts only, the plain arm's log-probs and is-argmax (R, L),
+    latents(cop) -> (R, 1, NL, d): each context's latents, computed once, and with
+    `keep_continuation` the cache with the continuations after the padded contexts
+    (R, Pc + L - 1), else None: what a group reads when its latents arrive late)."""
     dev = targets.device
     R, L = targets.shape
     ctx_of: dict[tuple, int] = {}
@@ -402,13 +396,15 @@ def _shared_context_pass(decoder, reqs, tc: torch.Tensor, targets: torch.Tensor,
     hidden = o.last_hidden_state[u, tc - 1][:, None]                                   # (R, 1, d): predicts token 1
     del o
     cache = kv.select_rows(ctx_cache, u)                                               # (R, Pc)
+    full = None
     if L > 1:
         k = torch.arange(L - 1, device=dev)
         seen = torch.arange(Pc, device=dev)[None] < tc[:, None]                        # (R, Pc) not padding
         allowed = masks.append_allowed(seen, torch.ones(R, L - 1, dtype=torch.bool, device=dev))
+        full = kv.fork(cache)                                                          # grows to (R, Pc + L - 1)
         o = decoder.base_model(input_ids=targets[:, : L - 1], position_ids=tc[:, None] + k,
                                attention_mask=masks.to_additive(allowed, augment.decoder_dtype(decoder)),
-                               past_key_values=kv.fork(cache), use_cache=True)
+                               past_key_values=full, use_cache=True)
         hidden = torch.cat([hidden, o.last_hidden_state], dim=1)                       # (R, L, d)
         del o
     plp, pg = _token_logprobs(decoder, hidden, targets)
@@ -416,7 +412,22 @@ def _shared_context_pass(decoder, reqs, tc: torch.Tensor, targets: torch.Tensor,
     def latents(cop):
         return cop(ctx_cache, (tcu - 1)[:, None])[u]                                   # (R, 1, NL, d)
 
-    return cache, plp, pg, latents
+    return cache, plp, pg, latents, (full if keep_continuation else None)
+
+
+def _delayed_group_mask(tc: torch.Tensor, Pc: int, K: int, N: int, group_len: int, hide_point: bool,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask (R, 1, G, K + G) of groups whose latents arrive after the first N
+    continuation tokens, read against a cache of the padded contexts (Pc) followed by the
+    continuations (K = Pc + L - 1): a row's group sees its context (t < tc, not its padding) and
+    its first N continuation entries (N - 1 when the re-fed point stands in for the last of
+    them), then its own rows causally: the keys `masks.group_allowed` gives the point tc - 1 + N
+    in the unpadded layout."""
+    t = torch.arange(K, device=tc.device)[None]                                        # (1, K)
+    cont = (t >= Pc) & (t < Pc + N - int(hide_point))
+    seen = (t < tc[:, None]) | cont                                                     # (R, K)
+    new = torch.ones(len(tc), group_len, dtype=torch.bool, device=tc.device)
+    return masks.to_additive(masks.append_allowed(seen, new), dtype)
 
 
 @torch.no_grad()
@@ -435,12 +446,12 @@ def score_requests(decoder, requests: list[tuple[list[int], list[int]]], coproce
     continuation of <= N tokens is scored plainly.
 
     Requests are packed into batches of at most `max_tokens` padded tokens. Per batch: a plain
-    reading that scores the plain arm and leaves a cache every arm reads (with async_delay 0 each
-    distinct context of the batch is run once and its continuations read against it,
-    `_shared_context_pass`; with a delay, one pass over the right-padded rows context +
-    continuation (R, T)); then per augmented arm one coprocessor call at each context's end and one
-    masked group pass (`augment.group_forward`). A group reads only cache entries up to its own
-    point, so padding and continuation entries stay unseen.
+    reading that scores the plain arm and leaves a cache every arm reads (each distinct context of
+    the batch is run once and its continuations read against it, `_shared_context_pass`); then per
+    augmented arm one coprocessor call at each distinct context's end and one masked group pass
+    (`augment.group_forward`). A group reads only cache entries up to its own point, so padding
+    and later continuation entries stay unseen (with a delay: its context and its first N
+    continuation entries, `_delayed_group_mask`).
     """
     dev, N = decoder.device, int(async_delay)
     if any(len(c) == 0 for c, _ in requests):
@@ -461,16 +472,8 @@ def score_requests(decoder, requests: list[tuple[list[int], list[int]]], coproce
         valid = k < lens[:, None]                                                      # (R, L)
         tpos = (tc[:, None] + k).clamp(max=T - 1)                                      # (R, L) continuation positions
         targets = torch.gather(rows, 1, tpos)                                          # (R, L)
-        if N == 0:
-            cache, plp, pg, latents = _shared_context_pass(decoder, reqs, tc, targets, pad_id)
-        else:
-            o = decoder.base_model(input_ids=rows, use_cache=True)                     # right padding: no mask needed
-            cache = o.past_key_values                                                  # (R, T) per layer
-            plp, pg = _token_logprobs(decoder, _gather_rows(o.last_hidden_state, tpos - 1), targets)  # (R, L)
-            del o
-
-            def latents(cop, cache=cache, tc=tc):
-                return cop(cache, (tc - 1)[:, None])                                   # (R, 1, NL, d)
+        cache, plp, pg, latents, full = _shared_context_pass(decoder, reqs, tc, targets, pad_id,
+                                                             keep_continuation=N > 0)
         for arm, cop in coprocessors.items():
             lp, g = plp, pg
             if cop is not None and int(lens.max()) > N:
@@ -479,7 +482,13 @@ def score_requests(decoder, requests: list[tuple[list[int], list[int]]], coproce
                 z = latents(cop)                                                       # (R, 1, NL, d)
                 pts = (tc - 1 + N).clamp(max=T - 1)[:, None]                           # (R, 1)
                 tokens, _, _ = masks.group_tokens(rows, pts, layout, pad_id)            # (R, 1, n_tokens)
-                go = augment.group_forward(decoder, cache, pts, z, tokens, layout, gate=augment.gate_of(cop))
+                if N == 0:   # the cache of the contexts: each group sees up to its point
+                    go = augment.group_forward(decoder, cache, pts, z, tokens, layout, gate=augment.gate_of(cop))
+                else:        # contexts + continuations: the mask picks each row's entries
+                    mask = _delayed_group_mask(tc, kv.length(cache), kv.length(full), N, layout.group_len,
+                                               layout.hide_point, augment.decoder_dtype(decoder))
+                    go = augment.group_forward(decoder, full, pts, z, tokens, layout, attention_mask=mask,
+                                               gate=augment.gate_of(cop))
                 h = go.last_hidden_state.view(R, layout.group_len, -1)[:, -A:]         # (R, A, d)
                 glp, gg = _token_logprobs(decoder, h, targets[:, N:])                  # (R, A)
                 aug = (lens > N)[:, None]                                              # rows that read latents
