@@ -118,7 +118,8 @@ if triton is not None:
 
 
 def make_variants(x, wg, wu) -> dict:
-    """name -> function of no arguments returning h (M, N), for x (M, K) and wg, wu (N, K)."""
+    """({name: function of no arguments returning h (M, N)}, {name: its autotuned Triton kernel})
+    for x (M, K) and wg, wu (N, K) ("matmuls" returns the pair g, u)."""
     M, K = x.shape
     N = wg.shape[0]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count

@@ -428,11 +428,9 @@ def test_trainer_refuses_fast_for_gpt2_with_attention_dropout(tmp_path, repeated
               show_progress=False)
 
 
-def test_throughput_bench_interleaves_paths_on_cpu(tmp_path, monkeypatch):
-    """bench/train_throughput.py on a tiny model: every path times its steps (taken in turns),
-    and the parity check finds the fast path's loss and gradients equal to the dense path's."""
+def _throughput_bench(monkeypatch):
+    """bench/train_throughput.py as a module."""
     import importlib.util
-    import json
     import sys
     from pathlib import Path
 
@@ -441,6 +439,15 @@ def test_throughput_bench_interleaves_paths_on_cpu(tmp_path, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "train_throughput", bench)   # its dataclasses look their module up
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_throughput_bench_interleaves_paths_on_cpu(tmp_path, monkeypatch):
+    """bench/train_throughput.py on a tiny model: every path times its steps (taken in turns),
+    and the parity check finds the fast path's loss and gradients equal to the dense path's."""
+    import json
+
+    bench = _throughput_bench(monkeypatch)
     out = tmp_path / "tp.json"
     bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--paths", "dense,dense@4,fast,fast-b64@4", "--out", str(out)])
     doc = json.loads(out.read_text())
@@ -498,23 +505,15 @@ def test_trainer_throughput_bench_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_throughput_bench_counts_the_matmuls_the_fast_path_runs(arch):
+def test_throughput_bench_counts_the_matmuls_the_fast_path_runs(arch, monkeypatch):
     """`counted_flops`'s matmul part (bench/train_throughput.py: the FLOP fraction of issue 7's
     target) against every matmul FLOP the fast path runs for a loss and its backward, counted by
     torch's FlopCounterMode: equal, up to the one piece of work the path does and the count
     leaves out as useless: the query projection, in the group pass's last layer, of the rows whose
     outputs no loss reads (the path skips their attention output projection and MLP)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from torch.utils.flop_counter import FlopCounterMode
 
-    src = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput_flops", src)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = _throughput_bench(monkeypatch)
     B, T, P, NL, A = 2, 40, 5, 4, 6
     dec, cop, ids, pts = _setup(arch, COPROCESSORS["copy"], T=T, P=P, B=B, NL=NL)
     with FlopCounterMode(display=False) as counter:
