@@ -264,8 +264,9 @@ class PathRun:
 
     def step(self, chain: int = 1) -> tuple[float, float]:
         """`chain` optimizer steps queued back to back and synchronised once at the end: their wall
-        time per step and the host's time per step to queue them (s); the peak memory is kept. With chain 1 each step starts from an idle GPU
-        and includes the host's time to queue its first kernels; with more, the host queues a
+        time per step and the host's time per step to queue them (s); the peak memory is kept.
+        With chain 1 each step starts from an idle GPU and includes the host's time to queue its
+        first kernels; with more, the host queues a
         step while the GPU runs the one before, as in a training loop that does not wait for
         every step's loss (`cacheaug train` on a GPU: train.py)."""
         dev = self.batches[0].device
