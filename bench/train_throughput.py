@@ -20,6 +20,8 @@ run the same number of optimizer steps on the same batches:
   fast-kvsplit   the fast path with k and v projected by two matmuls instead of one
   fast-fullrows  the fast path with every row through the coprocessor's and the group pass's last
                  layer (before, the rows read only as keys and values there were made too)
+  fast-cublasmlp the fast path with the decoder's MLP compiled (cuBLAS + inductor) where it would
+                 otherwise run through quack's fused SwiGLU GEMMs (fastpath.resolve_mlp)
   fast-prefixgrads  the fast path with FlexAttention computing key/value gradients for the frozen
                  prefix keys too (what it did before `masks.without_prefix_key_grads`)
   fast-untuned   the fast path with FlexAttention's default kernel configurations
@@ -138,6 +140,8 @@ FAST_VARIANTS = {
     "fast-nopad": {"align": 1},
     "fast-kvsplit": {"fuse_kv": False},   # k and v as two matmuls (as before fastpath._qkv fused them)
     "fast-fullrows": {"trim_last": False},  # every row through the appended passes' last layer (as before)
+    "fast-cublasmlp": {"mlp": "compiled"},  # the decoder's MLP compiled (cuBLAS + inductor), not quack's fused GEMMs
+    "fast-quack": {"mlp": "quack"},         # the decoder's MLP through quack (an error where it cannot run)
     "fast-prefixgrads": {"frozen": False},
     # the BlockMask's blocks (query x key; the default on an H100 is 64 x 64: fastpath.BLOCK)
     "fast-b128": {"block": 128},
@@ -342,6 +346,11 @@ def run_paths(runs: list[PathRun], steps: int, warmup: int, interleave: bool, ch
             for i in range(warmup + steps):
                 if run.error is None:
                     guarded(run, i >= warmup)
+            # a captured graph keeps its step's memory in a pool of its own: free it for the next path
+            run.captured = None
+            run.opt.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         return
     for run in runs:
         for _ in range(warmup):

@@ -209,6 +209,74 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
 # operations), so that both paths agree to rounding.
 
 
+# The frozen decoder's MLP with the SwiGLU inside its GEMMs (quack's CuTe DSL kernels, an optional
+# GPU dependency: `pip install quack-kernels`). cuBLAS writes g = h Wg^T and u = h Wu^T and an
+# elementwise kernel reads them back to write silu(g) * u, and the backward does the same around
+# the down projection's input gradient: ~30 ms of a ~243 ms step at the reference shape on an
+# H100. quack's `gemm_gated` applies the SwiGLU in the gate/up GEMM's epilogue and `gemm_dgated`
+# its backward in the epilogue of the down projection's input-gradient GEMM. One MLP, bench/quack_mlp.py
+# on an H100: 0.84 -> 0.54 ms over the prefill's 65,536 rows (forward), 1.77 -> 1.35 ms over the
+# group pass's (forward + input gradient); with weight gradients (the coprocessor) it was slower
+# (1.44 -> 1.63 ms), so the trained coprocessor keeps the compiled MLP. MLP = "auto" uses quack
+# for the frozen decoder on Hopper when it is installed.
+MLP_KERNELS = ("auto", "compiled", "quack")
+
+
+def _fusable_mlp(layer) -> bool:
+    """A Llama-style MLP of plain bias-free linears with a SiLU gate, at quack's alignment."""
+    m = getattr(layer, "mlp", None)
+    lins = [getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if not all(type(x) is torch.nn.Linear and x.bias is None for x in lins):
+        return False
+    act = type(getattr(m, "act_fn", None)).__name__
+    return act in ("SiLU", "SiLUActivation") and all(x.in_features % 16 == 0 and x.out_features % 16 == 0 for x in lins)
+
+
+def _quack_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("quack") is not None
+
+
+def resolve_mlp(mlp: str, device: torch.device, layer) -> str:
+    """"auto" -> "quack" on a Hopper GPU with quack installed and a fusable MLP (where it was
+    measured), else "compiled". An explicit "quack" that cannot run is an error."""
+    if mlp not in MLP_KERNELS:
+        raise ValueError(f"mlp must be one of {MLP_KERNELS}, not {mlp!r}")
+    ok = device.type == "cuda" and _fusable_mlp(layer) and _quack_available()
+    if mlp == "auto":
+        return "quack" if ok and torch.cuda.get_device_capability(device) == (9, 0) else "compiled"
+    if mlp == "quack" and not ok:
+        raise ValueError("mlp='quack' needs a CUDA GPU, the quack-kernels package and a Llama-style "
+                         "SiLU MLP of bias-free linears")
+    return mlp
+
+
+_GATE_UP: dict = {}
+
+
+def _gate_up(m) -> torch.Tensor:
+    """gate_proj and up_proj stacked (2 * hidden, d), made once per frozen weight version."""
+    g, u = m.gate_proj.weight, m.up_proj.weight
+    key = (g.data_ptr(), g._version, u.data_ptr(), u._version)
+    hit = _GATE_UP.get(id(m))
+    if hit is None or hit[0] != key:
+        hit = _GATE_UP[id(m)] = (key, torch.cat([g, u]).detach())
+    return hit[1]
+
+
+@torch.compiler.disable
+def _quack_mlp(m, h: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(h)) * up(h)) through quack's fused GEMMs, for frozen weights. h (B, Q, d).
+    Outside torch.compile (a graph break): quack's ops compiled into inductor's graph ran slower."""
+    from quack.mlp import mlp_func
+
+    w1 = _gate_up(m)
+    if torch.is_autocast_enabled(h.device.type):
+        h = h.to(torch.get_autocast_dtype(h.device.type))
+    return mlp_func(h, w1.to(h.dtype), m.down_proj.weight.to(h.dtype), activation="swiglu", concat_layout=True)
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dt = x.dtype
     h = x.float()
@@ -258,8 +326,9 @@ def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True, with_q: bool = 
     return (_rope(q, cos, sin) if with_q else None), _rope(k, cos, sin), v
 
 
-def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """Attention output projection + residual, then the MLP + residual. o (B, Q, H*hd)."""
+def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, mlp: str = "compiled") -> torch.Tensor:
+    """Attention output projection + residual, then the MLP + residual. o (B, Q, H*hd).
+    mlp: "quack" for a frozen MLP through `_quack_mlp`, else plain ops (compiled with the block)."""
     if hasattr(layer, "ln_2"):   # GPT-2, its dropouts as transformers applies them (none in eval mode)
         x = x + layer.attn.resid_dropout(layer.attn.c_proj(o))
         return x + layer.mlp(layer.ln_2(x))
@@ -267,6 +336,8 @@ def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     m = layer.mlp
     n = layer.post_attention_layernorm
     h = _rms(x, n.weight, n.variance_epsilon)
+    if mlp == "quack":
+        return x + _quack_mlp(m, h)
     return x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
 
 
@@ -313,7 +384,7 @@ def _merge_heads(o: torch.Tensor) -> torch.Tensor:
     return o.transpose(1, 2).reshape(B, Q, -1)
 
 
-def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fuse_kv: bool = True):
+def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fuse_kv: bool = True, mlp: str = "compiled"):
     """One layer over the original tokens, causal. -> (x, k, v); with `last` only k, v are made
     (the group pass reads every layer's K/V, but nothing reads the last layer's output; compiled,
     inductor drops the unused work anyway, eager it is skipped here)."""
@@ -322,7 +393,7 @@ def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fuse_kv: bool = 
         return x, k, v
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
                                        scale=attention(layer).scaling, enable_gqa=True)
-    return _out_and_mlp(layer, x, _merge_heads(o)), k, v
+    return _out_and_mlp(layer, x, _merge_heads(o), mlp), k, v
 
 
 @dataclass
@@ -359,7 +430,8 @@ def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, d
 
 
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
-                gate_cols=None, kernel_options=None, fuse_kv: bool = True, rows: tuple[int, int, int] | None = None):
+                gate_cols=None, kernel_options=None, fuse_kv: bool = True, rows: tuple[int, int, int] | None = None,
+                mlp: str = "compiled"):
     """One layer over appended rows (groups, or the coprocessor's soft tokens) that attend to the
     cached original tokens and to each other as `mask` allows.
 
@@ -373,6 +445,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     fuse_kv: k and v from one matmul (`_qkv`). rows (n, lo, hi): only rows lo..hi-1 of every run
     of n rows (a group) come out, (B, Q * (hi - lo) / n, d): in a pass's last layer the other rows
     are needed as keys and values only, so their attention output projection and MLP are skipped.
+    mlp: how the MLP runs (`_out_and_mlp`).
     """
     q, k, v = _qkv(layer, x, cos, sin, fuse_kv)
     q = q.to(attn_dtype)
@@ -400,7 +473,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     o = _merge_heads(o)                                               # (B, Q, H*hd)
     if rows is not None:
         x, o = _keep_rows(x, *rows), _keep_rows(o, *rows)
-    return _out_and_mlp(layer, x, o)
+    return _out_and_mlp(layer, x, o, mlp)
 
 
 def _keep_rows(x: torch.Tensor, n: int, lo: int, hi: int) -> torch.Tensor:
@@ -464,6 +537,7 @@ class Prefix:
     kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
     fuse_kv: bool = True      # k and v projected by one matmul in every block (`_qkv`)
     trim_last: bool = True    # an appended pass's last layer makes only the rows read after it (`group_block`)
+    mlp: str = "compiled"     # the frozen decoder's MLP: "compiled" or "quack" (`resolve_mlp`)
 
     @property
     def length(self) -> int:
@@ -477,12 +551,13 @@ def _base(model):
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: int | tuple[int, int] | str = "auto",
             align: int = 32, frozen: bool = True, kernel_options: dict | str | None = "auto",
-            with_hidden: bool = False, fuse_kv: bool = True, trim_last: bool = True):
+            with_hidden: bool = False, fuse_kv: bool = True, trim_last: bool = True, mlp: str = "auto"):
     """The frozen decoder over input_ids (B, T): every layer's K/V. `attention` picks how the
     coprocessor's and the groups' rows will attend to it (tests pin it; see `_group_mask`);
     `block`, `frozen` and `kernel_options` how FlexAttention runs (see `Prefix`; "auto":
     `BLOCK` and `TUNED_KERNEL_OPTIONS` on a Hopper GPU with head dim 64, else 128 and
-    FlexAttention's defaults; `fuse_kv`: see `_qkv`; `trim_last`: see `Prefix`). -> Prefix; with `with_hidden`,
+    FlexAttention's defaults; `fuse_kv`: see `_qkv`; `trim_last`: see `Prefix`; `mlp`: how the
+    decoder's MLPs run, see `resolve_mlp`). -> Prefix; with `with_hidden`,
     (Prefix, last hidden state after the final norm (B, T, d)) for the plain decoder's own
     predictions (scoring), else no output rows are made at all."""
     if attention not in ATTENTION:
@@ -497,9 +572,10 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
     ks, vs = [], []
     layers = blocks(base)
     n = len(layers)
+    mlp = resolve_mlp(mlp, input_ids.device, layers[0])
     blk = _block("prefill")
     for i, layer in enumerate(layers):
-        x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden, fuse_kv)
+        x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden, fuse_kv, mlp)
         ks.append(k)
         vs.append(v)
     hd = ks[0].shape[-1]
@@ -507,7 +583,7 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
         block = _auto_block(input_ids.device, hd) if attention == "flex" else 128
     if kernel_options == "auto":
         kernel_options = _auto_kernel_options(input_ids.device, hd, block) if attention == "flex" else None
-    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options, fuse_kv, trim_last)
+    prefix = Prefix(ks, vs, attention, block, align, frozen, kernel_options, fuse_kv, trim_last, mlp)
     if with_hidden:
         return prefix, _final_norm(base, x)
     return prefix
@@ -556,11 +632,14 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     attn_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     blk = _block("group")
     layers = blocks(base)
+    # the fused MLP serves frozen layers (the decoder's); a trained body keeps the compiled one
+    mlp = prefix.mlp if prefix.mlp == "quack" and _fusable_mlp(layers[0]) and not any(
+        p.requires_grad for p in layers[0].mlp.parameters()) else "compiled"
     for j, layer in enumerate(layers):
         i = layer_ids[j]
         last = rows if j == len(layers) - 1 and prefix.trim_last else None
         x = blk(layer, x, cos, sin, prefix.k[i], prefix.v[i], block_mask, attn_dtype,
-                None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv, last)
+                None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv, last, mlp)
     if rows is not None and not prefix.trim_last:
         x = _keep_rows(x, *rows)
     return _final_norm(base, x)
@@ -690,7 +769,7 @@ def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torc
                      prefix: Prefix | None = None, pad_id: int = 0, attention: str = "auto",
                      block: int | tuple[int, int] | str = "auto", align: int = 32, frozen: bool = True,
                      kernel_options: dict | str | None = "auto", fuse_kv: bool = True,
-                     trim_last: bool = True) -> torch.Tensor:
+                     trim_last: bool = True, mlp: str = "auto") -> torch.Tensor:
     """Mean cross-entropy over the valid ahead tokens of every point: `augment.multi_point_loss`'s
     loss, computed on the fast path. input_ids (B, T), points (B, P) -> scalar.
 
@@ -698,7 +777,7 @@ def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torc
     """
     if prefix is None:
         prefix = prefill(decoder, input_ids, attention, block, align, frozen, kernel_options, fuse_kv=fuse_kv,
-                         trim_last=trim_last)
+                         trim_last=trim_last, mlp=mlp)
     core = getattr(coprocessor, "module", coprocessor)
     layout = core.layout(n_ahead)
     latents, gate = coprocessor(prefix, points, with_gate=True)             # (B, P, NL, d), (L,) or None

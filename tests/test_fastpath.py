@@ -544,3 +544,78 @@ def test_last_layer_rows_trimmed_or_not_give_the_same_loss_and_gradients(name):
     assert g1.keys() == g2.keys() and len(g1) > 0
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_mlp_kernel_choice_and_its_errors():
+    """`resolve_mlp`: "auto" keeps the compiled MLP off a Hopper GPU with quack; an explicit
+    "quack" that cannot run says why; GPT-2's MLP (GELU, biases) is never fused."""
+    llama, gpt2 = tiny_decoder("llama"), tiny_decoder("gpt2")
+    layer = fastpath.blocks(llama)[0]
+    assert fastpath._fusable_mlp(layer)
+    assert fastpath._fusable_mlp(fastpath.blocks(tiny_decoder("qwen2"))[0])
+    assert not fastpath._fusable_mlp(fastpath.blocks(gpt2)[0])
+    cpu = torch.device("cpu")
+    assert fastpath.resolve_mlp("auto", cpu, layer) == "compiled"
+    assert fastpath.resolve_mlp("compiled", cpu, layer) == "compiled"
+    with pytest.raises(ValueError, match="quack-kernels"):
+        fastpath.resolve_mlp("quack", cpu, layer)
+    with pytest.raises(ValueError, match="mlp must be one of"):
+        fastpath.resolve_mlp("cutlass", cpu, layer)
+
+
+def test_fused_mlp_serves_the_frozen_decoder_only(monkeypatch):
+    """With the fused MLP chosen, the decoder's layers (prefill and group pass) call it and the
+    trained coprocessor's do not (its weights need gradients, which quack ran slower); the loss
+    and gradients equal the compiled MLP's. The fused kernel is a GPU one: here a stand-in with
+    the same math records who calls it."""
+    dec, cop, ids, pts = _setup("llama", COPROCESSORS["copy"])
+    ref = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense", mlp="compiled")
+    ref.backward()
+    g_ref = _grads(cop)
+    cop.zero_grad(set_to_none=True)
+    called = []
+
+    def stand_in(m, h):
+        called.append(id(m))
+        w1 = fastpath._gate_up(m)                                   # (2 * hidden, d): gate, then up
+        g, u = F.linear(h, w1).chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, m.down_proj.weight)
+
+    monkeypatch.setattr(fastpath, "_quack_mlp", stand_in)
+    monkeypatch.setattr(fastpath, "resolve_mlp", lambda mlp, device, layer: "quack")
+    loss = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense")
+    loss.backward()
+    dec_mlps = {id(b.mlp) for b in fastpath.blocks(dec)}
+    cop_mlps = {id(b.mlp) for b in fastpath.blocks(cop.body)}
+    assert set(called) == dec_mlps and not set(called) & cop_mlps
+    # the group pass's every layer and the prefill's but its last (which stops at its k/v)
+    assert len(called) == 2 * len(dec_mlps) - 1
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    g = _grads(cop)
+    assert g.keys() == g_ref.keys() and len(g) > 0
+    for n in g:
+        torch.testing.assert_close(g[n], g_ref[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def _quack_ready() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+            and fastpath._quack_available())
+
+
+@pytest.mark.skipif(not _quack_ready(), reason="needs a Hopper GPU with quack-kernels installed")
+def test_quack_mlp_matches_the_compiled_mlp_on_gpu():
+    """The fused SwiGLU GEMMs against the compiled MLP, bf16, on the fast path's step: the same
+    loss and coprocessor gradients up to bf16 rounding (quack keeps g and u in fp32 registers)."""
+    fastpath.enable_compile()
+    dec, cop, ids, pts = _setup("llama", COPROCESSORS["copy"], T=128, P=4, B=2, hidden=64, device="cuda")
+    dec = dec.to(torch.bfloat16)
+    out = []
+    for mlp in ("compiled", "quack"):
+        cop.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fastpath.multi_point_loss(dec, cop, ids, pts, 6, mlp=mlp)
+        loss.backward()
+        out.append((loss.detach().float(), torch.cat([g.flatten() for g in _grads(cop).values()])))
+    (l1, g1), (l2, g2) = out
+    torch.testing.assert_close(l1, l2, atol=2e-2, rtol=2e-3)
+    assert F.cosine_similarity(g1, g2, dim=0) > 0.999
