@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cacheaug_core import augment, fastpath, masks  # noqa: E402
 from cacheaug_core.config import CoprocessorConfig  # noqa: E402
 from cacheaug_core.coprocessor import Coprocessor  # noqa: E402
+from cacheaug_core.cudagraph import CapturedStep  # noqa: E402
 from cacheaug_core.decoder import freeze  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -186,58 +187,6 @@ def new_models(cfg, dev, dtype, NL: int):
     dec = make_models(cfg, "sdpa", dev, dtype)
     cop = Coprocessor(CoprocessorConfig(num_latents=NL), dec).float()
     return dec, cop, torch.optim.AdamW(cop.parameters(), lr=1e-5, fused=dev.type == "cuda")
-
-
-class CapturedStep:
-    """A training step's forward and backward captured once as a CUDA graph and replayed on
-    every batch: the host launches one graph instead of the step's ~1,500 kernels one by one
-    (the `+graph` paths; at the reference shape it gained 0.6%, within the steps' spread: the
-    host is not what holds the fast path back; results/train_throughput.md).
-
-        step = CapturedStep(lambda ids, pts: loss_fn(ids, pts), params, ids, pts)
-        loss = step(ids, pts)          # gradients in p.grad, as after loss.backward()
-        opt.step(); opt.zero_grad(set_to_none=True)
-
-    `loss_fn(*inputs)` must take tensors of the captured shapes and synchronise nothing with the
-    host (`multi_point_loss` does not). Each call copies the inputs into the graph's own tensors
-    and replays it; the loss and the gradients live in the graph's memory and are overwritten by
-    the next call (read or step on them first; one batch per optimizer step, no accumulation).
-    The optimizer runs outside the graph, so any optimizer and learning-rate schedule works.
-    Capture first runs `warmup` steps on a side stream (compilation, cuBLAS workspaces); their
-    gradients are dropped."""
-
-    def __init__(self, loss_fn, params, *inputs: torch.Tensor, warmup: int = 2):
-        if not torch.cuda.is_available() or any(t.device.type != "cuda" for t in inputs):
-            raise ValueError("CapturedStep needs CUDA tensors (CUDA graphs exist on GPUs only)")
-        self.params = [p for p in params if p.requires_grad]
-        self.inputs = [t.clone() for t in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn_loss = loss_fn(*self.inputs)
-                fn_loss.backward()
-                for p in self.params:
-                    p.grad = None
-        torch.cuda.current_stream().wait_stream(side)
-        for p in self.params:   # grads made inside the capture: the backward writes, not adds
-            p.grad = None
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = loss_fn(*self.inputs)
-            self.loss.backward()
-        self.grads = [p.grad for p in self.params]
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        for dst, src in zip(self.inputs, inputs):
-            if dst.shape != src.shape:
-                raise ValueError(f"CapturedStep was captured for inputs of shape {tuple(dst.shape)}, "
-                                 f"not {tuple(src.shape)}")
-            dst.copy_(src, non_blocking=True)
-        self.graph.replay()
-        for p, g in zip(self.params, self.grads):   # zero_grad(set_to_none=True) dropped them
-            p.grad = g
-        return self.loss
 
 
 def _sync(dev) -> None:

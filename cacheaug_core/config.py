@@ -117,6 +117,8 @@ class TrainConfig:
     precision: str = _f("no", "mixed precision: no | bf16 | fp16")
     fast: bool = _f(False, "the fast path (fastpath.py): block-sparse FlexAttention + fused cross-entropy (GPU; compiled there)")
     compile: bool = _f(False, "torch.compile the transformer blocks (GPU; with --fast: the fast path's block functions)")
+    cuda_graph: bool = _f(False, "with --fast on one GPU: each step's forward and backward replayed as one CUDA graph "
+                                  "(the host queues a step in microseconds; cudagraph.py)")
     eval_every: int = _f(100, "held-out evaluation every N steps (0 = off)")
     eval_batches: int = _f(4, "held-out batches per evaluation")
     save_every: int = _f(200, "checkpoint every N steps")
@@ -134,6 +136,10 @@ class TrainConfig:
             raise ConfigError(f"--precision must be no, bf16 or fp16, got {self.precision!r}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.cuda_graph and not self.fast:
+            raise ConfigError("--cuda-graph replays the fast path's step: add --fast")
+        if self.cuda_graph and self.grad_accum != 1:
+            raise ConfigError("--cuda-graph takes one batch per step: use --grad-accum 1 (a larger --batch-size instead)")
 
 
 def to_dict(cfg) -> dict:

@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import augment, fastpath, kv, masks
+from .cudagraph import CapturedStep
 from .checkpoint import (load_coprocessor, read_config, recover_interrupted_write,
                          save_coprocessor)
 from .config import CoprocessorConfig, TrainConfig, from_dict, to_dict
@@ -351,6 +352,8 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         cop = Coprocessor(cop_cfg, decoder)
     if cfg.fast and (why := fastpath.unsupported(decoder, cop, acc.device, training=True)):
         raise TrainingError(f"--fast: {why}; train without --fast")
+    if cfg.cuda_graph and (why := _no_graph(acc, cfg)):
+        raise TrainingError(f"--cuda-graph: {why}; train without --cuda-graph")
     cop.float().train()
     scalars = _fsdp_unscalar(cop) if _is_fsdp(acc) else set()
     # The fused AdamW: one kernel for all parameters instead of a few per tensor group, and it
@@ -484,12 +487,24 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
                  "tokens_seen": seen, "elapsed_s": round(elapsed0 + now - t0, 2),
                  "tokens_per_s": round(rate, 1)})
 
+    captured = None   # --cuda-graph: the step's forward and backward, captured at the first step
+
+    def fast_loss(ids, pts):
+        with acc.autocast():
+            return fastpath.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, pad_id=pad_id)
+
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=acc.device)
         for micro in range(cfg.grad_accum):
             ids = _to_device(train_data.sample(cfg.batch_size, cfg.seq_len, gen), acc.device)
             pts = _to_device(masks.sample_points(cfg.seq_len, cfg.points, cfg.batch_size, gen), acc.device)
+            if cfg.cuda_graph:   # one micro-batch (checked): the replay leaves the gradients in p.grad
+                if captured is None:
+                    captured = CapturedStep(fast_loss, model.parameters(), ids, pts)
+                loss_sum += captured(ids, pts).detach().float()
+                tokens_seen += ids.numel()
+                continue
             with acc.autocast():
                 if cfg.fast:
                     loss = fastpath.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, pad_id=pad_id)
@@ -584,6 +599,17 @@ class _StepNumbers:
                 self.event.synchronize()
             self._values = self.host.tolist()
         return self._values
+
+
+def _no_graph(acc, cfg) -> str | None:
+    """Why this run cannot replay its steps as a CUDA graph, or None."""
+    if acc.device.type != "cuda":
+        return f"CUDA graphs need a GPU (this run is on {acc.device.type})"
+    if acc.num_processes > 1:
+        return "one process only (the gradients' all-reduce runs outside a captured step)"
+    if cfg.precision == "fp16":
+        return "fp16's loss scaler changes the backward between steps; use --precision bf16"
+    return None
 
 
 def _defers(acc, opt) -> bool:

@@ -619,3 +619,40 @@ def test_quack_mlp_matches_the_compiled_mlp_on_gpu():
     (l1, g1), (l2, g2) = out
     torch.testing.assert_close(l1, l2, atol=2e-2, rtol=2e-3)
     assert F.cosine_similarity(g1, g2, dim=0) > 0.999
+
+
+def test_trainer_cuda_graph_says_what_it_needs(tmp_path, repeated_text_file):
+    """--cuda-graph replays the fast path's step on one GPU: without --fast, with several
+    micro-batches or on a CPU it is refused with the reason, before any step is taken."""
+    from cacheaug_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="add --fast"):
+        TrainConfig(fast=False, cuda_graph=True)
+    with pytest.raises(ConfigError, match="--grad-accum 1"):
+        TrainConfig(fast=True, cuda_graph=True, grad_accum=2)
+    decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=2)
+    with pytest.raises(TrainingError, match="--cuda-graph: CUDA graphs need a GPU"):
+        train(_cfg(tmp_path, decoder, repeated_text_file, cuda_graph=True), CoprocessorConfig(num_latents=2),
+              show_progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_trainer_cuda_graph_trains_like_the_plain_step(tmp_path, repeated_text_file):
+    """On a GPU the replayed step gives the plain step's losses (same data, same points: up to
+    the kernels' nondeterminism) and the run saves and resumes as usual."""
+    import json
+
+    decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=2, hidden=64)
+    cop_cfg = CoprocessorConfig(num_latents=4, num_layers=2)
+    losses, last = {}, None
+    for graph in (False, True):
+        run = tmp_path / f"run-{graph}"
+        kw = dict(device="", precision="bf16", seq_len=64, points=4, batch_size=4, steps=4, save_every=2,
+                  out_dir=str(run), cuda_graph=graph)
+        last = train(_cfg(tmp_path, decoder, repeated_text_file, **kw), cop_cfg, show_progress=False)
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[graph] = [r["loss"] for r in lines if "loss" in r]
+    assert len(losses[True]) == 4
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=1e-2)
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 4
