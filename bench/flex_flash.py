@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -157,7 +158,9 @@ def main(argv=None) -> int:
         return 2
     names = a.variants.split(",")
     G = fastpath._aligned(a.latents + a.ahead - 1, 32)     # the group pass's padded group (31 -> 32)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "passes": []}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+              "command": " ".join(["python"] + sys.argv), "passes": []}
     try:
         import importlib.metadata as md
         result["flash_attn_4"] = md.version("flash-attn-4")

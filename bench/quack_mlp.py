@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -140,7 +141,9 @@ def main(argv=None) -> int:
         print("bench/quack_mlp.py needs a GPU", file=sys.stderr)
         return 2
     import importlib.metadata as md
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "passes": []}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+              "command": " ".join(["python"] + sys.argv), "passes": []}
     for pkg in ("quack-kernels", "nvidia-cutlass-dsl"):
         try:
             result[pkg] = md.version(pkg)

@@ -33,6 +33,8 @@ materialises full-precision logits for every predicted position. Here:
 - one block function serves every layer of every model (the layer's modules are arguments), so
   `torch.compile` traces it once per pass kind and fuses the norms, rotary embeddings and
   activations around the matmuls and the attention kernel;
+- on a Hopper GPU with quack-kernels installed, the frozen decoder's MLPs run through quack's
+  GEMMs with the SwiGLU in their epilogues (`resolve_mlp`; the coprocessor keeps the compiled MLP);
 - the LM head and cross-entropy run chunk by chunk in one autograd function that computes the
   input gradient during the forward (the loss is the last node, so its incoming gradient is a
   scalar): each chunk's logits exist once, and nothing is recomputed;
