@@ -267,16 +267,46 @@ def _gate_up(m) -> torch.Tensor:
     return hit[1]
 
 
-@torch.compiler.disable
-def _quack_mlp(m, h: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(h)) * up(h)) through quack's fused GEMMs, for frozen weights. h (B, Q, d).
-    Outside torch.compile (a graph break): quack's ops compiled into inductor's graph ran slower."""
-    from quack.mlp import mlp_func
+class _FrozenSwiGLU(torch.autograd.Function):
+    """x + down(silu(gate(h)) * up(h)) for frozen weights, in three quack GEMMs: the gate/up GEMM
+    writes silu(g) * u from its epilogue (and g, u interleaved for the backward), the down GEMM
+    adds the residual x in its epilogue, and the backward's down-projection GEMM applies the
+    SwiGLU's derivative in its epilogue. h, x (N, d); w1 (2 * hidden, d) gate then up; w2 (d, hidden)."""
 
-    w1 = _gate_up(m)
-    if torch.is_autocast_enabled(h.device.type):
-        h = h.to(torch.get_autocast_dtype(h.device.type))
-    return mlp_func(h, w1.to(h.dtype), m.down_proj.weight.to(h.dtype), activation="swiglu", concat_layout=True)
+    @staticmethod
+    def forward(ctx, h, x, w1, w2):
+        from quack.gemm_interface import gemm_add, gemm_gated
+
+        grad = h.requires_grad
+        preact, postact = gemm_gated(h, w1.T, activation="swiglu", store_preact=grad,
+                                     concat_layout=("B",))                  # (N, 2 hidden), (N, hidden)
+        out = gemm_add(postact, w2.T, x)                                    # (N, d)
+        ctx.save_for_backward(preact, w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from quack.gemm_interface import gemm, gemm_dgated
+
+        preact, w1, w2 = ctx.saved_tensors
+        dout = dout.contiguous()
+        dh = None
+        if ctx.needs_input_grad[0]:
+            dpreact, _ = gemm_dgated(dout, w2, preact, activation="swiglu")  # (N, 2 hidden), interleaved
+            dh = gemm(dpreact, w1, dynamic_scheduler=True, concat_layout=("B",))
+        return dh, dout, None, None
+
+
+@torch.compiler.disable
+def _quack_mlp(m, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x + down(silu(gate(h)) * up(h)) through quack's fused GEMMs (`_FrozenSwiGLU`), for frozen
+    weights. h, x (B, Q, d). Outside torch.compile (a graph break): quack's ops compiled into
+    inductor's graph ran slower."""
+    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    w1, w2 = _gate_up(m).to(dt), m.down_proj.weight.to(dt)
+    with torch.autocast(h.device.type, enabled=False):
+        out = _FrozenSwiGLU.apply(h.to(dt).flatten(0, -2), x.to(dt).flatten(0, -2), w1, w2)
+    return out.view(*x.shape[:-1], -1).to(x.dtype)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -339,7 +369,7 @@ def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, mlp: str = "compiled")
     n = layer.post_attention_layernorm
     h = _rms(x, n.weight, n.variance_epsilon)
     if mlp == "quack":
-        return x + _quack_mlp(m, h)
+        return _quack_mlp(m, h, x)
     return x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
 
 

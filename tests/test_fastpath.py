@@ -575,11 +575,11 @@ def test_fused_mlp_serves_the_frozen_decoder_only(monkeypatch):
     cop.zero_grad(set_to_none=True)
     called = []
 
-    def stand_in(m, h):
+    def stand_in(m, h, x):
         called.append(id(m))
         w1 = fastpath._gate_up(m)                                   # (2 * hidden, d): gate, then up
         g, u = F.linear(h, w1).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, m.down_proj.weight)
+        return x + F.linear(F.silu(g) * u, m.down_proj.weight)
 
     monkeypatch.setattr(fastpath, "_quack_mlp", stand_in)
     monkeypatch.setattr(fastpath, "resolve_mlp", lambda mlp, device, layer: "quack")
