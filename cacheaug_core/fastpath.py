@@ -267,57 +267,45 @@ def _gate_up(m) -> torch.Tensor:
     return hit[1]
 
 
-class _FusedSwiGLU(torch.autograd.Function):
-    """x + down(silu(gate(h)) * up(h)) in three quack GEMMs: the gate/up GEMM writes silu(g) * u
-    from its epilogue (and g, u interleaved for the backward), the down GEMM adds the residual x in
-    its epilogue, and the backward's down-projection GEMM applies the SwiGLU's derivative in its
-    epilogue (and remakes silu(g) * u there for the weight gradients). Weight gradients, where
-    asked for, are plain matmuls: over these tall inputs cuBLAS's split-K reductions beat quack's
-    (bench/quack_mlp.py). h, x (N, d); w1 (2 * hidden, d) gate then up; w2 (d, hidden)."""
+class _FrozenSwiGLU(torch.autograd.Function):
+    """x + down(silu(gate(h)) * up(h)) for frozen weights, in three quack GEMMs: the gate/up GEMM
+    writes silu(g) * u from its epilogue (and g, u interleaved for the backward), the down GEMM
+    adds the residual x in its epilogue, and the backward's down-projection GEMM applies the
+    SwiGLU's derivative in its epilogue. h, x (N, d); w1 (2 * hidden, d) gate then up; w2 (d, hidden)."""
 
     @staticmethod
     def forward(ctx, h, x, w1, w2):
         from quack.gemm_interface import gemm_add, gemm_gated
 
-        grad = h.requires_grad or w1.requires_grad or w2.requires_grad
+        grad = h.requires_grad
         preact, postact = gemm_gated(h, w1.T, activation="swiglu", store_preact=grad,
                                      concat_layout=("B",))                  # (N, 2 hidden), (N, hidden)
         out = gemm_add(postact, w2.T, x)                                    # (N, d)
-        ctx.save_for_backward(preact, w1, w2, h if w1.requires_grad else None)   # h: for the gate/up weight gradient
+        ctx.save_for_backward(preact, w1, w2)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         from quack.gemm_interface import gemm, gemm_dgated
 
-        preact, w1, w2, h = ctx.saved_tensors
+        preact, w1, w2 = ctx.saved_tensors
         dout = dout.contiguous()
-        need_h, _, need_w1, need_w2 = ctx.needs_input_grad
-        dh = dw1 = dw2 = None
-        if need_h or need_w1 or need_w2:
-            # dpreact (N, 2 hidden): d g, d u interleaved per column pair; postact (N, hidden)
-            dpreact, postact = gemm_dgated(dout, w2, preact, activation="swiglu")
-            if need_h:
-                dh = gemm(dpreact, w1, dynamic_scheduler=True, concat_layout=("B",))
-            if need_w2:
-                dw2 = dout.T @ postact                                          # (d, hidden)
-            if need_w1:
-                g_u = dpreact.view(dpreact.shape[0], -1, 2).permute(2, 0, 1)     # (2, N, hidden)
-                dw1 = torch.cat([g_u[0].T @ h, g_u[1].T @ h])                  # (2 hidden, d): gate, then up
-        return dh, dout, dw1, dw2
+        dh = None
+        if ctx.needs_input_grad[0]:
+            dpreact, _ = gemm_dgated(dout, w2, preact, activation="swiglu")  # (N, 2 hidden), interleaved
+            dh = gemm(dpreact, w1, dynamic_scheduler=True, concat_layout=("B",))
+        return dh, dout, None, None
 
 
 @torch.compiler.disable
 def _quack_mlp(m, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x + down(silu(gate(h)) * up(h)) through quack's fused GEMMs (`_FusedSwiGLU`). h, x (B, Q, d).
-    Frozen weights are stacked once (`_gate_up`); trained ones every call, so that their
-    gradients reach gate_proj and up_proj. Outside torch.compile (a graph break): quack's ops
-    compiled into inductor's graph ran slower."""
+    """x + down(silu(gate(h)) * up(h)) through quack's fused GEMMs (`_FrozenSwiGLU`), for frozen
+    weights. h, x (B, Q, d). Outside torch.compile (a graph break): quack's ops compiled into
+    inductor's graph ran slower."""
     dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    g, u, d = m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
-    w1 = torch.cat([g, u]) if g.requires_grad or u.requires_grad else _gate_up(m)
+    w1, w2 = _gate_up(m).to(dt), m.down_proj.weight.to(dt)
     with torch.autocast(h.device.type, enabled=False):
-        out = _FusedSwiGLU.apply(h.to(dt).flatten(0, -2), x.to(dt).flatten(0, -2), w1.to(dt), d.to(dt))
+        out = _FrozenSwiGLU.apply(h.to(dt).flatten(0, -2), x.to(dt).flatten(0, -2), w1, w2)
     return out.view(*x.shape[:-1], -1).to(x.dtype)
 
 
@@ -676,7 +664,9 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     attn_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     blk = _block("group")
     layers = blocks(base)
-    mlp = prefix.mlp if prefix.mlp == "quack" and _fusable_mlp(layers[0]) else "compiled"
+    # the fused MLP serves frozen layers (the decoder's); a trained body keeps the compiled one
+    mlp = prefix.mlp if prefix.mlp == "quack" and _fusable_mlp(layers[0]) and not any(
+        p.requires_grad for p in layers[0].mlp.parameters()) else "compiled"
     for j, layer in enumerate(layers):
         i = layer_ids[j]
         last = rows if j == len(layers) - 1 and prefix.trim_last else None
