@@ -101,6 +101,30 @@ def timed(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def run_header(packages: tuple[str, ...]) -> dict:
+    """What a result file says of its run: GPU, torch, commit, command, and the packages' versions
+    (None where one is not installed)."""
+    import importlib.metadata as md
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+           "command": " ".join(["python"] + sys.argv)}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def save(result: dict, out: str) -> int:
+    """Write a result file (its folders made), say where; the exit status."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def run_pass(label: str, B: int, T: int, P: int, G: int, names: list[str], rounds: int, iters: int) -> dict:
     x = make_inputs(B, T, P, G)
     scale = HD ** -0.5
@@ -158,21 +182,11 @@ def main(argv=None) -> int:
         return 2
     names = a.variants.split(",")
     G = fastpath._aligned(a.latents + a.ahead - 1, 32)     # the group pass's padded group (31 -> 32)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
-              "command": " ".join(["python"] + sys.argv), "passes": []}
-    try:
-        import importlib.metadata as md
-        result["flash_attn_4"] = md.version("flash-attn-4")
-    except Exception:
-        result["flash_attn_4"] = None
+    result = {**run_header(("flash-attn-4", "nvidia-cutlass-dsl")), "passes": []}
     for label, G_ in (("group", G), ("coprocessor", a.latents)):
         result["passes"].append(run_pass(label, a.batch, a.T, a.points, G_, names, a.rounds, a.iters))
         torch.cuda.empty_cache()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {a.out}")
-    return 0
+    return save(result, a.out)
 
 
 if __name__ == "__main__":

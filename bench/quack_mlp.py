@@ -22,14 +22,16 @@ Outputs and gradients are compared with `compiled`'s.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flex_flash import compare, run_header, save, timed  # noqa: E402  (the same helpers: cosine/relative error, CUDA-event timing)
 
 D, HID = 576, 1536
 PASSES = {"prefill": (65536, "none"), "group": (65536, "dx"), "coprocessor": (32768, "all")}
@@ -54,22 +56,6 @@ def make(name: str, wg, wu, wd):
         q = torch.compile(q, dynamic=False)
     w1_frozen = torch.cat([wg, wu])
     return lambda h, w1, w2: q(h, w1_frozen if w1 is None else w1, wd if w2 is None else w2)
-
-
-def compare(a, b) -> dict:
-    a, b = a.float().flatten(), b.float().flatten()
-    return {"cosine": round(torch.nn.functional.cosine_similarity(a, b, dim=0).item(), 6),
-            "rel_err": float((a - b).norm() / b.norm().clamp_min(1e-30))}
-
-
-def timed(fn, iters: int) -> float:
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(iters):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / iters
 
 
 def run_pass(label: str, names: list[str], rounds: int, iters: int) -> dict:
@@ -140,21 +126,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/quack_mlp.py needs a GPU", file=sys.stderr)
         return 2
-    import importlib.metadata as md
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
-              "command": " ".join(["python"] + sys.argv), "passes": []}
-    for pkg in ("quack-kernels", "nvidia-cutlass-dsl"):
-        try:
-            result[pkg] = md.version(pkg)
-        except Exception:
-            result[pkg] = None
+    result = {**run_header(("quack-kernels", "nvidia-cutlass-dsl")), "passes": []}
     for p in a.passes.split(","):
         result["passes"].append(run_pass(p, a.variants.split(","), a.rounds, a.iters))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {a.out}")
-    return 0
+    return save(result, a.out)
 
 
 if __name__ == "__main__":
