@@ -45,6 +45,10 @@ class CapturedStep:
             for _ in range(warmup):
                 fn_loss = loss_fn(*self.inputs)
                 fn_loss.backward()
+                # drop the warm-up's autograd graph: alive, it keeps the parameters' gradient
+                # accumulators bound to this side stream while the capture runs on another
+                # (PyTorch warned of that stream mismatch in a GPU test while it was kept)
+                del fn_loss
                 for p in self.params:
                     p.grad = None
         torch.cuda.current_stream().wait_stream(side)
