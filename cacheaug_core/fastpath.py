@@ -63,6 +63,8 @@ rounds. `unsupported(decoder, coprocessor)` says why a pair is not; the trainer 
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -240,18 +242,56 @@ def _quack_available() -> bool:
     return importlib.util.find_spec("quack") is not None
 
 
+def _quack_problem(versions: dict | None = None, where: str | None = None) -> str | None:
+    """Why an installed quack would fail at its first GEMM, from the two failures seen on an H100
+    (results/train_throughput.md), or None. versions: {package: version} (default: installed);
+    where: the cutlass DSL's module file (default: where `cutlass` imports from)."""
+    if versions is None:
+        import importlib.metadata as md
+
+        versions = {}
+        for pkg in ("quack-kernels", "nvidia-cutlass-dsl"):
+            try:
+                versions[pkg] = md.version(pkg)
+            except md.PackageNotFoundError:
+                versions[pkg] = None
+    if where is None:
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec("cutlass")
+        except (ImportError, ValueError):
+            spec = None
+        where = spec.origin if spec is not None and spec.origin else ""
+    q, c = versions.get("quack-kernels") or "", versions.get("nvidia-cutlass-dsl") or ""
+    if q.startswith("0.6.") and tuple(int(x) for x in c.split(".")[:2] if x.isdigit()) >= (4, 8):
+        return (f"quack-kernels {q} fails with nvidia-cutlass-dsl {c} (it cannot fingerprint 4.8's "
+                "epilogue helpers); install nvidia-cutlass-dsl==4.7.1")
+    if where and not any(f"{os.sep}{d}{os.sep}" in where for d in ("site-packages", "dist-packages")):
+        return (f"the cutlass DSL is installed outside a site-packages folder ({where}): quack then "
+                "fingerprints cutlass's own code and fails; install it into a folder named site-packages")
+    return None
+
+
 def resolve_mlp(mlp: str, device: torch.device, layer) -> str:
     """"auto" -> "quack" on a Hopper GPU with quack installed and a fusable MLP (where it was
-    measured), else "compiled". An explicit "quack" that cannot run is an error."""
+    measured), else "compiled"; an installed quack that is known to fail (`_quack_problem`) is
+    passed over with a warning. An explicit "quack" that cannot run is an error."""
     if mlp not in MLP_KERNELS:
         raise ValueError(f"mlp must be one of {MLP_KERNELS}, not {mlp!r}")
     ok = device.type == "cuda" and _fusable_mlp(layer) and _quack_available()
-    if mlp == "auto":
-        return "quack" if ok and torch.cuda.get_device_capability(device) == (9, 0) else "compiled"
-    if mlp == "quack" and not ok:
+    if mlp == "compiled" or (mlp == "auto" and not (ok and torch.cuda.get_device_capability(device) == (9, 0))):
+        return "compiled"
+    if not ok:
         raise ValueError("mlp='quack' needs a CUDA GPU, the quack-kernels package and a Llama-style "
                          "SiLU MLP of bias-free linears")
-    return mlp
+    why = _quack_problem()
+    if why is None:
+        return "quack"
+    if mlp == "quack":
+        raise ValueError(f"mlp='quack': {why}")
+    warnings.warn(f"the fast path keeps the compiled MLP: {why}", stacklevel=2)
+    return "compiled"
 
 
 _GATE_UP: dict = {}

@@ -10,6 +10,8 @@ and resume); the GPU run of `bench/train_throughput.py` repeats the comparison a
 shape in bf16 (results/train_throughput.json, "parity").
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -561,6 +563,19 @@ def test_mlp_kernel_choice_and_its_errors():
         fastpath.resolve_mlp("quack", cpu, layer)
     with pytest.raises(ValueError, match="mlp must be one of"):
         fastpath.resolve_mlp("cutlass", cpu, layer)
+
+
+def test_quack_installs_known_to_fail_are_named():
+    """The two ways an installed quack was seen to fail at its first GEMM are said before any
+    step: a cutlass DSL too new for quack 0.6, and an install outside a site-packages folder."""
+    good = {"quack-kernels": "0.6.5", "nvidia-cutlass-dsl": "4.7.1"}
+    cutlass = "nvidia_cutlass_dsl/dsl_packages/cutlass/__init__.py"
+    site = f"/venv/lib/python3.12/site-packages/{cutlass}".replace("/", os.sep)
+    assert fastpath._quack_problem(good, site) is None
+    why = fastpath._quack_problem(good | {"nvidia-cutlass-dsl": "4.8.1"}, site)
+    assert why and "nvidia-cutlass-dsl==4.7.1" in why
+    why = fastpath._quack_problem(good, f"/tmp/site/{cutlass}".replace("/", os.sep))   # pip install --target /tmp/site
+    assert why and "site-packages" in why
 
 
 def test_fused_mlp_serves_the_frozen_decoder_only(monkeypatch):
