@@ -273,18 +273,23 @@ def _quack_problem(versions: dict | None = None, where: str | None = None) -> st
     return None
 
 
-def resolve_mlp(mlp: str, device: torch.device, layer) -> str:
-    """"auto" -> "quack" on a Hopper GPU with quack installed and a fusable MLP (where it was
-    measured), else "compiled"; an installed quack that is known to fail (`_quack_problem`) is
-    passed over with a warning. An explicit "quack" that cannot run is an error."""
+def resolve_mlp(mlp: str, device: torch.device, layer, dtype: torch.dtype = torch.bfloat16) -> str:
+    """"auto" -> "quack" on a Hopper GPU with quack installed, a fusable MLP and bf16 compute
+    (where it was measured), else "compiled"; an installed quack that is known to fail
+    (`_quack_problem`) is passed over with a warning. An explicit "quack" that cannot run is an
+    error. dtype: what the MLP's matmuls compute in (the autocast dtype, else the weights')."""
     if mlp not in MLP_KERNELS:
         raise ValueError(f"mlp must be one of {MLP_KERNELS}, not {mlp!r}")
     ok = device.type == "cuda" and _fusable_mlp(layer) and _quack_available()
-    if mlp == "compiled" or (mlp == "auto" and not (ok and torch.cuda.get_device_capability(device) == (9, 0))):
+    if mlp == "compiled" or (mlp == "auto" and not (ok and dtype == torch.bfloat16)):
         return "compiled"
     if not ok:
         raise ValueError("mlp='quack' needs a CUDA GPU, the quack-kernels package and a Llama-style "
                          "SiLU MLP of bias-free linears")
+    if dtype != torch.bfloat16:
+        raise ValueError(f"mlp='quack' runs in bf16 (bf16 weights or bf16 autocast), not {dtype}")
+    if mlp == "auto" and torch.cuda.get_device_capability(device) != (9, 0):
+        return "compiled"
     why = _quack_problem()
     if why is None:
         return "quack"
@@ -644,7 +649,9 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
     ks, vs = [], []
     layers = blocks(base)
     n = len(layers)
-    mlp = resolve_mlp(mlp, input_ids.device, layers[0])
+    dev = input_ids.device.type
+    mlp = resolve_mlp(mlp, input_ids.device, layers[0],       # the MLP computes in the autocast dtype, else x's
+                      torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype)
     blk = _block("prefill")
     for i, layer in enumerate(layers):
         x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden, fuse_kv, mlp)

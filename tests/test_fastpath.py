@@ -565,6 +565,17 @@ def test_mlp_kernel_choice_and_its_errors():
         fastpath.resolve_mlp("cutlass", cpu, layer)
 
 
+def test_mlp_kernel_runs_in_bf16_only(monkeypatch):
+    """quack's fused MLP was measured in bf16: "auto" keeps the compiled MLP for fp32 compute (a
+    GPU run with --precision no) and an explicit "quack" says why, before touching the GPU."""
+    monkeypatch.setattr(fastpath, "_quack_available", lambda: True)
+    layer = fastpath.blocks(tiny_decoder("llama"))[0]
+    gpu = torch.device("cuda")
+    assert fastpath.resolve_mlp("auto", gpu, layer, torch.float32) == "compiled"
+    with pytest.raises(ValueError, match="runs in bf16"):
+        fastpath.resolve_mlp("quack", gpu, layer, torch.float32)
+
+
 def test_quack_installs_known_to_fail_are_named():
     """The two ways an installed quack was seen to fail at its first GEMM are said before any
     step: a cutlass DSL too new for quack 0.6, and an install outside a site-packages folder."""
@@ -597,7 +608,7 @@ def test_fused_mlp_serves_the_frozen_decoder_only(monkeypatch):
         return x + F.linear(F.silu(g) * u, m.down_proj.weight)
 
     monkeypatch.setattr(fastpath, "_quack_mlp", stand_in)
-    monkeypatch.setattr(fastpath, "resolve_mlp", lambda mlp, device, layer: "quack")
+    monkeypatch.setattr(fastpath, "resolve_mlp", lambda mlp, device, layer, dtype: "quack")
     loss = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense")
     loss.backward()
     dec_mlps = {id(b.mlp) for b in fastpath.blocks(dec)}
