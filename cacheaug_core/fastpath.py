@@ -221,8 +221,11 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
 # its backward in the epilogue of the down projection's input-gradient GEMM. One MLP, bench/quack_mlp.py
 # on an H100: 0.84 -> 0.54 ms over the prefill's 65,536 rows (forward), 1.77 -> 1.35 ms over the
 # group pass's (forward + input gradient); with weight gradients (the coprocessor) it was slower
-# (1.44 -> 1.63 ms), so the trained coprocessor keeps the compiled MLP. MLP = "auto" uses quack
-# for the frozen decoder on Hopper when it is installed.
+# (1.44 -> 1.63 ms; in the whole step 227.5 -> 252.3 ms), so the trained coprocessor keeps the
+# compiled MLP. MLP = "auto" uses quack for the frozen decoder on Hopper, in bf16, when it is
+# installed. The whole step replayed as a CUDA graph at batch 128: 250.2 ms with the compiled MLP,
+# 231.2 ms with quack's in the same run, 227.5 ms once the down GEMM also adds the residual
+# (another run; results/train_throughput.md).
 MLP_KERNELS = ("auto", "compiled", "quack")
 
 
