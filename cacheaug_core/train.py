@@ -37,10 +37,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import augment, fastpath, kv, masks
-from .cudagraph import CapturedStep
 from .checkpoint import (load_coprocessor, read_config, recover_interrupted_write,
                          save_coprocessor)
 from .config import CoprocessorConfig, TrainConfig, from_dict, to_dict
+from .cudagraph import CapturedStep
 from .coprocessor import Coprocessor
 from .decoder import load_decoder
 
@@ -490,6 +490,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     captured = None   # --cuda-graph: the step's forward and backward, captured at the first step
 
     def fast_loss(ids, pts):
+        """The fast path's loss of one micro-batch (captured as a graph with --cuda-graph)."""
         with acc.autocast():
             return fastpath.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, pad_id=pad_id)
 
@@ -505,10 +506,10 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
                 loss_sum += captured(ids, pts).detach().float()
                 tokens_seen += ids.numel()
                 continue
-            with acc.autocast():
-                if cfg.fast:
-                    loss = fastpath.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, pad_id=pad_id)
-                else:
+            if cfg.fast:
+                loss = fast_loss(ids, pts)
+            else:
+                with acc.autocast():
                     cache = augment.prefill_cache(decoder, ids)
                     loss, _ = augment.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, cache=cache,
                                                        pad_id=pad_id)
