@@ -22,6 +22,7 @@ run the same number of optimizer steps on the same batches:
                  layer (before, the rows read only as keys and values there were made too)
   fast-cublasmlp the fast path with the decoder's MLP compiled (cuBLAS + inductor) where it would
                  otherwise run through quack's fused SwiGLU GEMMs (fastpath.resolve_mlp)
+  fast-quack     the fast path with the decoder's MLP through quack's GEMMs, or an error saying why not
   fast-prefixgrads  the fast path with FlexAttention computing key/value gradients for the frozen
                  prefix keys too (what it did before `masks.without_prefix_key_grads`)
   fast-untuned   the fast path with FlexAttention's default kernel configurations
