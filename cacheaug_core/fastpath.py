@@ -406,9 +406,15 @@ def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True, with_q: bool = 
     return (_rope(q, cos, sin) if with_q else None), _rope(k, cos, sin), v
 
 
-def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, mlp: str = "compiled") -> torch.Tensor:
+def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, mlp: str = "compiled"):
     """Attention output projection + residual, then the MLP + residual. o (B, Q, H*hd).
-    mlp: "quack" for a frozen MLP through `_quack_mlp`, else plain ops (compiled with the block)."""
+    mlp "compiled": plain ops (compiled with the block) -> the layer's output. mlp "quack": the
+    MLP is left to the caller -> (x, h), the residual stream and the MLP's normed input, for
+    `_quack_mlp(layer.mlp, h, x)`. The caller makes that call itself: a graph break inside a
+    nested function splits the compiled block in two at the call to the nested function, both
+    halves then read the layer's input and the backward adds their two gradients of it in a
+    kernel of its own (on an H100 at the reference shape, one bf16 add over 65k x 576 per
+    group-pass layer: 2.2 ms a step)."""
     if hasattr(layer, "ln_2"):   # GPT-2, its dropouts as transformers applies them (none in eval mode)
         x = x + layer.attn.resid_dropout(layer.attn.c_proj(o))
         return x + layer.mlp(layer.ln_2(x))
@@ -417,7 +423,7 @@ def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, mlp: str = "compiled")
     n = layer.post_attention_layernorm
     h = _rms(x, n.weight, n.variance_epsilon)
     if mlp == "quack":
-        return _quack_mlp(m, h, x)
+        return x, h
     return x + m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h))
 
 
@@ -473,6 +479,9 @@ def prefill_block(layer, x: torch.Tensor, cos, sin, last: bool, fuse_kv: bool = 
         return x, k, v
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True,
                                        scale=attention(layer).scaling, enable_gqa=True)
+    if mlp == "quack":
+        x, h = _out_and_mlp(layer, x, _merge_heads(o), mlp)
+        return _quack_mlp(layer.mlp, h, x), k, v          # here, not in the helper: see `_out_and_mlp`
     return _out_and_mlp(layer, x, _merge_heads(o), mlp), k, v
 
 
@@ -553,6 +562,9 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     o = _merge_heads(o)                                               # (B, Q, H*hd)
     if rows is not None:
         x, o = _keep_rows(x, *rows), _keep_rows(o, *rows)
+    if mlp == "quack":
+        x, h = _out_and_mlp(layer, x, o, mlp)
+        return _quack_mlp(layer.mlp, h, x)                 # here, not in the helper: see `_out_and_mlp`
     return _out_and_mlp(layer, x, o, mlp)
 
 
@@ -594,6 +606,10 @@ def enable_compile(on: bool = True) -> None:
     _compiled["prefill"] = torch.compile(prefill_block, dynamic=False)
     _compiled["group"] = torch.compile(group_block, dynamic=False)
     _compiled["ce"] = torch.compile(_ce_chunk, dynamic=False)
+    # the passes' final norm and the coprocessor's output projection and rescale: eager, each is a
+    # handful of fp32 kernels over the kept rows, forward and backward
+    _compiled["final"] = torch.compile(_final_norm, dynamic=False)
+    _compiled["latent_out"] = torch.compile(_latent_out, dynamic=False)
 
 
 def _block(kind: str):
@@ -724,7 +740,12 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
                 None if gate_cols is None else gate_cols[j], prefix.kernel_options, prefix.fuse_kv, last, mlp)
     if rows is not None and not prefix.trim_last:
         x = _keep_rows(x, *rows)
-    return _final_norm(base, x)
+    return _compiled.get("final", _final_norm)(base, x)
+
+
+def _latent_out(core, h: torch.Tensor) -> torch.Tensor:
+    """The coprocessor's last hidden states (B, P, NL, d) -> its latents: output projection, rescale."""
+    return core._scale(core.out_proj(h.to(core.soft_tokens.dtype)))
 
 
 def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -747,7 +768,7 @@ def coprocessor_latents(core, prefix: Prefix, points: torch.Tensor, soft: torch.
         h = _appended_pass(core.body, x.reshape(*rows, d).to(body_dtype), pos.reshape(rows), prefix,
                            core.layer_ids, bm, rows=(G, G - NL, G))
         h = h.view(B, P, NL, d)                                                 # the last NL rows' outputs
-        latents = core._scale(core.out_proj(h.to(core.soft_tokens.dtype)))
+        latents = _compiled.get("latent_out", _latent_out)(core, h)
     return latents
 
 

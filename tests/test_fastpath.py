@@ -623,6 +623,54 @@ def test_fused_mlp_serves_the_frozen_decoder_only(monkeypatch):
         torch.testing.assert_close(g[n], g_ref[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_fused_mlp_leaves_one_compiled_graph_per_layer(monkeypatch):
+    """The fused MLP runs outside torch.compile (a graph break). Called from the compiled block
+    itself, each layer compiles to one graph before it; called from a nested helper it split the
+    block in two, both halves read the layer's input, and the backward summed their two
+    gradients of it in an extra kernel per layer. Here: no tensor of the step is read by two
+    compiled graphs (inductor replaced by aot_eager, which keeps the graph splits)."""
+    import collections
+
+    dec, cop, ids, pts = _setup("llama", COPROCESSORS["copy"])
+
+    class StandIn(torch.autograd.Function):   # an opaque fused MLP, as quack's is to autograd
+        @staticmethod
+        def forward(ctx, h, x, w1, w2):
+            g, u = F.linear(h, w1).chunk(2, dim=-1)
+            return x + F.linear(F.silu(g) * u, w2)
+
+        @staticmethod
+        def backward(ctx, dout):
+            return None, dout, None, None
+
+    @torch.compiler.disable
+    def stand_in(m, h, x):
+        return StandIn.apply(h, x, fastpath._gate_up(m), m.down_proj.weight)
+
+    monkeypatch.setattr(fastpath, "_quack_mlp", stand_in)
+    monkeypatch.setattr(fastpath, "resolve_mlp", lambda mlp, device, layer, dtype: "quack")
+    torch._dynamo.reset()
+    monkeypatch.setitem(fastpath._compiled, "prefill", torch.compile(fastpath.prefill_block, backend="aot_eager"))
+    monkeypatch.setitem(fastpath._compiled, "group", torch.compile(fastpath.group_block, backend="aot_eager"))
+    try:
+        loss = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense")
+    finally:
+        torch._dynamo.reset()
+    readers = collections.Counter()   # (grad node, output index) -> compiled graphs reading it
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, i in node.next_functions:
+            if nxt is not None and "CompiledFunction" in node.name():
+                readers[(nxt, i)] += 1
+            stack.append(nxt)
+    assert sum(1 for n in seen if "StandIn" in n.name()) == len(fastpath.blocks(dec))   # the group pass's
+    assert readers and max(readers.values()) == 1
+
+
 def _quack_ready() -> bool:
     return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
             and fastpath._quack_available())
