@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -268,7 +269,7 @@ class PathRun:
             from torch.autograd import DeviceType
             rows = [(e.key, e.count, e.self_device_time_total) for e in p.key_averages()
                     if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
-            with open(out + f".{self.name.replace('@', '_')}.kernels.csv", "w") as f:
+            with open(out + f".{re.sub(r'[^A-Za-z0-9_.-]', '_', self.name)}.kernels.csv", "w") as f:
                 f.write("kernel,calls,self_us\n")
                 for name, n, us in sorted(rows, key=lambda r: -r[2]):
                     f.write(f'"{name}",{n},{us:.1f}\n')
