@@ -23,6 +23,8 @@ run the same number of optimizer steps on the same batches:
   fast-cublasmlp the fast path with the decoder's MLP compiled (cuBLAS + inductor) where it would
                  otherwise run through quack's fused SwiGLU GEMMs (fastpath.resolve_mlp)
   fast-quack     the fast path with the decoder's MLP through quack's GEMMs, or an error saying why not
+  fast-quackall  the fast path with the coprocessor's trained MLP through quack's GEMMs as well
+                 (fastpath._TrainedSwiGLU; weight gradients as cuBLAS matmuls)
   fast-prefixgrads  the fast path with FlexAttention computing key/value gradients for the frozen
                  prefix keys too (what it did before `masks.without_prefix_key_grads`)
   fast-untuned   the fast path with FlexAttention's default kernel configurations
@@ -145,6 +147,7 @@ FAST_VARIANTS = {
     "fast-fullrows": {"trim_last": False},  # every row through the appended passes' last layer (as before)
     "fast-cublasmlp": {"mlp": "compiled"},  # the decoder's MLP compiled (cuBLAS + inductor), not quack's fused GEMMs
     "fast-quack": {"mlp": "quack"},         # the decoder's MLP through quack (an error where it cannot run)
+    "fast-quackall": {"mlp": "quack-all"},  # the coprocessor's (trained) MLP through quack too
     "fast-prefixgrads": {"frozen": False},
     # the BlockMask's blocks (query x key; the default on an H100 is 64 x 64: fastpath.BLOCK)
     "fast-b128": {"block": 128},

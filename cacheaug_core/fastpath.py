@@ -226,7 +226,7 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
 # installed. The whole step replayed as a CUDA graph at batch 128: 250.2 ms with the compiled MLP,
 # 231.2 ms with quack's in the same run, 227.5 ms once the down GEMM also adds the residual
 # (another run; results/train_throughput.md).
-MLP_KERNELS = ("auto", "compiled", "quack")
+MLP_KERNELS = ("auto", "compiled", "quack", "quack-all")
 
 
 def _fusable_mlp(layer) -> bool:
@@ -287,17 +287,17 @@ def resolve_mlp(mlp: str, device: torch.device, layer, dtype: torch.dtype = torc
     if mlp == "compiled" or (mlp == "auto" and not (ok and dtype == torch.bfloat16)):
         return "compiled"
     if not ok:
-        raise ValueError("mlp='quack' needs a CUDA GPU, the quack-kernels package and a Llama-style "
+        raise ValueError(f"mlp={mlp!r} needs a CUDA GPU, the quack-kernels package and a Llama-style "
                          "SiLU MLP of bias-free linears")
     if dtype != torch.bfloat16:
-        raise ValueError(f"mlp='quack' runs in bf16 (bf16 weights or bf16 autocast), not {dtype}")
+        raise ValueError(f"mlp={mlp!r} runs in bf16 (bf16 weights or bf16 autocast), not {dtype}")
     if mlp == "auto" and torch.cuda.get_device_capability(device) != (9, 0):
         return "compiled"
     why = _quack_problem()
     if why is None:
-        return "quack"
-    if mlp == "quack":
-        raise ValueError(f"mlp='quack': {why}")
+        return "quack" if mlp == "auto" else mlp
+    if mlp != "auto":
+        raise ValueError(f"mlp={mlp!r}: {why}")
     warnings.warn(f"the fast path keeps the compiled MLP: {why}", stacklevel=2)
     return "compiled"
 
@@ -345,15 +345,52 @@ class _FrozenSwiGLU(torch.autograd.Function):
         return dh, dout, None, None
 
 
+class _TrainedSwiGLU(torch.autograd.Function):
+    """`_FrozenSwiGLU` for weights that take gradients (a coprocessor's MLP, with "quack-all"):
+    the same fused forward and input gradient, and the weight gradients as cuBLAS matmuls over
+    the contiguous interleaved gate/up gradient (whose (2 * hidden, d) result is de-interleaved:
+    a small copy) and over the SwiGLU output that the backward's fused GEMM writes again.
+    h, x (N, d) in the compute dtype; wg, wu (hidden, d), wd (d, hidden) the parameters."""
+
+    @staticmethod
+    def forward(ctx, h, x, wg, wu, wd):
+        from quack.gemm_interface import gemm_add, gemm_gated
+
+        w1, w2 = torch.cat([wg, wu]).to(h.dtype), wd.to(h.dtype)                # (2 hidden, d), (d, hidden)
+        preact, postact = gemm_gated(h, w1.T, activation="swiglu", store_preact=True,
+                                     concat_layout=("B",))                  # (N, 2 hidden) interleaved, (N, hidden)
+        out = gemm_add(postact, w2.T, x)                                    # (N, d)
+        ctx.save_for_backward(h, preact, w1, w2)
+        ctx.dtypes = (wg.dtype, wu.dtype, wd.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from quack.gemm_interface import gemm, gemm_dgated
+
+        h, preact, w1, w2 = ctx.saved_tensors
+        dout = dout.contiguous()
+        dpreact, postact = gemm_dgated(dout, w2, preact, activation="swiglu")   # (N, 2 hidden), (N, hidden)
+        dh = gemm(dpreact, w1, dynamic_scheduler=True, concat_layout=("B",)) if ctx.needs_input_grad[0] else None
+        dw1 = dpreact.T @ h                                                 # (2 hidden, d): gate, up rows interleaved
+        dwd = dout.T @ postact                                              # (d, hidden)
+        tg, tu, td = ctx.dtypes
+        return dh, dout, dw1[0::2].to(tg), dw1[1::2].to(tu), dwd.to(td)
+
+
 @torch.compiler.disable
 def _quack_mlp(m, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """x + down(silu(gate(h)) * up(h)) through quack's fused GEMMs (`_FrozenSwiGLU`), for frozen
     weights. h, x (B, Q, d). Outside torch.compile (a graph break): quack's ops compiled into
     inductor's graph ran slower."""
     dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    w1, w2 = _gate_up(m).to(dt), m.down_proj.weight.to(dt)
+    ws = (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
     with torch.autocast(h.device.type, enabled=False):
-        out = _FrozenSwiGLU.apply(h.to(dt).flatten(0, -2), x.to(dt).flatten(0, -2), w1, w2)
+        h2, x2 = h.to(dt).flatten(0, -2), x.to(dt).flatten(0, -2)
+        if any(w.requires_grad for w in ws):
+            out = _TrainedSwiGLU.apply(h2, x2, *ws)
+        else:
+            out = _FrozenSwiGLU.apply(h2, x2, _gate_up(m).to(dt), ws[2].to(dt))
     return out.view(*x.shape[:-1], -1).to(x.dtype)
 
 
@@ -633,7 +670,7 @@ class Prefix:
     kernel_options: dict | None = None  # FlexAttention kernel options (None: its defaults; see `prefill`)
     fuse_kv: bool = True      # k and v projected by one matmul in every block (`_qkv`)
     trim_last: bool = True    # an appended pass's last layer makes only the rows read after it (`group_block`)
-    mlp: str = "compiled"     # the frozen decoder's MLP: "compiled" or "quack" (`resolve_mlp`)
+    mlp: str = "compiled"     # the MLPs: "compiled", "quack" (the frozen decoder's) or "quack-all" (`resolve_mlp`)
 
     @property
     def length(self) -> int:
@@ -673,7 +710,8 @@ def prefill(decoder, input_ids: torch.Tensor, attention: str = "auto", block: in
                       torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype)
     blk = _block("prefill")
     for i, layer in enumerate(layers):
-        x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden, fuse_kv, mlp)
+        x, k, v = blk(layer, x, cos, sin, i == n - 1 and not with_hidden, fuse_kv,
+                      "compiled" if mlp == "compiled" else "quack")
         ks.append(k)
         vs.append(v)
     hd = ks[0].shape[-1]
@@ -731,8 +769,10 @@ def _appended_pass(base, x: torch.Tensor, pos: torch.Tensor, prefix: Prefix, lay
     blk = _block("group")
     layers = blocks(base)
     # the fused MLP serves frozen layers (the decoder's); a trained body keeps the compiled one
-    mlp = prefix.mlp if prefix.mlp == "quack" and _fusable_mlp(layers[0]) and not any(
-        p.requires_grad for p in layers[0].mlp.parameters()) else "compiled"
+    # unless "quack-all" asks for it too
+    frozen = not any(p.requires_grad for p in layers[0].mlp.parameters())
+    mlp = "quack" if prefix.mlp != "compiled" and _fusable_mlp(layers[0]) and (
+        frozen or prefix.mlp == "quack-all") else "compiled"
     for j, layer in enumerate(layers):
         i = layer_ids[j]
         last = rows if j == len(layers) - 1 and prefix.trim_last else None

@@ -589,11 +589,12 @@ def test_quack_installs_known_to_fail_are_named():
     assert why and "site-packages" in why
 
 
-def test_fused_mlp_serves_the_frozen_decoder_only(monkeypatch):
-    """With the fused MLP chosen, the decoder's layers (prefill and group pass) call it and the
-    trained coprocessor's do not (its weights need gradients, which quack ran slower); the loss
-    and gradients equal the compiled MLP's. The fused kernel is a GPU one: here a stand-in with
-    the same math records who calls it."""
+@pytest.mark.parametrize("kind", ["quack", "quack-all"])
+def test_fused_mlp_serves_the_frozen_decoder_only(monkeypatch, kind):
+    """With the fused MLP chosen ("quack"), the decoder's layers (prefill and group pass) call it
+    and the trained coprocessor's do not (its weights need gradients, which quack ran slower);
+    with "quack-all" the coprocessor's call it too. The loss and gradients equal the compiled
+    MLP's. The fused kernel is a GPU one: here a stand-in with the same math records who calls it."""
     dec, cop, ids, pts = _setup("llama", COPROCESSORS["copy"])
     ref = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense", mlp="compiled")
     ref.backward()
@@ -603,19 +604,22 @@ def test_fused_mlp_serves_the_frozen_decoder_only(monkeypatch):
 
     def stand_in(m, h, x):
         called.append(id(m))
-        w1 = fastpath._gate_up(m)                                   # (2 * hidden, d): gate, then up
+        w1 = torch.cat([m.gate_proj.weight, m.up_proj.weight])     # (2 * hidden, d): gate, then up
         g, u = F.linear(h, w1).chunk(2, dim=-1)
         return x + F.linear(F.silu(g) * u, m.down_proj.weight)
 
     monkeypatch.setattr(fastpath, "_quack_mlp", stand_in)
-    monkeypatch.setattr(fastpath, "resolve_mlp", lambda mlp, device, layer, dtype: "quack")
+    monkeypatch.setattr(fastpath, "resolve_mlp", lambda mlp, device, layer, dtype: kind)
     loss = fastpath.multi_point_loss(dec, cop, ids, pts, 6, attention="dense")
     loss.backward()
     dec_mlps = {id(b.mlp) for b in fastpath.blocks(dec)}
     cop_mlps = {id(b.mlp) for b in fastpath.blocks(cop.body)}
-    assert set(called) == dec_mlps and not set(called) & cop_mlps
+    if kind == "quack":
+        assert set(called) == dec_mlps and not set(called) & cop_mlps
+    else:
+        assert set(called) == dec_mlps | cop_mlps
     # the group pass's every layer and the prefill's but its last (which stops at its k/v)
-    assert len(called) == 2 * len(dec_mlps) - 1
+    assert len(called) == 2 * len(dec_mlps) - 1 + (len(cop_mlps) if kind == "quack-all" else 0)
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
     g = _grads(cop)
     assert g.keys() == g_ref.keys() and len(g) > 0
@@ -683,16 +687,20 @@ def test_quack_mlp_matches_the_compiled_mlp_on_gpu():
     fastpath.enable_compile()
     dec, cop, ids, pts = _setup("llama", COPROCESSORS["copy"], T=128, P=4, B=2, hidden=64, device="cuda")
     dec = dec.to(torch.bfloat16)
-    out = []
-    for mlp in ("compiled", "quack"):
+    out = {}
+    for mlp in ("compiled", "quack", "quack-all"):   # quack-all: the coprocessor's trained MLP too
         cop.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = fastpath.multi_point_loss(dec, cop, ids, pts, 6, mlp=mlp)
         loss.backward()
-        out.append((loss.detach().float(), torch.cat([g.flatten() for g in _grads(cop).values()])))
-    (l1, g1), (l2, g2) = out
-    torch.testing.assert_close(l1, l2, atol=2e-2, rtol=2e-3)
-    assert F.cosine_similarity(g1, g2, dim=0) > 0.999
+        grads = _grads(cop)
+        out[mlp] = (loss.detach().float(), torch.cat([g.flatten() for g in grads.values()]), grads.keys())
+    l1, g1, k1 = out["compiled"]
+    for mlp in ("quack", "quack-all"):
+        l2, g2, k2 = out[mlp]
+        assert k2 == k1, mlp
+        torch.testing.assert_close(l1, l2, atol=2e-2, rtol=2e-3, msg=mlp)
+        assert F.cosine_similarity(g1, g2, dim=0) > 0.999, mlp
 
 
 def test_trainer_cuda_graph_says_what_it_needs(tmp_path, repeated_text_file):
