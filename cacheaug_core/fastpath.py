@@ -225,7 +225,10 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
 # compiled MLP. MLP = "auto" uses quack for the frozen decoder on Hopper, in bf16, when it is
 # installed. The whole step replayed as a CUDA graph at batch 128: 250.2 ms with the compiled MLP,
 # 231.2 ms with quack's in the same run, 227.5 ms once the down GEMM also adds the residual
-# (another run; results/train_throughput.md).
+# (another run; results/train_throughput.md). "quack-all" runs a trained coprocessor's MLP through
+# the same fused GEMMs too (`_TrainedSwiGLU`: its weight gradients by cuBLAS over the contiguous
+# interleaved gate/up gradient): 222.8 against 223.7 ms and 2.8 GiB less memory in one run,
+# within the runs' spread, so not the default.
 MLP_KERNELS = ("auto", "compiled", "quack", "quack-all")
 
 
@@ -279,8 +282,9 @@ def _quack_problem(versions: dict | None = None, where: str | None = None) -> st
 def resolve_mlp(mlp: str, device: torch.device, layer, dtype: torch.dtype = torch.bfloat16) -> str:
     """"auto" -> "quack" on a Hopper GPU with quack installed, a fusable MLP and bf16 compute
     (where it was measured), else "compiled"; an installed quack that is known to fail
-    (`_quack_problem`) is passed over with a warning. An explicit "quack" that cannot run is an
-    error. dtype: what the MLP's matmuls compute in (the autocast dtype, else the weights')."""
+    (`_quack_problem`) is passed over with a warning. An explicit "quack" or "quack-all" (the
+    coprocessor's trained MLP too) that cannot run is an error. dtype: what the MLP's matmuls
+    compute in (the autocast dtype, else the weights')."""
     if mlp not in MLP_KERNELS:
         raise ValueError(f"mlp must be one of {MLP_KERNELS}, not {mlp!r}")
     ok = device.type == "cuda" and _fusable_mlp(layer) and _quack_available()
