@@ -83,6 +83,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
     ap.add_argument("--cuda-graph", action="store_true", help="train with --cuda-graph (the step replayed as a CUDA graph)")
+    ap.add_argument("--mlp", default="auto", help="train with --mlp (the fast path's MLP kernels: auto, compiled, quack, quack-all)")
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     T, P, NL, A = (64, 4, 4, 4) if args.tiny else (512, 16, 16, 16)
@@ -95,7 +96,7 @@ def main(argv=None):
         cfg = TrainConfig(decoder=decoder, data=text, out_dir=str(tmp / "run"), seq_len=T, points=P, n_ahead=A,
                           batch_size=B, steps=args.steps, warmup=1, lr=1e-5, eval_every=0,
                           save_every=10 ** 9, log_every=1, fast=True, precision="bf16" if gpu else "no",
-                          device="" if gpu else "cpu", cuda_graph=args.cuda_graph)
+                          device="" if gpu else "cpu", cuda_graph=args.cuda_graph, mlp=args.mlp)
         marks = []   # (host reached the wait, the wait ended), one per step
         real = train_mod._StepNumbers.values
 
@@ -132,7 +133,7 @@ def main(argv=None):
     res = {"device": gpu_name, "torch": torch.__version__,
            "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
            "command": " ".join(["python"] + sys.argv), "shape": {"T": T, "points": P, "num_latents": NL, "n_ahead": A},
-           "batch": B, "steps": args.steps, "cuda_graph": args.cuda_graph, "timed_steps": b["step"] - a["step"], "step_s": step_s,
+           "batch": B, "steps": args.steps, "cuda_graph": args.cuda_graph, "mlp": args.mlp, "timed_steps": b["step"] - a["step"], "step_s": step_s,
            "orig_tokens_per_s": B * T / step_s, "frac_bf16_peak": None if peak is None else fl / step_s / peak,
            "skipped_steps_elapsed_s": [r["elapsed_s"] for r in logged[:skip]], "wall_s": wall,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None,

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 BODIES = ("copy", "lora", "scratch", "none")
+MLP_KERNELS = ("auto", "compiled", "quack", "quack-all")   # the fast path's MLP kernels (fastpath.resolve_mlp)
 
 
 def _f(default, help: str, **kw):
@@ -119,6 +120,9 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the transformer blocks (GPU; with --fast: the fast path's block functions)")
     cuda_graph: bool = _f(False, "with --fast on one GPU: each step's forward and backward replayed as one CUDA graph "
                                   "(the host queues a step in microseconds; cudagraph.py)")
+    mlp: str = _f("auto", "with --fast: the MLPs' kernels: auto (quack where it applies), compiled, quack (the frozen "
+                          "decoder's through quack's fused GEMMs: a Hopper GPU, bf16, pip install quack-kernels) "
+                          "or quack-all (the coprocessor's too)")
     eval_every: int = _f(100, "held-out evaluation every N steps (0 = off)")
     eval_batches: int = _f(4, "held-out batches per evaluation")
     save_every: int = _f(200, "checkpoint every N steps")
@@ -136,6 +140,10 @@ class TrainConfig:
             raise ConfigError(f"--precision must be no, bf16 or fp16, got {self.precision!r}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.mlp not in MLP_KERNELS:
+            raise ConfigError(f"--mlp must be one of {', '.join(MLP_KERNELS)}, got {self.mlp!r}")
+        if self.mlp != "auto" and not self.fast:
+            raise ConfigError("--mlp picks the fast path's MLP kernels: add --fast")
         if self.cuda_graph and not self.fast:
             raise ConfigError("--cuda-graph replays the fast path's step: add --fast")
         if self.cuda_graph and self.grad_accum != 1:

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from . import masks
+from .config import MLP_KERNELS
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gpt2")
 ATTENTION = ("auto", "flex", "dense", "points")   # auto: FlexAttention on CUDA, dense masks elsewhere
@@ -228,8 +229,8 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
 # (another run; results/train_throughput.md). "quack-all" runs a trained coprocessor's MLP through
 # the same fused GEMMs too (`_TrainedSwiGLU`: its weight gradients by cuBLAS over the contiguous
 # interleaved gate/up gradient): 222.8 against 223.7 ms and 2.8 GiB less memory in one run,
-# within the runs' spread, so not the default.
-MLP_KERNELS = ("auto", "compiled", "quack", "quack-all")
+# within the runs' spread, so not the default. The choices (`config.MLP_KERNELS`) are also the
+# trainer's --mlp.
 
 
 def _fusable_mlp(layer) -> bool:

@@ -352,6 +352,12 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         cop = Coprocessor(cop_cfg, decoder)
     if cfg.fast and (why := fastpath.unsupported(decoder, cop, acc.device, training=True)):
         raise TrainingError(f"--fast: {why}; train without --fast")
+    if cfg.fast:   # an --mlp that cannot run says so before the first step, not inside it
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+        try:
+            fastpath.resolve_mlp(cfg.mlp, acc.device, fastpath.blocks(decoder)[0], compute)
+        except ValueError as e:
+            raise TrainingError(f"--mlp {cfg.mlp}: {e}; use --mlp auto or compiled") from e
     if cfg.cuda_graph and (why := _no_graph(acc, cfg)):
         raise TrainingError(f"--cuda-graph: {why}; train without --cuda-graph")
     cop.float().train()
@@ -492,7 +498,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     def fast_loss(ids, pts):
         """The fast path's loss of one micro-batch (captured as a graph with --cuda-graph)."""
         with acc.autocast():
-            return fastpath.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, pad_id=pad_id)
+            return fastpath.multi_point_loss(decoder, model, ids, pts, cfg.n_ahead, pad_id=pad_id, mlp=cfg.mlp)
 
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)

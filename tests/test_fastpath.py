@@ -719,6 +719,26 @@ def test_trainer_cuda_graph_says_what_it_needs(tmp_path, repeated_text_file):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_trainer_mlp_option_says_what_it_needs(tmp_path, repeated_text_file):
+    """--mlp picks the fast path's MLP kernels: an unknown name or --mlp without --fast is a
+    config error; quack's kernels asked for on a CPU are refused with the reason before any step
+    (the same run with --mlp compiled trains)."""
+    from cacheaug_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--mlp must be one of auto, compiled, quack, quack-all"):
+        TrainConfig(fast=True, mlp="cutlass")
+    with pytest.raises(ConfigError, match="add --fast"):
+        TrainConfig(mlp="quack")
+    decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=2)
+    with pytest.raises(TrainingError, match="--mlp quack-all: .*needs a CUDA GPU"):
+        train(_cfg(tmp_path, decoder, repeated_text_file, mlp="quack-all"), CoprocessorConfig(num_latents=2),
+              show_progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    train(_cfg(tmp_path, decoder, repeated_text_file, mlp="compiled", steps=1), CoprocessorConfig(num_latents=2),
+          show_progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_trainer_cuda_graph_trains_like_the_plain_step(tmp_path, repeated_text_file):
     """On a GPU the replayed step gives the plain step's losses (same data, same points: up to
