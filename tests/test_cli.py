@@ -14,6 +14,7 @@ import csv
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -231,3 +232,19 @@ def test_app_passes_the_port_only_when_given(monkeypatch):
     assert main(["app", "--port", "8123", "--pause", "p", "--coprocessor", "c"]) == 0
     assert "--port" not in seen[0]  # app.py then takes $GRADIO_SERVER_PORT, else 7860
     assert seen[1][:2] == ["--port", "8123"] and seen[1][-2:] == ["--pause", "p"] and "c" in seen[1]
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+TRAIN_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "mix.yaml")   # mix.yaml: the data mix
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_shipped_training_configs_are_valid(name):
+    """Every recipe in configs/ names only real options and passes their checks, as
+    `cacheaug train --config` reads it."""
+    from cacheaug_core.config import TrainConfig, load_yaml
+
+    y = load_yaml(CONFIGS / name)
+    assert set(y) <= {"train", "coprocessor"} and y
+    TrainConfig(**y.get("train", {}))
+    CoprocessorConfig(**y.get("coprocessor", {}))
