@@ -742,7 +742,7 @@ def test_trainer_mlp_option_says_what_it_needs(tmp_path, repeated_text_file):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_trainer_cuda_graph_trains_like_the_plain_step(tmp_path, repeated_text_file):
     """On a GPU the replayed step gives the plain step's losses (same data, same points: up to
-    the kernels' nondeterminism) and the run saves and resumes as usual."""
+    the kernels' nondeterminism), and the run evaluates, saves and resumes as usual."""
     import json
 
     decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=2, hidden=64)
@@ -751,10 +751,11 @@ def test_trainer_cuda_graph_trains_like_the_plain_step(tmp_path, repeated_text_f
     for graph in (False, True):
         run = tmp_path / f"run-{graph}"
         kw = dict(device="", precision="bf16", seq_len=64, points=4, batch_size=4, steps=4, save_every=2,
-                  out_dir=str(run), cuda_graph=graph)
+                  eval_every=2, eval_batches=1, out_dir=str(run), cuda_graph=graph)
         last = train(_cfg(tmp_path, decoder, repeated_text_file, **kw), cop_cfg, show_progress=False)
         lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         losses[graph] = [r["loss"] for r in lines if "loss" in r]
     assert len(losses[True]) == 4
+    assert sum("eval" in r for r in lines) == 2          # between replayed steps and at the end
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=1e-2)
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 4
