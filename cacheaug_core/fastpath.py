@@ -385,9 +385,9 @@ class _TrainedSwiGLU(torch.autograd.Function):
 
 @torch.compiler.disable
 def _quack_mlp(m, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x + down(silu(gate(h)) * up(h)) through quack's fused GEMMs (`_FrozenSwiGLU`), for frozen
-    weights. h, x (B, Q, d). Outside torch.compile (a graph break): quack's ops compiled into
-    inductor's graph ran slower."""
+    """x + down(silu(gate(h)) * up(h)) through quack's fused GEMMs: `_FrozenSwiGLU` for frozen
+    weights, `_TrainedSwiGLU` for weights that take gradients. h, x (B, Q, d). Outside
+    torch.compile (a graph break): quack's ops compiled into inductor's graph ran slower."""
     dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     ws = (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
     with torch.autocast(h.device.type, enabled=False):
