@@ -101,6 +101,12 @@ def timed(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def spread(times: list[float]) -> tuple[float, list[float]]:
+    """Timings (ms) -> (median, [min, max]), rounded to the microsecond."""
+    t = sorted(times)
+    return round(t[len(t) // 2], 3), [round(t[0], 3), round(t[-1], 3)]
+
+
 def run_header(packages: tuple[str, ...]) -> dict:
     """What a result file says of its run: GPU, torch, commit, command, and the packages' versions
     (None where one is not installed)."""
@@ -158,9 +164,7 @@ def run_pass(label: str, B: int, T: int, P: int, G: int, names: list[str], round
     for n, t in times.items():
         e = out["variants"][n]
         for k, v in t.items():
-            v.sort()
-            e[k + "_ms"] = round(v[len(v) // 2], 3)
-            e[k + "_ms_min_max"] = [round(v[0], 3), round(v[-1], 3)]
+            e[k + "_ms"], e[k + "_ms_min_max"] = spread(v)
         print(f"[{label}] {n}: fwd+bwd {e['fwd_bwd_ms']:.3f} ms, fwd {e['fwd_ms']:.3f} ms", flush=True)
     return out
 

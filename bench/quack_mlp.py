@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flex_flash import compare, run_header, save, timed  # noqa: E402  (the same helpers: cosine/relative error, CUDA-event timing)
+from flex_flash import compare, run_header, save, spread, timed  # noqa: E402  (the same helpers: cosine/relative error, CUDA-event timing, median and range)
 
 D, HID = 576, 1536
 PASSES = {"prefill": (65536, "none"), "group": (65536, "dx"), "coprocessor": (32768, "all")}
@@ -108,9 +108,8 @@ def run_pass(label: str, names: list[str], rounds: int, iters: int) -> dict:
         for n in keys[r % len(keys):] + keys[:r % len(keys)]:
             times[n].append(timed(lambda: call(fns[n]), iters))
     for n, t in times.items():
-        t.sort()
         e = out["variants"][n]
-        e["ms"], e["ms_min_max"] = round(t[len(t) // 2], 3), [round(t[0], 3), round(t[-1], 3)]
+        e["ms"], e["ms_min_max"] = spread(t)
         print(f"[{label}] {n}: {e['ms']:.3f} ms ({e['ms_min_max'][0]}-{e['ms_min_max'][1]})", flush=True)
     return out
 
