@@ -353,9 +353,8 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     if cfg.fast and (why := fastpath.unsupported(decoder, cop, acc.device, training=True)):
         raise TrainingError(f"--fast: {why}; train without --fast")
     if cfg.fast:   # an --mlp that cannot run says so before the first step, not inside it
-        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
-        try:
-            fastpath.resolve_mlp(cfg.mlp, acc.device, fastpath.blocks(decoder)[0], compute)
+        try:   # the MLPs compute in the decoder's dtype (its compute precision, above)
+            fastpath.resolve_mlp(cfg.mlp, acc.device, fastpath.blocks(decoder)[0], dec_dtype)
         except ValueError as e:
             raise TrainingError(f"--mlp {cfg.mlp}: {e}; use --mlp auto or compiled") from e
     if cfg.cuda_graph and (why := _no_graph(acc, cfg)):
