@@ -739,6 +739,27 @@ def test_trainer_mlp_option_says_what_it_needs(tmp_path, repeated_text_file):
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.skipif(not _quack_ready(), reason="needs a Hopper GPU with quack-kernels installed")
+def test_trainer_mlp_quack_all_trains_like_the_compiled_mlp_on_gpu(tmp_path, repeated_text_file):
+    """`train --fast --mlp quack-all` on a GPU: the run's losses are the compiled MLP's (same
+    data and points, up to bf16 rounding), and what it saves loads back."""
+    import json
+
+    decoder = save_tiny_decoder(tmp_path / "dec", "llama", layers=2, hidden=64)
+    cop_cfg = CoprocessorConfig(num_latents=4, num_layers=2)
+    losses = {}
+    for mlp in ("compiled", "quack-all"):
+        run = tmp_path / f"run-{mlp}"
+        kw = dict(device="", precision="bf16", seq_len=64, points=4, batch_size=4, steps=3, save_every=3,
+                  out_dir=str(run), mlp=mlp)
+        last = train(_cfg(tmp_path, decoder, repeated_text_file, **kw), cop_cfg, show_progress=False)
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[mlp] = torch.tensor([r["loss"] for r in lines if "loss" in r])
+        assert json.loads((last / "trainer_state.json").read_text())["step"] == 3
+    assert len(losses["quack-all"]) == 3
+    torch.testing.assert_close(losses["quack-all"], losses["compiled"], atol=3e-2, rtol=1e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_trainer_cuda_graph_trains_like_the_plain_step(tmp_path, repeated_text_file):
     """On a GPU the replayed step gives the plain step's losses (same data, same points: up to
