@@ -508,8 +508,8 @@ def test_trainer_throughput_bench_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_throughput_bench_counts_the_matmuls_the_fast_path_runs(arch, monkeypatch):
-    """`counted_flops`'s matmul part (bench/train_throughput.py: the FLOP fraction of issue 7's
-    target) against every matmul FLOP the fast path runs for a loss and its backward, counted by
+    """`counted_flops`'s matmul part (bench/train_throughput.py: what the fraction of bf16 peak
+    is taken over) against every matmul FLOP the fast path runs for a loss and its backward, counted by
     torch's FlopCounterMode: equal, up to the one piece of work the path does and the count
     leaves out as useless: the query projection, in the group pass's last layer, of the rows whose
     outputs no loss reads (the path skips their attention output projection and MLP)."""
@@ -780,3 +780,55 @@ def test_trainer_cuda_graph_trains_like_the_plain_step(tmp_path, repeated_text_f
     assert sum("eval" in r for r in lines) == 2          # between replayed steps and at the end
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), atol=2e-2, rtol=1e-2)
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_step_breakdown_groups_kernels_and_rates_them(tmp_path, monkeypatch):
+    """bench/step_breakdown.py: kernels sorted into matmul / attention / elementwise / ... by
+    name (profiler annotations and C++ names with "#" in their lambdas told apart), each
+    category's share, the matmuls' and attention's rates against their counted FLOPs, and the
+    step time a fraction of peak asks for."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = _throughput_bench(monkeypatch)
+    src = Path(__file__).resolve().parent.parent / "bench" / "step_breakdown.py"
+    spec = importlib.util.spec_from_file_location("step_breakdown", src)
+    sb = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "step_breakdown", sb)
+    spec.loader.exec_module(sb)
+    kernels = {
+        "nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN": ("matmul", 60.0),
+        "kernel_cutlass_kernel_quackepiloguefrontendGemmMod_linear_act_epi": ("matmul", 20.0),
+        "triton_tem_fused_flex_attention_backward_transpose_view_2": ("attention", 15.0),
+        "triton_per_fused_flex_attention_backward_transpose_view_1": ("attention", 1.0),
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": ("attention", 4.0),
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": ("elementwise", 30.0),
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}": ("memory", 2.0),
+        "Memset (Device)": ("memory", 1.0),
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata>": ("optimizer", 1.5),
+        "Optimizer.step#AdamW.step": ("annotation", 1.5),
+        "void at::native::radixSortKVInPlace<2, -1, 16, 2, int, long>": ("other", 0.5),
+    }
+    csv = tmp_path / "k.csv"
+    csv.write_text("kernel,calls,self_us\n" + "".join(f'"{k}",3,{ms * 1e3:.1f}\n' for k, (_, ms) in kernels.items()))
+    for k, (cat, _) in kernels.items():
+        assert sb.category(k) == cat, k
+    out = tmp_path / "b.json"
+    doc = sb.main([str(csv), "--batch", "4", "--out", str(out)])
+    assert json.loads(out.read_text())["categories"] == doc["categories"]
+    cats = doc["categories"]
+    assert list(cats) == ["matmul", "attention", "elementwise", "optimizer", "memory", "other"]
+    assert doc["kernel_ms"] == pytest.approx(135.0)                    # the annotation left out
+    assert cats["matmul"]["ms"] == pytest.approx(80.0) and cats["matmul"]["calls"] == 6
+    assert sum(c["share"] for c in cats.values()) == pytest.approx(1.0)
+    fl = bench.counted_flops(bench.smollm2_config(), 4, 512, 16, 16, 16)
+    linear = 4 * sum(fl["linear_per_seq"].values())
+    assert cats["matmul"]["frac_peak"] == pytest.approx(linear / 0.080 / sb.H100_BF16)
+    assert cats["attention"]["counted_flops"] == pytest.approx(fl["per_step"] - linear)
+    assert "counted_flops" not in cats["elementwise"]
+    assert doc["target_step_ms"] == pytest.approx(fl["per_step"] / (0.4 * sb.H100_BF16) * 1e3)
+    assert doc["frac_peak_over_kernel_time"] == pytest.approx(fl["per_step"] / 0.135 / sb.H100_BF16)
+    with pytest.raises(SystemExit):
+        sb.main([str(tmp_path / "missing.csv"), "--batch", "4"])
