@@ -430,16 +430,17 @@ def test_trainer_refuses_fast_for_gpt2_with_attention_dropout(tmp_path, repeated
               show_progress=False)
 
 
-def _throughput_bench(monkeypatch):
-    """bench/train_throughput.py as a module."""
+def _bench(monkeypatch, name: str = "train_throughput"):
+    """bench/<name>.py as a module, registered under its name for the test (its dataclasses look
+    their module up; bench/step_breakdown.py imports train_throughput)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    src = Path(__file__).resolve().parent.parent / "bench" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput", src)
+    src = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, src)
     bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "train_throughput", bench)   # its dataclasses look their module up
+    monkeypatch.setitem(sys.modules, name, bench)
     spec.loader.exec_module(bench)
     return bench
 
@@ -449,7 +450,7 @@ def test_throughput_bench_interleaves_paths_on_cpu(tmp_path, monkeypatch):
     and the parity check finds the fast path's loss and gradients equal to the dense path's."""
     import json
 
-    bench = _throughput_bench(monkeypatch)
+    bench = _bench(monkeypatch)
     out = tmp_path / "tp.json"
     bench.main(["--tiny", "--steps", "3", "--warmup", "1", "--paths", "dense,dense@4,fast,fast-b64@4", "--out", str(out)])
     doc = json.loads(out.read_text())
@@ -515,7 +516,7 @@ def test_throughput_bench_counts_the_matmuls_the_fast_path_runs(arch, monkeypatc
     outputs no loss reads (the path skips their attention output projection and MLP)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    bench = _throughput_bench(monkeypatch)
+    bench = _bench(monkeypatch)
     B, T, P, NL, A = 2, 40, 5, 4, 6
     dec, cop, ids, pts = _setup(arch, COPROCESSORS["copy"], T=T, P=P, B=B, NL=NL)
     with FlopCounterMode(display=False) as counter:
@@ -787,17 +788,10 @@ def test_step_breakdown_groups_kernels_and_rates_them(tmp_path, monkeypatch):
     name (profiler annotations and C++ names with "#" in their lambdas told apart), each
     category's share, the matmuls' and attention's rates against their counted FLOPs, and the
     step time a fraction of peak asks for."""
-    import importlib.util
     import json
-    import sys
-    from pathlib import Path
 
-    bench = _throughput_bench(monkeypatch)
-    src = Path(__file__).resolve().parent.parent / "bench" / "step_breakdown.py"
-    spec = importlib.util.spec_from_file_location("step_breakdown", src)
-    sb = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "step_breakdown", sb)
-    spec.loader.exec_module(sb)
+    bench = _bench(monkeypatch)
+    sb = _bench(monkeypatch, "step_breakdown")
     kernels = {
         "nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN": ("matmul", 60.0),
         "kernel_cutlass_kernel_quackepiloguefrontendGemmMod_linear_act_epi": ("matmul", 20.0),
