@@ -25,6 +25,7 @@ seen, elapsed seconds, original tokens per second over this run).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -47,6 +48,11 @@ from .decoder import load_decoder
 
 class TrainingError(RuntimeError):
     """Training stopped; the last good checkpoint is kept. The message says why."""
+
+
+# The progress bar's tokens/s and metrics.jsonl's `tokens_per_s_recent` are taken over this many
+# of the latest steps (fewer at the start of a run); `tokens_per_s` over the whole run.
+RECENT_STEPS = 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,6 +454,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
 
     t0 = time.time()
     start_step, tokens0 = step, tokens_seen
+    recent = collections.deque([(t0, tokens0)], maxlen=RECENT_STEPS)   # (time, tokens_seen): run start, settled steps
     bar = tqdm(total=cfg.steps, initial=step, disable=not (show_progress and acc.is_main_process), desc="train")
 
     def stop(msg: str) -> TrainingError:
@@ -481,16 +488,20 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         loss_acc, gnorm_f = check(at, numbers)
         bar.update(1)
         now = time.time()
-        # original tokens per second over this run's steps (all processes); the first steps
-        # include compilation on a GPU, so the rate climbs for a while
+        # original tokens per second (all processes) over this run's steps, and over the last
+        # RECENT_STEPS: the first steps include compilation on a GPU (minutes with --fast), which
+        # the whole-run rate carries for a long time; the progress bar shows the recent one
         rate = (seen - tokens0) / max(now - t0, 1e-9)
-        bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:,.0f}")
+        t_old, seen_old = recent[0]
+        rate_recent = (seen - seen_old) / max(now - t_old, 1e-9)
+        recent.append((now, seen))
+        bar.set_postfix(loss=f"{loss_acc:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate_recent:,.0f}")
         if at % cfg.log_every == 0 or at == 1:
             if acc.num_processes > 1:  # the mean over ranks: the loss whose gradient the ranks share
                 loss_acc = acc.reduce(torch.tensor(loss_acc, device=acc.device), "mean").item()
             log({"step": at, "loss": loss_acc, "grad_norm": gnorm_f, "lr": lr,
                  "tokens_seen": seen, "elapsed_s": round(elapsed0 + now - t0, 2),
-                 "tokens_per_s": round(rate, 1)})
+                 "tokens_per_s": round(rate, 1), "tokens_per_s_recent": round(rate_recent, 1)})
 
     captured = None   # --cuda-graph: the step's forward and backward, captured at the first step
 

@@ -13,7 +13,7 @@ from cacheaug_core.checkpoint import CheckpointError, load_coprocessor, save_cop
 from cacheaug_core.config import CoprocessorConfig, TrainConfig
 from cacheaug_core.coprocessor import Coprocessor
 from cacheaug_core.decoder import load_decoder
-from cacheaug_core.train import TextData, evaluate_heldout, train
+from cacheaug_core.train import RECENT_STEPS, TextData, evaluate_heldout, train
 from tests.conftest import save_tiny_decoder
 
 
@@ -87,6 +87,15 @@ def test_short_training_beats_frozen_decoder_on_repeated_text(tiny_decoder_dir, 
     assert train_lines and all(r["tokens_per_s"] > 0 for r in train_lines)
     last = train_lines[-1]
     assert last["tokens_per_s"] == pytest.approx(last["tokens_seen"] / last["elapsed_s"], rel=0.2)
+    # and over the latest steps: the first step's equals the whole run's so far; a later one is
+    # the tokens of the last RECENT_STEPS steps over their time (elapsed_s is rounded to 10 ms)
+    assert all(r["tokens_per_s_recent"] > 0 for r in train_lines)
+    assert train_lines[0]["tokens_per_s_recent"] == pytest.approx(train_lines[0]["tokens_per_s"], rel=1e-3)
+    by_step = {r["step"]: r for r in train_lines}
+    first, later = by_step[10], by_step[10 + RECENT_STEPS]
+    window = later["elapsed_s"] - first["elapsed_s"]
+    assert later["tokens_per_s_recent"] == pytest.approx(
+        (later["tokens_seen"] - first["tokens_seen"]) / window, rel=0.1)
 
 
 def test_resume_equals_uninterrupted(tiny_decoder_dir, repeated_text_file, tmp_path):
