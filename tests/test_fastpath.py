@@ -469,6 +469,26 @@ def test_throughput_bench_interleaves_paths_on_cpu(tmp_path, monkeypatch):
         assert p["grad_cosine"] > 0.9999 and abs(p["loss_fast"] - p["loss_dense"]) < 1e-4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_throughput_bench_profiles_one_replay_of_a_graph_path_on_gpu(tmp_path, monkeypatch):
+    """bench/train_throughput.py --profile of a +graph path timed in sequential order (whose graph
+    is freed after timing): the profile holds one replayed step, as many kernel launches as the
+    same step without the graph, not the warm-up steps and capture of a new graph."""
+    import csv
+
+    bench = _bench(monkeypatch)
+    prof = tmp_path / "prof.txt"
+    bench.main(["--tiny", "--steps", "2", "--warmup", "1", "--order", "sequential", "--no-parity",
+                "--paths", "fast,fast+graph", "--profile", str(prof), "--out", str(tmp_path / "tp.json")])
+
+    def launches(name):
+        with open(f"{prof}.{name}.kernels.csv", newline="") as f:
+            return sum(int(r["calls"]) for r in csv.DictReader(f) if "#" not in r["kernel"].split(" ")[0])
+
+    plain, graph = launches("fast"), launches("fast_graph")
+    assert plain > 0 and 0.8 * plain <= graph <= 1.2 * plain, (plain, graph)
+
+
 def test_layer_variants_bench_agrees_on_cpu(tmp_path):
     """bench/layer_variants.py on a tiny layer: every formulation of the projections gives the
     same output in every pass, and each is timed."""
