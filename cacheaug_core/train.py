@@ -455,7 +455,11 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     t0 = time.time()
     start_step, tokens0 = step, tokens_seen
     recent = collections.deque([(t0, tokens0)], maxlen=RECENT_STEPS)   # (time, tokens_seen): run start, settled steps
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (show_progress and acc.is_main_process), desc="train")
+    # compiled blocks (and a captured graph) make the first step take minutes on a GPU: the bar says
+    # so until it is done, where a user would otherwise see a bar that does not move
+    compiling = cfg.compile or (cfg.fast and acc.device.type == "cuda")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (show_progress and acc.is_main_process),
+               desc="train (compiling the first step)" if compiling else "train")
 
     def stop(msg: str) -> TrainingError:
         bar.close()  # the error is then printed on a line of its own, not after the progress bar
@@ -486,6 +490,8 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         """Check a taken step (stop on NaN/inf), then report it: progress bar, metrics.jsonl."""
         at, seen, lr, numbers = rec
         loss_acc, gnorm_f = check(at, numbers)
+        if compiling and at == start_step + 1:
+            bar.set_description("train", refresh=False)
         bar.update(1)
         now = time.time()
         # original tokens per second (all processes) over this run's steps, and over the last
