@@ -6,7 +6,7 @@ FLOPs counted for them, and what the step would have to take for a given fractio
     python bench/train_throughput.py --shapes ref --paths fast@128 --steps 5 --no-parity \
         --profile results/runs/prof.txt                   # GPU: writes prof.txt.fast_128.kernels.csv
     python bench/step_breakdown.py results/runs/train_throughput_prof_onegraph_42.kernels.csv \
-        --batch 128 --out results/runs/step_breakdown_42.json
+        --batch 128 --out results/runs/step_breakdown_onegraph_42.json
 
 The kernels CSV has one row per kernel name (`kernel,calls,self_us`, one step). The shape flags
 default to the reference shape (T 512, 16 points, 16 latents, 16 ahead). Kernels are grouped by
@@ -23,8 +23,8 @@ name (`CATEGORIES`, first match wins): a step spends its time in
 
 `--peak` is the GPU's dense bf16 peak (default: an H100's 989 TFLOP/s); `--target` the fraction of
 it asked for (default 0.4). Rows that are profiler annotations ("Optimizer.step#AdamW.step")
-overlap the kernels they annotate and are skipped (the
-names of C++ kernels hold "#" too, inside their lambdas' names).
+overlap the kernels they annotate and are skipped (C++ kernels' names hold "#" too, inside their
+lambdas' names: only a leading name with "#" marks an annotation).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import counted_flops, smollm2_config  # noqa: E402
+from train_throughput import PEAK_BF16, counted_flops, smollm2_config  # noqa: E402
 
 CATEGORIES = (
     ("annotation", r"^[\w.]+#|^ProfilerStep"),   # record_function ranges, e.g. "Optimizer.step#AdamW.step"
@@ -48,7 +48,7 @@ CATEGORIES = (
     ("memory", r"^Memset|^Memcpy|direct_copy"),
     ("elementwise", r"^triton_(poi|per|red)_|elementwise_kernel|reduce_kernel|CatArray|gather|Fill|index"),
 )
-H100_BF16 = 989e12
+H100_BF16 = PEAK_BF16["H100"]
 
 
 def category(kernel: str) -> str:

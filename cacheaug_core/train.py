@@ -20,7 +20,7 @@ written in one temporary folder that is renamed into place, so `--resume` contin
 from the last save of a killed run. A NaN/inf loss or gradient, or a failed write (a full disk),
 stops with `TrainingError` and leaves the last good checkpoint untouched.
 `out_dir/metrics.jsonl` gets one line per log/eval event (loss, gradient norm, learning rate, tokens
-seen, elapsed seconds, original tokens per second over this run).
+seen, elapsed seconds, original tokens per second over this run and over its last RECENT_STEPS).
 """
 
 from __future__ import annotations
