@@ -228,9 +228,9 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
 # 231.2 ms with quack's in the same run, 227.5 ms once the down GEMM also adds the residual
 # (another run; results/train_throughput.md). "quack-all" runs a trained coprocessor's MLP through
 # the same fused GEMMs too (`_TrainedSwiGLU`: its weight gradients by cuBLAS over the contiguous
-# interleaved gate/up gradient): 222.8 against 223.7 ms and 2.8 GiB less memory in one run,
-# within the runs' spread, so not the default. The choices (`config.MLP_KERNELS`) are also the
-# trainer's --mlp.
+# interleaved gate/up gradient): as fast, lighter (222.8 against 223.7 ms and 2.8 GiB less at
+# batch 128; 333.1 against 332.9 ms and 4.6 GiB less at 192), so an option, not the default. The
+# choices (`config.MLP_KERNELS`) are also the trainer's --mlp.
 
 
 def _fusable_mlp(layer) -> bool:
