@@ -9,7 +9,8 @@ FLOPs counted for them, and what the step would have to take for a given fractio
         --batch 128 --out results/runs/step_breakdown_onegraph_42.json
 
 The kernels CSV has one row per kernel name (`kernel,calls,self_us`, one step). The shape flags
-default to the reference shape (T 512, 16 points, 16 latents, 16 ahead). Kernels are grouped by
+default to the reference shape (T 512, 16 points, 16 latents, 16 ahead), the decoder to
+SmolLM2-135M (`--decoder-config` as given to train_throughput.py otherwise). Kernels are grouped by
 name (`CATEGORIES`, first match wins): a step spends its time in
 
   matmul       cuBLAS (nvjet, cutlass, split-K reductions) and quack's CuTe GEMMs (the fused MLPs)
@@ -38,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import PEAK_BF16, counted_flops, smollm2_config  # noqa: E402
+from train_throughput import PEAK_BF16, counted_flops, decoder_config  # noqa: E402
 
 CATEGORIES = (
     ("annotation", r"^[\w.]+#|^ProfilerStep"),   # record_function ranges, e.g. "Optimizer.step#AdamW.step"
@@ -66,12 +67,12 @@ def read_kernels(path: str | Path) -> list[dict]:
 
 
 def breakdown(rows: list[dict], batch: int, T: int = 512, points: int = 16, num_latents: int = 16,
-              n_ahead: int = 16, peak: float = H100_BF16, target: float = 0.4) -> dict:
+              n_ahead: int = 16, peak: float = H100_BF16, target: float = 0.4, cfg=None) -> dict:
     """Per category: GPU ms of the step, its share, kernel launches, and for matmul and attention
     the counted FLOPs and the TFLOP/s and fraction of peak they ran at. Plus the whole step's
     counted-FLOP fraction of peak (over the kernels' summed time: no gaps between them) and the
-    step time `target` asks for."""
-    fl = counted_flops(smollm2_config(), batch, T, points, num_latents, n_ahead)
+    step time `target` asks for. cfg: the decoder's config (default SmolLM2-135M's)."""
+    fl = counted_flops(cfg or decoder_config(), batch, T, points, num_latents, n_ahead)
     linear = batch * sum(fl["linear_per_seq"].values())
     counted = {"matmul": linear, "attention": fl["per_step"] - linear}
     cats: dict[str, dict] = {}
@@ -128,12 +129,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--ahead", type=int, default=16)
     ap.add_argument("--peak", type=float, default=H100_BF16, help="dense bf16 peak FLOP/s of the profiled GPU")
     ap.add_argument("--target", type=float, default=0.4, help="fraction of peak to size the step for")
+    ap.add_argument("--decoder-config", default="",
+                    help="the profiled decoder's folder or config.json, as given to train_throughput.py")
     ap.add_argument("--out", default="", help="also write the breakdown as JSON here")
     args = ap.parse_args(argv)
     if not Path(args.kernels).is_file():
         ap.error(f"no such kernels CSV: {args.kernels}")
+    try:
+        cfg = decoder_config(args.decoder_config)
+    except ValueError as e:
+        ap.error(str(e))
     doc = breakdown(read_kernels(args.kernels), args.batch, args.T, args.points, args.latents, args.ahead,
-                    args.peak, args.target)
+                    args.peak, args.target, cfg)
     doc["source"] = args.kernels
     print(table(doc))
     if args.out:

@@ -4,9 +4,12 @@
     python bench/train_throughput.py --tiny --steps 2 --out /tmp/tp.json             # CPU smoke test
     python bench/train_throughput.py --shapes ref --paths fast --profile /tmp/prof.txt   # where time goes
     python bench/train_throughput.py --shapes ref --paths dense,fast,fast@128             # path@B: batch B
+    python bench/train_throughput.py --decoder-config path/to/decoder --shapes ref --paths dense,fast@32   # another decoder
 
 The decoder is SmolLM2-135M-shaped with random weights (throughput depends on shapes, not on the
-weights, so nothing needs to be staged), the coprocessor a full copy. For each shape the paths
+weights, so nothing needs to be staged), or shaped as `--decoder-config` says (a Llama- or
+Qwen2-style decoder's folder or config.json: what a bigger decoder would do), the coprocessor a
+full copy. For each shape the paths
 run the same number of optimizer steps on the same batches:
 
   dense          `augment.multi_point_loss` through transformers: SDPA with the dense float group
@@ -90,6 +93,27 @@ def smollm2_config(tiny: bool = False):
                        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
+COUNTED_MODEL_TYPES = ("llama", "qwen2")   # the configs whose terms counted_flops knows
+
+
+def decoder_config(path: str = "", tiny: bool = False):
+    """The decoder shape to measure: SmolLM2-135M's (a tiny one with `tiny`), or the config of
+    another decoder, `path` a transformers folder or its config.json (weights are random either
+    way: the throughput depends on the shapes, not the weights). Llama- and Qwen2-style configs:
+    the counted-FLOP model's terms."""
+    if not path:
+        return smollm2_config(tiny)
+    from transformers import AutoConfig
+
+    if not Path(path).exists():
+        raise ValueError(f"--decoder-config: no such folder or file: {path}")
+    cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type not in COUNTED_MODEL_TYPES:
+        raise ValueError(f"--decoder-config: the counted-FLOP model covers {', '.join(COUNTED_MODEL_TYPES)} "
+                         f"configs, not {cfg.model_type!r}")
+    return cfg
+
+
 def counted_flops(cfg, B, T, P, NL, A) -> dict:
     """Useful matmul FLOPs of one training step (see the module docstring).
 
@@ -103,9 +127,9 @@ def counted_flops(cfg, B, T, P, NL, A) -> dict:
     reads its hidden states), and in the group pass's last layer the rows before the A that predict
     the ahead tokens (all latents but the last) count their key/value projection alone."""
     d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
-    hd = d // cfg.num_attention_heads
-    kvd = cfg.num_key_value_heads * hd
-    layer = 2 * d * d + 2 * d * kvd + 3 * d * cfg.intermediate_size         # params in one layer's linears
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    qd, kvd = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd    # d, d/3 for SmolLM2-135M
+    layer = 2 * d * qd + 2 * d * kvd + 3 * d * cfg.intermediate_size        # params in one layer's linears
     lin, kv_only = L * layer, 2 * d * kvd
     attn_q = 4 * cfg.num_attention_heads * hd                                # FLOPs per (query, key) and layer
     G = NL + A - 1
@@ -367,7 +391,10 @@ def main(argv=None):
     ap.add_argument("--chain", type=int, default=1,
                     help="steps per timed sample, queued back to back with one wait at the end (1: every "
                          "step waited for, starting from an idle GPU)")
-    ap.add_argument("--tiny", action="store_true", help="tiny model (CPU smoke test)")
+    ap.add_argument("--tiny", action="store_true", help="tiny model and shapes (CPU smoke test)")
+    ap.add_argument("--decoder-config", default="",
+                    help="measure this decoder's shape instead of SmolLM2-135M's: a transformers folder or its "
+                         "config.json (Llama/Qwen2-style; random weights)")
     ap.add_argument("--shapes", default="ref,paper,nl32,nl64", help="which shapes to run")
     ap.add_argument("--paths", default="dense,dense+compile,fast", help="which paths to run")
     ap.add_argument("--batch", type=int, default=0, help="batch size for every shape (0: each shape's default)")
@@ -387,7 +414,10 @@ def main(argv=None):
             ind.max_autotune_gemm_backends = "ATEN"
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    cfg = smollm2_config(args.tiny)
+    try:
+        cfg = decoder_config(args.decoder_config, args.tiny)
+    except ValueError as e:
+        ap.error(str(e))
     gpu = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     # (name, T, P, NL, A, batch)
@@ -400,7 +430,7 @@ def main(argv=None):
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"device": gpu, "torch": torch.__version__, "commit": commit, "bf16_peak_flops": peak,
               "command": " ".join(["python"] + sys.argv), "autotune": args.autotune, "order": args.order,
-              "chain": args.chain,
+              "chain": args.chain, "decoder_config": args.decoder_config or "SmolLM2-135M",
               "runs": []}
     T0, P0, NL0, A0 = (512, 16, 16, 16) if not args.tiny else (64, 4, 4, 4)
     if "fast" in args.paths and dev.type == "cuda":

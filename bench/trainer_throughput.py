@@ -5,6 +5,7 @@ bench/train_throughput.py, read back from the run's metrics.jsonl.
     python bench/trainer_throughput.py --out results/runs/trainer_throughput.json      # GPU
     python bench/trainer_throughput.py --cuda-graph --out ...                           # GPU, --cuda-graph
     python bench/trainer_throughput.py --tiny --steps 4 --out /tmp/tt.json              # CPU smoke test
+    python bench/trainer_throughput.py --decoder-config path/to/decoder --batch 32      # another decoder's shape
 
 bench/train_throughput.py times the fast path's step alone (loss, backward, optimizer step); this
 says what a user of the trainer gets. The decoder is SmolLM2-135M-shaped with random weights and a
@@ -41,15 +42,14 @@ from cacheaug_core.config import CoprocessorConfig, TrainConfig  # noqa: E402
 from cacheaug_core.decoder import byte_level_tokenizer  # noqa: E402
 from cacheaug_core import train as train_mod  # noqa: E402
 from cacheaug_core.train import train  # noqa: E402
-from train_throughput import PEAK_BF16, counted_flops, smollm2_config  # noqa: E402
+from train_throughput import PEAK_BF16, counted_flops, decoder_config  # noqa: E402
 
 
-def make_decoder(folder: Path, tiny: bool) -> str:
-    """A random decoder of SmolLM2-135M's shape (or a tiny one) + a byte tokenizer, saved."""
+def make_decoder(folder: Path, cfg) -> str:
+    """A random decoder of `cfg`'s shape (`train_throughput.decoder_config`) + a byte tokenizer, saved."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = smollm2_config(tiny)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     model.save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
@@ -81,16 +81,23 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of the timing (compilation; at least 1)")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
+    ap.add_argument("--tiny", action="store_true", help="tiny model and shapes on CPU (smoke test)")
+    ap.add_argument("--decoder-config", default="",
+                    help="a decoder of this shape instead of SmolLM2-135M's: a transformers folder or its "
+                         "config.json (Llama/Qwen2-style; random weights)")
     ap.add_argument("--cuda-graph", action="store_true", help="train with --cuda-graph (the step replayed as a CUDA graph)")
     ap.add_argument("--mlp", default="auto", help="train with --mlp (the fast path's MLP kernels: auto, compiled, quack, quack-all)")
     args = ap.parse_args(argv)
+    try:
+        dec_cfg = decoder_config(args.decoder_config, args.tiny)
+    except ValueError as e:
+        ap.error(str(e))
     gpu = torch.cuda.is_available()
     T, P, NL, A = (64, 4, 4, 4) if args.tiny else (512, 16, 16, 16)
     B = 2 if args.tiny else args.batch
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        decoder = make_decoder(tmp / "decoder", args.tiny)
+        decoder = make_decoder(tmp / "decoder", dec_cfg)
         # enough text for every step's batch without repeating much (the data only has to exist)
         text = make_text(tmp / "train.txt", max(200_000, 2 * B * T * (args.steps + 2) // 8))
         cfg = TrainConfig(decoder=decoder, data=text, out_dir=str(tmp / "run"), seq_len=T, points=P, n_ahead=A,
@@ -129,10 +136,11 @@ def main(argv=None):
     step_s = sorted(period)[len(period) // 2] / 1e3 if period else logged_step_s
     gpu_name = torch.cuda.get_device_name() if gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu_name), None)
-    fl = counted_flops(smollm2_config(args.tiny), B, T, P, NL, A)["per_step"]
+    fl = counted_flops(dec_cfg, B, T, P, NL, A)["per_step"]
     res = {"device": gpu_name, "torch": torch.__version__,
            "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-           "command": " ".join(["python"] + sys.argv), "shape": {"T": T, "points": P, "num_latents": NL, "n_ahead": A},
+           "command": " ".join(["python"] + sys.argv), "decoder_config": args.decoder_config or "SmolLM2-135M",
+           "shape": {"T": T, "points": P, "num_latents": NL, "n_ahead": A},
            "batch": B, "steps": args.steps, "cuda_graph": args.cuda_graph, "mlp": args.mlp, "timed_steps": b["step"] - a["step"], "step_s": step_s,
            "orig_tokens_per_s": B * T / step_s, "frac_bf16_peak": None if peak is None else fl / step_s / peak,
            "skipped_steps_elapsed_s": [r["elapsed_s"] for r in logged[:skip]], "wall_s": wall,

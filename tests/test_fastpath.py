@@ -509,6 +509,42 @@ def test_layer_variants_bench_agrees_on_cpu(tmp_path):
             assert r["rel_diff_vs_first"] < 1e-5 and r["median_ms"] > 0
 
 
+def test_throughput_benches_take_another_decoders_shape(tmp_path, monkeypatch):
+    """--decoder-config: bench/train_throughput.py and bench/step_breakdown.py measure and count
+    the shape of a decoder folder (here a tiny Qwen2) instead of SmolLM2-135M's; a config the
+    counted-FLOP model does not cover (GPT-2) or a missing path is refused with the reason."""
+    import json
+
+    from transformers import AutoConfig
+
+    bench = _bench(monkeypatch)
+    qwen = save_tiny_decoder(tmp_path / "qwen", "qwen2", hidden=48)
+    out = tmp_path / "tp.json"
+    bench.main(["--tiny", "--decoder-config", qwen, "--steps", "1", "--warmup", "1", "--paths", "dense,fast",
+                "--no-parity", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["decoder_config"] == qwen
+    row = doc["runs"][0]
+    cfg = AutoConfig.from_pretrained(qwen)
+    assert cfg.model_type == "qwen2" and cfg.hidden_size == 48
+    assert row["flops_breakdown_per_seq"] == bench.counted_flops(cfg, 1, 64, 4, 4, 4)["per_seq"]
+    assert row["flops_breakdown_per_seq"] != bench.counted_flops(bench.smollm2_config(True), 1, 64, 4, 4, 4)["per_seq"]
+    assert "error" not in row["fast"] and row["fast"]["counted_flops_per_step"] == \
+        bench.counted_flops(cfg, 2, 64, 4, 4, 4)["per_step"]
+    gpt2 = save_tiny_decoder(tmp_path / "gpt2", "gpt2")
+    for bad, why in ((gpt2, "covers llama, qwen2 configs, not 'gpt2'"), (str(tmp_path / "none"), "no such folder")):
+        with pytest.raises(SystemExit):
+            bench.main(["--tiny", "--decoder-config", bad, "--out", str(tmp_path / "x.json")])
+        with pytest.raises(ValueError, match=why):
+            bench.decoder_config(bad)
+    sb = _bench(monkeypatch, "step_breakdown")
+    csv = tmp_path / "k.csv"
+    csv.write_text('kernel,calls,self_us\n"nvjet_sm90_tst_NNN",2,1000.0\n')
+    doc = sb.main([str(csv), "--batch", "2", "--T", "64", "--points", "4", "--latents", "4", "--ahead", "4",
+                   "--decoder-config", qwen])
+    assert doc["counted_flops_per_step"] == bench.counted_flops(cfg, 2, 64, 4, 4, 4)["per_step"]
+
+
 def test_trainer_throughput_bench_on_cpu(tmp_path):
     """bench/trainer_throughput.py on a tiny decoder: `cacheaug train --fast` runs, and the step time
     comes from the run's own log."""
@@ -527,26 +563,39 @@ def test_trainer_throughput_bench_on_cpu(tmp_path):
     assert doc["final_loss"] == doc["final_loss"]   # finite (not NaN)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-head-dim"])
 def test_throughput_bench_counts_the_matmuls_the_fast_path_runs(arch, monkeypatch):
     """`counted_flops`'s matmul part (bench/train_throughput.py: what the fraction of bf16 peak
     is taken over) against every matmul FLOP the fast path runs for a loss and its backward, counted by
     torch's FlopCounterMode: equal, up to the one piece of work the path does and the count
     leaves out as useless: the query projection, in the group pass's last layer, of the rows whose
-    outputs no loss reads (the path skips their attention output projection and MLP)."""
+    outputs no loss reads (the path skips their attention output projection and MLP).
+    "llama-head-dim": heads wider than hidden / heads (query width 64 for a hidden size of 32)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     bench = _bench(monkeypatch)
     B, T, P, NL, A = 2, 40, 5, 4, 6
-    dec, cop, ids, pts = _setup(arch, COPROCESSORS["copy"], T=T, P=P, B=B, NL=NL)
+    dec, cop, ids, pts = _setup(arch.removesuffix("-head-dim"), COPROCESSORS["copy"], T=T, P=P, B=B, NL=NL)
+    if arch == "llama-head-dim":
+        from transformers import AutoModelForCausalLM
+
+        from cacheaug_core.decoder import freeze
+
+        cfg = dec.config
+        cfg.head_dim = 16
+        torch.manual_seed(0)
+        dec = freeze(AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32))
+        cop = Coprocessor(CoprocessorConfig(num_latents=NL, **COPROCESSORS["copy"]), dec).float()
     with FlopCounterMode(display=False) as counter:
         fastpath.multi_point_loss(dec, cop, ids, pts, A, attention="dense", align=1).backward()
     ran = sum(n for op, n in counter.get_flop_counts()["Global"].items()
               if str(op) in ("aten.mm", "aten.addmm"))
     cfg = dec.config
     d = cfg.hidden_size
+    qd = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads)
+    assert qd == (64 if arch == "llama-head-dim" else d)
     unread = cop.layout(A).group_len - A                           # rows before those that predict
-    unneeded = B * 2 * 2 * d * d * P * unread                      # forward + input gradient
+    unneeded = B * 2 * 2 * d * qd * P * unread                     # forward + input gradient
     counted = B * sum(bench.counted_flops(cfg, B, T, P, NL, A)["linear_per_seq"].values())
     assert ran == counted + unneeded
 
