@@ -545,9 +545,11 @@ def test_throughput_benches_take_another_decoders_shape(tmp_path, monkeypatch):
     assert doc["counted_flops_per_step"] == bench.counted_flops(cfg, 2, 64, 4, 4, 4)["per_step"]
 
 
-def test_trainer_throughput_bench_on_cpu(tmp_path):
-    """bench/trainer_throughput.py on a tiny decoder: `cacheaug train --fast` runs, and the step time
-    comes from the run's own log."""
+@pytest.mark.parametrize("decoder", ["", "qwen2"])
+def test_trainer_throughput_bench_on_cpu(tmp_path, decoder):
+    """bench/trainer_throughput.py on a tiny decoder (SmolLM2-135M's tiny stand-in, or a tiny
+    Qwen2 through --decoder-config): `cacheaug train --fast` runs, and the step time comes from the
+    run's own log."""
     import json
     import subprocess
     import sys
@@ -555,9 +557,11 @@ def test_trainer_throughput_bench_on_cpu(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "tt.json"
+    extra = ["--decoder-config", save_tiny_decoder(tmp_path / "dec", decoder, hidden=48)] if decoder else []
     subprocess.run([sys.executable, str(root / "bench" / "trainer_throughput.py"), "--tiny", "--steps", "4",
-                    "--skip", "1", "--out", str(out)], check=True, cwd=root, capture_output=True)
+                    "--skip", "1", "--out", str(out)] + extra, check=True, cwd=root, capture_output=True)
     doc = json.loads(out.read_text())
+    assert doc["decoder_config"] == (extra[1] if decoder else "SmolLM2-135M")
     assert doc["timed_steps"] == 3 and doc["step_s"] > 0
     assert doc["orig_tokens_per_s"] == pytest.approx(doc["batch"] * doc["shape"]["T"] / doc["step_s"])
     assert doc["final_loss"] == doc["final_loss"]   # finite (not NaN)
