@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cacheaug_core.config import CoprocessorConfig, TrainConfig  # noqa: E402
+from cacheaug_core.config import MLP_KERNELS, CoprocessorConfig, TrainConfig  # noqa: E402
 from cacheaug_core.decoder import byte_level_tokenizer  # noqa: E402
 from cacheaug_core import train as train_mod  # noqa: E402
 from cacheaug_core.train import train  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv=None):
                     help="a decoder of this shape instead of SmolLM2-135M's: a transformers folder or its "
                          "config.json (Llama/Qwen2-style; random weights)")
     ap.add_argument("--cuda-graph", action="store_true", help="train with --cuda-graph (the step replayed as a CUDA graph)")
-    ap.add_argument("--mlp", default="auto", help="train with --mlp (the fast path's MLP kernels: auto, compiled, quack, quack-all)")
+    ap.add_argument("--mlp", default="auto", choices=MLP_KERNELS, help="train with --mlp (the fast path's MLP kernels)")
     args = ap.parse_args(argv)
     try:
         dec_cfg = decoder_config(args.decoder_config, args.tiny)

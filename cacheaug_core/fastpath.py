@@ -648,8 +648,8 @@ def enable_compile(on: bool = True) -> None:
     _compiled["prefill"] = torch.compile(prefill_block, dynamic=False)
     _compiled["group"] = torch.compile(group_block, dynamic=False)
     _compiled["ce"] = torch.compile(_ce_chunk, dynamic=False)
-    # the passes' final norm and the coprocessor's output projection and rescale: eager, each is a
-    # handful of fp32 kernels over the kept rows, forward and backward
+    # the passes' final norm and the coprocessor's output projection and rescale too: left eager,
+    # each ran as a handful of fp32 kernels over the kept rows, forward and backward
     _compiled["final"] = torch.compile(_final_norm, dynamic=False)
     _compiled["latent_out"] = torch.compile(_latent_out, dynamic=False)
 
