@@ -560,6 +560,13 @@ def point_mask(T: int, points: torch.Tensor, group_len: int, hide_point: bool, d
     return PointMask(masks.to_additive(allowed, dtype), keep, P)
 
 
+def _gate_score_mod(gate_cols: torch.Tensor):
+    """FlexAttention score_mod adding the latent gate's bias of each key (gate_cols (T + Q,))."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + gate_cols[kv_idx]
+    return score_mod
+
+
 def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dtype: torch.dtype,
                 gate_cols=None, kernel_options=None, fuse_kv: bool = True, rows: tuple[int, int, int] | None = None,
                 mlp: str = "compiled"):
@@ -595,10 +602,7 @@ def group_block(layer, x: torch.Tensor, cos, sin, k_past, v_past, mask, attn_dty
     else:
         from torch.nn.attention.flex_attention import flex_attention
 
-        score_mod = None
-        if gate_cols is not None:
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return score + gate_cols[kv_idx]
+        score_mod = None if gate_cols is None else _gate_score_mod(gate_cols)
         o = flex_attention(q, K, V, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=True,
                            kernel_options=_main_kernel(kernel_options, q.device))
     o = _merge_heads(o)                                               # (B, Q, H*hd)
