@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup app test test-fast bench
+.PHONY: setup app test test-fast
 
 setup:
 	bash scripts/setup.sh

@@ -1,4 +1,4 @@
-"""Latency of the app's actions on CPU, against the performance targets of issue #4.
+"""Latency of the app's actions on CPU, against the app's performance targets.
 
     .venv/bin/python bench/app_latency.py                      # writes results/app_latency.{json,md}
     .venv/bin/python bench/app_latency.py --repeats 3 --every-repeats 1 --out-json /tmp/l.json --out-md /tmp/l.md

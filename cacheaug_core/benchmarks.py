@@ -22,7 +22,7 @@ rest of the sentence is the continuation. LAMBADA items have choices=[" " + last
 (accuracy = the greedy continuation equals that word).
 
 GSM8K items are generation items {"id", "prompt", "answer", "stop"}: `prompt` is the standard 8-shot
-chain-of-thought prompt ending in "Answer:", `answer` the gold number as a string; `extract_answer`
+chain-of-thought prompt ending in "Answer:", `answer` the gold number as a string; `evaluate.extract_answer`
 pulls the model's number out of its completion for exact match.
 
 `eval_texts()` returns {set name: [strings]} with every question, passage and answer, for
@@ -214,26 +214,6 @@ def load_task(name: str, limit: int | None = None) -> list[dict]:
         raise BenchmarkError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     items = _load(name)
     return [dict(x) for x in (items[:limit] if limit else items)]
-
-
-_NUM = re.compile(r"-?[\d,]*\.?\d+")
-
-
-def extract_answer(completion: str) -> str | None:
-    """The number a GSM8K completion answers with: after "the answer is" if present, else the last one."""
-    m = re.search(r"answer is\s*\$?\s*(-?[\d,]*\.?\d+)", completion, re.I)
-    nums = [m.group(1)] if m else _NUM.findall(completion)
-    if not nums:
-        return None
-    n = nums[-1].replace(",", "").rstrip(".")
-    if re.fullmatch(r"-?\d+\.0+", n):
-        n = n.split(".")[0]
-    return n
-
-
-def gsm8k_correct(completion: str, answer: str) -> bool:
-    got = extract_answer(completion)
-    return got is not None and got == answer.replace(",", "").strip()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -190,6 +190,10 @@ def resolve_decoder(name: str | None) -> tuple[str, str]:
         if not (Path(name) / "config.json").exists():
             raise DecoderLoadError(f"{name} is a folder but holds no config.json: not a transformers model folder")
         return name, name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        # A Hub id is "org/name": anything else with path syntax was meant as a local folder.
+        raise DecoderLoadError(f"no folder at {name}: give a local transformers folder, a Hub id "
+                               f"(org/name) while online, or leave it empty for {DEFAULT_DECODER}")
     return name, name  # a Hub id; works when the Hub is reachable
 
 
@@ -275,7 +279,7 @@ def load_decoder(
     display, path = resolve_decoder(name)
     try:
         tok = load_tokenizer(path)
-        kw = {"dtype": dtype}
+        kw = {"dtype": dtype, "use_safetensors": True}   # never unpickle a decoder's weights
         if attn_implementation:
             kw["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, **kw)

@@ -888,10 +888,33 @@ def _bench_table(res: dict) -> str:
     foot = ("\n\nAccuracy in % with 95% Wilson intervals; (±x) = difference from the decoder arm in points "
             "(paired bootstrap intervals in the JSON). The coprocessor is called once at the end of the prompt")
     foot += f", its latents inserted {res['async_delay']} tokens late." if res.get("async_delay") else "."
-    cop = (res.get("provenance") or {}).get("coprocessor") or {}
+    prov = res.get("provenance") or {}
+    cop = prov.get("coprocessor") or {}
     if cop:
-        foot += f" Coprocessor: {cop.get('source')} ({cop.get('config', {}).get('num_latents')} latents)."
+        foot += f" Coprocessor: {_repo_relative(cop.get('source'))} ({cop.get('config', {}).get('num_latents')} latents)."
+    foot += _provenance_line(prov)
     return "\n".join(lines) + foot
+
+
+def _repo_relative(path) -> str:
+    """A path inside this checkout written relative to it (tables travel; machines' paths don't)."""
+    try:
+        return str(Path(str(path)).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
+def _provenance_line(prov: dict) -> str:
+    """How to reproduce a table: the command, commit and device its JSON records."""
+    git = prov.get("git") or {}
+    parts = []
+    if prov.get("reproduce") or prov.get("command_line"):
+        parts.append(f"command: `{prov.get('reproduce') or prov.get('command_line')}`")
+    if git.get("commit"):
+        parts.append(f"commit {git['commit'][:7]}" + (" (uncommitted changes)" if git.get("dirty") else ""))
+    if prov.get("device"):
+        parts.append(f"device: {prov['device']}" + (f", {prov['dtype']}" if prov.get("dtype") else ""))
+    return ("\n\nReproduce: " + "; ".join(parts) + ".") if parts else ""
 
 
 def results_table_markdown(res: dict, rows: str = "paper") -> str:

@@ -3,7 +3,7 @@
 Everything else in cacheaug handles a decoder's KV cache as an opaque object and calls these
 functions, so version differences (DynamicCache's layer objects in 5.x, `crop` that only takes a
 negative count, caches mutated in place by every forward) live here and are tested here
-(`tests/test_kv.py`, on tiny random Llama-, Qwen2- and GPT-2-style models).
+(`tests/test_core.py`, on tiny random Llama-, Qwen2- and GPT-2-style models).
 
 Shapes: per layer, keys and values are (B, H_kv, S, D_head) with RoPE already applied.
 """
@@ -82,13 +82,6 @@ def select_layers(cache, layer_ids: list[int]) -> DynamicCache:
     return from_layers([layers[i] for i in layer_ids])
 
 
-def repeat_batch(cache, repeats: int) -> DynamicCache:
-    """A new cache with every batch row repeated `repeats` times (row-major, like repeat_interleave)."""
-    return from_layers(
-        [(k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0)) for k, v in to_layers(cache)]
-    )
-
-
 def select_rows(cache, index: torch.Tensor) -> DynamicCache:
     """A new cache whose batch row i is row index[i] of `cache` (copies; rows may repeat)."""
     return from_layers([(k.index_select(0, index), v.index_select(0, index)) for k, v in to_layers(cache)])
@@ -97,7 +90,3 @@ def select_rows(cache, index: torch.Tensor) -> DynamicCache:
 def detach(cache) -> DynamicCache:
     """A new cache whose tensors carry no autograd history."""
     return from_layers([(k.detach(), v.detach()) for k, v in to_layers(cache)])
-
-
-def to_device(cache, device) -> DynamicCache:
-    return from_layers([(k.to(device), v.to(device)) for k, v in to_layers(cache)])

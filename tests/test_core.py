@@ -410,3 +410,32 @@ def test_append_allowed():
     assert a.shape == (2, 2, 5)
     assert a[0].tolist() == [[True, False, True, True, False], [True, False, True, True, True]]
     assert a[1].tolist() == [[True, True, False, False, False], [True, True, False, False, True]]
+
+
+def test_decoder_paths_that_do_not_exist_and_pickled_weights_are_refused(tmp_path):
+    """A missing local folder says so (not a Hub id error), and a folder with only a pickled
+    `pytorch_model.bin` is refused rather than unpickled."""
+    from cacheaug_core.decoder import DecoderLoadError, load_decoder
+    from tests.conftest import byte_tokenizer
+
+    for name in (str(tmp_path / "nope"), "./nope", "a/b/c"):
+        with pytest.raises(DecoderLoadError, match="no folder at"):
+            load_decoder(name)
+    tok = byte_tokenizer()
+    model = tiny_decoder("llama", vocab=len(tok))
+    model.config.save_pretrained(tmp_path / "pickled")
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")   # the old pickled format
+    tok.save_pretrained(tmp_path / "pickled")
+    with pytest.raises(DecoderLoadError, match="could not load decoder"):
+        load_decoder(str(tmp_path / "pickled"))
+
+
+def test_app_module_imports_from_any_working_directory(tmp_path):
+    """`cacheaug app` imports `app`: it must be installed with the package, not only found in the checkout."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import app, sys; sys.stdout.write(app.__file__)"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.endswith("app.py")

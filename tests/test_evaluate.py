@@ -365,6 +365,11 @@ def test_results_table_markdown_ppl_and_bench():
     assert "| ARC-e | acc | 1 |" in md and "| ARC-e | acc_norm | 1 |" in md and "| GSM8K | exact_match | 1 |" in md
     arc_row = next(line for line in md.splitlines() if line.startswith("| ARC-e | acc |"))
     assert arc_row.rstrip().endswith("n/a |")          # CoT does not apply to log-likelihood tasks
+    bench["provenance"] = {"command_line": "cacheaug eval bench --limit 1", "device": "cpu",
+                           "git": {"commit": "0123456789abcdef", "dirty": False}}
+    assert md.count("Reproduce:") == 0
+    assert ("Reproduce: command: `cacheaug eval bench --limit 1`; commit 0123456; device: cpu."
+            in evaluate.results_table_markdown(bench))
 
 
 @pytest.fixture(scope="module")
