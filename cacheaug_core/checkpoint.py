@@ -357,12 +357,39 @@ def load_coprocessor(path: str | Path, decoder, decoder_info, check: bool = True
     return cop
 
 
+def _check_export_target(src: Path, dst: Path) -> None:
+    """Writing `dst` replaces the whole folder, so refuse any `dst` whose loss would be the user's
+    data: a file, a folder that is not a checkpoint, a training checkpoint (its trainer state would
+    be lost), the source itself, a folder holding the source or the working directory. An empty
+    folder or an earlier export may be replaced."""
+    s, d = src.resolve(), dst.resolve()
+    if d == s:
+        raise CheckpointError(f"export: the destination {dst} is the source checkpoint; choose another folder")
+    if d in s.parents or d in Path.cwd().resolve().parents or d == Path.cwd().resolve():
+        raise CheckpointError(f"export: the destination {dst} holds the source checkpoint or the working directory "
+                              "and would be replaced; choose a new folder")
+    if d.is_file():
+        raise CheckpointError(f"export: the destination {dst} is a file; give a folder name")
+    if d.is_dir() and any(d.iterdir()):
+        try:
+            cfg = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            cfg = None
+        if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+            raise CheckpointError(f"export: the destination {dst} exists and is not a cacheaug checkpoint folder; "
+                                  "it would be replaced, so choose a new folder")
+        if (d / "trainer_state.json").exists():
+            raise CheckpointError(f"export: the destination {dst} is a training checkpoint (it holds the trainer "
+                                  "state to resume from); choose a new folder")
+
+
 def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | None = torch.bfloat16,
                       status: str | None = None, evaluation: dict | None = None) -> Path:
     """Copy a checkpoint's weights, config and card (not the trainer state) to `dst`, casting
     floating tensors to `dtype` (bf16 halves a training checkpoint for shipping). No decoder needed."""
     src = Path(src)
     config = read_config(src)
+    _check_export_target(src, Path(dst))
     _verify_digests(src, config)          # never give corrupted weights a fresh checksum
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                for k, v in _load_tensors(src).items()}

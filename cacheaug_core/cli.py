@@ -6,7 +6,8 @@
     cacheaug latents --prompt "..." [--prompt "..."] [--json OUT] [--html pca.html]
     cacheaug info [--coprocessor DIR] [--json]
     cacheaug export SRC DST [--dtype bf16]
-    cacheaug train --data FILE_OR_CORPUS --out-dir runs/x [--config run.yaml] [--resume]
+    cacheaug train --data FILE_OR_CORPUS --out-dir runs/x [--config run.yaml]
+    cacheaug train --out-dir runs/x --resume [--steps N]   # the run's saved settings, data and decoder
     cacheaug eval ppl --text FILE --json OUT [--positions 32]
     cacheaug eval bench --tasks arc_easy,gsm8k --limit 50
     cacheaug prepare-data [--small]
@@ -25,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, CoprocessorConfig, TrainConfig, load_yaml
+from .config import ConfigError, CoprocessorConfig, TrainConfig, check_types, load_yaml
 
 _UNSET = object()
 
@@ -58,18 +59,36 @@ def _fail(msg: str) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import train
+    from .train import resume_settings, saved_train_config, train
 
     y = load_yaml(args.config) if args.config else {}
-    flat = {**y.get("train", {}), **y.get("coprocessor", {})} if ("train" in y or "coprocessor" in y) else y
+    if "train" in y or "coprocessor" in y:
+        for section in ("train", "coprocessor"):
+            if not isinstance(y.get(section) or {}, dict):
+                return _fail(f"{args.config}: the '{section}:' section must be a mapping of option: value, "
+                             f"got {y[section]!r}")
+        flat = {**(y.get("train") or {}), **(y.get("coprocessor") or {})}
+    else:
+        flat = y
     unknown = set(flat) - {f.name for f in dataclasses.fields(TrainConfig)} - {
         f.name for f in dataclasses.fields(CoprocessorConfig)}
     if unknown:
         return _fail(f"{args.config}: unknown options {sorted(unknown)}")
+    flat = check_types(CoprocessorConfig, check_types(TrainConfig, flat, args.config), args.config)
     tcfg = build_config(TrainConfig, args, flat)
     ccfg = build_config(CoprocessorConfig, args, flat)
-    if not tcfg.data:
-        return _fail("--data is required: a text file or a folder made by `cacheaug prepare-data`")
+    if tcfg.resume:
+        # A resumed run continues with its own saved settings: only what the user set (a flag or
+        # the YAML file) may replace them, and not what shapes the data stream (train.RESUME_FIXED).
+        saved = saved_train_config(tcfg.out_dir)
+        if saved is not None:
+            names = {f.name for f in dataclasses.fields(TrainConfig)}
+            explicit = {k: v for k, v in flat.items() if k in names}
+            explicit |= {k: v for k, v in vars(args).items() if k in names and v is not _UNSET}
+            values, notices = resume_settings(saved, explicit)
+            for n in notices:
+                print(f"note: {n}", file=sys.stderr)
+            tcfg = TrainConfig(**(values | {"out_dir": tcfg.out_dir, "resume": True}))
     path = train(tcfg, ccfg)
     print(f"checkpoint: {path}")
     return 0
@@ -113,12 +132,14 @@ def cmd_score(args) -> int:
 
     if args.positions < 1:
         return _fail("--positions must be at least 1")
-    text = open(args.file, encoding="utf-8").read() if args.file else args.text
+    text = _read_text_file(args.file) if args.file else args.text
     clean_text(text)  # an empty text fails here, before the model is loaded
     wb = Workbench.load(args.decoder or None, args.coprocessor or None)
     if args.every:
         return _score_every(wb, text, args)
     res = wb.score_text(text, point=args.point, with_attention=False)
+    if res.get("notice"):
+        print(f"note: {res['notice']}", file=sys.stderr)
     table = viz.summary_table(res["nll_base"], res["nll_aug"])
     print(f"augmented after token {res['point']}; scored {int(np.isfinite(res['nll_aug']).sum())} tokens")
     print(table.to_string(index=False))
@@ -133,6 +154,19 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _read_text_file(path: str) -> str:
+    """A --file's text. Bytes that are not UTF-8 become U+FFFD, with a notice, rather than stop the run."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--file {path} is a folder; give a text file")
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        print(f"note: {path} is not valid UTF-8; undecodable bytes were replaced by U+FFFD", file=sys.stderr)
+        return data.decode("utf-8", errors="replace")
+
+
 def _score_every(wb, text: str, args) -> int:
     """Mode (b): latents after every token; the table is the mean NLL of the n-th token ahead."""
     import numpy as np
@@ -140,7 +174,13 @@ def _score_every(wb, text: str, args) -> int:
     import viz
     from viz import app_views as views
 
-    res = wb.score_every(text, positions=args.positions)
+    from tqdm.auto import tqdm
+
+    # score_every reports the share of augmentation points done (0..1); the bar counts percent
+    with tqdm(total=100, desc="score", unit="%", file=sys.stderr) as bar:
+        res = wb.score_every(text, positions=args.positions, progress=lambda f: bar.update(round(100 * f) - bar.n))
+    if res.get("notice"):
+        print(f"note: {res['notice']}", file=sys.stderr)
     base, aug, toks = res["nll_base"], res["nll_aug"], res["tokens"]
     by_pos = views.by_position_every(base, aug)
     table = by_pos.assign(delta=by_pos.nll_aug - by_pos.nll_base,
@@ -399,6 +439,9 @@ def main(argv=None) -> int:
     from .workbench import InputError
 
     args = build_parser().parse_args(argv)
+    # evaluate.py's `eval ppl` takes --points-per-pass as any integer; 0 would fail deep inside
+    if getattr(args, "points_per_pass", 1) is not None and getattr(args, "points_per_pass", 1) < 1:
+        return _fail("--points-per-pass must be at least 1")
     try:
         return args.fn(args) or 0
     except (ConfigError, CheckpointError, DecoderLoadError, InputError, FileNotFoundError) as e:

@@ -9,6 +9,7 @@ with every checkpoint and every results file.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +147,8 @@ class TrainConfig:
             raise ConfigError("--mlp picks the fast path's MLP kernels: add --fast")
         if self.cuda_graph and not self.fast:
             raise ConfigError("--cuda-graph replays the fast path's step: add --fast")
+        if self.device and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device must be cpu, cuda or cuda:N (empty = auto), got {self.device!r}")
         if self.cuda_graph and self.grad_accum != 1:
             raise ConfigError("--cuda-graph takes one batch per step: use --grad-accum 1 (a larger --batch-size instead)")
 
@@ -164,8 +167,51 @@ def from_dict(cls, d: dict, strict: bool = True):
 
 
 def load_yaml(path: str | Path) -> dict:
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        # PyYAML's message spans several lines; the user needs where and what
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{path} is a folder, not a YAML file") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from e
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value")
     return d
+
+
+def check_types(cls, values: dict, where: str) -> dict:
+    """`values` with each checked against the type of `cls`'s field of that name (unknown names
+    pass through). A wrong type would otherwise fail later with a cryptic error, or worse, compare
+    as a string. Floats accept integers and numeric strings: YAML reads `2e-4` (no dot) as a
+    string. Returns the converted values; ConfigError names the option."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in values.items():
+        want = types.get(k)
+        ok = True
+        if want == "bool":
+            ok = isinstance(v, bool)
+        elif want == "int":
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif want == "float":
+            if isinstance(v, str):
+                try:
+                    v = float(v)
+                except ValueError:
+                    ok = False
+            else:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                v = float(v) if ok else v
+        elif want == "str":
+            ok = isinstance(v, str)
+        if not ok:
+            kind = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[want]
+            raise ConfigError(f"{where}: {k} is {v!r} ({type(v).__name__}), expected {kind}")
+        out[k] = v
+    return out

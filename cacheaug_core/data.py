@@ -434,6 +434,8 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
     force: rebuild sources even when their done-marker matches.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; give a folder for the corpus")
     out.mkdir(parents=True, exist_ok=True)
     (out / "sources").mkdir(exist_ok=True)
     if tokenizer is None:

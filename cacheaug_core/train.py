@@ -3,6 +3,7 @@
     cacheaug train --data data/corpus --out-dir runs/c16 --num-latents 16 --steps 2000
     cacheaug train --data notes.txt --steps 200 --max-minutes 2          # a text file works too
     cacheaug train --out-dir runs/c16 --resume                           # continue a killed run
+    cacheaug train --out-dir runs/c16 --resume --steps 4000              # ... and extend it
     accelerate launch --config_file configs/accelerate/ddp.yaml -m cacheaug_core.cli train ...  # GPUs
 
 Under `accelerate launch` (DDP, or FSDP version 2) each process draws its own data stream
@@ -17,7 +18,9 @@ precision and distribution; the decoder is frozen and never wrapped.
 `out_dir/last/` is always a complete checkpoint: coprocessor weights + `trainer_state.safetensors`
 (optimizer moments, RNG states) + `trainer_state.json` (step, schedule, data position), all
 written in one temporary folder that is renamed into place, so `--resume` continues bit-exactly
-from the last save of a killed run. A NaN/inf loss or gradient, or a failed write (a full disk),
+from the last save of a killed run. A resumed run keeps its saved settings (`resume_settings`): the
+data, sequence length, batch and points cannot change; a new run never overwrites another's `last/`.
+A NaN/inf loss or gradient, or a failed write (a full disk),
 stops with `TrainingError` and leaves the last good checkpoint untouched.
 `out_dir/metrics.jsonl` gets one line per log/eval event (loss, gradient norm, learning rate, tokens
 seen, elapsed seconds, original tokens per second over this run and over its last RECENT_STEPS).
@@ -26,6 +29,7 @@ seen, elapsed seconds, original tokens per second over this run and over its las
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -65,6 +69,9 @@ class TextData:
     def __init__(self, path: str | Path, tokenizer, split: str = "train"):
         text = Path(path).read_text(encoding="utf-8", errors="replace")
         ids = tokenizer.encode(text, add_special_tokens=False) if hasattr(tokenizer, "encode") else tokenizer(text)
+        if len(ids) < 2:   # the training split would be empty and sampling would fail far from here
+            raise TrainingError(f"--data {path}: the file holds {len(ids)} token(s) of text; give a text file "
+                                "with some content or a folder made by `cacheaug prepare-data`")
         ids = torch.tensor(ids, dtype=torch.long)
         cut = int(len(ids) * 0.95)
         self.tokens = ids[:cut] if split == "train" else ids[cut:]
@@ -118,6 +125,80 @@ def open_data(path: str, tokenizer, split: str):
     if p.is_file():
         return TextData(p, tokenizer, split)
     raise TrainingError(f"--data {path!r}: no such file or folder (use a text file or run `cacheaug prepare-data`)")
+
+
+def check_data_tokenizer(data, tokenizer, vocab_size: int, path: str) -> None:
+    """Refuse token data built for another tokenizer: its ids would index the wrong embeddings (or
+    past the last one). A prepared corpus records its tokenizer's fingerprint and vocabulary size;
+    a pack records neither, so its ids are checked against the decoder's vocabulary."""
+    hint = "; prepare the data again with this decoder's tokenizer, or train with the decoder it was built for"
+    manifest = getattr(data, "manifest", None)
+    if manifest is not None:
+        from .data import DataError, _backend
+
+        want = manifest.get("tokenizer") or {}
+        if want.get("vocab_size") and int(want["vocab_size"]) > vocab_size:
+            raise TrainingError(f"--data {path} was built with a tokenizer of {want['vocab_size']} tokens, but the "
+                                f"decoder has {vocab_size}{hint}")
+        if want.get("fingerprint") and hasattr(tokenizer, "backend_tokenizer"):
+            try:
+                have = _backend(tokenizer)[2]
+            except DataError:   # a tokenizer the corpus builder could not have used either
+                have = None
+            if have is not None and have != want["fingerprint"]:
+                raise TrainingError(f"--data {path} was built with another tokenizer ({want.get('name')}, "
+                                    f"fingerprint {want['fingerprint']}) than the decoder's ({have}){hint}")
+    elif isinstance(data, PackData) and data.num_tokens and int(data.tokens.max()) >= vocab_size:
+        raise TrainingError(f"--data {path} holds token id {int(data.tokens.max())}, but the decoder's vocabulary "
+                            f"has {vocab_size} tokens{hint}")
+
+
+# A resumed run continues the data stream and schedule it saved: these settings shape the stream,
+# so a resume that changes them is refused rather than silently training on something else.
+RESUME_FIXED = ("data", "seq_len", "batch_size", "grad_accum", "points", "n_ahead", "seed")
+
+
+def saved_train_config(out_dir: str | Path) -> dict | None:
+    """The train settings saved with out_dir's last checkpoint (also from `.last.old`, left by a run
+    killed between the two renames of a save); None when there are none."""
+    out = Path(out_dir)
+    for folder in (out / "last", out / ".last.old"):
+        try:
+            saved = json.loads((folder / "trainer_state.json").read_text()).get("train_config")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(saved, dict):
+            return saved
+    return None
+
+
+def _same(name: str, a, b) -> bool:
+    if name in ("data", "decoder") and a and b:  # the same file through another relative path
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def resume_settings(saved: dict, explicit: dict) -> tuple[dict, list[str]]:
+    """The settings of a resumed run: the saved ones, with the options the user set explicitly
+    (flags, YAML) applied where they may change. Returns (values, notices); TrainingError when an
+    explicit value changes one of RESUME_FIXED."""
+    # stop_after counts the steps of one invocation: a resume gets its own, not the killed one's
+    own = ("resume", "out_dir", "init_from", "stop_after")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in saved.items() if k in names and k not in own}
+    notices = []
+    for k, v in explicit.items():
+        if k in own or k not in values or _same(k, v, values[k]):
+            continue
+        if k in RESUME_FIXED:
+            raise TrainingError(f"--resume: this run was trained with --{k.replace('_', '-')} {values[k]}, not {v}; "
+                                "changing it would change the data stream mid-run. Drop the flag, or start a new "
+                                "run in another --out-dir")
+        notices.append(f"--{k.replace('_', '-')} {v} replaces the run's {values[k]}"
+                       + (" (the learning-rate schedule follows the new value)" if k in ("steps", "warmup", "lr",
+                                                                                         "min_lr_ratio") else ""))
+        values[k] = v
+    return values, notices
 
 
 def data_seed(seed: int, rank: int) -> int:
@@ -283,8 +364,10 @@ def evaluate_heldout(decoder, cop, batches: list[torch.Tensor], points: list[tor
         cop.train()
     aug, base = (aug_sum / count).tolist(), (base_sum / count).tolist()
     rel = [100 * (math.exp(a - b) - 1) for a, b in zip(aug, base)]
+    # The key keeps its historical name; with n_ahead < 16 it is the mean over positions
+    # 1..n_ahead, which `mean_rel_positions` records (and the progress line prints).
     return {"nll_aug": aug, "nll_base": base, "rel_ppl_change_pct": rel,
-            "mean_rel_1_16": sum(rel[:16]) / len(rel[:16])}
+            "mean_rel_1_16": sum(rel[:16]) / len(rel[:16]), "mean_rel_positions": len(rel[:16])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +404,8 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     """Run training; returns the folder of the final checkpoint (out_dir/last)."""
     from tqdm.auto import tqdm
 
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {cfg.device}: CUDA is not available on this machine")
     acc = _accelerator(cfg)
     if _is_fsdp(acc) and acc.state.fsdp_plugin.fsdp_version != 2:
         raise TrainingError("FSDP needs fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
@@ -330,6 +415,9 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     if acc.is_main_process:
         recover_interrupted_write(last, remove_temps=True)   # a run killed while saving
     acc.wait_for_everyone()  # the other processes read `last` only once it is whole again
+    if not cfg.resume and last.exists():
+        raise TrainingError(f"{out} already holds a checkpoint ({last}); use --resume to continue it or "
+                            "another --out-dir")
     if cfg.resume:
         if not (last / "trainer_state.json").exists():
             raise TrainingError(f"--resume: no resumable checkpoint at {last}")
@@ -338,9 +426,18 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             state_tensors = load_file(str(last / "trainer_state.safetensors"))
         except (OSError, ValueError, SafetensorError) as e:
             raise TrainingError(f"--resume: the trainer state in {last} is unreadable ({e})") from e
-        # the run's own settings win over flags for everything that shapes the data stream
+        # the data stream continues only with the settings that drew it (the CLI fills them in)
+        for k, v in (state_meta.get("train_config") or {}).items():
+            if k in RESUME_FIXED and not _same(k, getattr(cfg, k), v):
+                raise TrainingError(f"--resume: this run was trained with {k}={v!r}, not {getattr(cfg, k)!r}; "
+                                    "changing it would change the data stream mid-run. Start a new run in "
+                                    "another --out-dir")
+        # the run's own coprocessor settings win over flags
         saved = read_config(last)
         cop_cfg = from_dict(CoprocessorConfig, saved["coprocessor"])
+
+    if not cfg.data:   # checked after --resume's checkpoint: a resumed run takes its data from there
+        raise TrainingError("--data is required: a text file or a folder made by `cacheaug prepare-data`")
 
     # The frozen decoder is stored in the compute precision (no master copy needed: it never updates).
     dec_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
@@ -348,6 +445,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
     train_data = open_data(cfg.data, tok, "train")
     heldout = open_data(cfg.data, tok, "heldout")
+    check_data_tokenizer(train_data, tok, info.vocab_size, cfg.data)
 
     if cfg.resume:
         cop = load_coprocessor(last, decoder, info)
@@ -577,7 +675,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             log({"step": step, "eval": last_eval})
             if acc.is_main_process:
                 bar.write(f"step {step}: held-out rel. ppl change pos1 {last_eval['rel_ppl_change_pct'][0]:+.2f}% "
-                          f"mean1-16 {last_eval['mean_rel_1_16']:+.2f}%")
+                          f"mean1-{last_eval['mean_rel_positions']} {last_eval['mean_rel_1_16']:+.2f}%")
         if saving:
             save("last", last_eval)
         if done:

@@ -248,3 +248,101 @@ def test_shipped_training_configs_are_valid(name):
     assert set(y) <= {"train", "coprocessor"} and y
     TrainConfig(**y.get("train", {}))
     CoprocessorConfig(**y.get("coprocessor", {}))
+
+
+# -- export never replaces user data ----------------------------------------------------------
+
+
+def test_export_refuses_to_replace_user_data(models, tmp_path, capsys, monkeypatch):
+    src = Path(models[1])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("keep me too")
+    cases = [(notes, "is a file"), (folder, "not a cacheaug checkpoint"), (src, "is the source"),
+             (src.parent, "holds the source")]
+    for dst, phrase in cases:
+        rc, _, err = run(capsys, "export", str(src), str(dst))
+        assert_one_line_error(rc, err, phrase)
+    monkeypatch.chdir(folder)          # the working directory itself, given as "."
+    rc, _, err = run(capsys, "export", str(src), ".")
+    assert_one_line_error(rc, err, "working directory")
+    assert notes.read_text() == "keep me" and (folder / "thesis.tex").read_text() == "keep me too"
+    assert read_config(src)["format"] == "cacheaug-coprocessor"
+    # an earlier export may be replaced
+    dst = tmp_path / "exported"
+    assert run(capsys, "export", str(src), str(dst))[0] == 0
+    rc, _, _ = run(capsys, "export", str(src), str(dst), "--status", "second export")
+    assert rc == 0 and read_config(dst)["status"] == "second export"
+
+
+# -- train: options from YAML and flags -------------------------------------------------------
+
+
+@pytest.mark.parametrize("yaml_text, phrase", [
+    ("train:\n  steps: \"2\"\n", "steps is '2' (str), expected an integer"),
+    ("train:\n  fast: \"no\"\n", "fast is 'no' (str), expected true or false"),
+    ("coprocessor:\n  num_latents: 2.5\n", "num_latents is 2.5 (float), expected an integer"),
+    ("train:\n  lr: fast\n", "lr is 'fast' (str), expected a number"),
+    ("train: 5\n", "'train:' section must be a mapping"),
+    ("train:\n  steps: [1\n", "not valid YAML at line"),
+])
+def test_train_config_errors_are_one_line(tmp_path, capsys, yaml_text, phrase):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml_text)
+    rc, _, err = run(capsys, "train", "--config", str(cfg), "--data", str(tmp_path / "none.txt"),
+                     "--out-dir", str(tmp_path / "run"))
+    assert_one_line_error(rc, err, phrase)
+
+
+def test_yaml_numbers_written_without_a_dot_are_numbers():
+    """YAML 1.1 reads `2e-4` as a string; a float option takes it as the number it spells."""
+    from cacheaug_core.config import TrainConfig, check_types
+
+    assert check_types(TrainConfig, {"lr": "2e-4", "max_minutes": 3, "seq_len": 64}, "x.yaml") == {
+        "lr": 2e-4, "max_minutes": 3.0, "seq_len": 64}
+
+
+@pytest.mark.parametrize("device, phrase", [("gpu", "--device must be cpu, cuda or cuda:N"),
+                                            ("cuda:x", "--device must be cpu, cuda or cuda:N"),
+                                            ("cuda", "CUDA is not available")])
+def test_train_device_is_checked(models, tmp_path, capsys, device, phrase):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    rc, _, err = run(capsys, "train", "--decoder", models[0], "--data", str(data), "--out-dir", str(tmp_path / "r"),
+                     "--device", device)
+    assert_one_line_error(rc, err, phrase)
+
+
+# -- inputs that are not what they should be --------------------------------------------------
+
+
+def test_score_file_that_is_a_folder_or_not_utf8(models, tmp_path, capsys):
+    rc, _, err = run(capsys, "score", "--file", str(tmp_path), *model_args(models))
+    assert_one_line_error(rc, err, "is a folder")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Caf\xe9 au lait, s'il vous pla\xeet. ".encode("latin-1") * 3)
+    rc, out, err = run(capsys, "score", "--file", str(latin1), "--point", "3", *model_args(models))
+    assert rc == 0 and "augmented after token 3" in out
+    assert "not valid UTF-8" in err and "Traceback" not in err
+
+
+def test_score_prints_the_truncation_notice(models, capsys):
+    rc, _, err = run(capsys, "score", "--text", "ab " * 7000, "--point", "2", *model_args(models))
+    assert rc == 0 and "note: Input truncated from 21,000 to 20,000 characters" in err
+
+
+def test_prepare_data_into_a_file_and_points_per_pass_zero(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    rc, _, err = run(capsys, "prepare-data", "--out", str(f))
+    assert_one_line_error(rc, err, "is a file")
+    assert f.read_text() == "keep me"
+    rc, _, err = run(capsys, "eval", "ppl", "--text", str(f), "--json", str(tmp_path / "o.json"),
+                     "--points-per-pass", "0")
+    assert_one_line_error(rc, err, "--points-per-pass must be at least 1")

@@ -13,7 +13,7 @@ from cacheaug_core.checkpoint import CheckpointError, load_coprocessor, save_cop
 from cacheaug_core.config import CoprocessorConfig, TrainConfig
 from cacheaug_core.coprocessor import Coprocessor
 from cacheaug_core.decoder import load_decoder
-from cacheaug_core.train import RECENT_STEPS, TextData, evaluate_heldout, train
+from cacheaug_core.train import RECENT_STEPS, TextData, TrainingError, check_data_tokenizer, evaluate_heldout, train
 from tests.conftest import save_tiny_decoder
 
 
@@ -143,3 +143,96 @@ def test_fused_adamw_skips_a_step_whose_numbers_are_not_finite(bad):
     opt.step()
     assert (p.detach() < 1).all() and float(opt.state[p]["step"]) == 1
     assert numbers.values() == [2.5, 1.0]
+
+
+# -- resume, output folders and data that does not fit the decoder ----------------------------
+
+
+def _cli_train(data, out, *extra):
+    from cacheaug_core.cli import main
+
+    return main(["train", "--decoder", data[0], "--data", data[1], "--out-dir", str(out), "--seq-len", "48",
+                 "--points", "6", "--n-ahead", "4", "--batch-size", "4", "--steps", "6", "--warmup", "2",
+                 "--lr", "3e-3", "--eval-every", "0", "--save-every", "3", "--device", "cpu", "--num-latents", "2",
+                 "--num-layers", "1", *extra])
+
+
+def test_cli_resume_takes_the_runs_own_settings(tiny_decoder_dir, repeated_text_file, tmp_path, capsys):
+    """`train --out-dir D --resume` needs no other flag: data, decoder, shapes and schedule come from
+    D/last. A flag that would change the data stream is refused; --steps may extend the run."""
+    from cacheaug_core.cli import main
+
+    data = (tiny_decoder_dir, repeated_text_file)
+    assert _cli_train(data, tmp_path / "a") == 0                              # uninterrupted
+    assert _cli_train(data, tmp_path / "b", "--stop-after", "3") == 0         # interrupted at step 3
+    capsys.readouterr()
+    assert main(["train", "--out-dir", str(tmp_path / "b"), "--resume", "--seq-len", "64"]) == 2
+    assert "trained with --seq-len 48, not 64" in capsys.readouterr().err
+    assert main(["train", "--out-dir", str(tmp_path / "b"), "--resume"]) == 0
+    dec, _, info = load_decoder(tiny_decoder_dir)
+    a, b = load_coprocessor(tmp_path / "a" / "last", dec, info), load_coprocessor(tmp_path / "b" / "last", dec, info)
+    for k, v in a.trainable_state().items():
+        assert torch.equal(v, b.trainable_state()[k]), k
+    assert main(["train", "--out-dir", str(tmp_path / "b"), "--resume", "--steps", "8"]) == 0
+    assert "--steps 8 replaces the run's 6" in capsys.readouterr().err
+    state = json.loads((tmp_path / "b" / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["train_config"]["seq_len"] == 48
+
+
+def test_resume_with_other_data_shapes_is_refused(tiny_decoder_dir, repeated_text_file, tmp_path):
+    data = (tiny_decoder_dir, repeated_text_file)
+    ccfg = CoprocessorConfig(num_latents=2, num_layers=1)
+    train(_cfg(tmp_path, data, stop_after=3), ccfg, show_progress=False)
+    with pytest.raises(TrainingError, match="batch_size=4, not 2"):
+        train(_cfg(tmp_path, data, resume=True, batch_size=2), ccfg, show_progress=False)
+
+
+def test_a_new_run_never_overwrites_a_checkpoint(tiny_decoder_dir, repeated_text_file, tmp_path):
+    data = (tiny_decoder_dir, repeated_text_file)
+    ccfg = CoprocessorConfig(num_latents=2, num_layers=1)
+    last = train(_cfg(tmp_path, data, steps=3), ccfg, show_progress=False)
+    before = (last / "model.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="use --resume to continue it or another --out-dir"):
+        train(_cfg(tmp_path, data, steps=3, seed=1), ccfg, show_progress=False)
+    assert (last / "model.safetensors").read_bytes() == before
+
+
+def test_data_for_another_tokenizer_is_refused(tiny_decoder_dir, tmp_path):
+    import types
+
+    import numpy as np
+
+    data = tmp_path / "pack"
+    data.mkdir()
+    (data / "pack.json").write_text("{}")
+    np.full(4096, 60_000, dtype=np.uint16).tofile(data / "train_000.bin")   # ids past the tiny vocabulary
+    np.ones(512, dtype=np.uint16).tofile(data / "heldout.bin")
+    with pytest.raises(TrainingError, match="holds token id 60000"):
+        train(_cfg(tmp_path, (tiny_decoder_dir, str(data))), CoprocessorConfig(num_latents=2, num_layers=1),
+              show_progress=False)
+    # a prepared corpus: its manifest names the tokenizer it was built with
+    _, tok, info = load_decoder(tiny_decoder_dir)
+    corpus = types.SimpleNamespace(manifest={"tokenizer": {"vocab_size": info.vocab_size + 1000}})
+    with pytest.raises(TrainingError, match="tokenizer of"):
+        check_data_tokenizer(corpus, tok, info.vocab_size, "corpus")
+    corpus = types.SimpleNamespace(manifest={"tokenizer": {"vocab_size": 10, "fingerprint": "0123456789abcdef"}})
+    with pytest.raises(TrainingError, match="another tokenizer"):
+        check_data_tokenizer(corpus, tok, info.vocab_size, "corpus")
+
+
+def test_text_without_tokens_is_refused(tiny_decoder_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(TrainingError, match="holds 0 token"):
+        train(_cfg(tmp_path, (tiny_decoder_dir, str(empty))), CoprocessorConfig(num_latents=2, num_layers=1),
+              show_progress=False)
+
+
+def test_heldout_summary_names_the_positions_it_averages(tiny_decoder_dir):
+    dec, _, _ = load_decoder(tiny_decoder_dir)
+    cop = Coprocessor(CoprocessorConfig(num_latents=2, num_layers=1), dec)
+    g = torch.Generator().manual_seed(0)
+    ev = evaluate_heldout(dec, cop, [torch.randint(1, 90, (2, 32), generator=g)],
+                          [masks.sample_points(32, 3, 2, g)], 4)
+    assert ev["mean_rel_positions"] == 4
+    assert ev["mean_rel_1_16"] == pytest.approx(sum(ev["rel_ppl_change_pct"]) / 4)
