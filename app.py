@@ -70,7 +70,7 @@ CLI_EQUIVALENTS = """\
 |---|---|---|
 | `/generate` | both arms, streamed | `cacheaug generate --prompt "..." [--reaugment-every k] [--async-delay N] [--json]` |
 | `/analyze` | per-token Δloss, mode (a) or (b) | `cacheaug score --text "..." [--point N] [--csv out.csv]`; mode (b): `cacheaug score --text "..." --every --positions 16` |
-| `/token_detail` | top-k of both arms + KL at one token | `Workbench.score_text(text, point)["topk_base"/"topk_aug"/"kl_aug_base"]` |
+| `/token_detail` | top-k of both arms + KL at one token of this session's last `/analyze` | `Workbench.score_text(text, point)["topk_base"/"topk_aug"/"kl_aug_base"]` |
 | `/use_generation` | last generation → analysis text | `viz.app_views.join_prompt_continuation(prompt, text)` |
 | `/latents` | PCA, read-out, attention to latents | `cacheaug latents --prompt "..." [--prompt "..."] [--continuation "..."] [--html pca.html]` |
 | `/load_model`, `/model_info` | choose / describe decoder + coprocessor | `cacheaug info --decoder D --coprocessor C [--pause P]` |
@@ -124,7 +124,7 @@ EXAMPLES = ["Why is the sky blue?", "What is 17 + 25? Answer with a number.", "W
 class Backend:
     """Holds the Workbench (created lazily by a factory, or given), and the last load error."""
 
-    def __init__(self, workbench_or_factory: Workbench | Callable[[], Workbench]):
+    def __init__(self, workbench_or_factory: Workbench | Callable[[], Workbench], pause: str | None = None):
         self._lock = threading.Lock()
         self._wb: Workbench | None = None
         self._factory: Callable[[], Workbench] | None = None
@@ -132,7 +132,10 @@ class Backend:
             self._wb = workbench_or_factory
         else:
             self._factory = workbench_or_factory
-        self.error = ""
+        if pause is None and isinstance(workbench_or_factory, functools.partial):
+            pause = workbench_or_factory.keywords.get("pause")  # `--pause` given at start-up
+        self.pause = pause or None  # kept for every model loaded from the Model tab
+        self.error = ""  # the start-up (factory) failure: no model at all, so every session is told
 
     def get(self) -> Workbench:
         with self._lock:
@@ -155,7 +158,16 @@ class Backend:
             self._wb, self.error = wb, ""
 
     def load(self, decoder: str | None, coprocessor: str | None) -> Workbench:
-        wb = Workbench.load(decoder or None, coprocessor or None)  # raises; the old model stays
+        """Load a new model (raises; the old model stays). A start-up `--pause` checkpoint comes along
+        when it fits the new decoder; otherwise the pause arm is dropped with a notice."""
+        try:
+            wb = Workbench.load(decoder or None, coprocessor or None, pause=self.pause)
+        except Exception:
+            if not self.pause:
+                raise
+            wb = Workbench.load(decoder or None, coprocessor or None)  # its own failure is the one shown
+            wb.notice = _join(wb.notice, f"The pause checkpoint {self.pause} does not fit this decoder: "
+                                         "no pause arm.")
         with self._lock:
             self._wb, self.error = wb, ""
         return wb
@@ -243,29 +255,59 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                      "arms": arms + (["cot"] if "cot" in extra else []), "greedy": settings["temperature"] <= 0,
                      "prompt_notice": notice or None}
             n_max = settings["max_new_tokens"]
+            if settings["async_delay"] >= n_max and len(arms) > 1:
+                gr.Warning(f"Asynchronous delay {settings['async_delay']} ≥ max new tokens {n_max}: the latents will "
+                           "never arrive.", title="Asynchronous latents")
             state: dict = {}
+            model = _model_summary(wb)
+            eos = getattr(wb.tokenizer, "eos_token_id", None)
 
-            def outputs(status: str, path: str | None = None):
+            def run_record(finished: bool) -> dict:
+                """What the run JSON holds; kept in the session (gr.State) so Stop can export a partial run."""
+                notes = views.generation_notes({k: a.token_ids for k, a in state.items()}, eos, ARM_LABELS, n_max,
+                                               settings["async_delay"])
+                return {"prompt": text, "model": model, **shown, "finished": finished, "notes": notes,
+                        "arms": {k: {**a.stats(), "arm": k, "label": ARM_LABELS.get(k, k), "text": a.text,
+                                     "token_ids": list(a.token_ids)} for k, a in state.items()}}
+
+            def outputs(status: str, run: dict, path: str | None = None):
                 stats = views.arm_stats_frame([a.stats() | {"arm": k} for k, a in state.items()])
                 return (_arm_text(state, "decoder"), _arm_text(state, "coprocessor"), _arm_text(state, "pause"),
-                        _arm_text(state, "cot"), stats, shown, status, path)
+                        _arm_text(state, "cot"), stats, shown, status, path, run)  # no file while running
 
             for state in wb.generate_pair(text, arms=arms, chat=bool(chat), cot="cot" in extra, **settings):
                 done = max((len(a.token_ids) for a in state.values()), default=0)
-                yield outputs(f"Generating… {done}/{n_max} tokens")
-            run = {"prompt": text, "model": _model_summary(wb), **shown,
-                   "arms": {k: {**a.stats(), "arm": k, "label": ARM_LABELS.get(k, k), "text": a.text,
-                                "token_ids": a.token_ids} for k, a in state.items()}}
+                yield outputs(f"Generating… {done}/{n_max} tokens", run_record(False))
+            run = run_record(True)
             path = views.write_json(run, _export_dir() / "cacheaug-generation.json")
             counts = ", ".join(f"{ARM_LABELS.get(k, k)} {len(a.token_ids)}" for k, a in state.items())
-            yield outputs(f"Done: {counts} tokens.", str(path))
+            yield outputs(_join(f"Done: {counts} tokens.", *run["notes"]), run, str(path))
+
+    def stop_generation(run):
+        """Stop: the run so far becomes downloadable (marked unfinished)."""
+        if not run:
+            return "Stopped.", None
+        path = views.write_json(run, _export_dir() / "cacheaug-generation-partial.json")
+        return "Stopped.", str(path)  # the run JSON (marked "finished": false) holds the counts
+
+    example_memo: dict = {}
 
     def generate_example(prompt):
-        """Cached examples: default settings, final texts only."""
+        """Examples: default settings, final texts only. Remembered per loaded model (not Gradio's
+        example cache, which would outlive a model change)."""
+        wb = backend.get()
+        key = (id(wb), prompt)
+        hit = example_memo.get(key)
+        if hit is not None and hit[0] is wb:
+            return hit[1]
         out = None
         for out in generate(prompt, [], True, DEFAULT_MAX_NEW_TOKENS, 0.0, 1.0, 0, 0, 0, 0):
             pass
-        return out[0], out[1], out[4]
+        result = (out[0], out[1], out[4])
+        if len(example_memo) >= 32 or any(v[0] is not wb for v in example_memo.values()):
+            example_memo.clear()                # only the current model's examples are kept
+        example_memo[key] = (wb, result)
+        return result
 
     def analyze(text, mode, point, positions, ahead, top_k, progress=gr.Progress()):
         """Per-token Δloss: mode 'once' (a) or 'every' (b)."""
@@ -291,6 +333,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 heat = views.message_figure("Δloss heatmap", "Mode (b) only: augment after every token to see "
                                             "Δloss by augmentation point and position ahead.")
                 run = {"mode": "once", "point": p}
+                shown = {"text": text, "mode": "once", "point": p}
             else:
                 progress(0.0, desc="augmenting after every token")
                 res = wb.score_every(text, positions=int(positions),
@@ -308,6 +351,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 by_pos = views.by_position_every(res["nll_base"], res["nll_aug"])
                 heat = viz.delta_heatmap_figure(toks[:-1], (res["nll_aug"] - res["nll_base"]).T)
                 heat_file = _write_html(heat, out / "cacheaug-heatmap.html")
+                shown = {"text": text, "mode": "every", "positions": A, "ahead": n}
                 run = {"mode": "every", "positions": A, "ahead": n,
                        "nll_base_by_point": res["nll_base"], "nll_aug_by_point": res["nll_aug"]}
             tokens_html = viz.token_delta_html(toks, na - nb, nb, na, caption=caption)
@@ -322,18 +366,20 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             pos_file = _write_html(by_fig, out / "cacheaug-by-position.html")
             note = views.notice_html(_join(info, notice), "warning" if notice else "info")
             return (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
-                    json_file, pos_file, heat_file)
+                    json_file, pos_file, heat_file, shown)
 
-    def token_detail(text, mode, point, ahead, top_k, index):
-        """Both arms' top-k next-token distributions at one token, and KL(aug ‖ base)."""
+    def token_detail(shown, top_k, index):
+        """Both arms' top-k next-token distributions at one token of the analysis shown (the text,
+        mode, point and n-th-ahead of the last Analyse in this session), and KL(aug ‖ base)."""
         with _friendly_errors():
+            if not shown:
+                raise InputError("Run Analyse first, then pick a token.")
             wb = backend.get()
-            text, _ = wb.fit_text(text, ANALYSIS_MAX_CHARS, ANALYSIS_MAX_TOKENS)
-            mode = _mode(mode)
+            text, mode = shown["text"], shown["mode"]
             if index is None or (isinstance(index, float) and not math.isfinite(index)):
                 raise InputError("Pick a token: click one in the Δloss view or type its number.")
             index = int(index)
-            n = max(int(ahead), 1) if mode == "every" else None
+            n = int(shown["ahead"]) if mode == "every" else None
             if mode == "every":
                 at = index - n
                 if at < 0:
@@ -341,7 +387,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                             views.notice_html(f"Token #{index} has no augmentation point {n} tokens earlier; "
                                               f"pick token #{n} or later.", "info"))
             else:
-                at = None if point is None or point < 0 else int(point)
+                at = int(shown["point"])
             res = wb.score_text(text, point=at, top_k=int(top_k), with_attention=False)
             p, toks = res["point"], res["tokens"]
             if not p < index < len(toks):
@@ -404,9 +450,9 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             attn_file = None
             if (continuation or "").strip():
                 progress(0.6, desc="attention to the latents")
-                full, n2 = wb.fit_text(views.join_prompt_continuation(fitted[0], continuation), ANALYSIS_MAX_CHARS,
-                                       ATTENTION_MAX_TOKENS)
-                point = int(wb.encode(fitted[0]).shape[1]) - 1
+                # The continuation keeps its room: a long prompt 1 is shortened from the left (its end stays).
+                full, point, n2 = wb.fit_prompt_continuation(prompts[0][-ANALYSIS_MAX_CHARS:],
+                                                             continuation[:ANALYSIS_MAX_CHARS], ATTENTION_MAX_TOKENS)
                 sc = wb.score_text(full, point=point, top_k=1, with_attention=True)
                 p = sc["point"]
                 attn = viz.attention_to_latents_figure(
@@ -422,14 +468,15 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return (fig, views.notice_html(_join(info, notice), "warning" if notice else "info"),
                     views.round_frame(readout), attn, pca_file, attn_file, csv_file)
 
-    def model_info():
-        """The loaded decoder and coprocessor: notice banner, status, card, evaluation, last error."""
-        err = backend.error
+    def model_info(load_error: str = ""):
+        """The loaded decoder and coprocessor: notice banner, status, card, evaluation, and an error: the
+        failed start-up load (every session), or this session's failed load (`load_error`)."""
+        err = load_error or backend.error
         try:
             wb = backend.get()
         except gr.Error:
             wb = None
-            err = backend.error
+            err = load_error or backend.error
         if wb is None:
             banner = views.notice_html(err or "No model is loaded.", "error")
             return banner, {}, "", "", views.notice_html(err, "error")
@@ -455,12 +502,13 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         try:
             backend.load((decoder or "").strip() or None, (coprocessor or "").strip() or None)
         except Exception as e:  # noqa: BLE001 - any load failure is reported in the tab, the old model stays
-            backend.error = f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
-            gr.Warning(_msg(backend.error), title="Model not loaded")
+            err = f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
+            gr.Warning(_msg(err), title="Model not loaded")
+            return model_info(err)              # shown to this session only; others keep their view
         return model_info()
 
-    return {"generate": generate, "generate_example": generate_example, "analyze": analyze,
-            "token_detail": token_detail, "pick_token": pick_token, "pick_row": pick_row,
+    return {"generate": generate, "stop_generation": stop_generation, "generate_example": generate_example,
+            "analyze": analyze, "token_detail": token_detail, "pick_token": pick_token, "pick_row": pick_row,
             "use_generation": use_generation, "latents": latents, "model_info": model_info, "load_model": load_model}
 
 
@@ -491,9 +539,6 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench]) -> gr.
     """The app on a Workbench (or a zero-argument factory that loads one on first use)."""
     backend = Backend(workbench_or_factory)
     h = make_handlers(backend)
-    # Lazily cached examples go to a per-process folder, so a model change between runs never shows
-    # another model's cached outputs.
-    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", tempfile.mkdtemp(prefix="cacheaug-examples-"))
     model = {"concurrency_id": "model", "concurrency_limit": 1}
 
     with CacheAugBlocks(title="cacheaug: deliberation in latent space", delete_cache=(3600, 7200)) as demo:
@@ -521,10 +566,12 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench]) -> gr.
                 stats = gr.Dataframe(views.arm_stats_frame([]), label="per arm: tokens, time to first token (s), "
                                      "tokens/s (each arm's own compute time)", interactive=False, elem_id="gen-stats",
                                      render=False)
-                gr.Examples(EXAMPLES, inputs=[prompt], outputs=[out_dec, out_aug, stats], fn=h["generate_example"],
-                            cache_examples=True, cache_mode="lazy", elem_id="gen-examples",
-                            label=f"Examples (greedy, {DEFAULT_MAX_NEW_TOKENS} tokens; computed on first click, "
-                                  "then cached)")
+                # Not Gradio's example cache: it would keep showing a previous model's outputs after a
+                # model change. generate_example remembers results per loaded model instead.
+                examples = gr.Examples(EXAMPLES, inputs=[prompt], cache_examples=False, api_visibility="private",
+                                       elem_id="gen-examples",
+                                       label=f"Examples (greedy, {DEFAULT_MAX_NEW_TOKENS} tokens; computed on first "
+                                             "click, then remembered for the loaded model)")
                 with gr.Row():
                     max_new = gr.Slider(1, 256, DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens",
                                         elem_id="gen-max-new-tokens")
@@ -559,6 +606,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench]) -> gr.
                         with gr.Row(equal_height=True):
                             gen_status = gr.Markdown("", elem_id="gen-status")
                             run_json = gr.DownloadButton("Download run JSON", elem_id="gen-json", size="md")
+                            gen_run = gr.State(None)  # the run so far: Stop exports it
                     settings_json = gr.JSON(label="settings used (identical for every arm)", elem_id="gen-settings",
                                             scale=2, open=True, max_height=260)
 
@@ -582,6 +630,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench]) -> gr.
                                       elem_id="ana-ahead")
                     ana_topk = gr.Slider(1, 50, 10, step=1, label="top-k in the token detail", elem_id="ana-topk")
                 ana_notice = gr.HTML("", elem_id="ana-notice")
+                ana_shown = gr.State(None)  # text, mode, point / n ahead of the analysis shown: token detail uses it
                 with gr.Row():
                     with gr.Column(scale=1):
                         tokens_html = gr.HTML("", js_on_load=TOKEN_CLICK_JS, max_height=520, elem_id="ana-tokens",
@@ -660,19 +709,21 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench]) -> gr.
         # -- Events ------------------------------------------------------------------------------
         gen_event = gen_btn.click(
             h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
-            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json], api_name="generate",
-            **model)
-        stop_btn.click(lambda: "Stopped.", None, gen_status, cancels=[gen_event], api_visibility="private",
-                       queue=False)
+            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run],
+            api_name="generate", **model)
+        examples.load_input_event.then(h["generate_example"], prompt, [out_dec, out_aug, stats],
+                                       api_visibility="private", **model)
+        stop_btn.click(h["stop_generation"], gen_run, [gen_status, run_json], cancels=[gen_event],
+                       api_visibility="private", queue=False)
         extra_arms.change(lambda arms: (gr.update(visible="pause" in (arms or [])),
                                         gr.update(visible="cot" in (arms or []))),
                           extra_arms, [out_pause, out_cot], api_visibility="private", queue=False)
 
         ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk]
         ana_outputs = [ana_notice, tokens_html, summary, by_pos_plot, heat_plot, per_token, ana_csv, ana_json,
-                       ana_fig_pos, ana_fig_heat]
+                       ana_fig_pos, ana_fig_heat, ana_shown]
         ana_btn.click(h["analyze"], ana_inputs, ana_outputs, api_name="analyze", **model)
-        detail_inputs = [ana_text, mode, point, ahead, ana_topk, pick]
+        detail_inputs = [ana_shown, ana_topk, pick]  # the analysis shown, not the live widgets
         detail_btn.click(h["token_detail"], detail_inputs, [topk_table, detail_html], api_name="token_detail", **model)
         tokens_html.click(h["pick_token"], None, pick, api_visibility="private", queue=False).then(
             h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)

@@ -72,9 +72,9 @@ def request_args(endpoint: str, rng: np.random.Generator) -> tuple:
         return (_text(rng, 6), [], True, 8, 0.0, 1.0, 0, int(rng.integers(1000)), 0, 0)
     if endpoint == "/analyze":      # text, mode, point, positions, ahead, top-k
         mode = "every" if rng.random() < 0.3 else "once"
-        return (_text(rng, 10), mode, -1, 4, 1, 5)
-    if endpoint == "/token_detail":  # text, mode, point, ahead, top-k, token index
-        return (_text(rng, 10), "once", 4, 1, 5, 10)
+        return (_text(rng, 10), mode, 4, 4, 1, 5)    # point 4: token 10 of /token_detail is scored
+    if endpoint == "/token_detail":  # top-k, token index (of the session's last /analyze)
+        return (5, 10)
     if endpoint == "/latents":      # prompts, dims, colour by, top-k, continuation
         return (_text(rng, 4) + "\n" + _text(rng, 5), 2, "prompt", 3, " and then" if rng.random() < 0.5 else "")
     if endpoint == "/model_info":
@@ -267,6 +267,10 @@ def run(clients: int = 16, requests: int = 10, seed: int = 0, decoder: str | Non
         warmup_errors = [err for e in ENDPOINTS for _, err in [call(warm, e, request_args(e, rng))] if err]
         with ThreadPoolExecutor(clients) as pool:
             conns = list(pool.map(lambda i: Client(url, verbose=False, download_files=False), range(clients)))
+            # /token_detail reads its session's last analysis: one /analyze per client first, so a
+            # client whose cycle starts there has a token to pick.
+            warmup_errors += [err for _, err in pool.map(
+                lambda c: call(c, "/analyze", request_args("/analyze", np.random.default_rng(seed))), conns) if err]
             warmup_errors += [err for _, err in pool.map(
                 lambda i: call(conns[i], ENDPOINTS[i % len(ENDPOINTS)],
                                request_args(ENDPOINTS[i % len(ENDPOINTS)], np.random.default_rng(seed + 500 + i))),
@@ -293,9 +297,10 @@ def run(clients: int = 16, requests: int = 10, seed: int = 0, decoder: str | Non
         if burst > 0:
             # More requests at once than the queue holds (max_size 32): the surplus must be refused
             # with "Queue is full", the rest served, and still one model call at a time.
-            command("mark")
             bc = Client(url, verbose=False, download_files=False, max_workers=burst)
             r = np.random.default_rng(seed + 20_000)
+            bc.predict(_text(r, 10), "once", 4, 4, 1, 5, api_name="/analyze")   # what /token_detail reads
+            command("mark")
             jobs = [bc.submit(*request_args("/token_detail", r), api_name="/token_detail") for _ in range(burst)]
             outcome = {"submitted": burst, "served": 0, "refused_queue_full": 0, "other_errors": 0, "examples": []}
             for job in jobs:

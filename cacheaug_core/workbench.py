@@ -13,6 +13,8 @@ from these results. The Gradio app, the CLI and notebooks all call the same meth
 from __future__ import annotations
 
 import copy
+import functools
+import re
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -31,6 +33,23 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_COPROCESSOR = ASSETS / "coprocessor"
 SHIPPED_PAUSE = ASSETS / "pause"  # the pause-token baseline trained beside the shipped coprocessor
 MAX_PROMPT_CHARS = 20_000
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: printable stand-in character -> byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 class InputError(ValueError):
@@ -133,14 +152,14 @@ class Workbench:
         dec, tok, info = load_decoder(decoder)
         notice = ""
         if coprocessor:                      # the user's choice: load it or fail with a clear error
-            path = Path(coprocessor)
+            path = Path(coprocessor).expanduser().resolve()  # 'assets/coprocessor' is the shipped one too
         elif (SHIPPED_COPROCESSOR / "config.json").exists() and not decoder:
             path = SHIPPED_COPROCESSOR       # the shipped default fits the default decoder only
         else:
             path = None
         if path is not None:
             cop = load_coprocessor(path, dec, info)
-            source = str(path)
+            source = str(coprocessor) if coprocessor else str(path)  # as the user wrote it
             status = (cop.checkpoint_config or {}).get("status", "")
             if status:
                 notice = status
@@ -151,7 +170,8 @@ class Workbench:
                       "soft tokens on a copy of the decoder's first layers), so the augmented arm shows the "
                       "mechanism, not a benefit.")
         wb = cls(dec, tok, info, cop.eval(), source, notice)
-        if pause is None and path == SHIPPED_COPROCESSOR and (SHIPPED_PAUSE / "config.json").exists():
+        shipped = path is not None and path.resolve() == SHIPPED_COPROCESSOR.resolve()
+        if pause is None and shipped and (SHIPPED_PAUSE / "config.json").exists():
             pause = str(SHIPPED_PAUSE)       # its baseline comes with it (pause="" opts out)
         if pause:
             wb.pause = load_coprocessor(Path(pause), dec, info).eval()
@@ -189,9 +209,72 @@ class Workbench:
                         f"Input truncated from {len(ids):,} to {max_tokens:,} tokens.")
         return text, notice
 
+    def fit_prompt_continuation(self, prompt: str, continuation: str, max_tokens: int) -> tuple[str, int, str]:
+        """A prompt and its continuation as one text of about `max_tokens` tokens or fewer, for scoring the
+        continuation with latents at the end of the prompt; returns (text, point, notice), `point` being
+        the prompt's last token. The continuation keeps its room: a long prompt is shortened from the
+        left (its end, where the latents go, stays); a continuation longer than 3/4 of the budget is cut."""
+        ptext, _ = clean_text(prompt)
+        ctext, _ = clean_text(continuation)
+        if not (ptext[-1].isspace() or ctext[0].isspace()):
+            ctext = " " + ctext
+        enc = functools.partial(self.tokenizer.encode, add_special_tokens=False)
+        pids, cids = enc(ptext), enc(ctext)
+        max_tokens = max(int(max_tokens), 2)
+        notes = []
+        keep_c = min(len(cids), max_tokens - min(len(pids), max(1, max_tokens // 4)))
+        if keep_c < len(cids):
+            notes.append(f"The continuation was cut from {len(cids):,} to its first {keep_c:,} tokens.")
+            cids = cids[:keep_c]
+            ctext = self.tokenizer.decode(cids)
+        keep_p = max_tokens - len(cids)
+        if keep_p < len(pids):
+            kept = pids[-keep_p:]
+            while len(kept) > 1 and self.tokenizer.decode(kept).startswith("\ufffd"):  # a split character
+                kept = kept[1:]
+            notes.append(f"Prompt 1 was shortened to its last {len(kept):,} of {len(pids):,} tokens so the "
+                         "continuation fits; the latents sit at its end.")
+            ptext = self.tokenizer.decode(kept)
+        point = len(enc(ptext)) - 1
+        return ptext + ctext, point, " ".join(notes)
+
     def token_strings(self, ids) -> list[str]:
-        """Each token's text as it appears in the decoded string."""
-        return [self.tokenizer.decode([int(i)]) for i in ids]
+        """Each token's text as it appears in the decoded string.
+
+        A token holding only part of a UTF-8 character (byte-level BPE splits emoji and many
+        non-Latin characters over several tokens) decodes alone to U+FFFD; such a token is shown
+        by its bytes instead: what decodes as UTF-8 as text, the rest as escapes (``\\xf0\\x9f``)."""
+        out = []
+        for i in ids:
+            s = self.tokenizer.decode([int(i)])
+            if "\ufffd" in s:
+                raw = self.token_bytes(int(i))
+                if raw is not None:
+                    s = raw.decode("utf-8", errors="backslashreplace")
+            out.append(s)
+        return out
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a token stands for, where the vocabulary says so: byte-level BPE (GPT-2 style
+        alphabet, e.g. 'Ġ' = space) or SentencePiece byte fallback ('<0xF0>'); else None."""
+        conv = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+        if conv is None:
+            return None
+        try:
+            piece = conv(int(token_id))
+        except Exception:  # noqa: BLE001 - an odd tokenizer: keep the decoded text
+            return None
+        if isinstance(piece, (list, tuple)):
+            piece = piece[0] if piece else None
+        if not isinstance(piece, str) or not piece:
+            return None
+        m = _BYTE_FALLBACK.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        dec = _byte_decoder()
+        if all(ch in dec for ch in piece):
+            return bytes(dec[ch] for ch in piece)
+        return None
 
     # -- generation ------------------------------------------------------------------------
 

@@ -248,7 +248,8 @@ def test_analyze_every_matches_score_every(client, wb):
 
 def test_token_detail_both_modes(client, wb):
     res = wb.score_text(TEXT, point=4, top_k=5, with_attention=False)
-    table, detail = client.predict(TEXT, "once", 4, 1, 5, 10, api_name="/token_detail")
+    client.predict(TEXT, "once", 4, 8, 1, 5, api_name="/analyze")
+    table, detail = client.predict(5, 10, api_name="/token_detail")
     rows = _frame(table)
     assert len(rows) == 5
     pb = [r["decoder p"] for r in rows]
@@ -257,17 +258,18 @@ def test_token_detail_both_modes(client, wb):
     assert rows[0]["decoder token"] == viz.display_token(wb.token_strings([res["topk_base"][0][5][0]])[0])
     assert f"{float(res['kl_aug_base'][5]):.5f}" in detail and "#10" in detail
     # Before the augmentation point: a message, no table.
-    table, detail = client.predict(TEXT, "once", 4, 1, 5, 2, api_name="/token_detail")
+    table, detail = client.predict(5, 2, api_name="/token_detail")
     assert not any(any(str(c).strip() for c in row) for row in table["data"])
     assert "not scored" in detail
     # Mode (b): the n-th-ahead NLL agrees with the analysis' per-token view.
     every = wb.score_every(TEXT, positions=3)
     base, aug = app_views.nth_ahead_per_token(every["nll_base"], every["nll_aug"], 3)
-    _, detail = client.predict(TEXT, "every", -1, 3, 5, 9, api_name="/token_detail")
+    client.predict(TEXT, "every", -1, 3, 3, 5, api_name="/analyze")
+    _, detail = client.predict(5, 9, api_name="/token_detail")
     m = re.search(r"decoder\+coprocessor ([0-9.]+)", detail)
     assert m and float(m.group(1)) == pytest.approx(aug[9], abs=2e-4)
     assert "after token #6 (3 ahead)" in detail
-    _, detail = client.predict(TEXT, "every", -1, 3, 5, 1, api_name="/token_detail")
+    _, detail = client.predict(5, 1, api_name="/token_detail")
     assert "no augmentation point" in detail
 
 
@@ -319,7 +321,8 @@ def test_hostile_text_is_escaped_everywhere(client):
     assert "<script" not in html_text and "<img" not in html_text
     assert "\u202e" not in html_text and "\u200b" not in html_text   # never raw: byte tokens or visible escapes
     assert len(p.spans) > 20
-    table, detail = client.predict(HOSTILE, "once", 2, 1, 5, 5, api_name="/token_detail")
+    client.predict(HOSTILE, "once", 2, 8, 1, 5, api_name="/analyze")
+    table, detail = client.predict(5, 5, api_name="/token_detail")
     assert "<script" not in detail and "<img" not in detail
     dec, aug, *_ = client.predict(*_gen_args(HOSTILE), api_name="/generate")
     assert isinstance(dec, str) and isinstance(aug, str)
@@ -332,7 +335,7 @@ def test_lone_surrogates_and_long_input(client, wb):
     assert len(_spans(html_text).spans) > 5
     html_text.encode("utf-8")                                       # nothing unencodable reaches the page
     *_, final = h["generate"]("abc \ud800 def", [], True, 4, 0.0, 1.0, 0, 0, 0, 0)
-    assert Path(final[-1]).read_text(encoding="utf-8")
+    assert Path(final[7]).read_text(encoding="utf-8")                # the run JSON
     fig, *_ = h["latents"]("abc \udfff\nsecond", 2, "prompt", 3, "cont \ud800")
     fig.to_json().encode("utf-8")
     notice, html_text, summary, *_ = client.predict("word " * 20_000, "once", -1, 8, 1, 5, api_name="/analyze")
@@ -416,3 +419,127 @@ def test_lazy_factory_failure_is_a_message_not_a_crash():
     with pytest.raises(Exception, match="no checkpoint folder"):
         demo.cacheaug_backend.get()
     assert "no checkpoint folder at /nowhere" in demo.cacheaug_backend.error
+
+
+# --- regressions ----------------------------------------------------------------------------------
+
+
+def test_token_detail_describes_the_analysis_shown_not_the_widgets(client, wb):
+    # Mode (b), 4 positions, "colour by 8 ahead": the analysis clamps n to 4, and so does the detail.
+    notice = client.predict(TEXT, "every", -1, 4, 8, 5, api_name="/analyze")[0]
+    assert "4 tokens earlier" in notice
+    every = wb.score_every(TEXT, positions=4)
+    _, aug = app_views.nth_ahead_per_token(every["nll_base"], every["nll_aug"], 4)
+    _, detail = client.predict(5, 9, api_name="/token_detail")
+    assert "after token #5 (4 ahead)" in detail
+    m = re.search(r"decoder\+coprocessor ([0-9.]+)", detail)
+    assert m and float(m.group(1)) == pytest.approx(aug[9], abs=2e-4)
+    # The stored analysis, whatever the widgets say now: the handler takes no text, mode or point.
+    h = app.make_handlers(app.Backend(wb))
+    shown = h["analyze"](TEXT, "once", 4, 8, 1, 5)[-1]
+    assert shown == {"text": TEXT, "mode": "once", "point": 4}
+    _, detail = h["token_detail"](shown, 5, 10)
+    res = wb.score_text(TEXT, point=4, top_k=5, with_attention=False)
+    assert f"{float(res['kl_aug_base'][5]):.5f}" in detail
+    with pytest.raises(Exception, match="Analyse first"):
+        h["token_detail"](None, 5, 3)
+
+
+def test_latents_attention_keeps_the_continuation_of_a_long_prompt(client, wb):
+    cont = " and then it rained"
+    fig, info, _, attn, *_ = client.predict("word " * 3000, 2, "prompt", 3, cont, api_name="/latents")
+    a = _plot(attn)["data"][0]
+    assert a["type"] == "heatmap"
+    n_cont = len(wb.encode(cont)[0])
+    assert _arr(a["z"]).shape == (wb.coprocessor.config.num_latents, n_cont)   # every column a continuation token
+    assert "shortened" in info
+    text, point, note = wb.fit_prompt_continuation("word " * 3000, cont, app.ATTENTION_MAX_TOKENS)
+    assert text.endswith("word " + cont) and point == len(wb.encode(text[: -len(cont)])[0]) - 1
+    assert len(wb.encode(text)[0]) <= app.ATTENTION_MAX_TOKENS and "last" in note
+    # A short prompt is left whole.
+    assert wb.fit_prompt_continuation("Hi", "there", 64) == ("Hi there", 1, "")
+
+
+def test_examples_follow_the_loaded_model(wb, tiny_decoder_dir):
+    backend = app.Backend(wb)
+    h = app.make_handlers(backend)
+    first = h["generate_example"]("Hello")
+    assert h["generate_example"]("Hello") is first          # remembered for the same model
+    other = Workbench.load(decoder=tiny_decoder_dir)
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        for p in other.coprocessor.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    backend.set(other)
+    again = h["generate_example"]("Hello")
+    ref = _direct(other, "Hello", max_new=app.DEFAULT_MAX_NEW_TOKENS)
+    assert again is not first
+    assert again[0] == ref["decoder"].text and again[1] == ref["coprocessor"].text
+
+
+def test_token_strings_show_partial_utf8_as_byte_escapes(client, wb):
+    ids = wb.encode("aé🙂")[0].tolist()
+    toks = wb.token_strings(ids)
+    assert toks[0] == "a" and "\ufffd" not in "".join(toks)
+    assert toks[1:3] == ["\\xc3", "\\xa9"] and toks[3:] == ["\\xf0", "\\x9f", "\\x99", "\\x82"]
+    assert wb.token_strings(wb.encode("<b>")[0]) == ["<", "b", ">"]
+    _, html_text, *_ = client.predict("Smile 🙂 <b>ok</b> please", "once", 1, 8, 1, 5, api_name="/analyze")
+    assert "\ufffd" not in html_text and "\\xf0" in html_text and "<b>" not in html_text
+
+
+def test_stop_makes_the_partial_run_downloadable(wb):
+    h = app.make_handlers(app.Backend(wb))
+    gen = h["generate"]("Hello there", [], True, 6, 0.0, 1.0, 0, 0, 0, 0)
+    first = next(gen)
+    gen.close()
+    assert first[7] is None                                   # no file while running
+    status, path = h["stop_generation"](first[8])
+    run = json.loads(Path(path).read_text(encoding="utf-8"))
+    assert run["finished"] is False and run["arms"]["decoder"]["tokens"] == 1
+    assert status == "Stopped."
+    assert h["stop_generation"](None) == ("Stopped.", None)
+
+
+def test_status_says_when_latents_never_arrived(client):
+    *_, status, run_json = client.predict(*_gen_args("Hello", max_new=4, async_delay=4), api_name="/generate")
+    assert "never arrived" in status
+    assert json.loads(Path(run_json).read_text(encoding="utf-8"))["notes"]
+
+
+def test_backend_keeps_the_startup_pause_and_load_errors_stay_in_their_session(monkeypatch, server, wb):
+    import functools
+
+    calls = []
+    backend = app.Backend(functools.partial(Workbench.load, None, None, pause="my/pause"))
+    assert backend.pause == "my/pause"
+    monkeypatch.setattr(app.Workbench, "load", lambda *a, **kw: calls.append((a, kw)) or wb)
+    backend.load("dec", "cop")
+    assert calls == [(("dec", "cop"), {"pause": "my/pause"})]
+    # A failed load is shown to the session that tried it, not to sessions opened later.
+    monkeypatch.undo()
+    url = server[1]
+    mine = Client(url, verbose=False)
+    _, _, _, _, err = mine.predict("", "/no/such/checkpoint", api_name="/load_model")
+    assert err
+    banner, _, _, _, err = Client(url, verbose=False).predict(api_name="/model_info")
+    assert err == "" and "Last load failed" not in banner
+    assert server[0].cacheaug_backend.error == ""
+
+
+def test_shipped_coprocessor_by_relative_path_keeps_its_pause_arm(monkeypatch, tmp_path, tiny_decoder_dir, wb):
+    from cacheaug_core import workbench as wbmod
+    from cacheaug_core.checkpoint import save_coprocessor
+    from cacheaug_core.config import CoprocessorConfig
+    from cacheaug_core.coprocessor import Coprocessor
+
+    assets = tmp_path / "assets"
+    for name, body in (("coprocessor", "copy"), ("pause", "none")):
+        cop = Coprocessor(CoprocessorConfig(num_latents=2, body=body, num_layers=1), wb.decoder)
+        save_coprocessor(cop, assets / name, wb.info)
+    monkeypatch.setattr(wbmod, "SHIPPED_COPROCESSOR", assets / "coprocessor")
+    monkeypatch.setattr(wbmod, "SHIPPED_PAUSE", assets / "pause")
+    monkeypatch.chdir(tmp_path)
+    loaded = Workbench.load(tiny_decoder_dir, "assets/coprocessor")
+    assert loaded.pause is not None and loaded.pause_source == str(assets / "pause")
+    assert loaded.coprocessor_source == "assets/coprocessor"
+    assert Workbench.load(tiny_decoder_dir, "assets/coprocessor", pause="").pause is None   # opting out still works

@@ -354,3 +354,17 @@ def test_training_curves_chain_stages(tmp_path):
     assert last["rel_ppl_change_pct"].tolist() == [-3.0, -4.0]
     fig = training_curve_figure(df, positions=(1, 2))
     assert len(fig.data) == 2 and list(fig.data[0].x) == [250, 510, 760]
+
+
+def test_generation_notes_name_empty_arms_and_latents_that_never_arrived():
+    from viz.app_views import generation_notes
+
+    labels = {"decoder": "decoder alone", "coprocessor": "decoder + coprocessor"}
+    notes = generation_notes({"decoder": [5, 6], "coprocessor": [0]}, 0, labels, 8)
+    assert len(notes) == 1 and notes[0].startswith("decoder + coprocessor: ended immediately")
+    assert generation_notes({"decoder": [5, 6], "coprocessor": [7, 8]}, 0, labels, 8) == []
+    never = generation_notes({"decoder": [1] * 4, "coprocessor": [1] * 4}, 0, labels, 4, async_delay=4)
+    assert len(never) == 1 and "never arrived" in never[0]
+    late = generation_notes({"decoder": [1] * 8, "coprocessor": [1, 0]}, 0, labels, 8, async_delay=3)
+    assert len(late) == 1 and late[0].startswith("decoder + coprocessor: ended within")
+    assert generation_notes({"decoder": [1] * 8, "coprocessor": [1] * 8}, 0, labels, 8, async_delay=3) == []

@@ -29,6 +29,7 @@ __all__ = [
     "notice_html",
     "arm_stats_frame",
     "join_prompt_continuation",
+    "generation_notes",
     "by_position_once",
     "by_position_every",
     "nth_ahead_per_token",
@@ -86,6 +87,32 @@ def join_prompt_continuation(prompt: str, continuation: str) -> str:
     if prompt[-1].isspace() or continuation[0].isspace():
         return prompt + continuation
     return prompt + " " + continuation
+
+
+def generation_notes(arms: dict[str, Sequence[int]], eos_id: int | None, labels: dict[str, str] | None = None,
+                     max_new_tokens: int | None = None, async_delay: int = 0,
+                     augmented: Sequence[str] = ("coprocessor", "pause")) -> list[str]:
+    """Plain-text notes on a (finished or stopped) generation: arms that ended at once (their first
+    token was end-of-sequence, so their text is empty) and augmented arms whose asynchronous latents
+    never arrived (the latents go in after `async_delay` generated tokens). `arms`: arm -> token ids."""
+    labels = labels or {}
+    notes = []
+    ended = [a for a, ids in arms.items() if len(ids) == 1 and eos_id is not None and int(ids[0]) == int(eos_id)]
+    if ended:
+        names = ", ".join(labels.get(a, a) for a in ended)
+        notes.append(f"{names}: ended immediately (the first token was end-of-sequence), so the output is empty.")
+    delay = int(async_delay or 0)
+    if delay > 0:
+        if max_new_tokens is not None and delay >= int(max_new_tokens):
+            notes.append(f"Asynchronous delay {delay} ≥ max new tokens {int(max_new_tokens)}: the latents never "
+                         "arrived, so the augmented arm generated like the decoder alone.")
+        else:
+            late = [a for a in augmented if a in arms and a not in ended and len(arms[a]) <= delay]
+            if late:
+                names = ", ".join(labels.get(a, a) for a in late)
+                notes.append(f"{names}: ended within the asynchronous delay ({delay} tokens), so the latents never "
+                             "arrived.")
+    return notes
 
 
 def by_position_once(nll_base: np.ndarray, nll_aug: np.ndarray, point: int) -> pd.DataFrame:
