@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -95,6 +94,14 @@ def atomic_dir_write(out_dir: str | Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         write(tmp)
+        # mkdtemp makes the folder private (0700); a checkpoint is meant to be shared, so it gets the
+        # permissions any other new folder and file would get under the user's umask.
+        mask = os.umask(0)
+        os.umask(mask)
+        tmp.chmod(0o777 & ~mask)
+        for f in tmp.iterdir():
+            if f.is_file():
+                f.chmod(0o666 & ~mask)
         # Flush before publishing: the rename must never make visible files whose data a crash
         # could still lose.
         for f in tmp.iterdir():
@@ -409,7 +416,3 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype | Non
 
 def checkpoint_size_mib(path: str | Path) -> float:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**20
-
-
-def is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

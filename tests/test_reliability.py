@@ -210,11 +210,15 @@ def test_export_refuses_corrupted_weights(bad, tmp_path):
 
 
 def test_checkpoints_without_checksums_still_load(tiny_decoder_dir, tmp_path):
-    """Folders saved before checksums were recorded (the shipped one among them) are not refused."""
+    """Folders saved before checksums were recorded are not refused, and load the same weights."""
     dec, _, info = load_decoder(tiny_decoder_dir)
-    p = save_coprocessor(Coprocessor(CoprocessorConfig(num_latents=2, num_layers=1), dec), tmp_path / "ck", info)
+    cop = Coprocessor(CoprocessorConfig(num_latents=2, num_layers=1), dec)
+    p = save_coprocessor(cop, tmp_path / "ck", info)
     _edit_config(p, lambda c: c.pop("weights_sha256"))
-    load_coprocessor(p, dec, info)
+    loaded = load_coprocessor(p, dec, info)
+    want, got = cop.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k].to(got[k].dtype), got[k]) for k in want)
 
 
 def _error_lines(text: str) -> list[str]:
@@ -529,3 +533,19 @@ def test_keep_freed_memory_on_glibc():
         x = torch.ones(4 << 20)          # 16 MiB: below the 32 MiB threshold, reused from the heap
         assert float(x.sum()) == float(4 << 20)
         del x
+
+
+def test_checkpoint_folders_follow_the_umask(tmp_path):
+    """A saved checkpoint is readable by others under a usual umask (mkdtemp alone would make it 0700)."""
+    import os
+    import stat
+
+    from cacheaug_core.checkpoint import atomic_dir_write
+
+    old = os.umask(0o022)
+    try:
+        out = atomic_dir_write(tmp_path / "ck", lambda d: (d / "config.json").write_text("{}"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o644
