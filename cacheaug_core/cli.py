@@ -24,7 +24,10 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
+
+_STARTED = time.perf_counter()   # a results file's "seconds": the whole command, model load included
 
 from .config import ConfigError, CoprocessorConfig, TrainConfig, check_types, load_yaml
 
@@ -148,7 +151,7 @@ def cmd_score(args) -> int:
         print(f"per-token CSV: {args.csv}")
     if args.json or args.html:
         by_pos = views.by_position_once(res["nll_base"], res["nll_aug"], res["point"])
-        _write_score_exports(args, by_pos, {"mode": "once", "point": res["point"], "text": text,
+        _write_score_exports(wb, args, by_pos, {"mode": "once", "point": res["point"], "text": text,
                                             "tokens": res["tokens"], "nll_base": res["nll_base"],
                                             "nll_aug": res["nll_aug"], "summary": table})
     return 0
@@ -201,17 +204,19 @@ def _score_every(wb, text: str, args) -> int:
             "nll_base": base[keep], "nll_aug": aug[keep], "delta": (aug - base)[keep]})
         viz.frame_to_csv(frame, args.csv)
         print(f"matrix CSV (point x position ahead, long format): {args.csv}")
-    _write_score_exports(args, by_pos, {"mode": "every", "positions": int(base.shape[1]), "text": text,
+    _write_score_exports(wb, args, by_pos, {"mode": "every", "positions": int(base.shape[1]), "text": text,
                                         "tokens": toks, "nll_base_by_point": base, "nll_aug_by_point": aug})
     return 0
 
 
-def _write_score_exports(args, by_pos, run: dict) -> None:
+def _write_score_exports(wb, args, by_pos, run: dict) -> None:
     import viz
     from viz import app_views as views
 
+    from .evaluate import provenance
+
     if args.json:
-        views.write_json(run | {"by_position": by_pos}, args.json)
+        views.write_json(run | {"by_position": by_pos, "provenance": provenance(wb, _STARTED, args)}, args.json)
         print(f"run JSON: {args.json}")
     if args.html:
         _write_html(viz.delta_by_position_figure(by_pos, title="Perplexity change by position ahead"), args.html)
@@ -223,6 +228,7 @@ def cmd_latents(args) -> int:
     import viz
     from viz import app_views as views
 
+    from .evaluate import provenance
     from .workbench import Workbench, clean_text
 
     prompts = [clean_text(p)[0] for p in args.prompt]  # empty prompts fail before the model loads
@@ -267,7 +273,8 @@ def cmd_latents(args) -> int:
                           "latent_index": res["latent_index"], "norms": res["norms"], "pca": coords,
                           "explained_variance": evr, "readout": readout, "latents": res["latents"],
                           "attention_to_latents": attn,
-                          "model": {"decoder": wb.info.name, "coprocessor": wb.coprocessor_source}}, args.json)
+                          "model": {"decoder": wb.info.name, "coprocessor": wb.coprocessor_source},
+                          "provenance": provenance(wb, _STARTED, args)}, args.json)
         print(f"JSON: {args.json}")
     return 0
 

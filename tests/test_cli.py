@@ -105,6 +105,9 @@ def test_score_once_with_exports(models, tmp_path, capsys):
     assert len(rows) == n and rows[0].keys() >= {"index", "token", "nll_base", "nll_aug", "delta"}
     res = json.loads(js.read_text())
     assert res["mode"] == "once" and res["point"] == 5 and len(res["by_position"]) == n - 6
+    prov = res["provenance"]           # a results file says what made it
+    assert prov["arguments"]["point"] == 5 and prov["device"].startswith("cpu") and "commit" in prov["git"]
+    assert prov["decoder"]["name"] == models[0] and prov["coprocessor"]["source"] == models[1]
     assert "<html" in fig.read_text()[:2000].lower()
 
 
@@ -153,6 +156,7 @@ def test_latents(models, tmp_path, capsys):
     assert len(res["latents"]) == 6 and len(res["pca"]) == 6 and len(res["pca"][0]) == 2
     assert len(res["readout"]) == 6 and res["prompt_ids"] == [0, 0, 0, 1, 1, 1]
     assert len(res["attention_to_latents"]["mass"]) == 23
+    assert res["provenance"]["arguments"]["prompt"] == res["prompts"] and res["provenance"]["coprocessor"]
     assert "plotly" in fig.read_text() and "plotly" in attn.read_text()
 
 
