@@ -168,6 +168,11 @@ def model_card(config: dict) -> str:
         lines += ["## Training", "", "| key | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in tr.items() if not isinstance(v, (dict, list))]
         lines.append("")
+        made = tr.get("provenance") or {}
+        if made:
+            commit = (made.get("git") or {}).get("commit") or "unknown"
+            lines += [f"Trained by `{made.get('command_line', '')}` at commit `{commit[:12]}` on "
+                      f"{made.get('device', '?')} ({made.get('num_processes', 1)} process(es)).", ""]
     if config.get("status"):
         lines += ["## Status", "", config["status"], ""]
     for name, table in (config.get("evaluation") or {}).items():

@@ -400,6 +400,22 @@ def _accelerator(cfg: TrainConfig):
     return Accelerator(mixed_precision=cfg.precision, cpu=(cfg.device == "cpu"))
 
 
+def _made_by(acc) -> dict:
+    """What a checkpoint records about the run that wrote it: command, code, machine, versions."""
+    import platform
+    import shlex
+    import sys
+
+    import transformers
+
+    from .evaluate import device_name, git_commit
+
+    return {"command_line": shlex.join(sys.argv), "git": git_commit(), "device": device_name(acc.device),
+            "num_processes": acc.num_processes,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__}}
+
+
 def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = True) -> Path:
     """Run training; returns the folder of the final checkpoint (out_dir/last)."""
     from tqdm.auto import tqdm
@@ -407,6 +423,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"--device {cfg.device}: CUDA is not available on this machine")
     acc = _accelerator(cfg)
+    made_by = _made_by(acc)
     if _is_fsdp(acc) and acc.state.fsdp_plugin.fsdp_version != 2:
         raise TrainingError("FSDP needs fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
     out = Path(cfg.out_dir)
@@ -533,7 +550,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         training = {"steps": step, "tokens_seen": tokens_seen, "data": cfg.data, "seq_len": cfg.seq_len,
                     "points": cfg.points, "n_ahead": cfg.n_ahead, "batch_size": cfg.batch_size * cfg.grad_accum
                     * acc.num_processes, "lr": cfg.lr, "precision": cfg.precision,
-                    "train_config": to_dict(cfg)}
+                    "train_config": to_dict(cfg), "provenance": made_by}
         evaluation = {"heldout_by_position": final_eval} if final_eval else {}
         if not all(torch.isfinite(v).all() for v in unwrapped.trainable_state().values()):
             raise stop(f"the weights hold NaN or inf at step {step}; stopped without saving. The last good "

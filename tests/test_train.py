@@ -82,6 +82,9 @@ def test_short_training_beats_frozen_decoder_on_repeated_text(tiny_decoder_dir, 
     assert sum(ev["nll_aug"]) < sum(ev["nll_base"])
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
     assert lines[-1]["loss"] < lines[0]["loss"]
+    made_by = json.loads((path / "config.json").read_text())["training"]["provenance"]
+    assert made_by["device"].startswith("cpu") and made_by["num_processes"] == 1 and "commit" in made_by["git"]
+    assert "Trained by `" in (path / "README.md").read_text()      # and its model card says so
     # the logged rate is this run's tokens over its wall time so far
     train_lines = [r for r in lines if "tokens_per_s" in r]
     assert train_lines and all(r["tokens_per_s"] > 0 for r in train_lines)
