@@ -92,6 +92,23 @@ def cmd_train(args) -> int:
             for n in notices:
                 print(f"note: {n}", file=sys.stderr)
             tcfg = TrainConfig(**(values | {"out_dir": tcfg.out_dir, "resume": True}))
+        # The coprocessor's layout is the checkpoint's: a different one asked for would be silently
+        # ignored, so it is refused.
+        cop_names = {f.name for f in dataclasses.fields(CoprocessorConfig)}
+        asked = {k: v for k, v in flat.items() if k in cop_names}
+        asked |= {k: v for k, v in vars(args).items() if k in cop_names and v is not _UNSET}
+        ck = Path(tcfg.out_dir) / "last" / "config.json"
+        if asked and ck.is_file():
+            try:
+                have = json.loads(ck.read_text()).get("coprocessor") or {}
+            except (OSError, ValueError):
+                have = {}
+            differ = sorted(k for k, v in asked.items() if k in have and have[k] != v)
+            if differ:
+                return _fail("--resume continues the checkpoint's coprocessor; it has "
+                             + ", ".join(f"{k}={have[k]!r}" for k in differ)
+                             + f" (asked: {', '.join(f'{k}={asked[k]!r}' for k in differ)}). Start a new "
+                             "--out-dir (with --init-from to start from its weights) for another layout")
     path = train(tcfg, ccfg)
     print(f"checkpoint: {path}")
     return 0

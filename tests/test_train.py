@@ -171,6 +171,8 @@ def test_cli_resume_takes_the_runs_own_settings(tiny_decoder_dir, repeated_text_
     capsys.readouterr()
     assert main(["train", "--out-dir", str(tmp_path / "b"), "--resume", "--seq-len", "64"]) == 2
     assert "trained with --seq-len 48, not 64" in capsys.readouterr().err
+    assert main(["train", "--out-dir", str(tmp_path / "b"), "--resume", "--num-latents", "3"]) == 2
+    assert "it has num_latents=2 (asked: num_latents=3)" in capsys.readouterr().err
     assert main(["train", "--out-dir", str(tmp_path / "b"), "--resume"]) == 0
     dec, _, info = load_decoder(tiny_decoder_dir)
     a, b = load_coprocessor(tmp_path / "a" / "last", dec, info), load_coprocessor(tmp_path / "b" / "last", dec, info)
