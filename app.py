@@ -309,8 +309,26 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         example_memo[key] = (wb, result)
         return result
 
-    def analyze(text, mode, point, positions, ahead, top_k, progress=gr.Progress()):
+    stopped_sessions: set = set()   # sessions whose Stop was pressed during a mode (b) analysis
+
+    def stop_analysis(request: gr.Request = None):
+        """Stop a running analysis: mode (b) checks this between passes and gives up the model slot
+        (cancelling the event alone would leave its thread computing)."""
+        if request is not None:
+            stopped_sessions.add(request.session_hash)
+        return views.notice_html("Stopped.", "info")
+
+    def analyze(text, mode, point, positions, ahead, top_k, progress=gr.Progress(), request: gr.Request = None):
         """Per-token Δloss: mode 'once' (a) or 'every' (b)."""
+        session = getattr(request, "session_hash", None)
+        stopped_sessions.discard(session)
+
+        def every_progress(f):
+            if session is not None and session in stopped_sessions:
+                stopped_sessions.discard(session)
+                raise InputError("Stopped.")
+            progress(float(f), desc="augmenting after every token")
+
         with _friendly_errors():
             wb = backend.get()
             text, notice = wb.fit_text(text, ANALYSIS_MAX_CHARS, ANALYSIS_MAX_TOKENS)
@@ -337,7 +355,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             else:
                 progress(0.0, desc="augmenting after every token")
                 res = wb.score_every(text, positions=int(positions),
-                                     progress=lambda f: progress(float(f), desc="augmenting after every token"))
+                                     progress=every_progress)
                 toks = res["tokens"]
                 A = res["nll_aug"].shape[1]
                 n = int(min(max(int(ahead), 1), A))
@@ -508,7 +526,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         return model_info()
 
     return {"generate": generate, "stop_generation": stop_generation, "generate_example": generate_example,
-            "analyze": analyze, "token_detail": token_detail, "pick_token": pick_token, "pick_row": pick_row,
+            "analyze": analyze, "stop_analysis": stop_analysis, "token_detail": token_detail,
+            "pick_token": pick_token, "pick_row": pick_row,
             "use_generation": use_generation, "latents": latents, "model_info": model_info, "load_model": load_model}
 
 
@@ -618,6 +637,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench]) -> gr.
                                           f"{ANALYSIS_MAX_TOKENS:,} tokens are scored.")
                     with gr.Column(scale=1, min_width=160):
                         ana_btn = gr.Button("Analyse", variant="primary", elem_id="ana-run")
+                        ana_stop = gr.Button("Stop", variant="stop", elem_id="ana-stop")
                         use_gen_btn = gr.Button("Use last generation", elem_id="ana-use-generation")
                 with gr.Row():
                     mode = gr.Radio(MODES, value="once", label="mode", elem_id="ana-mode", scale=3)
@@ -722,7 +742,9 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench]) -> gr.
         ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk]
         ana_outputs = [ana_notice, tokens_html, summary, by_pos_plot, heat_plot, per_token, ana_csv, ana_json,
                        ana_fig_pos, ana_fig_heat, ana_shown]
-        ana_btn.click(h["analyze"], ana_inputs, ana_outputs, api_name="analyze", **model)
+        ana_event = ana_btn.click(h["analyze"], ana_inputs, ana_outputs, api_name="analyze", **model)
+        ana_stop.click(h["stop_analysis"], None, ana_notice, cancels=[ana_event], api_visibility="private",
+                       queue=False)
         detail_inputs = [ana_shown, ana_topk, pick]  # the analysis shown, not the live widgets
         detail_btn.click(h["token_detail"], detail_inputs, [topk_table, detail_html], api_name="token_detail", **model)
         tokens_html.click(h["pick_token"], None, pick, api_visibility="private", queue=False).then(

@@ -543,3 +543,23 @@ def test_shipped_coprocessor_by_relative_path_keeps_its_pause_arm(monkeypatch, t
     assert loaded.pause is not None and loaded.pause_source == str(assets / "pause")
     assert loaded.coprocessor_source == "assets/coprocessor"
     assert Workbench.load(tiny_decoder_dir, "assets/coprocessor", pause="").pause is None   # opting out still works
+
+
+def test_stop_ends_a_mode_b_analysis_between_passes(wb):
+    """Stop during a mode (b) analysis: the next pass raises "Stopped." so the model slot is freed
+    (cancelling the event alone leaves the thread computing); the next Analyse of that session runs."""
+    import gradio as gr
+
+    h = app.make_handlers(app.Backend(wb))
+    from types import SimpleNamespace
+
+    session = SimpleNamespace(session_hash="s1")
+    text = "a fairly long text to score, with several passes ahead of it. " * 3
+
+    def press_stop(*_args, **_kw):       # the Stop button, pressed while the analysis reports progress
+        h["stop_analysis"](session)
+
+    with pytest.raises(gr.Error, match="Stopped"):
+        h["analyze"](text, "every", -1, 4, 1, 5, progress=press_stop, request=session)
+    notice, html_text, *_ = h["analyze"](text, "every", -1, 4, 1, 5, request=session)
+    assert "Mode (b)" in notice and "span" in html_text
