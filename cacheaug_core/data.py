@@ -42,7 +42,7 @@ import torch
 from . import sources as S
 from .decoder import sha256_file as _sha256
 
-SHARD_BYTES = 50 * 1024 * 1024       # each shard can be shipped to the GPU machine in one call
+SHARD_BYTES = 50 * 1024 * 1024       # each shard fits one small file transfer (scripts/stage_gpu.py)
 NGRAM = 13
 HELDOUT_PERCENT = 1                   # in-distribution held-out share, by document hash
 MIN_DOC_CHARS = 64

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Stage large files (decoder GGUF, training pack, benchmark data, ...) onto the GPU machine in few calls.
+"""Stage large files (decoder GGUF, training pack, benchmark data, ...) onto an offline GPU machine in few transfers.
 
-A call to the GPU machine carries at most 64 MiB (the checkout plus the ignored paths named in
-`carry`), and files written outside the checkout (/tmp) survive only while the machine stays warm.
+For a machine that takes at most 64 MiB per transfer (a checkout plus a few named extra paths)
+and keeps files written outside the checkout (/tmp) only while it stays up.
 So the files are packed into one deterministic tar, compressed with xz (token shards shrink to
 ~40%, the GGUF to ~88%), cut into equal chunks of at most --chunk-mib (default 58) under the ignored
 folder `.gpu/stage-<id>/`, and sent in consecutive calls, each carrying one chunk plus the plan:
