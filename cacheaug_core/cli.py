@@ -46,11 +46,15 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None
             group.add_argument(flag, dest=f.name, default=_UNSET, type=typ, help=helptext)
 
 
-def build_config(cls, args, yaml_values: dict):
+def _explicit(cls, args, flat: dict) -> dict:
+    """The options of dataclass `cls` the user set: in the YAML file (`flat`) or as flags (flags win)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in yaml_values.items() if k in names}
-    values |= {k: v for k, v in vars(args).items() if k in names and v is not _UNSET}
-    return cls(**values)
+    return ({k: v for k, v in flat.items() if k in names}
+            | {k: v for k, v in vars(args).items() if k in names and v is not _UNSET})
+
+
+def build_config(cls, args, yaml_values: dict):
+    return cls(**_explicit(cls, args, yaml_values))   # the rest: the dataclass's defaults
 
 
 def _fail(msg: str) -> int:
@@ -62,6 +66,7 @@ def _fail(msg: str) -> int:
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import read_config
     from .train import resume_settings, saved_train_config, train
 
     y = load_yaml(args.config) if args.config else {}
@@ -85,24 +90,16 @@ def cmd_train(args) -> int:
         # the YAML file) may replace them, and not what shapes the data stream (train.RESUME_FIXED).
         saved = saved_train_config(tcfg.out_dir)
         if saved is not None:
-            names = {f.name for f in dataclasses.fields(TrainConfig)}
-            explicit = {k: v for k, v in flat.items() if k in names}
-            explicit |= {k: v for k, v in vars(args).items() if k in names and v is not _UNSET}
-            values, notices = resume_settings(saved, explicit)
+            values, notices = resume_settings(saved, _explicit(TrainConfig, args, flat))
             for n in notices:
                 print(f"note: {n}", file=sys.stderr)
             tcfg = TrainConfig(**(values | {"out_dir": tcfg.out_dir, "resume": True}))
         # The coprocessor's layout is the checkpoint's: a different one asked for would be silently
         # ignored, so it is refused.
-        cop_names = {f.name for f in dataclasses.fields(CoprocessorConfig)}
-        asked = {k: v for k, v in flat.items() if k in cop_names}
-        asked |= {k: v for k, v in vars(args).items() if k in cop_names and v is not _UNSET}
-        ck = Path(tcfg.out_dir) / "last" / "config.json"
-        if asked and ck.is_file():
-            try:
-                have = json.loads(ck.read_text()).get("coprocessor") or {}
-            except (OSError, ValueError):
-                have = {}
+        asked = _explicit(CoprocessorConfig, args, flat)
+        last = Path(tcfg.out_dir) / "last"
+        if asked and (last / "config.json").is_file():
+            have = read_config(last)["coprocessor"]
             differ = sorted(k for k, v in asked.items() if k in have and have[k] != v)
             if differ:
                 return _fail("--resume continues the checkpoint's coprocessor; it has "
@@ -463,9 +460,6 @@ def main(argv=None) -> int:
     from .workbench import InputError
 
     args = build_parser().parse_args(argv)
-    # evaluate.py's `eval ppl` takes --points-per-pass as any integer; 0 would fail deep inside
-    if getattr(args, "points_per_pass", 1) is not None and getattr(args, "points_per_pass", 1) < 1:
-        return _fail("--points-per-pass must be at least 1")
     try:
         return args.fn(args) or 0
     except (ConfigError, CheckpointError, DecoderLoadError, InputError, FileNotFoundError) as e:

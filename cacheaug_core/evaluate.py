@@ -254,6 +254,15 @@ def bootstrap_rel_change(sum_aug: np.ndarray, sum_base: np.ndarray, count: np.nd
 
 
 @torch.no_grad()
+def check_ppl_settings(positions: int, chunk: int, points_per_pass: int) -> None:
+    """EvalError unless the settings of `perplexity_by_position` can run (the CLI checks them before
+    loading a model)."""
+    if positions < 1 or chunk < 2 or positions >= chunk:
+        raise EvalError(f"need 1 <= --positions < --chunk, got positions={positions}, chunk={chunk}")
+    if points_per_pass < 1:
+        raise EvalError("--points-per-pass must be at least 1")
+
+
 def perplexity_by_position(decoder, tokenizer, coprocessor, docs: list[str], positions: int = 32, chunk: int = 256,
                            max_tokens: int = 0, points_per_pass: int = 64, n_boot: int = 1000, seed: int = 0,
                            bootstrap_unit: str = "document", progress: bool = False) -> dict:
@@ -266,8 +275,7 @@ def perplexity_by_position(decoder, tokenizer, coprocessor, docs: list[str], pos
     """
     if coprocessor is None:
         raise EvalError("perplexity by position compares the decoder with the augmented decoder: it needs a coprocessor")
-    if positions < 1 or chunk < 2 or positions >= chunk:
-        raise EvalError(f"need 1 <= --positions < --chunk, got positions={positions}, chunk={chunk}")
+    check_ppl_settings(positions, chunk, points_per_pass)
     chunks = document_chunks(tokenizer, docs, chunk, max_tokens)
     if not chunks:
         raise EvalError("the text produced no chunk of at least two tokens")
@@ -1093,6 +1101,7 @@ def _model_args(p):
 
 def cmd_ppl(args) -> int:
     t0 = time.perf_counter()
+    check_ppl_settings(args.positions, args.chunk, args.points_per_pass)
     docs = read_documents(args.text)
     wb = load_models(args.decoder, args.coprocessor, device=args.device, dtype=args.dtype)
     if wb.notice:
