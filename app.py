@@ -132,9 +132,7 @@ class Backend:
             self._wb = workbench_or_factory
         else:
             self._factory = workbench_or_factory
-        if pause is None and isinstance(workbench_or_factory, functools.partial):
-            pause = workbench_or_factory.keywords.get("pause")  # `--pause` given at start-up
-        self.pause = pause or None  # kept for every model loaded from the Model tab
+        self.pause = pause or None  # `--pause` given at start-up: kept for every model loaded from the Model tab
         self.error = ""  # the start-up (factory) failure: no model at all, so every session is told
 
     def get(self) -> Workbench:
@@ -290,24 +288,22 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         path = views.write_json(run, _export_dir() / "cacheaug-generation-partial.json")
         return "Stopped.", str(path)  # the run JSON (marked "finished": false) holds the counts
 
-    example_memo: dict = {}
+    example_memo: dict = {"wb": None, "results": {}}   # the loaded model's example results, by prompt
 
     def generate_example(prompt):
         """Examples: default settings, final texts only. Remembered per loaded model (not Gradio's
         example cache, which would outlive a model change)."""
         wb = backend.get()
-        key = (id(wb), prompt)
-        hit = example_memo.get(key)
-        if hit is not None and hit[0] is wb:
-            return hit[1]
-        out = None
-        for out in generate(prompt, [], True, DEFAULT_MAX_NEW_TOKENS, 0.0, 1.0, 0, 0, 0, 0):
-            pass
-        result = (out[0], out[1], out[4])
-        if len(example_memo) >= 32 or any(v[0] is not wb for v in example_memo.values()):
-            example_memo.clear()                # only the current model's examples are kept
-        example_memo[key] = (wb, result)
-        return result
+        results = example_memo["results"]
+        if example_memo["wb"] is not wb or (prompt not in results and len(results) >= 32):
+            results = example_memo["results"] = {}   # only the current model's examples are kept
+            example_memo["wb"] = wb
+        if prompt not in results:
+            out = None
+            for out in generate(prompt, [], True, DEFAULT_MAX_NEW_TOKENS, 0.0, 1.0, 0, 0, 0, 0):
+                pass
+            results[prompt] = (out[0], out[1], out[4])
+        return results[prompt]
 
     stopped_sessions: set = set()   # sessions whose Stop was pressed during a mode (b) analysis
 
@@ -554,9 +550,10 @@ class CacheAugBlocks(gr.Blocks):
         return super().launch(*args, **kwargs)
 
 
-def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench]) -> gr.Blocks:
-    """The app on a Workbench (or a zero-argument factory that loads one on first use)."""
-    backend = Backend(workbench_or_factory)
+def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause: str | None = None) -> gr.Blocks:
+    """The app on a Workbench (or a zero-argument factory that loads one on first use); `pause`: the
+    pause-token checkpoint to bring along to models loaded from the Model tab."""
+    backend = Backend(workbench_or_factory, pause=pause)
     h = make_handlers(backend)
     model = {"concurrency_id": "model", "concurrency_limit": 1}
 
@@ -791,7 +788,7 @@ def main(argv=None) -> int:
 
     factory = functools.partial(Workbench.load, args.decoder or None, args.coprocessor or None,
                                 pause=args.pause or None)
-    demo = build_demo(factory)
+    demo = build_demo(factory, pause=args.pause or None)
     try:
         wb = demo.cacheaug_backend.get()
         if wb.notice:

@@ -396,7 +396,7 @@ def test_main_honours_env_and_defaults(monkeypatch):
         def launch(self, **kw):
             calls.update(kw)
 
-    monkeypatch.setattr(app, "build_demo", lambda factory: Fake())
+    monkeypatch.setattr(app, "build_demo", lambda factory, pause=None: Fake())
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     assert app.main([]) == 0
@@ -510,7 +510,7 @@ def test_backend_keeps_the_startup_pause_and_load_errors_stay_in_their_session(m
     import functools
 
     calls = []
-    backend = app.Backend(functools.partial(Workbench.load, None, None, pause="my/pause"))
+    backend = app.Backend(functools.partial(Workbench.load, None, None, pause="my/pause"), pause="my/pause")
     assert backend.pause == "my/pause"
     monkeypatch.setattr(app.Workbench, "load", lambda *a, **kw: calls.append((a, kw)) or wb)
     backend.load("dec", "cop")
