@@ -99,13 +99,11 @@ def atomic_dir_write(out_dir: str | Path, write) -> Path:
         mask = os.umask(0)
         os.umask(mask)
         tmp.chmod(0o777 & ~mask)
-        for f in tmp.iterdir():
-            if f.is_file():
-                f.chmod(0o666 & ~mask)
         # Flush before publishing: the rename must never make visible files whose data a crash
         # could still lose.
         for f in tmp.iterdir():
             if f.is_file():
+                f.chmod(0o666 & ~mask)
                 _fsync(f)
         _fsync(tmp)
         if out.exists():
