@@ -10,7 +10,8 @@
     cacheaug train --out-dir runs/x --resume [--steps N]   # the run's saved settings, data and decoder
     cacheaug eval ppl --text FILE --json OUT [--positions 32]
     cacheaug eval bench --tasks arc_easy,gsm8k --limit 50
-    cacheaug prepare-data [--small]
+    cacheaug prepare-data [--small] [--decoder D]
+    cacheaug tokenize notes.jsonl --out data/mine [--decoder D] [--text-column text]   # your own corpus
     cacheaug app [--port 7860]                  # default port: $GRADIO_SERVER_PORT or 7860
 
 Flags of `train` come from the dataclasses in `config.py` (`--num-latents`, `--lr`, ...); a YAML
@@ -451,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
         data.register_cli(sub)
     except ImportError:
         pass
+    from . import textdata
+
+    textdata.register_cli(sub)
     return ap
 
 

@@ -17,6 +17,7 @@ import yaml
 
 BODIES = ("copy", "lora", "scratch", "none")
 MLP_KERNELS = ("auto", "compiled", "quack", "quack-all")   # the fast path's MLP kernels (fastpath.resolve_mlp)
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow", "all", "none")   # --report-to (accelerate's trackers)
 
 
 def _f(default, help: str, **kw):
@@ -98,7 +99,9 @@ class TrainConfig:
     """One-pass multi-point training of a coprocessor on a frozen decoder."""
 
     decoder: str = _f("", "decoder: empty = embedded SmolLM2-135M-Instruct, a local folder, or a Hub id")
-    data: str = _f("", "training data: a prepared corpus folder (cacheaug prepare-data) or a text file")
+    data: str = _f("", "training data: a corpus folder (cacheaug prepare-data / tokenize), a text, jsonl/json, "
+                       "parquet or csv file, or a saved dataset folder")
+    text_column: str = _f("text", "the column (field) holding the text in jsonl/json, parquet, csv or dataset --data")
     out_dir: str = _f("runs/coprocessor", "output folder for checkpoints and metrics")
     init_from: str = _f("", "start from this checkpoint's weights (a new schedule unless --resume)")
     resume: bool = _f(False, "resume from out_dir/last (step, schedule, optimizer, RNG, data position)")
@@ -116,7 +119,10 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.1, "cosine decays to lr * this")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm (0 = off)")
-    precision: str = _f("no", "mixed precision: no | bf16 | fp16")
+    precision: str = _f("", "mixed precision: no | bf16 | fp16 (empty = what `accelerate launch` or your "
+                            "`accelerate config` file says, else no)")
+    report_to: str = _f("none", "trackers besides metrics.jsonl, through accelerate: tensorboard, wandb, trackio, "
+                                "mlflow (comma-separated), all (every installed one) or none")
     fast: bool = _f(False, "the fast path (fastpath.py): block-sparse FlexAttention + fused cross-entropy (GPU; compiled there)")
     compile: bool = _f(False, "torch.compile the transformer blocks (GPU; with --fast: the fast path's block functions)")
     cuda_graph: bool = _f(False, "with --fast on one GPU: each step's forward and backward replayed as one CUDA graph "
@@ -137,8 +143,11 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.points > self.seq_len - 2:
             raise ConfigError(f"--points ({self.points}) must be < --seq-len - 1 ({self.seq_len - 1})")
-        if self.precision not in ("no", "bf16", "fp16"):
+        if self.precision not in ("", "no", "bf16", "fp16"):
             raise ConfigError(f"--precision must be no, bf16 or fp16, got {self.precision!r}")
+        bad = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
+        if bad or not self.report_to.strip():
+            raise ConfigError(f"--report-to takes {', '.join(TRACKERS)} (comma-separated), got {self.report_to!r}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.mlp not in MLP_KERNELS:

@@ -4,16 +4,17 @@ Build (CPU; the full corpus takes ~15 minutes and ~1 GB of downloads, cached):
 
     cacheaug prepare-data --out data/corpus              # all sources
     cacheaug prepare-data --out /tmp/c --small           # a few MB from 3 quick sources (tests, CI)
+    cacheaug prepare-data --out data/qwen --decoder Qwen/Qwen2.5-0.5B   # tokenised for another decoder
     python -c "from cacheaug_core.data import prepare_data; prepare_data('data/corpus')"
 
 For each source of `sources.SOURCES` the build extracts and cleans the documents, drops exact
 duplicates, drops every document that shares a 13-gram with an evaluation set (the benchmark items
 of `benchmarks.eval_texts()` and the held-out texts), moves 1% of the documents (chosen by a hash
-of the text) to the in-distribution held-out set, and tokenises the rest into uint16 shards with
-the tokenizer's EOS id after every document. It writes
+of the text) to the in-distribution held-out set, and tokenises the rest into shards of uint16 token ids
+(uint32 for a vocabulary over 65,536 tokens) with the tokenizer's EOS id after every document. It writes
 
     out/manifest.json                      sources, packages, licences, counts, decontamination, shards, mix
-    out/train/<source>/<source>-NNNNN.bin  uint16 token ids, each shard <= 50 MiB
+    out/train/<source>/<source>-NNNNN.bin  token ids (manifest format.dtype), each shard <= 50 MiB
     out/heldout/<name>.{jsonl,txt,bin,idx.npy}   name in wiki, lambada, indist
     out/sources/<source>.json              per-source done-marker (a rerun skips finished sources)
 
@@ -109,6 +110,21 @@ def _progress(total=None, desc="", unit="docs", enabled=True):
 # Tokenizer
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The shard dtype for a vocabulary: uint16 up to 65,536 tokens (SmolLM2, GPT-2), else uint32
+    (Llama-3, Qwen2/3, Gemma): a uint16 shard would silently wrap their ids."""
+    if vocab_size <= 1 << 16:
+        return np.dtype(np.uint16)
+    if vocab_size <= 1 << 32:
+        return np.dtype(np.uint32)
+    raise DataError(f"a vocabulary of {vocab_size} tokens does not fit uint32 token ids")
+
+
+def shard_dtype(manifest: dict) -> np.dtype:
+    """The dtype a corpus's shards were written with (corpora built before uint32 existed: uint16)."""
+    return np.dtype((manifest.get("format") or {}).get("dtype", "uint16"))
+
+
 def _backend(tokenizer):
     """(tokenizers.Tokenizer, eos id, fingerprint) for an HF tokenizer or a raw `tokenizers.Tokenizer`."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
@@ -120,9 +136,6 @@ def _backend(tokenizer):
                 break
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents")
-    vocab = backend.get_vocab_size(with_added_tokens=True)
-    if vocab > 65536:
-        raise DataError(f"vocabulary of {vocab} tokens does not fit uint16 shards")
     fp = hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
     return backend, int(eos), fp
 
@@ -214,10 +227,12 @@ class NgramIndex:
 
 
 class ShardWriter:
-    """Appends uint16 token ids to <dir>/<stem>-NNNNN.bin, starting a new shard at SHARD_BYTES."""
+    """Appends token ids (uint16, or uint32 for a large vocabulary: `token_dtype`) to
+    <dir>/<stem>-NNNNN.bin, starting a new shard at SHARD_BYTES."""
 
-    def __init__(self, directory: Path, stem: str, shard_bytes: int = SHARD_BYTES):
-        self.dir, self.stem, self.limit = directory, stem, shard_bytes // 2
+    def __init__(self, directory: Path, stem: str, shard_bytes: int = SHARD_BYTES, dtype=np.uint16):
+        self.dtype = np.dtype(dtype)
+        self.dir, self.stem, self.limit = directory, stem, shard_bytes // self.dtype.itemsize
         self.dir.mkdir(parents=True, exist_ok=True)
         for old in self.dir.glob(f"{stem}-*.bin"):
             old.unlink()
@@ -239,7 +254,7 @@ class ShardWriter:
                 self._open()
             room = self.limit - self.counts[-1]
             part, ids = ids[:room], ids[room:]
-            self.f.write(part.astype(np.uint16).tobytes())
+            self.f.write(part.astype(self.dtype).tobytes())
             self.counts[-1] += len(part)
 
     def close(self) -> list[dict]:
@@ -249,7 +264,7 @@ class ShardWriter:
                 for p, c in zip(self.paths, self.counts)]
 
 
-def _write_heldout(out: Path, name: str, docs: list[dict], backend) -> dict:
+def _write_heldout(out: Path, name: str, docs: list[dict], backend, dtype=np.uint16) -> dict:
     """heldout/<name>.jsonl (text + source), .txt (blank-line separated), .bin + .idx.npy (tokens)."""
     d = out / "heldout"
     d.mkdir(parents=True, exist_ok=True)
@@ -262,7 +277,7 @@ def _write_heldout(out: Path, name: str, docs: list[dict], backend) -> dict:
     with open(d / f"{name}.bin", "wb") as f:
         for i in range(0, len(docs), 512):
             for ids in _encode(backend, [doc["text"] for doc in docs[i: i + 512]]):
-                f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
                 offsets.append(offsets[-1] + len(ids))
     np.save(d / f"{name}.idx.npy", np.asarray(offsets, dtype=np.int64))
     return {"documents": len(docs), "tokens": offsets[-1], "chars": sum(len(doc["text"]) for doc in docs),
@@ -332,7 +347,7 @@ def _packages_info(src: S.Source, files: dict[str, Path]) -> list[dict]:
              "sha256": _sha256(files[p.name])} for p in src.packages]
 
 
-def _build_heldout(out: Path, src: S.Source, backend, limit: int | None, progress: bool) -> dict:
+def _build_heldout(out: Path, src: S.Source, backend, limit: int | None, progress: bool, dtype=np.uint16) -> dict:
     files = S.fetch_source(src)
     docs, seen = [], set()
     for text in _docs_of(src, files):
@@ -343,16 +358,16 @@ def _build_heldout(out: Path, src: S.Source, backend, limit: int | None, progres
         docs.append({"source": src.name, "text": text})
         if limit and len(docs) >= limit:
             break
-    info = _write_heldout(out, src.name, docs, backend)
+    info = _write_heldout(out, src.name, docs, backend, dtype)
     info.update(name=src.name, description=src.description, licence=src.licence, packages=_packages_info(src, files))
     return info
 
 
 def _build_source(out: Path, src: S.Source, backend, eos: int, index: NgramIndex, max_tokens: int | None,
-                  progress: bool) -> dict:
+                  progress: bool, dtype=np.uint16) -> dict:
     t0 = time.time()
     files = S.fetch_source(src)
-    writer = ShardWriter(out / "train" / src.name, src.name)
+    writer = ShardWriter(out / "train" / src.name, src.name, dtype=dtype)
     indist_path = out / "heldout" / "indist" / f"{src.name}.jsonl"
     indist_path.parent.mkdir(parents=True, exist_ok=True)
     stats = {"documents_extracted": 0, "duplicates": 0, "documents_dropped_decontam": 0,
@@ -365,7 +380,7 @@ def _build_source(out: Path, src: S.Source, backend, eos: int, index: NgramIndex
     def flush():
         for ids in _encode(backend, batch):
             ids.append(eos)
-            writer.write(np.asarray(ids, dtype=np.uint16))
+            writer.write(np.asarray(ids, dtype=np.int64))
             stats["tokens"] += len(ids)
         batch.clear()
 
@@ -443,6 +458,7 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
 
         tokenizer = load_tokenizer()
     backend, eos, tok_fp = _backend(tokenizer)
+    dtype = token_dtype(backend.get_vocab_size(with_added_tokens=True))
     names = list(sources) if sources else list(S.SMALL_SOURCES if small else
                                                [n for n, s in S.SOURCES.items() if s.kind == "train"])
     unknown = [n for n in names if n not in S.SOURCES or S.SOURCES[n].kind != "train"]
@@ -463,7 +479,7 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
                 heldout_info[name] = info
                 continue
         try:
-            info = _build_heldout(out, S.SOURCES[name], backend, limit, progress)
+            info = _build_heldout(out, S.SOURCES[name], backend, limit, progress, dtype)
         except S.FetchError as e:
             print(f"[cacheaug] held-out set {name} skipped: {e}", file=sys.stderr)
             failed[name] = str(e)
@@ -495,7 +511,7 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
                 source_info[name] = info
                 continue
         try:
-            info = _build_source(out, S.SOURCES[name], backend, eos, index, max_tokens_per_source, progress)
+            info = _build_source(out, S.SOURCES[name], backend, eos, index, max_tokens_per_source, progress, dtype)
         except S.FetchError as e:
             print(f"[cacheaug] source {name} skipped: {e}", file=sys.stderr)
             failed[name] = str(e)
@@ -514,7 +530,7 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
         if p.exists():
             indist += [json.loads(line) for line in p.open()]
     if indist:
-        info = _write_heldout(out, "indist", indist, backend)
+        info = _write_heldout(out, "indist", indist, backend, dtype)
         info.update(name="indist", description=f"{HELDOUT_PERCENT}% of the documents of each training source, by text hash",
                     by_source={n: sum(1 for d in indist if d["source"] == n) for n in source_info})
         heldout_info["indist"] = info
@@ -528,7 +544,7 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
         for k, v in i["dropped_by_eval_set"].items():
             dropped[k] = dropped.get(k, 0) + v
     manifest = {
-        "format": {"dtype": "uint16", "eos_id": eos, "separator": "eos after every document",
+        "format": {"dtype": dtype.name, "eos_id": eos, "separator": "eos after every document",
                    "shard_max_bytes": SHARD_BYTES, "build_version": BUILD_VERSION},
         "tokenizer": {"fingerprint": tok_fp, "vocab_size": backend.get_vocab_size(with_added_tokens=True),
                       "name": getattr(tokenizer, "name_or_path", None) or "tokenizers.Tokenizer"},
@@ -573,6 +589,7 @@ class TokenData:
         self.dir = Path(data_dir)
         self.manifest = read_manifest(self.dir)
         self.split = split
+        self.dtype = shard_dtype(self.manifest)
         self.parts: dict[str, list[tuple[Path, int]]] = {}
         if split == "train":
             for name, info in self.manifest["sources"].items():
@@ -588,7 +605,7 @@ class TokenData:
             p = self.dir / "heldout" / f"{split}.bin"
             if not p.exists():
                 raise DataError(f"held-out split {split!r} not in {self.dir} (have {sorted(self.manifest['heldout'])})")
-            self.parts[split] = [(p, p.stat().st_size // 2)]
+            self.parts[split] = [(p, p.stat().st_size // self.dtype.itemsize)]
             self.weights = {split: 1.0}
         self.names = [n for n in self.parts if self.weights[n] > 0]
         if not self.names:
@@ -602,7 +619,7 @@ class TokenData:
 
     def _mmap(self, p: Path) -> np.ndarray:
         if p not in self._mm:
-            self._mm[p] = np.memmap(p, dtype=np.uint16, mode="r")
+            self._mm[p] = np.memmap(p, dtype=self.dtype, mode="r")
         return self._mm[p]
 
     def sample(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.LongTensor:
@@ -630,7 +647,9 @@ def load_heldout(data_dir: str | os.PathLike, name: str) -> list[np.ndarray]:
     d = Path(data_dir) / "heldout"
     if not (d / f"{name}.bin").exists():
         raise DataError(f"held-out set {name!r} not found in {d}: build it with `cacheaug prepare-data`")
-    ids = np.fromfile(d / f"{name}.bin", dtype=np.uint16)
+    manifest = Path(data_dir) / "manifest.json"
+    dtype = shard_dtype(json.loads(manifest.read_text())) if manifest.exists() else np.uint16
+    ids = np.fromfile(d / f"{name}.bin", dtype=dtype)
     off = np.load(d / f"{name}.idx.npy")
     return [ids[off[i]: off[i + 1]].astype(np.int64) for i in range(len(off) - 1)]
 
@@ -665,8 +684,13 @@ def summary_table(manifest: dict) -> str:
 
 def _cmd_prepare(args) -> int:
     srcs = [s.strip() for s in args.sources.split(",")] if args.sources else None
+    tokenizer = None
+    if args.decoder:   # tokenise for that decoder (its ids, its EOS; uint32 shards past 65,536 tokens)
+        from .decoder import load_tokenizer
+
+        tokenizer = load_tokenizer(args.decoder)
     m = prepare_data(args.out, small=args.small, mix_path=args.mix, sources=srcs,
-                     max_tokens_per_source=args.max_tokens_per_source, force=args.force)
+                     max_tokens_per_source=args.max_tokens_per_source, force=args.force, tokenizer=tokenizer)
     print(summary_table(m))
     print(f"manifest: {Path(args.out) / 'manifest.json'}")
     return 0
@@ -681,4 +705,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max-tokens-per-source", type=int, default=None, help="stop each source after this many tokens")
     p.add_argument("--force", action="store_true",
                    help="rebuild every source even if its done-marker matches (after changing an extractor)")
+    p.add_argument("--decoder", default="", help="tokenise with this decoder's tokenizer: a local folder or a Hub id "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
     p.set_defaults(fn=_cmd_prepare)

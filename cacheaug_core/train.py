@@ -2,6 +2,8 @@
 
     cacheaug train --data data/corpus --out-dir runs/c16 --num-latents 16 --steps 2000
     cacheaug train --data notes.txt --steps 200 --max-minutes 2          # a text file works too
+    cacheaug train --data notes.jsonl --text-column body --steps 200     # jsonl/json/parquet/csv, a saved dataset
+    cacheaug train --data data/mine --report-to tensorboard              # `cacheaug tokenize` output; a tracker
     cacheaug train --out-dir runs/c16 --resume                           # continue a killed run
     cacheaug train --out-dir runs/c16 --resume --steps 4000              # ... and extend it
     accelerate launch --config_file configs/accelerate/ddp.yaml -m cacheaug_core.cli train ...  # GPUs
@@ -23,7 +25,10 @@ data, sequence length, batch and points cannot change; a new run never overwrite
 A NaN/inf loss or gradient, or a failed write (a full disk),
 stops with `TrainingError` and leaves the last good checkpoint untouched.
 `out_dir/metrics.jsonl` gets one line per log/eval event (loss, gradient norm, learning rate, tokens
-seen, elapsed seconds, original tokens per second over this run and over its last RECENT_STEPS).
+seen, elapsed seconds, original tokens per second over this run and over its last RECENT_STEPS);
+`--report-to tensorboard|wandb|trackio|mlflow|all` sends the same numbers to those trackers through
+accelerate (tensorboard's and mlflow's files under out_dir). Without `--precision` the run takes
+the mixed precision of `accelerate launch` or of the user's `accelerate config` file.
 """
 
 from __future__ import annotations
@@ -60,15 +65,17 @@ RECENT_STEPS = 20
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: a prepared corpus folder or a plain text file.
+# Data: a prepared corpus folder, a plain text file, or documents in any format `textdata` reads.
 
 
 class TextData:
-    """Random windows from one tokenised text file; the last 5% of tokens are held out."""
+    """Random windows from one tokenised text file (or the given token ids: documents joined with
+    EOS); the last 5% of tokens are held out."""
 
-    def __init__(self, path: str | Path, tokenizer, split: str = "train"):
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-        ids = tokenizer.encode(text, add_special_tokens=False) if hasattr(tokenizer, "encode") else tokenizer(text)
+    def __init__(self, path: str | Path, tokenizer, split: str = "train", ids: list[int] | None = None):
+        if ids is None:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            ids = tokenizer.encode(text, add_special_tokens=False) if hasattr(tokenizer, "encode") else tokenizer(text)
         if len(ids) < 2:   # the training split would be empty and sampling would fail far from here
             raise TrainingError(f"--data {path}: the file holds {len(ids)} token(s) of text; give a text file "
                                 "with some content or a folder made by `cacheaug prepare-data`")
@@ -114,17 +121,38 @@ class PackData:
         return torch.stack([self.tokens[s: s + seq_len] for s in starts.tolist()])
 
 
-def open_data(path: str, tokenizer, split: str):
+def open_data(path: str, tokenizer, split: str, text_column: str = "text"):
+    return open_train_heldout(path, tokenizer, text_column)[0 if split == "train" else 1]
+
+
+def open_train_heldout(path: str, tokenizer, text_column: str = "text"):
+    """(training data, held-out data) of --data: a pack, a corpus folder (prepare-data, tokenize), a
+    plain text file, or documents in another format (jsonl/json, parquet, csv, a saved dataset),
+    tokenised here with EOS after each document. Binary or unknown input: DataError, one line."""
+    from . import textdata
+    from .data import TokenData
+
     p = Path(path)
     if p.is_dir() and (p / "pack.json").exists():
-        return PackData(p, split)
-    if p.is_dir():
-        from .data import TokenData
-
-        return TokenData(p, split="train" if split == "train" else "indist")
-    if p.is_file():
-        return TextData(p, tokenizer, split)
-    raise TrainingError(f"--data {path!r}: no such file or folder (use a text file or run `cacheaug prepare-data`)")
+        return PackData(p, "train"), PackData(p, "heldout")
+    if p.is_dir() and (p / "manifest.json").exists():
+        return TokenData(p, split="train"), TokenData(p, split="indist")
+    if p.is_file() and textdata._builder_of(p) == "text" and not p.name.lower().endswith(textdata.COMPRESSED):
+        return TextData(p, tokenizer, "train"), TextData(p, tokenizer, "heldout")
+    if not (p.exists() or any(c in path for c in "*?[")):
+        if textdata._is_hub_id(path):
+            raise TrainingError(f"--data {path}: a Hub dataset is streamed into a corpus first: `cacheaug tokenize "
+                                f"{path} --out data/{path.rsplit('/', 1)[-1]} [--max-documents N]`, then --data that folder")
+        raise TrainingError(f"--data {path!r}: no such file or folder (give a text, jsonl/json, parquet or csv file, "
+                            "a saved dataset folder, or a folder made by `cacheaug prepare-data` / `cacheaug tokenize`)")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise TrainingError(f"--data {path}: the decoder's tokenizer has no EOS token to separate documents")
+    docs, _ = textdata.read_documents(path, text_column)
+    ids: list[int] = []
+    for doc in textdata.tokenize_documents(docs, tokenizer):
+        ids += doc + [eos]
+    return TextData(path, tokenizer, "train", ids=ids), TextData(path, tokenizer, "heldout", ids=ids)
 
 
 def check_data_tokenizer(data, tokenizer, vocab_size: int, path: str) -> None:
@@ -155,7 +183,7 @@ def check_data_tokenizer(data, tokenizer, vocab_size: int, path: str) -> None:
 
 # A resumed run continues the data stream and schedule it saved: these settings shape the stream,
 # so a resume that changes them is refused rather than silently training on something else.
-RESUME_FIXED = ("data", "seq_len", "batch_size", "grad_accum", "points", "n_ahead", "seed")
+RESUME_FIXED = ("data", "text_column", "seq_len", "batch_size", "grad_accum", "points", "n_ahead", "seed")
 
 
 def saved_train_config(out_dir: str | Path) -> dict | None:
@@ -386,7 +414,68 @@ def _trainer_state(step, tokens_seen, streams, opt_state, sched, cfg, elapsed) -
     return tensors, meta
 
 
-def _accelerator(cfg: TrainConfig):
+def resolve_precision(given: str) -> tuple[str, str]:
+    """(mixed precision, where it came from). An explicit --precision wins; else what `accelerate
+    launch` passes its processes (ACCELERATE_MIXED_PRECISION, from its flags or config file); else
+    the mixed_precision of the user's `accelerate config` file (accelerate's own default location,
+    under $HF_HOME), which a process started without `accelerate launch` would otherwise ignore;
+    else "no"."""
+    if given:
+        return given, "--precision"
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    where, mp = "", ""
+    if env:
+        where, mp = "accelerate launch (ACCELERATE_MIXED_PRECISION)", env
+    else:
+        from accelerate.commands.config import config_args
+
+        path = config_args.default_config_file
+        if not os.path.isfile(path):
+            return "no", "default"
+        try:
+            mp = config_args.load_config_from_file(None).mixed_precision
+        except Exception as e:   # a hand-edited file: say which, in one line
+            raise TrainingError(f"the accelerate config {path} is unreadable ({e}); fix it or pass --precision") from e
+        mp, where = str(getattr(mp, "value", mp) or "no").lower(), f"the accelerate config {path}"
+    if mp not in ("no", "bf16", "fp16"):
+        raise TrainingError(f"{where} asks for mixed precision {mp!r}; cacheaug trains in no, bf16 or fp16: pass "
+                            "--precision")
+    return mp, where
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """The accelerate trackers of --report-to, each checked to be installed (TrainingError, one
+    line, before any model is loaded); "all" is every installed one."""
+    from accelerate.utils import imports
+
+    names = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
+    installed = {t: getattr(imports, f"is_{t}_available")() for t in ("tensorboard", "wandb", "trackio", "mlflow")}
+    if "all" in names:
+        return [t for t, ok in installed.items() if ok]
+    missing = [t for t in names if not installed[t]]
+    if missing:
+        raise TrainingError(f"--report-to {','.join(missing)}: not installed (pip install {' '.join(missing)}, or "
+                            "the `track` extra: pip install 'cacheaug[track]')")
+    return list(dict.fromkeys(names))
+
+
+def _tracker_config(cfg: TrainConfig, cop_cfg: CoprocessorConfig) -> dict:
+    """The run's settings as trackers take them: flat, scalar values only."""
+    flat = to_dict(cfg) | {f"coprocessor.{k}": v for k, v in to_dict(cop_cfg).items()}
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat.items()}
+
+
+def _tracker_values(rec: dict) -> dict:
+    """A metrics.jsonl record as tracker scalars: train/loss, ..., eval/rel_ppl_change_pct/pos1, ..."""
+    if "eval" in rec:
+        ev = rec["eval"]
+        out = {"eval/mean_rel_ppl_change_pct": ev["mean_rel_1_16"]}
+        out |= {f"eval/rel_ppl_change_pct/pos{i + 1}": v for i, v in enumerate(ev["rel_ppl_change_pct"])}
+        return out
+    return {f"train/{k}": v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+
+
+def _accelerator(cfg: TrainConfig, trackers: list[str] | None = None):
     """The run's Accelerator. accelerate keeps its settings once per process, so a process that
     trains twice (a notebook, a test session) with another --precision would be refused, and one
     with another --device would silently keep the first device. Outside a distributed launch
@@ -397,7 +486,8 @@ def _accelerator(cfg: TrainConfig):
     if "WORLD_SIZE" not in os.environ and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         AcceleratorState._reset_state()
         PartialState._reset_state()
-    return Accelerator(mixed_precision=cfg.precision, cpu=(cfg.device == "cpu"))
+    return Accelerator(mixed_precision=cfg.precision, cpu=(cfg.device == "cpu"), log_with=trackers or None,
+                       project_dir=cfg.out_dir if trackers else None)
 
 
 def _made_by(acc) -> dict:
@@ -422,7 +512,10 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"--device {cfg.device}: CUDA is not available on this machine")
-    acc = _accelerator(cfg)
+    trackers = tracker_names(cfg.report_to)
+    precision, _ = resolve_precision(cfg.precision)
+    cfg = dataclasses.replace(cfg, precision=precision)   # saved resolved: a resume trains the same way
+    acc = _accelerator(cfg, trackers)
     made_by = _made_by(acc)
     if _is_fsdp(acc) and acc.state.fsdp_plugin.fsdp_version != 2:
         raise TrainingError("FSDP needs fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
@@ -460,8 +553,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     dec_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     decoder, tok, info = load_decoder(cfg.decoder or None, device=acc.device, dtype=dec_dtype)
     pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
-    train_data = open_data(cfg.data, tok, "train")
-    heldout = open_data(cfg.data, tok, "heldout")
+    train_data, heldout = open_train_heldout(cfg.data, tok, cfg.text_column)
     check_data_tokenizer(train_data, tok, info.vocab_size, cfg.data)
 
     if cfg.resume:
@@ -528,11 +620,16 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = open(out / "metrics.jsonl", "a")
+    if trackers:   # tensorboard and mlflow write under out_dir/cacheaug; wandb names the run after out_dir
+        acc.init_trackers("cacheaug", config=_tracker_config(cfg, cop_cfg),
+                          init_kwargs={"wandb": {"name": out.name}})
 
     def log(rec):
         if acc.is_main_process:
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
+        if trackers:
+            acc.log(_tracker_values(rec), step=rec["step"])
 
     def save(tag: str = "last", final_eval: dict | None = None):
         from accelerate.utils import gather_object
@@ -699,6 +796,8 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
             break
     bar.close()
     metrics.close()
+    if trackers:
+        acc.end_training()
     acc.wait_for_everyone()
     return last
 
