@@ -241,3 +241,71 @@ def test_heldout_summary_names_the_positions_it_averages(tiny_decoder_dir):
                           [masks.sample_points(32, 3, 2, g)], 4)
     assert ev["mean_rel_positions"] == 4
     assert ev["mean_rel_1_16"] == pytest.approx(sum(ev["rel_ppl_change_pct"]) / 4)
+
+
+# -- trackers and precision through accelerate --------------------------------------------------
+
+
+def test_report_to_tensorboard_writes_event_files(tiny_decoder_dir, repeated_text_file, tmp_path):
+    """--report-to tensorboard: accelerate's tracker writes event files beside metrics.jsonl, with the
+    same losses; read back through tensorboard's own reader."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = (tiny_decoder_dir, repeated_text_file)
+    train(_cfg(tmp_path, data, report_to="tensorboard", eval_every=3, eval_batches=1),
+          CoprocessorConfig(num_latents=2, num_layers=1), show_progress=False)
+    runs = [p.parent for p in (tmp_path / "run" / "cacheaug").rglob("events.out.tfevents.*")]
+    assert runs
+    ea = EventAccumulator(str(tmp_path / "run" / "cacheaug"))
+    ea.Reload()
+    losses = {e.step: e.value for e in ea.Scalars("train/loss")}
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    want = {r["step"]: r["loss"] for r in lines if "loss" in r}
+    assert losses.keys() == want.keys() and all(abs(losses[k] - v) < 1e-5 for k, v in want.items())
+    assert {e.step for e in ea.Scalars("eval/rel_ppl_change_pct/pos1")} == {3, 6}
+
+
+def test_report_to_a_tracker_that_is_not_installed_is_refused(tiny_decoder_dir, repeated_text_file, tmp_path,
+                                                              monkeypatch):
+    from accelerate.utils import imports
+
+    from cacheaug_core.config import ConfigError
+
+    monkeypatch.setattr(imports, "is_wandb_available", lambda: False)
+    with pytest.raises(TrainingError, match=r"--report-to wandb: not installed .*cacheaug\[track\]"):
+        train(_cfg(tmp_path, (tiny_decoder_dir, repeated_text_file), report_to="wandb"),
+              CoprocessorConfig(num_latents=2, num_layers=1), show_progress=False)
+    assert not (tmp_path / "run").exists()   # refused before anything is loaded or written
+    with pytest.raises(ConfigError, match="--report-to takes"):
+        _cfg(tmp_path, (tiny_decoder_dir, repeated_text_file), report_to="tensorbord")
+
+
+def test_precision_defaults_to_the_accelerate_config(tiny_decoder_dir, repeated_text_file, tmp_path, monkeypatch):
+    """No --precision: the mixed_precision of the user's `accelerate config` file (accelerate's own
+    default location and loader) is the run's; `accelerate launch`'s variable wins over the file and
+    an explicit --precision over both."""
+    from accelerate.commands.config import config_args
+
+    from cacheaug_core.train import resolve_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    conf = tmp_path / "default_config.yaml"
+    conf.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"
+                    "num_processes: 1\nuse_cpu: true\n")
+    monkeypatch.setattr(config_args, "default_config_file", str(conf))
+    assert resolve_precision("")[0] == "bf16"
+    last = train(_cfg(tmp_path, (tiny_decoder_dir, repeated_text_file), steps=2),
+                 CoprocessorConfig(num_latents=2, num_layers=1), show_progress=False)
+    saved = json.loads((last / "trainer_state.json").read_text())["train_config"]
+    assert saved["precision"] == "bf16"
+    assert json.loads((last / "config.json").read_text())["training"]["precision"] == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert resolve_precision("") == ("fp16", "accelerate launch (ACCELERATE_MIXED_PRECISION)")
+    assert resolve_precision("no") == ("no", "--precision")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    conf.write_text(conf.read_text().replace("bf16", "fp8"))
+    with pytest.raises(TrainingError, match="mixed precision 'fp8'"):
+        resolve_precision("")
+    monkeypatch.setattr(config_args, "default_config_file", str(tmp_path / "none.yaml"))
+    assert resolve_precision("") == ("no", "default")
