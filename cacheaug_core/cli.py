@@ -6,6 +6,7 @@
     cacheaug latents --prompt "..." [--prompt "..."] [--json OUT] [--html pca.html]
     cacheaug info [--coprocessor DIR] [--json]
     cacheaug export SRC DST [--dtype bf16]
+    cacheaug push DIR user/repo [--revision BRANCH] [--private]   # weights, config, card to the Hub
     cacheaug train --data FILE_OR_CORPUS --out-dir runs/x [--config run.yaml]
     cacheaug train --out-dir runs/x --resume [--steps N]   # the run's saved settings, data and decoder
     cacheaug eval ppl --text FILE --json OUT [--positions 32]
@@ -356,9 +357,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .checkpoint import CheckpointError, hub_files, push_to_hub
+
+    files = hub_files(args.dir)
+    try:
+        url = push_to_hub(args.dir, args.repo, revision=args.revision or None, private=args.private or None,
+                          commit_message=args.message or None)
+    except CheckpointError:
+        raise
+    except Exception as e:   # no token, no network, no permission: the Hub's first line says which
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return _fail(f"push to {args.repo} failed: {type(e).__name__}: {first}")
+    print(f"pushed {', '.join(f.name for f in files)} and a model card to {args.repo}: {url}")
+    return 0
+
+
 def _common_model_args(p):
     p.add_argument("--decoder", default="", help="decoder: empty = embedded SmolLM2-135M-Instruct, a folder, or a Hub id")
-    p.add_argument("--coprocessor", default="", help="coprocessor checkpoint folder (default: the shipped one)")
+    p.add_argument("--coprocessor", default="", help="coprocessor checkpoint: a folder or a Hub id user/repo[@revision] "
+                   "(default: the shipped one)")
 
 
 def _pause_arg(p):
@@ -432,6 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--status", default="", help="a status line for the model card and the app")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("push", help="upload a checkpoint (weights, config, model card; never the trainer state) "
+                       "to a Hugging Face Hub model repo")
+    p.add_argument("dir", help="the checkpoint folder, e.g. runs/mine/last")
+    p.add_argument("repo", help="the Hub repo id, user/name (created if needed)")
+    p.add_argument("--revision", default="", help="a branch to push to (created if needed; default: main)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--message", default="", help="the commit message")
+    p.set_defaults(fn=cmd_push)
 
     p = sub.add_parser("app", help="start the analysis web app")
     _common_model_args(p)

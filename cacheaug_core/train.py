@@ -554,6 +554,9 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
     decoder, tok, info = load_decoder(cfg.decoder or None, device=acc.device, dtype=dec_dtype)
     pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
     train_data, heldout = open_train_heldout(cfg.data, tok, cfg.text_column)
+    # Hub datasets a corpus was tokenised from (`cacheaug tokenize user/dataset`): the model card's `datasets`
+    hub_datasets = [o["source"] for src in (getattr(train_data, "manifest", None) or {}).get("sources", {}).values()
+                    if (o := src.get("origin") or {}).get("kind") == "hub dataset"]
     check_data_tokenizer(train_data, tok, info.vocab_size, cfg.data)
 
     if cfg.resume:
@@ -647,7 +650,7 @@ def train(cfg: TrainConfig, cop_cfg: CoprocessorConfig, show_progress: bool = Tr
         training = {"steps": step, "tokens_seen": tokens_seen, "data": cfg.data, "seq_len": cfg.seq_len,
                     "points": cfg.points, "n_ahead": cfg.n_ahead, "batch_size": cfg.batch_size * cfg.grad_accum
                     * acc.num_processes, "lr": cfg.lr, "precision": cfg.precision,
-                    "train_config": to_dict(cfg), "provenance": made_by}
+                    "train_config": to_dict(cfg), "provenance": made_by} | ({"datasets": hub_datasets} if hub_datasets else {})
         evaluation = {"heldout_by_position": final_eval} if final_eval else {}
         if not all(torch.isfinite(v).all() for v in unwrapped.trainable_state().values()):
             raise stop(f"the weights hold NaN or inf at step {step}; stopped without saving. The last good "

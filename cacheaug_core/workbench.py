@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import augment
-from .checkpoint import CheckpointError, load_coprocessor, read_config
+from .checkpoint import CheckpointError, load_coprocessor, read_config, resolve_checkpoint
 from .config import CoprocessorConfig
 from .coprocessor import Coprocessor
 from .decoder import load_decoder
@@ -146,13 +146,15 @@ class Workbench:
         `pause` is an optional second checkpoint, normally trained with body "none" (pause tokens:
         trained latents that never read the cache), loaded as the extra arm `wb.pause`; with the
         shipped coprocessor, the shipped pause-token baseline (assets/pause) unless pause=""."""
-        for ckpt in (coprocessor, pause):
-            if ckpt:
-                read_config(ckpt)  # a missing or damaged folder fails now, before the decoder loads
+        # a folder or a Hub id ("user/repo[@revision]", downloaded once): a missing or damaged one
+        # fails now, before the decoder loads
+        local = {ckpt: resolve_checkpoint(ckpt) for ckpt in (coprocessor, pause) if ckpt}
+        for path in local.values():
+            read_config(path)
         dec, tok, info = load_decoder(decoder)
         notice = ""
         if coprocessor:                      # the user's choice: load it or fail with a clear error
-            path = Path(coprocessor).expanduser().resolve()  # 'assets/coprocessor' is the shipped one too
+            path = local[coprocessor].resolve()  # 'assets/coprocessor' is the shipped one too
         elif (SHIPPED_COPROCESSOR / "config.json").exists() and not decoder:
             path = SHIPPED_COPROCESSOR       # the shipped default fits the default decoder only
         else:
@@ -174,7 +176,7 @@ class Workbench:
         if pause is None and shipped and (SHIPPED_PAUSE / "config.json").exists():
             pause = str(SHIPPED_PAUSE)       # its baseline comes with it (pause="" opts out)
         if pause:
-            wb.pause = load_coprocessor(Path(pause), dec, info).eval()
+            wb.pause = load_coprocessor(local.get(pause) or Path(pause), dec, info).eval()
             wb.pause_source = str(pause)
             if wb.pause.config.body != "none":  # usable as an arm, but not what its label says
                 wb.notice = " ".join(x for x in (wb.notice, f"The pause arm ({pause}) has body "
