@@ -144,8 +144,8 @@ def cmd_generate(args) -> int:
 
 def cmd_score(args) -> int:
     import numpy as np
-    import viz
-    from viz import app_views as views
+    from cacheaug_core import viz
+    from cacheaug_core.viz import app_views as views
 
     from .workbench import Workbench, clean_text
 
@@ -190,8 +190,8 @@ def _score_every(wb, text: str, args) -> int:
     """Mode (b): latents after every token; the table is the mean NLL of the n-th token ahead."""
     import numpy as np
     import pandas as pd
-    import viz
-    from viz import app_views as views
+    from cacheaug_core import viz
+    from cacheaug_core.viz import app_views as views
 
     from tqdm.auto import tqdm
 
@@ -226,8 +226,8 @@ def _score_every(wb, text: str, args) -> int:
 
 
 def _write_score_exports(wb, args, by_pos, run: dict) -> None:
-    import viz
-    from viz import app_views as views
+    from cacheaug_core import viz
+    from cacheaug_core.viz import app_views as views
 
     from .evaluate import provenance
 
@@ -241,8 +241,8 @@ def _write_score_exports(wb, args, by_pos, run: dict) -> None:
 
 def cmd_latents(args) -> int:
     """The app's Latents tab: PCA figure, per-latent read-out, optional attention from a continuation."""
-    import viz
-    from viz import app_views as views
+    from cacheaug_core import viz
+    from cacheaug_core.viz import app_views as views
 
     from .evaluate import provenance
     from .workbench import Workbench, clean_text
@@ -296,7 +296,7 @@ def cmd_latents(args) -> int:
 
 
 def _write_html(fig, path: str) -> None:
-    import viz
+    from cacheaug_core import viz
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(viz.figure_to_html(fig), encoding="utf-8")
@@ -304,7 +304,7 @@ def _write_html(fig, path: str) -> None:
 
 def cmd_info(args) -> int:
     """The app's Model tab: decoder, coprocessor settings, notice, training summary, evaluation."""
-    from viz import app_views as views
+    from cacheaug_core.viz import app_views as views
 
     from .workbench import Workbench
 
@@ -336,7 +336,10 @@ def _kv_table(d: dict) -> str:
 
 
 def cmd_app(args) -> int:
-    import app as app_module
+    import importlib
+
+    # by its module name (not `from cacheaug_core import app`): what sys.modules holds is what runs
+    app_module = importlib.import_module("cacheaug_core.app")
 
     # The port is passed only when given, so app.py's default ($GRADIO_SERVER_PORT or 7860) applies.
     return app_module.main((["--port", str(args.port)] if args.port is not None else [])

@@ -50,7 +50,7 @@ MIN_DOC_CHARS = 64
 MAX_DOC_CHARS = 32_000                # longer documents are split at paragraph boundaries
 SMALL_WIKI_DOCS = 1000                # small mode keeps only this many Wikipedia summaries
 BUILD_VERSION = 1                     # bumped when cleaning or splitting changes; stale markers rebuild
-DEFAULT_MIX = Path(__file__).resolve().parent.parent / "configs" / "mix.yaml"
+DEFAULT_MIX = (Path(__file__).resolve().parent / "configs" / "mix.yaml").resolve()   # via a link in a checkout
 
 
 class DataError(RuntimeError):

@@ -29,7 +29,8 @@ from .config import CoprocessorConfig
 from .coprocessor import Coprocessor
 from .decoder import load_decoder
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# cacheaug_core/assets: a link to the repository's assets/ in a checkout, the packaged files in a wheel
+ASSETS = (Path(__file__).resolve().parent / "assets").resolve()
 SHIPPED_COPROCESSOR = ASSETS / "coprocessor"
 SHIPPED_PAUSE = ASSETS / "pause"  # the pause-token baseline trained beside the shipped coprocessor
 MAX_PROMPT_CHARS = 20_000
