@@ -48,10 +48,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline tool: no p
 
 import gradio as gr  # noqa: E402
 
-import viz  # noqa: E402
+from cacheaug_core import viz  # noqa: E402
 from cacheaug_core.checkpoint import CheckpointError, model_card  # noqa: E402
 from cacheaug_core.workbench import InputError, Workbench, clean_text  # noqa: E402
-from viz import app_views as views  # noqa: E402
+from cacheaug_core.viz import app_views as views  # noqa: E402
 
 log = logging.getLogger("cacheaug.app")
 

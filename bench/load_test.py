@@ -176,7 +176,7 @@ def serve(decoder: str | None, conn, sample_every: float) -> None:
     folder when `decoder` is None), instrumented. It answers commands on `conn`: "mark" (the measured phase
     starts), "stats" (probe + RSS since the mark), "stop". A separate process, so the RSS measured
     is the app's alone, not the clients'."""
-    import app
+    from cacheaug_core import app
     from cacheaug_core.workbench import Workbench
 
     work = Path(tempfile.mkdtemp(prefix="cacheaug-load-"))

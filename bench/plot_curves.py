@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from viz.curves import chain_stages, curve_frame, read_metrics, training_curve_figure  # noqa: E402
-from viz.figures import figure_to_html  # noqa: E402
+from cacheaug_core.viz.curves import chain_stages, curve_frame, read_metrics, training_curve_figure  # noqa: E402
+from cacheaug_core.viz.figures import figure_to_html  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -22,10 +22,10 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-import app  # noqa: E402
-import viz  # noqa: E402
+from cacheaug_core import app  # noqa: E402
+from cacheaug_core import viz  # noqa: E402
 from cacheaug_core.workbench import Workbench  # noqa: E402
-from viz import app_views  # noqa: E402
+from cacheaug_core.viz import app_views  # noqa: E402
 
 TEXT = "The cat sat on the mat. Then the cat slept all day long."
 GEN = dict(extra=[], chat=True, max_new=6, temperature=0.0, top_p=1.0, top_k=0, seed=0, reaug=0, async_delay=0)

@@ -58,7 +58,7 @@ def _wait_http(url: str, timeout: float = 60) -> None:
 def url():
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium is not installed (apt-get install -y chromium)")
-    import app
+    from cacheaug_core import app
     from cacheaug_core.workbench import Workbench
 
     wb = Workbench.load()                            # the embedded default decoder + shipped coprocessor

@@ -231,7 +231,7 @@ def test_generate_empty_prompt_is_one_line(models, capsys):
 def test_app_passes_the_port_only_when_given(monkeypatch):
     seen = []
     # A stand-in `app` module: importing the real one (Gradio) takes seconds and is tested elsewhere.
-    monkeypatch.setitem(sys.modules, "app", types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
+    monkeypatch.setitem(sys.modules, "cacheaug_core.app", types.SimpleNamespace(main=lambda argv: seen.append(argv) or 0))
     assert main(["app"]) == 0
     assert main(["app", "--port", "8123", "--pause", "p", "--coprocessor", "c"]) == 0
     assert "--port" not in seen[0]  # app.py then takes $GRADIO_SERVER_PORT, else 7860

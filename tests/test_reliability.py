@@ -263,7 +263,7 @@ def test_app_model_tab_shows_the_message_and_keeps_the_model(bad, messages, tiny
     gradio_client = pytest.importorskip("gradio_client")
     import socket
 
-    import app
+    from cacheaug_core import app
     from cacheaug_core.workbench import Workbench
 
     with socket.socket() as s:

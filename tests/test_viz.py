@@ -18,8 +18,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-import viz
-from viz import (
+from cacheaug_core import viz
+from cacheaug_core.viz import (
     attention_to_latents_figure,
     delta_by_position_figure,
     delta_heatmap_figure,
@@ -340,7 +340,7 @@ def test_no_torch_import():
 
 def test_training_curves_chain_stages(tmp_path):
     """A run trained in two stages plots as one curve: stage 2's steps continue from stage 1's last."""
-    from viz.curves import chain_stages, curve_frame, read_metrics, training_curve_figure
+    from cacheaug_core.viz.curves import chain_stages, curve_frame, read_metrics, training_curve_figure
 
     ev = {"rel_ppl_change_pct": [-1.0, -2.0], "nll_base": [2.0, 2.1], "nll_aug": [1.98, 2.06]}
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -357,7 +357,7 @@ def test_training_curves_chain_stages(tmp_path):
 
 
 def test_generation_notes_name_empty_arms_and_latents_that_never_arrived():
-    from viz.app_views import generation_notes
+    from cacheaug_core.viz.app_views import generation_notes
 
     labels = {"decoder": "decoder alone", "coprocessor": "decoder + coprocessor"}
     notes = generation_notes({"decoder": [5, 6], "coprocessor": [0]}, 0, labels, 8)

@@ -3,7 +3,7 @@
 Nothing in this package imports torch or runs a model, so the Gradio app, the
 CLI and notebooks can all call the same functions on numpy arrays::
 
-    import viz
+    from cacheaug_core import viz
     html = viz.token_delta_html(tokens, nll_aug - nll_base, nll_base, nll_aug)
     table = viz.summary_table(nll_base, nll_aug)
     fig = viz.delta_by_position_figure(by_position_df)

@@ -3,7 +3,7 @@
 Plain data in, plain data / DataFrames / figures / escaped HTML out; nothing here runs a
 model, so notebooks and tests can call the same functions::
 
-    from viz.app_views import by_position_every, nth_ahead_per_token, notice_html
+    from cacheaug_core.viz.app_views import by_position_every, nth_ahead_per_token, notice_html
     df = by_position_every(res["nll_base"], res["nll_aug"])        # mode (b) matrices (P, A)
     base, aug = nth_ahead_per_token(res["nll_base"], res["nll_aug"], n=1)
 

@@ -3,7 +3,7 @@
 Pure functions over the trainer's `metrics.jsonl` records (the lines with an "eval" entry), so the
 same figure serves notebooks, the app and `bench/plot_curves.py` (which also renders PNGs)::
 
-    from viz.curves import read_metrics, curve_frame, training_curve_figure
+    from cacheaug_core.viz.curves import read_metrics, curve_frame, training_curve_figure
     runs = {"gated": read_metrics("results/runs/gated_metrics.jsonl")}
     fig = training_curve_figure(curve_frame(runs), positions=(1, 2, 4, 8, 16))
 

@@ -7,7 +7,7 @@ app (``gr.Plot`` / ``gr.Dataframe``), the CLI (``figure_to_html`` /
 
 Usage::
 
-    from viz.figures import summary_table, per_token_frame, delta_by_position_figure
+    from cacheaug_core.viz.figures import summary_table, per_token_frame, delta_by_position_figure
     table = summary_table(nll_base, nll_aug)          # (n,) arrays, NaN = unscored
     fig = delta_by_position_figure(by_position_df)    # position, nll_base, nll_aug
     figure_to_html(fig)                               # standalone, works offline

@@ -4,7 +4,7 @@ The coprocessor emits ``num_latents`` vectors (size d = decoder hidden size) per
 augmentation point. Collect them over prompts into an (N, d) array with, per
 row, the prompt it came from and its latent slot, then::
 
-    from viz.latents import latent_pca, latent_pca_figure, latent_readout_frame
+    from cacheaug_core.viz.latents import latent_pca, latent_pca_figure, latent_readout_frame
     coords, evr = latent_pca(latents, n_components=2)          # (N, 2), (2,)
     fig = latent_pca_figure(latents, prompt_ids, latent_index,
                             labels=prompt_texts, color_by="prompt", dims=3,

@@ -9,7 +9,7 @@ and *visible*, so a reader sees exactly which characters a token holds.
 
 Usage::
 
-    from viz.tokens import token_delta_html, display_token
+    from cacheaug_core.viz.tokens import token_delta_html, display_token
     html = token_delta_html(tokens, nll_aug - nll_base, nll_base, nll_aug)
     # -> put into gr.HTML(...) or a notebook's IPython.display.HTML(...)
 
