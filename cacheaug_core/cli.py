@@ -34,6 +34,9 @@ _STARTED = time.perf_counter()   # a results file's "seconds": the whole command
 from .config import ConfigError, CoprocessorConfig, TrainConfig, check_types, load_yaml
 
 _UNSET = object()
+# optional packages -> the extra that installs them (pyproject.toml); the core needs none of them
+EXTRAS = {"gradio": "app", "plotly": "app", "pandas": "app", "sklearn": "app", "datasets": "data", "pyarrow": "data",
+          "rdata": "data", "zstandard": "data", "lm_eval": "eval", "tensorboard": "track", "quack": "kernels"}
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str) -> None:
@@ -498,6 +501,11 @@ def main(argv=None) -> int:
         return args.fn(args) or 0
     except (ConfigError, CheckpointError, DecoderLoadError, InputError, FileNotFoundError) as e:
         return _fail(str(e))
+    except ModuleNotFoundError as e:   # an optional package of an extra the install lacks
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        return _fail(f"`cacheaug {args.command}` needs {e.name}, which is not installed: pip install 'cacheaug[{extra}]'")
     except Exception as e:  # training errors and the like carry their own message
         if type(e).__name__ in ("TrainingError", "DataError", "EvalError"):
             return _fail(str(e))

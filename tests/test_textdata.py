@@ -17,10 +17,11 @@ DOCS = [f"Document number {i}: the quick brown fox {i} jumps over the lazy dog. 
 
 def _write(tmp_path, fmt: str, column: str = "text"):
     """DOCS in one file of format `fmt`, written by the library a user would write it with."""
-    import datasets
-
-    ds = datasets.Dataset.from_dict({column: DOCS, "id": list(range(len(DOCS)))})
     p = tmp_path / f"docs.{fmt}"
+    if fmt in ("parquet", "csv", "saved"):
+        import datasets
+
+        ds = datasets.Dataset.from_dict({column: DOCS, "id": list(range(len(DOCS)))})
     if fmt == "jsonl":
         p.write_text("".join(json.dumps({column: d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
     elif fmt == "json":   # a JSON array of records
@@ -189,3 +190,15 @@ def test_cli_tokenize_then_train(tiny_decoder_dir, tmp_path, capsys):
     assert main(["train", "--decoder", tiny_decoder_dir, "--data", str(tmp_path / "c2"), "--out-dir",
                  str(tmp_path / "run2"), "--seq-len", "32", "--points", "4", "--device", "cpu"]) == 2
     assert "tokenizer of 70000 tokens" in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_names_its_extra(tiny_decoder_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from cacheaug_core.cli import main
+
+    monkeypatch.setitem(sys.modules, "datasets", None)     # as if the `data` extra were not installed
+    assert main(["tokenize", _write(tmp_path, "jsonl"), "--out", str(tmp_path / "c"), "--decoder",
+                 tiny_decoder_dir]) == 2
+    err = capsys.readouterr().err
+    assert "needs datasets, which is not installed: pip install 'cacheaug[data]'" in err and err.count("\n") == 1
