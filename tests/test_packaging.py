@@ -78,3 +78,16 @@ def test_cacheaug_info_after_a_wheel_install_shows_the_shipped_coprocessor(insta
     shipped = json.loads((ROOT / "assets" / "coprocessor" / "config.json").read_text())
     assert st["coprocessor"]["num_latents"] == shipped["coprocessor"]["num_latents"]
     assert st["training"]["steps"] == shipped["training"]["steps"] and "UNTRAINED" not in st["notice"]
+
+
+def test_quickstart_example_runs_on_a_tiny_model(tiny_decoder_dir, tmp_path):
+    """examples/quickstart.py end to end (load, augment, score, plot, generate) on a tiny random
+    decoder with an untrained coprocessor, as a user runs it: a script in its own process."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), "--decoder", tiny_decoder_dir,
+                        "--out", str(tmp_path / "qs"), "--max-new-tokens", "4"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mean NLL by position ahead" in r.stdout and "=== coprocessor" in r.stdout
+    for fig in ("latents_pca.html", "delta_by_position.html"):
+        assert "plotly" in (tmp_path / "qs" / fig).read_text()
