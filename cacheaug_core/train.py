@@ -98,7 +98,8 @@ class TextData:
 
 
 class PackData:
-    """A training pack: pre-drawn windows from a corpus as flat uint16 files (`train_*.bin`) plus a
+    """A training pack: pre-drawn windows from a corpus as flat token files (`train_*.bin`; uint16, or
+    the dtype pack.json records) plus a
     held-out stream (`heldout.bin`), made by `scripts/gpu_pack.py` to travel to a GPU machine in
     pieces. Random windows are drawn over all train files present, so a run resumed after more
     pieces arrived sees them too."""
@@ -107,7 +108,11 @@ class PackData:
         import numpy as np
 
         files = sorted(path.glob("train_*.bin")) if split == "train" else [path / "heldout.bin"]
-        arrays = [np.memmap(f, dtype=np.uint16, mode="r") for f in files if f.exists()]
+        try:
+            dtype = np.dtype(json.loads((path / "pack.json").read_text()).get("dtype", "uint16"))
+        except (ValueError, TypeError, AttributeError) as e:
+            raise TrainingError(f"{path}/pack.json is damaged ({e})") from e
+        arrays = [np.memmap(f, dtype=dtype, mode="r") for f in files if f.exists()]
         if not arrays:
             raise TrainingError(f"{path}: no {'train_*.bin' if split == 'train' else 'heldout.bin'} files")
         self.tokens = torch.from_numpy(np.concatenate(arrays).astype(np.int64))

@@ -3,7 +3,7 @@
     python scripts/gpu_pack.py --corpus data/corpus --out .gpu/pack --tokens 60_000_000 --piece-mib 30
 
 Draws windows from the corpus with its mixture weights (the same sampler training uses), writes
-them as flat uint16 pieces `train_000.bin`, `train_001.bin`, ... of at most --piece-mib each, the
+them as flat pieces (the corpus's dtype: uint16, or uint32 for a large vocabulary) `train_000.bin`, `train_001.bin`, ... of at most --piece-mib each, the
 Wikipedia held-out text as `heldout.bin` (evaluation only, never trained on) and `pack.json` with
 sha256 sums. `cacheaug train --data PACK_DIR` reads such a folder (train.PackData).
 """
@@ -16,7 +16,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from cacheaug_core.data import TokenData
@@ -36,12 +35,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     data = TokenData(args.corpus, "train")
     g = torch.Generator().manual_seed(args.seed)
-    per_piece = int(args.piece_mib * 2**20 // 2 // args.window)                # windows per piece
+    per_piece = int(args.piece_mib * 2**20 // data.dtype.itemsize // args.window)                # windows per piece
     n_windows = args.tokens // args.window
     pieces, i = [], 0
     while i < n_windows:
         n = min(per_piece, n_windows - i)
-        arr = data.sample(n, args.window, g).numpy().astype(np.uint16)
+        arr = data.sample(n, args.window, g).numpy().astype(data.dtype)
         f = out / f"train_{len(pieces):03d}.bin"
         arr.tofile(f)
         pieces.append({"file": f.name, "tokens": int(arr.size), "sha256": hashlib.sha256(f.read_bytes()).hexdigest()})
@@ -49,8 +48,8 @@ def main(argv=None):
         print(f"{f}: {arr.size:,} tokens", flush=True)
     src = Path(args.corpus) / "heldout" / f"{args.heldout}.bin"
     shutil.copy(src, out / "heldout.bin")
-    meta = {"corpus": str(args.corpus), "manifest_mix": data.weights, "window": args.window, "seed": args.seed,
-            "pieces": pieces, "heldout": {"set": args.heldout, "tokens": (out / "heldout.bin").stat().st_size // 2,
+    meta = {"corpus": str(args.corpus), "dtype": data.dtype.name, "manifest_mix": data.weights, "window": args.window, "seed": args.seed,
+            "pieces": pieces, "heldout": {"set": args.heldout, "tokens": (out / "heldout.bin").stat().st_size // data.dtype.itemsize,
                                           "sha256": hashlib.sha256((out / "heldout.bin").read_bytes()).hexdigest()}}
     (out / "pack.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps({k: v for k, v in meta.items() if k != "pieces"}, indent=1))

@@ -4,6 +4,7 @@
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -149,6 +150,16 @@ def test_a_vocabulary_over_65536_gets_uint32_shards(tmp_path):
     assert int(x.max()) > 65_535 and set(x.flatten().tolist()) <= set(ids.tolist())
     held = load_heldout(tmp_path / "c", "indist")
     assert all(int(d.max()) > 65_535 for d in held)
+    # a training pack for a GPU machine (scripts/gpu_pack.py) keeps the ids whole too
+    import runpy
+
+    from cacheaug_core.train import PackData
+
+    pack = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "gpu_pack.py"))
+    pack["main"](["--corpus", str(tmp_path / "c"), "--out", str(tmp_path / "pack"), "--tokens", "64", "--window", "8",
+                  "--heldout", "indist"])
+    assert json.loads((tmp_path / "pack" / "pack.json").read_text())["dtype"] == "uint32"
+    assert int(PackData(tmp_path / "pack", "train").tokens.max()) > 65_535
 
 
 def test_train_reads_jsonl_and_parquet_and_refuses_binary(tiny_decoder_dir, tmp_path):
