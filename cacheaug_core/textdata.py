@@ -210,8 +210,11 @@ def tokenize_corpus(source: str, out_dir: str | os.PathLike, tokenizer, *, text_
     vocab = backend.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab)
     docs, origin = read_documents(source, text_column, split, sample_by, revision)
-    name = name or (Path(source).stem.split(".")[0] if "/" not in source or Path(source).exists()
-                    else source.rsplit("/", 1)[-1]) or "corpus"
+    if not name:   # the file's stem, a glob's folder, a Hub dataset's name
+        p = Path(source)
+        name = p.parent.resolve().name if any(c in p.name for c in "*?[") else (
+            p.name.split(".")[0] if p.exists() or origin.get("kind") != "hub dataset" else source.rsplit("/", 1)[-1])
+    name = name or "corpus"
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,9 @@ def test_plain_text_one_document_per_file_or_per_paragraph(tmp_path):
     assert origin["format"] == "text" and origin["files"] == ["part0.txt", "part1.txt", "part2.txt"]
     docs, _ = textdata.read_documents(str(tmp_path / "part1.txt"), sample_by="paragraph")
     assert [d.strip() for d in docs] == ["Para one of 1.", "Para two of 1."]
+    m = textdata.tokenize_corpus(str(tmp_path / "part*.txt"), tmp_path / "c", byte_tokenizer(), progress=False)
+    assert list(m["sources"]) == [tmp_path.name.replace(".", "_")]      # a glob's source: its folder
+    assert m["train_documents"] >= 1 and m["train_documents"] + m["heldout"]["indist"]["documents"] == 3
 
 
 def test_a_missing_text_column_names_the_columns(tmp_path):
