@@ -263,7 +263,7 @@ def model_card(config: dict, repo_id: str | None = None) -> str:
         lines += ["## Status", "", config["status"], ""]
     for name, table in (config.get("evaluation") or {}).items():
         lines += [f"## Evaluation: {name}", "", _render_eval(table), ""]
-    lines += ["## Use", "", "```bash", "pip install cacheaug",
+    lines += ["## Use", "", "With cacheaug installed:", "", "```bash",
               f"cacheaug generate --coprocessor {where} --prompt \"...\"", "```", "", "```python",
               "from cacheaug_core.checkpoint import from_pretrained",
               f"cop, decoder, tokenizer, info = from_pretrained(\"{where}\")", "```", ""]
