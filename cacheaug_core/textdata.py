@@ -83,6 +83,10 @@ def _builder_of(path: Path) -> str:
             raise DataError(f"--data {path}: named .parquet but {'it is ' + what if what else 'it holds text'}; "
                             "give a parquet file or rename it")
         return builder
+    if what == "not UTF-8 text" and builder == "text":
+        return builder   # a .txt in another encoding: read with undecodable bytes replaced, as before
+    if what == "not UTF-8 text":
+        raise DataError(f"--data {path}: not UTF-8 text and not a known format; give {KNOWN}")
     if what is not None:
         raise DataError(f"--data {path}: {what}, not text; give {KNOWN}")
     return builder or "text"   # UTF-8 text without a known extension (README, notes): plain text

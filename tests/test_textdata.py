@@ -72,12 +72,26 @@ def test_binary_and_unknown_input_is_refused_in_one_line(tmp_path):
     blob.write_bytes(bytes(range(256)) * 8)
     fake_parquet = tmp_path / "table.parquet"
     fake_parquet.write_text("id,text\n1,hello\n")
+    latin = tmp_path / "notes.dat"
+    latin.write_bytes("caf\xe9 au lait, na\xefve r\xe9sum\xe9 ".encode("latin-1") * 20)
     for path, what in ((disguised, "a parquet file, not text"), (blob, "binary data, not text"),
                        (fake_parquet, "named .parquet but it holds text"),
+                       (latin, "not UTF-8 text and not a known format"),
                        (tmp_path, "a folder without a saved dataset")):
         with pytest.raises(DataError, match=what) as e:
             textdata.read_documents(str(path))
         assert "\n" not in str(e.value)
+
+
+def test_a_latin1_txt_file_still_trains_with_replacement_characters(tiny_decoder_dir, tmp_path):
+    from cacheaug_core.decoder import load_tokenizer
+    from cacheaug_core.train import TextData, open_train_heldout
+
+    latin = tmp_path / "notes.txt"
+    latin.write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    tok = load_tokenizer(tiny_decoder_dir)
+    tr, _ = open_train_heldout(str(latin), tok)
+    assert isinstance(tr, TextData) and tr.num_tokens > 0
 
 
 def test_bad_json_is_reported_in_one_line(tmp_path):
