@@ -178,3 +178,17 @@ def test_push_refuses_corrupted_weights_and_bad_ids(tiny_decoder_dir, tmp_path, 
     with pytest.raises(CheckpointError, match="corrupted"):
         push_to_hub(tmp_path / "a", "someone/x", api=hub)
     assert hub.uploaded == []
+
+
+def test_cli_push_lists_what_it_uploads(tiny_decoder_dir, tmp_path, hub, monkeypatch, capsys):
+    import huggingface_hub
+
+    from cacheaug_core.cli import main
+
+    _trained(tiny_decoder_dir, tmp_path / "a", seed=1)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: hub)
+    assert main(["push", str(tmp_path / "a"), "someone/cli", "--revision", "dev", "--private"]) == 0
+    out = capsys.readouterr().out
+    assert "pushed config.json, model.safetensors and a model card to someone/cli" in out
+    assert ("create_repo", "someone/cli", True) in hub.calls and ("create_branch", "someone/cli", "dev") in hub.calls
+    assert (hub.cache / "models--someone--cli" / "refs" / "dev").exists()
