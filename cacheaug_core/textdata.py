@@ -25,7 +25,6 @@ the benchmarks: the manifest says so.
 from __future__ import annotations
 
 import glob as _glob
-import json
 import os
 import sys
 import time
