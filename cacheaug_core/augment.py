@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import fastpath, kv, masks
+from . import families, fastpath, kv, masks
 
 
 def embed(decoder, ids: torch.Tensor) -> torch.Tensor:
@@ -39,13 +39,18 @@ def decoder_dtype(decoder) -> torch.dtype:
 
 
 def hidden_to_logits(decoder, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on hidden (..., d) -> (..., V).
+    """The decoder's output head on final hidden states (..., d) -> logits (..., V): the LM head,
+    then Gemma-2/3's final logit softcap where the config has one (`families.logit_softcap`), as
+    the decoder's own forward computes its logits. Every scoring path goes hidden -> logits here
+    (or, by vocabulary slices, through `fastpath.head_nll` / `fastpath.linear_cross_entropy`, which
+    apply the same cap).
 
     Flattened to one (N, d) matrix first: the hidden states of `multi_point` are a strided slice,
     and a linear on a non-contiguous 3-D/4-D input runs as a batched matmul against the broadcast
     vocabulary matrix, about 7x slower on CPU than one plain matmul.
     """
-    return decoder.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+    logits = decoder.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+    return families.softcap(logits, families.logit_softcap(decoder.config))
 
 
 def _logits_to_keep(decoder, n: int) -> dict:

@@ -90,6 +90,20 @@ def attach_gate(decoder) -> None:
     decoder._cacheaug_gate = True
 
 
+def embedding_rms(emb: nn.Module, chunk: int = 8192) -> torch.Tensor:
+    """Mean RMS of the token embeddings as the decoder's input embedding module outputs them.
+    Measured on the module's output, not its weight: Gemma's embedding module multiplies by
+    sqrt(d) inside its forward (transformers 5.x), so the raw weight is sqrt(d) times too small
+    there, and latents rescaled to it would enter far below the token scale. Chunked over the
+    vocabulary so a 256k-word embedding never exists twice."""
+    V = emb.weight.shape[0]
+    total = torch.zeros((), dtype=torch.float64)
+    for s in range(0, V, chunk):
+        ids = torch.arange(s, min(s + chunk, V), device=emb.weight.device)
+        total += emb(ids).float().pow(2).mean(-1).sqrt().sum().double().cpu()
+    return (total / V).float()
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * B(A(x)), base frozen. Wraps nn.Linear and GPT-2's Conv1D."""
 
@@ -175,7 +189,7 @@ class Coprocessor(nn.Module):
         rows = torch.randint(0, emb.weight.shape[0], (cfg.num_latents,), generator=g)
         with torch.no_grad():
             init = emb(rows.to(emb.weight.device)).float().cpu()
-            embed_rms = emb.weight.float().pow(2).mean(-1).sqrt().mean()
+            embed_rms = embedding_rms(emb)
         self.soft_tokens = nn.Parameter(init)                                 # (NL, d)
         # Latents must enter the decoder at the scale of its input embeddings: the body's last
         # hidden state is far larger, and a decoder fed it starts with a loss several times the

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import masks
+from . import families, masks
 from .config import MLP_KERNELS
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gpt2")
@@ -470,20 +470,13 @@ def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, mlp: str = "compiled")
 
 
 def blocks(model) -> torch.nn.ModuleList:
-    """The transformer blocks of a decoder, its base model or a coprocessor body, in order
-    (Llama/Qwen2 `layers`, GPT-2 `h`)."""
-    base = getattr(model, "base_model", model)
-    found = getattr(base, "layers", None)
-    if found is None:
-        found = getattr(base, "h", None)
-    if found is None:
-        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
-    return found
+    """The transformer blocks of a decoder, its base model or a coprocessor body (`families.blocks`)."""
+    return families.blocks(model)
 
 
 def attention(block) -> torch.nn.Module:
-    """A block's self-attention module (Llama/Qwen2 `self_attn`, GPT-2 `attn`)."""
-    return getattr(block, "self_attn", None) or block.attn
+    """A block's self-attention module (`families.attention`)."""
+    return families.attention(block)
 
 
 def _embedding(base):
@@ -867,16 +860,25 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
 # LM head + cross-entropy, fused by chunks.
 
 
-def _ce_chunk(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+def _ce_chunk(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+              cap: float | None = None):
     """One chunk: weighted summed cross-entropy, and its gradient with respect to h.
-    h (c, d), head_weight (V, d), targets (c,), weights (c,) -> (scalar, (c, d))."""
-    logits = (h @ head_weight.t()).float()                               # (c, V)
+    h (c, d), head_weight (V, d), targets (c,), weights (c,) -> (scalar, (c, d)). `cap`: the
+    decoder's final logit softcap (Gemma-2/3), logits = cap * tanh(raw / cap)."""
+    raw = (h @ head_weight.t()).float()                                  # (c, V)
+    if cap is None:
+        logits = raw
+    else:
+        t = torch.tanh(raw / cap)
+        logits = t * cap
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, targets[:, None])[:, 0]
     loss = ((lse - picked) * weights).sum()
-    # d loss / d logits = weights * (softmax - onehot)
+    # d loss / d logits = weights * (softmax - onehot); through the cap, times 1 - tanh^2
     onehot = torch.arange(logits.shape[1], device=h.device)[None] == targets[:, None]
     g = (torch.exp(logits - lse[:, None]) - onehot.float()) * weights[:, None]
+    if cap is not None:
+        g = g * (1 - t * t)
     return loss, (g.to(head_weight.dtype) @ head_weight).to(h.dtype)
 
 
@@ -886,12 +888,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     and kept (N, d): the backward only scales it by the incoming scalar gradient."""
 
     @staticmethod
-    def forward(ctx, h, head_weight, targets, weights, chunk):
+    def forward(ctx, h, head_weight, targets, weights, chunk, cap=None):
         fn = _compiled.get("ce", _ce_chunk)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grads = []
         for s in range(0, h.shape[0], chunk):
-            loss, g = fn(h[s: s + chunk], head_weight, targets[s: s + chunk], weights[s: s + chunk])
+            loss, g = fn(h[s: s + chunk], head_weight, targets[s: s + chunk], weights[s: s + chunk], cap)
             total = total + loss
             grads.append(g)
         ctx.save_for_backward(torch.cat(grads) if h.requires_grad else None)
@@ -900,17 +902,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * g.to(grad.dtype)), None, None, None, None
+        return (None if grad is None else grad * g.to(grad.dtype)), None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                         weights: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Sum over rows of weights * CE(hidden @ head_weight.T, targets). hidden (N, d), targets (N,)."""
+                         weights: torch.Tensor, chunk: int = 4096, cap: float | None = None) -> torch.Tensor:
+    """Sum over rows of weights * CE(softcap(hidden @ head_weight.T), targets). hidden (N, d),
+    targets (N,); `cap` the decoder's final logit softcap or None (`families.logit_softcap`)."""
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
         head_weight = head_weight.to(hidden.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, head_weight, targets, weights.float(), chunk)
+        return _LinearCrossEntropy.apply(hidden, head_weight, targets, weights.float(), chunk, cap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -936,8 +939,11 @@ def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torc
     tokens, targets, valid = masks.group_tokens(input_ids, points, layout, pad_id)
     h = group_hidden(decoder, prefix, points, latents, tokens, layout, gate, pad_id)
     w = valid.flatten().float()
-    head = decoder.get_output_embeddings().weight
-    total = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head, targets.flatten(), w)
+    head = decoder.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the fast path's fused cross-entropy covers LM heads without a bias")
+    total = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, targets.flatten(), w,
+                                 cap=families.logit_softcap(decoder.config))
     return total / w.sum().clamp(min=1.0)
 
 
@@ -958,8 +964,10 @@ def head_nll(decoder, hidden: torch.Tensor, targets: torch.Tensor, vocab_chunk: 
     m = torch.full((N,), float("-inf"), device=hidden.device)               # running max
     acc = torch.zeros(N, device=hidden.device)                              # running sum of exp(logit - m)
     picked = torch.zeros(N, device=hidden.device)
+    cap = families.logit_softcap(decoder.config)
     for v in range(0, w.shape[0], vocab_chunk):
         logits = F.linear(hidden, w[v: v + vocab_chunk], None if b is None else b[v: v + vocab_chunk]).float()
+        logits = families.softcap(logits, cap)
         new_m = torch.maximum(m, logits.amax(-1))
         acc = acc * torch.exp(m - new_m) + torch.exp(logits - new_m[:, None]).sum(-1)
         m = new_m
