@@ -61,14 +61,14 @@ def _logits_to_keep(decoder, n: int) -> dict:
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor):
     """Run the decoder over input_ids (B, T). -> (cache, logits (B, T, V))."""
-    out = decoder(input_ids=input_ids, use_cache=True)
-    return out.past_key_values, out.logits
+    out = decoder(input_ids=input_ids, use_cache=True, **kv.cache_kwargs(None))
+    return kv.returned(out), out.logits
 
 
 @torch.no_grad()
 def prefill_cache(decoder, input_ids: torch.Tensor):
     """Only the cache of input_ids (B, T): training needs no logits for the original tokens."""
-    return decoder.base_model(input_ids=input_ids, use_cache=True).past_key_values
+    return kv.returned(decoder.base_model(input_ids=input_ids, use_cache=True, **kv.cache_kwargs(None)))
 
 
 def compile_layers(model) -> None:
@@ -127,9 +127,10 @@ def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
     G = x.shape[2]
     if attention_mask is None:
         impl = getattr(decoder.config, "_attn_implementation", None)
-        # the gate adds to a float mask, so a gated read always takes the dense one
-        dense = output_attentions or gate is not None
+        # the gate and sliding windows add to a float mask, so such reads take the dense one
+        dense = output_attentions or gate is not None or families.has_window(decoder.config)
         attention_mask = masks.group_mask(T, points, G, dtype, None if dense else impl, layout.hide_point)
+    families.attach(decoder)
     extra = {}
     if gate is not None:
         extra["latent_gate"] = (gate, masks.latent_columns(T, P, layout).to(points.device))
@@ -138,9 +139,10 @@ def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
         inputs_embeds=x.reshape(B, P * G, -1),
         attention_mask=attention_mask,
         position_ids=pos,
-        past_key_values=kv.fork(cache),
+        key_positions=masks.key_positions(T, pos),
         use_cache=True,
         output_attentions=output_attentions,
+        **kv.cache_kwargs(kv.fork(cache)),
         **extra,
     )
 
@@ -247,8 +249,8 @@ def score_continuation(decoder, coprocessor, input_ids: torch.Tensor, point: int
     if not 0 <= point <= T - 2:
         raise ValueError(f"the augmentation point must be in [0, {T - 2}], got {point}")
     C = T - 1 - point                                   # scored tokens: point+1..T-1
-    out = decoder.base_model(input_ids=input_ids, use_cache=True)
-    cache = out.past_key_values
+    out = decoder.base_model(input_ids=input_ids, use_cache=True, **kv.cache_kwargs(None))
+    cache = kv.returned(out)
     pts = torch.tensor([[point]], device=input_ids.device)
     attn = None
     if with_attention:   # one eager group pass gives both the hidden states and the attention weights
@@ -342,7 +344,7 @@ def _split_depth(decoder, coprocessor) -> int | None:
         return None
     if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
         return None  # a dense float mask is what the combined pass needs (not a flex BlockMask)
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+    if families.has_window(cfg):
         return None
     if not all(hasattr(base, a) for a in ("layers", "rotary_emb", "norm")) or len(base.layers) != L:
         return None
@@ -393,7 +395,10 @@ class _AugState:
         # is a quarter of a 256-token prefill for SmolLM2-135M on CPU (its vocabulary is 49k).
         self.last_only = _logits_to_keep(decoder, 1)
         self.gate = gate_of(coprocessor)
+        self.windowed = families.has_window(decoder.config)
+        families.attach(decoder)
         self.cache = None
+        self.key_pos = torch.zeros(1, 0, dtype=torch.long, device=decoder.device)   # (1, K) position of each cached key
         self.clean_len = 0      # cached clean tokens
         self.next_pos = 0       # position id of the next fed token
         self.hidden = None      # cache column the group must not see (the point's own entry), or None
@@ -405,9 +410,10 @@ class _AugState:
         if self.latent_cols is not None:
             raise RuntimeError("feed_clean after a group: drop_group() first")
         pos = torch.arange(self.clean_len, self.clean_len + ids.shape[1], device=ids.device)[None]
-        out = self.decoder(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True,
+        out = self.decoder(input_ids=ids, position_ids=pos, use_cache=True, **kv.cache_kwargs(self.cache),
                            **self.last_only)
-        self.cache = out.past_key_values
+        self.cache = kv.returned(out)
+        self.key_pos = torch.cat([self.key_pos, pos], dim=1)
         self.clean_len += ids.shape[1]
         self.next_pos = self.clean_len
         return out.logits[0, -1]
@@ -415,25 +421,31 @@ class _AugState:
     def drop_group(self) -> None:
         """Forget the group and everything after it: the cache holds the clean text again."""
         kv.crop(self.cache, self.clean_len)
+        self.key_pos = self.key_pos[:, : self.clean_len]
         self.hidden = self.latent_cols = self._rows = None
 
     def latents_now(self) -> torch.Tensor:
         p = torch.tensor([[self.clean_len - 1]], device=self.decoder.device)
         return self.cop(kv.fork(self.cache), p)                           # (1, 1, NL, d)
 
-    def _group_kwargs(self, n_new: int, device) -> dict:
-        """Mask (and gate) for a forward of n_new inputs appended while a group is cached."""
-        if self.latent_cols is None or (self.hidden is None and self.gate is None):
+    def _group_kwargs(self, new_pos: torch.Tensor) -> dict:
+        """Mask (and gate) for a forward of inputs at positions new_pos (1, n_new) appended while a
+        group is cached; records their key positions. On a sliding-window decoder every such
+        forward takes an explicit mask and the keys' positions (the window counts positions, and
+        the group's positions need not be its cache columns)."""
+        n_new, device = new_pos.shape[1], new_pos.device
+        self.key_pos = torch.cat([self.key_pos, new_pos], dim=1)
+        if self.latent_cols is None or (self.hidden is None and self.gate is None and not self.windowed):
             return {}
         K = kv.length(self.cache) + n_new
-        if n_new == 1:
+        if n_new == 1 and not self.windowed:
             return self._decode_kwargs(K, device)
         seen = torch.ones(1, K - n_new, dtype=torch.bool, device=device)
         if self.hidden is not None:
             seen[:, self.hidden] = False
         allowed = masks.append_allowed(seen, torch.ones(1, n_new, dtype=torch.bool, device=device))
         return {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder)),  # (1, 1, n, K)
-                **_gate_kwargs(self.gate, self.latent_cols, K, device)}
+                "key_positions": self.key_pos, **_gate_kwargs(self.gate, self.latent_cols, K, device)}
 
     def _decode_kwargs(self, K: int, device) -> dict:
         """`_group_kwargs` for one new token over K keys. A decoding step's mask row is the
@@ -469,9 +481,9 @@ class _AugState:
         p = torch.tensor([[self.clean_len - 1]], device=latents.device)
         x, pos = _group_inputs(self.decoder, layout, latents[:, 0], last_token, p)   # (1, G, d), (1, G)
         self._enter_group(kv.length(self.cache), layout)
-        out = self.decoder(inputs_embeds=x, position_ids=pos, past_key_values=self.cache, use_cache=True,
-                           **self.last_only, **self._group_kwargs(x.shape[1], x.device))
-        self.cache = out.past_key_values
+        out = self.decoder(inputs_embeds=x, position_ids=pos, use_cache=True, **kv.cache_kwargs(self.cache),
+                           **self.last_only, **self._group_kwargs(pos))
+        self.cache = kv.returned(out)
         return out.logits[0, -1]
 
     def prefill_and_insert(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -507,9 +519,12 @@ class _AugState:
         p = torch.tensor([[n - 1]], device=dev)
         pos_x = torch.arange(n, device=dev)[None]                               # (1, n)
 
-        def run(h, layers, **kw):
-            for layer in layers:
-                h = layer(h, past_key_values=cache, use_cache=True, **kw)
+        def run(h, layers, latent_gate=None, **kw):
+            # the layers are called one by one: the gate reaches their attention through the
+            # context the decoder's own forward would set up (`families.layer_masks`)
+            with families.layer_masks(dec, latent_gate=latent_gate):
+                for layer in layers:
+                    h = layer(h, use_cache=True, **kv.cache_kwargs(cache), **kw)
             return h
 
         # 1. the prompt through layers 0..K-1, with the mask (None: SDPA's own causal path) the
@@ -544,15 +559,16 @@ class _AugState:
         logits = hidden_to_logits(dec, base.norm(h[:, -1:]))
         self.cache = cache
         self.clean_len = n
+        self.key_pos = pos
         self._enter_group(n, layout)
         return logits[0, -1]
 
     def feed_after(self, token: torch.Tensor) -> torch.Tensor:
         """Feed a generated token after the group (shifted positions)."""
         pos = torch.tensor([[self.next_pos]], device=token.device)
-        out = self.decoder(input_ids=token.view(1, 1), position_ids=pos, past_key_values=self.cache, use_cache=True,
-                           **self._group_kwargs(1, token.device))
-        self.cache = out.past_key_values
+        out = self.decoder(input_ids=token.view(1, 1), position_ids=pos, use_cache=True,
+                           **kv.cache_kwargs(self.cache), **self._group_kwargs(pos))
+        self.cache = kv.returned(out)
         self.next_pos += 1
         return out.logits[0, -1]
 
@@ -631,6 +647,8 @@ class _BatchState:
         self.ids = ids
         self.cache = None
         self.keys = torch.zeros(B, 0, dtype=torch.bool, device=dev)                 # (B, K) visible columns
+        self.key_pos = torch.zeros(B, 0, dtype=torch.long, device=dev)              # (B, K) their position ids
+        families.attach(decoder)
         self.latent_cols = None
         self.next_pos = self.n.clone()                                               # (B,) next position id
 
@@ -638,10 +656,11 @@ class _BatchState:
         """Append n inputs per row (visible (B, n): may later inputs see them) -> hidden (B, n, d)."""
         K = self.keys.shape[1] + visible.shape[1]
         allowed = masks.append_allowed(self.keys, visible)                            # (B, n, K)
+        self.key_pos = torch.cat([self.key_pos, pos], dim=1)
         kw = {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder)),   # (B, 1, n, K)
-              **_gate_kwargs(self.gate, self.latent_cols, K, pos.device)}
-        out = self.decoder.base_model(position_ids=pos, past_key_values=self.cache, use_cache=True, **inputs, **kw)
-        self.cache = out.past_key_values
+              "key_positions": self.key_pos, **_gate_kwargs(self.gate, self.latent_cols, K, pos.device)}
+        out = self.decoder.base_model(position_ids=pos, use_cache=True, **kv.cache_kwargs(self.cache), **inputs, **kw)
+        self.cache = kv.returned(out)
         self.keys = torch.cat([self.keys, visible], dim=1)
         return out.last_hidden_state
 

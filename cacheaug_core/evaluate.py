@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import augment, kv, masks
+from . import augment, families, kv, masks
 from .decoder import sha256_file as _sha256
 
 PAPER_POSITIONS = (1, 2, 4, 8, 16, 32)       # the rows of Table 1
@@ -399,8 +399,8 @@ def _shared_context_pass(decoder, reqs, tc: torch.Tensor, targets: torch.Tensor,
     cids = torch.full((len(ctxs), Pc), pad_id, dtype=torch.long, device=dev)
     for i, c in enumerate(ctxs):
         cids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-    o = decoder.base_model(input_ids=cids, use_cache=True)
-    ctx_cache = o.past_key_values                                                      # (U, Pc)
+    o = decoder.base_model(input_ids=cids, use_cache=True, **kv.cache_kwargs(None))
+    ctx_cache = kv.returned(o)                                                         # (U, Pc)
     hidden = o.last_hidden_state[u, tc - 1][:, None]                                   # (R, 1, d): predicts token 1
     del o
     cache = kv.select_rows(ctx_cache, u)                                               # (R, Pc)
@@ -410,9 +410,11 @@ def _shared_context_pass(decoder, reqs, tc: torch.Tensor, targets: torch.Tensor,
         seen = torch.arange(Pc, device=dev)[None] < tc[:, None]                        # (R, Pc) not padding
         allowed = masks.append_allowed(seen, torch.ones(R, L - 1, dtype=torch.bool, device=dev))
         full = kv.fork(cache)                                                          # grows to (R, Pc + L - 1)
-        o = decoder.base_model(input_ids=targets[:, : L - 1], position_ids=tc[:, None] + k,
+        pos = tc[:, None] + k                                                          # (R, L-1)
+        families.attach(decoder)       # key_positions: sliding layers apply their window to this mask
+        o = decoder.base_model(input_ids=targets[:, : L - 1], position_ids=pos,
                                attention_mask=masks.to_additive(allowed, augment.decoder_dtype(decoder)),
-                               past_key_values=full, use_cache=True)
+                               key_positions=masks.key_positions(Pc, pos), use_cache=True, **kv.cache_kwargs(full))
         hidden = torch.cat([hidden, o.last_hidden_state], dim=1)                       # (R, L, d)
         del o
     plp, pg = _token_logprobs(decoder, hidden, targets)

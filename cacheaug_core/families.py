@@ -146,9 +146,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         "Qwen2Config", v, n, d, use_sliding_window=True, sliding_window=w, max_window_layers=1),
         notes="sliding window on the layers from max_window_layers on", tags=("window",)),
     Family("qwen3", "qwen3", lambda v, n, d, w: _llama_like("Qwen3Config", v, n, d, head_dim=d // 4),
-        fast_path=True, notes="q/k RMSNorm"),
-    Family("mistral", "mistral", lambda v, n, d, w: _llama_like("MistralConfig", v, n, d, sliding_window=None),
-        fast_path=True),
+        notes="q/k RMSNorm"),
+    Family("mistral", "mistral", lambda v, n, d, w: _llama_like("MistralConfig", v, n, d, sliding_window=None)),
     Family("mistral-window", "mistral", lambda v, n, d, w: _llama_like("MistralConfig", v, n, d, sliding_window=w),
         notes="every layer slides (Mistral-7B-v0.1)", tags=("window",)),
     Family("gemma", "gemma", lambda v, n, d, w: _gemma_like("GemmaConfig", v, n, d), tags=("embed_scale",),
@@ -164,7 +163,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("phi3", "phi3", lambda v, n, d, w: _llama_like("Phi3Config", v, n, d, sliding_window=None),
         notes="fused qkv and gate/up projections"),
     Family("olmo2", "olmo2", lambda v, n, d, w: _llama_like("Olmo2Config", v, n, d),
-        fast_path=True, notes="post-norm blocks, q/k RMSNorm"),
+        notes="post-norm blocks, q/k RMSNorm"),
     Family("gpt2", "gpt2", lambda v, n, d, w: _cfg(
         "GPT2Config", vocab_size=v, n_embd=d, n_layer=n, n_head=4, n_positions=256, resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0), fast_path=True, notes="learned positions"),
@@ -227,3 +226,132 @@ def require(decoder) -> None:
     why = check(decoder)
     if why is not None:
         raise ValueError(why)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer masks: the latent gate and sliding windows, applied at each attention module.
+#
+# A forward of a model `attach`ed here takes two more keyword arguments, which its own forward
+# never sees (the model's pre-hook takes them out, so they reach every layer whatever the family's
+# layers pass on: Falcon's and StableLM's layers do not hand extra arguments to attention):
+#
+#   latent_gate=(bias (L,), cols (K,) or (B, K) bool)   add bias[l] to layer l's scores on the keys
+#       where cols is True; or latent_gate=masks (L, B, 1, n, K): layer l attends with masks[l].
+#   key_positions=(B, K) long     the position id of every key (cached, then the new inputs): a
+#       sliding layer of window W then also blocks keys with q - k >= W (q: the query's position,
+#       the last n entries). A forward with an explicit 4-D mask on a windowed decoder must pass
+#       it; the hook refuses otherwise, since transformers uses an explicit mask as given.
+
+
+class _MaskState:
+    def __init__(self, windows: list[int | None]):
+        self.windows = windows
+        self.depth = 0
+        self.reset()
+
+    def reset(self):
+        self.gate = None
+        self.key_pos = None
+        self.explicit = False
+        self.blocked = {}            # window -> (B, 1, n, K) bool: keys that window blocks
+
+
+def _outer_pre(state: _MaskState):
+    def hook(module, args, kwargs):
+        gate = kwargs.pop("latent_gate", None)
+        key_pos = kwargs.pop("key_positions", None)
+        if state.depth == 0:
+            state.reset()
+            mask = kwargs.get("attention_mask")
+            state.explicit = isinstance(mask, dict) or (torch.is_tensor(mask) and mask.dim() == 4)
+        state.depth += 1
+        if gate is not None:
+            state.gate = gate
+        if key_pos is not None:
+            state.key_pos = key_pos
+        return args, kwargs
+    return hook
+
+
+def _outer_post(state: _MaskState):
+    def hook(module, args, kwargs, output):
+        state.depth -= 1
+        if state.depth == 0:
+            state.reset()
+        return output
+    return hook
+
+
+def _layer_pre(state: _MaskState, layer: int):
+    W = state.windows[layer] if layer < len(state.windows) else None
+
+    def hook(module, args, kwargs):
+        if state.depth == 0 or (state.gate is None and (W is None or not state.explicit)):
+            return None
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(state.gate):              # finished masks, one per layer (L, B, 1, n, K)
+            mask = state.gate[layer]
+        elif state.gate is not None:
+            bias, cols = state.gate                  # bias (L,) learned; cols (K,) or (B, K) bool: latent keys
+            if mask is None or not torch.is_tensor(mask) or mask.dim() != 4:
+                raise RuntimeError(f"the latent gate needs an explicit 4-D float attention mask at layer {layer} "
+                                   f"({type(module).__name__} got {type(mask).__name__})")
+            add = torch.where(cols, bias[layer].to(mask.dtype), torch.zeros((), dtype=mask.dtype, device=mask.device))
+            mask = mask + add.view(-1 if cols.dim() == 2 else 1, 1, 1, cols.shape[-1])
+        if W is not None and state.explicit:
+            if state.key_pos is None:
+                raise RuntimeError(f"layer {layer} slides over {W} positions but got an explicit mask without "
+                                   f"key_positions: its window cannot be applied")
+            if not torch.is_tensor(mask) or mask.dim() != 4:
+                raise RuntimeError(f"layer {layer} slides over {W} positions: its window needs a dense 4-D mask, "
+                                   f"not {type(mask).__name__}")
+            blocked = state.blocked.get(W)
+            if blocked is None:
+                kp = state.key_pos.to(mask.device)                               # (B, K)
+                q = kp[:, -mask.shape[-2]:]                                     # (B, n)
+                blocked = ((q[:, :, None] - kp[:, None, :]) >= W)[:, None]      # (B, 1, n, K)
+                state.blocked[W] = blocked
+            mask = torch.where(blocked[..., : mask.shape[-1]], torch.finfo(mask.dtype).min, mask)
+        kwargs["attention_mask"] = mask
+        return args, kwargs
+    return hook
+
+
+def attach(model) -> None:
+    """Let `model` (a decoder, or a coprocessor body) take `latent_gate` and `key_positions` (see
+    above). Idempotent; the model's weights are not changed, a forward without the arguments and
+    without an explicit mask is untouched."""
+    if getattr(model, "_cacheaug_masks", None) is not None:
+        return
+    require(model)
+    state = _MaskState(layer_windows(model.config))
+    outer = {id(model): model, id(model.base_model): model.base_model}
+    for m in outer.values():
+        m.register_forward_pre_hook(_outer_pre(state), with_kwargs=True)
+        m.register_forward_hook(_outer_post(state), with_kwargs=True, always_call=True)
+    for layer, block in enumerate(blocks(model)):
+        attention(block).register_forward_pre_hook(_layer_pre(state, layer), with_kwargs=True)
+    model._cacheaug_masks = state
+
+
+class layer_masks:
+    """Context for calling an `attach`ed model's blocks one by one (outside its own forward), with
+    the arguments its forward would take: `with layer_masks(model, latent_gate=..., key_positions=...):`."""
+
+    def __init__(self, model, latent_gate=None, key_positions=None):
+        attach(model)
+        self.state, self.gate, self.key_pos = model._cacheaug_masks, latent_gate, key_positions
+
+    def __enter__(self):
+        if self.state.depth:
+            raise RuntimeError("layer_masks inside a forward of the same model")
+        self.state.reset()
+        self.state.depth = 1
+        self.state.explicit = True
+        self.state.gate, self.state.key_pos = self.gate, self.key_pos
+        return self
+
+    def __exit__(self, *exc):
+        self.state.depth = 0
+        self.state.reset()
+        return False
