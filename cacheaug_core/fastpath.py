@@ -55,7 +55,8 @@ by vocabulary slices (`head_nll`); `augment.score_after_every_token` dispatches 
     nll_aug, nll_base = fastpath.score_every(decoder, coprocessor, ids, positions=16)   # ids (1, T)
 
 Supported: decoders whose layers are Llama-style (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
-RMSNorm, rotary embeddings, full attention) or GPT-2's (`ln_1`, `attn.c_attn`/`c_proj`, `ln_2`,
+RMSNorm, rotary embeddings, full attention: Llama, Qwen2, Mistral without a window; Qwen3's per-head
+q/k norms; OLMo-2's whole-projection q/k norms and post-norm blocks) or GPT-2's (`ln_1`, `attn.c_attn`/`c_proj`, `ln_2`,
 `mlp`; learned position embeddings), coprocessor bodies copy/scratch/lora/none, any number of
 rounds. `unsupported(decoder, coprocessor)` says why a pair is not; the trainer then refuses
 `--fast`. The Llama-style blocks are the measured ones (results/train_throughput.md).
@@ -73,7 +74,7 @@ import torch.nn.functional as F
 from . import families, masks
 from .config import MLP_KERNELS
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "olmo2", "gpt2")
 ATTENTION = ("auto", "flex", "dense", "points")   # auto: FlexAttention on CUDA, dense masks elsewhere
 
 # FlexAttention's kernel configuration for the coprocessor and group passes with head dim 64 on a
@@ -192,8 +193,8 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
     cfg = decoder.config
     if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return f"the fast path covers {', '.join(SUPPORTED_MODEL_TYPES)} decoders, not {cfg.model_type!r}"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return "the fast path covers full-attention layers only (this decoder has sliding-window layers)"
+    if families.has_window(cfg):
+        return f"the fast path covers full-attention layers only ({cfg.model_type} here has sliding-window layers)"
     if cfg.model_type != "gpt2" and getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         return f"the fast path covers SiLU MLPs, not {cfg.hidden_act!r}"
     if getattr(cfg, "add_cross_attention", False):
@@ -236,6 +237,8 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
 def _fusable_mlp(layer) -> bool:
     """A Llama-style MLP of plain bias-free linears with a SiLU gate, at quack's alignment."""
     m = getattr(layer, "mlp", None)
+    if hasattr(layer, "post_feedforward_layernorm"):     # OLMo-2 norms the MLP's output: no fused epilogue
+        return False
     lins = [getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     if not all(type(x) is torch.nn.Linear and x.bias is None for x in lins):
         return False
@@ -435,16 +438,28 @@ def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True, with_q: bool = 
     a = layer.self_attn
     B, Q, _ = x.shape
     hd = a.head_dim
-    h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-    q = a.q_proj(h).view(B, Q, -1, hd).transpose(1, 2) if with_q else None
+    ln = getattr(layer, "input_layernorm", None)          # OLMo-2 blocks have no pre-norm
+    h = x if ln is None else _rms(x, ln.weight, ln.variance_epsilon)
+    # q/k norms: Qwen3's per head (over hd, after the head split), OLMo-2's over the whole projection
+    qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+    whole = qn is not None and qn.weight.shape[0] != hd
+
+    def heads(t, norm):                                   # (B, Q, n*hd) -> (B, n, Q, hd)
+        if norm is not None and whole:
+            t = norm(t)
+        t = t.view(B, Q, -1, hd)
+        if norm is not None and not whole:
+            t = norm(t)
+        return t.transpose(1, 2)
+
+    q = heads(a.q_proj(h), qn) if with_q else None
     if fuse_kv and isinstance(a.k_proj, torch.nn.Linear) and isinstance(a.v_proj, torch.nn.Linear):
         bias = None if a.k_proj.bias is None else torch.cat([a.k_proj.bias, a.v_proj.bias])
-        kv = F.linear(h, torch.cat([a.k_proj.weight, a.v_proj.weight]), bias).view(B, Q, -1, hd)
-        n = kv.shape[2] // 2                                             # kv (B, Q, 2 H_kv, hd)
-        k, v = kv[:, :, :n].transpose(1, 2), kv[:, :, n:].transpose(1, 2)
+        kv = F.linear(h, torch.cat([a.k_proj.weight, a.v_proj.weight]), bias)   # (B, Q, 2 H_kv hd)
+        n = kv.shape[-1] // 2
+        k, v = heads(kv[..., :n], kn), heads(kv[..., n:], None)
     else:
-        k = a.k_proj(h).view(B, Q, -1, hd).transpose(1, 2)
-        v = a.v_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+        k, v = heads(a.k_proj(h), kn), heads(a.v_proj(h), None)
     return (_rope(q, cos, sin) if with_q else None), _rope(k, cos, sin), v
 
 
@@ -460,8 +475,11 @@ def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, mlp: str = "compiled")
     if hasattr(layer, "ln_2"):   # GPT-2, its dropouts as transformers applies them (none in eval mode)
         x = x + layer.attn.resid_dropout(layer.attn.c_proj(o))
         return x + layer.mlp(layer.ln_2(x))
-    x = x + layer.self_attn.o_proj(o)
     m = layer.mlp
+    if hasattr(layer, "post_feedforward_layernorm"):   # OLMo-2: norms after attention and MLP
+        x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(o))
+        return x + layer.post_feedforward_layernorm(m.down_proj(m.act_fn(m.gate_proj(x)) * m.up_proj(x)))
+    x = x + layer.self_attn.o_proj(o)
     n = layer.post_attention_layernorm
     h = _rms(x, n.weight, n.variance_epsilon)
     if mlp == "quack":

@@ -50,7 +50,7 @@ def _grads(cop):
     return {n: p.grad.detach().clone() for n, p in cop.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "qwen3", "mistral", "olmo2"])
 @pytest.mark.parametrize("name", list(COPROCESSORS))
 def test_fast_loss_and_gradients_match_dense(arch, name):
     dec, cop, ids, pts = _setup(arch, COPROCESSORS[name])
