@@ -202,9 +202,8 @@ def tiny_decoder(name: str, vocab: int = 128, layers: int = 2, hidden: int = 32,
     return freeze(AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32))
 
 
-def check(decoder) -> str | None:
-    """None when cacheaug can drive this decoder, else one line naming what is missing."""
-    cfg = decoder.config
+def check_config(cfg) -> str | None:
+    """`check` on a config alone (before any weights are loaded)."""
     mt = getattr(cfg, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         return (f"decoder architecture {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}; "
@@ -215,10 +214,21 @@ def check(decoder) -> str | None:
         return "falcon with ALiBi: its attention bias is not expressed by position ids, which cacheaug's groups need"
     try:
         layer_windows(cfg)
+    except ValueError as e:
+        return f"{mt}: {e}"
+    return None
+
+
+def check(decoder) -> str | None:
+    """None when cacheaug can drive this decoder, else one line naming what is missing."""
+    why = check_config(decoder.config)
+    if why is not None:
+        return why
+    try:
         for b in blocks(decoder):
             attention(b)
     except ValueError as e:
-        return f"{mt}: {e}"
+        return f"{decoder.config.model_type}: {e}"
     return None
 
 

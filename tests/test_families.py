@@ -271,3 +271,42 @@ def test_the_matrix_catches_a_dropped_window(name, monkeypatch):
         check_augmented_parity(dec2, cop2, ids, pts)
     monkeypatch.undo()
     check_augmented_parity(dec, cop, ids, pts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line on a saved tiny Gemma-2 (the paper's decoder family), and an unsupported one.
+
+
+def test_cli_train_on_a_tiny_gemma2_folder(tmp_path, repeated_text_file, capsys):
+    from cacheaug_core.checkpoint import read_config
+    from cacheaug_core.cli import main
+    from tests.conftest import save_tiny_decoder
+
+    dec = save_tiny_decoder(tmp_path / "gemma2", "gemma2")
+    rc = main(["train", "--decoder", dec, "--data", repeated_text_file, "--out-dir", str(tmp_path / "run"),
+               "--seq-len", "40", "--points", "3", "--n-ahead", "3", "--batch-size", "2", "--steps", "2",
+               "--eval-every", "0", "--device", "cpu", "--num-latents", "2", "--num-layers", "1", "--latent-gate"])
+    assert rc == 0, capsys.readouterr().err
+    cfg = read_config(tmp_path / "run" / "last")
+    assert cfg["decoder"]["model_type"] == "gemma2"
+    rc = main(["score", "--decoder", dec, "--coprocessor", str(tmp_path / "run" / "last"), "--text",
+               "the quick brown fox jumps over the lazy dog", "--every", "--positions", "3"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_cli_refuses_an_unsupported_architecture_in_one_line(tmp_path, repeated_text_file, capsys):
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    from cacheaug_core.cli import main
+    from tests.conftest import byte_tokenizer
+
+    tok = byte_tokenizer()
+    AutoModelForCausalLM.from_config(BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=2, n_head=4)
+                                     ).save_pretrained(tmp_path / "bloom")
+    tok.save_pretrained(tmp_path / "bloom")
+    capsys.readouterr()                   # the saving's progress bars
+    rc = main(["train", "--decoder", str(tmp_path / "bloom"), "--data", repeated_text_file,
+               "--out-dir", str(tmp_path / "run"), "--steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "'bloom' is not supported" in err[0], err
+    assert not (tmp_path / "run").exists()
