@@ -530,7 +530,7 @@ class _AugState:
         # 1. the prompt through layers 0..K-1, with the mask (None: SDPA's own causal path) the
         #    decoder's forward makes for it, so these layers' cache equals the plain prefill's
         causal = create_causal_mask(config=dec.config, inputs_embeds=x, attention_mask=None,
-                                    past_key_values=cache, position_ids=pos_x)
+                                    position_ids=pos_x, **kv.cache_kwargs(cache))
         rope = base.rotary_emb(x, pos_x)
         hx = run(x, base.layers[:K], attention_mask=causal, position_ids=pos_x, position_embeddings=rope)
         # 2. latents from the partial cache (the coprocessor reads only layers 0..K-1)

@@ -163,6 +163,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
         tags=("window", "softcap", "embed_scale"), notes="local/global layers with two rotary bases"),
     Family("phi3", "phi3", lambda v, n, d, w: _llama_like("Phi3Config", v, n, d, sliding_window=None),
         notes="fused qkv and gate/up projections"),
+    Family("phi3-window", "phi3", lambda v, n, d, w: _llama_like("Phi3Config", v, n, d, sliding_window=w),
+        notes="every layer slides", tags=("window",)),
     Family("olmo2", "olmo2", lambda v, n, d, w: _llama_like("Olmo2Config", v, n, d),
         fast_path=True, notes="post-norm blocks, q/k RMSNorm"),
     Family("gpt2", "gpt2", lambda v, n, d, w: _cfg(
