@@ -252,7 +252,8 @@ class ShardWriter:
 
 
 def _write_heldout(out: Path, name: str, docs: list[dict], backend) -> dict:
-    """heldout/<name>.jsonl (text + source), .txt (blank-line separated), .bin + .idx.npy (tokens)."""
+    """heldout/<name>.jsonl (one document a line: text, source, title or other metadata), .txt (blank-line
+    separated: a document with a blank line inside reads as several there), .bin + .idx.npy (tokens)."""
     d = out / "heldout"
     d.mkdir(parents=True, exist_ok=True)
     with open(d / f"{name}.jsonl", "w") as f:
@@ -622,8 +623,8 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
 class TokenData:
     """Random token windows from a built corpus, drawn with the mixture weights.
 
-    split: "train" (the training shards of every source) or a held-out set ("indist", "wiki",
-    "lambada"). mix_path: a mix.yaml to use instead of the weights stored in the manifest.
+    split: "train" (the training shards of every source) or a held-out set ("dev", "wiki", "lambada",
+    "sciq", "indist"; see `sources.HELDOUT_SETS`). mix_path: a mix.yaml to use instead of the weights stored in the manifest.
     Every random number comes from the `generator` passed to `sample`, so a run that saves and
     restores that generator's state sees the same batches."""
 
@@ -684,7 +685,7 @@ class TokenData:
 
 
 def load_heldout(data_dir: str | os.PathLike, name: str) -> list[np.ndarray]:
-    """Token ids of each document of a held-out set ("wiki", "lambada", "indist"); no EOS added."""
+    """Token ids of each document of a held-out set ("dev", "wiki", "lambada", "sciq", "indist"); no EOS added."""
     d = Path(data_dir) / "heldout"
     if not (d / f"{name}.bin").exists():
         raise DataError(f"held-out set {name!r} not found in {d}: build it with `cacheaug prepare-data`")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -241,7 +242,7 @@ def overlap_report(out: Path, sets: dict[str, list[dict]], source_info: dict[str
                 seen[j[index.table[j] == h]] = True
         seen_by[src] = seen
         if progress:
-            print(f"[cacheaug] overlap: {src} read ({time.time() - t0:.0f}s)", flush=True)
+            print(f"[cacheaug] overlap: {src} read ({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
     any_seen = np.logical_or.reduce(list(seen_by.values())) if seen_by else np.zeros(len(index.table), bool)
 
     def frac(mask: np.ndarray, seen: np.ndarray) -> float:
