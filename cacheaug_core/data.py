@@ -646,7 +646,8 @@ class TokenData:
         else:
             p = self.dir / "heldout" / f"{split}.bin"
             if not p.exists():
-                raise DataError(f"held-out split {split!r} not in {self.dir} (have {sorted(self.manifest['heldout'])})")
+                raise DataError(f"held-out split {split!r} not in {self.dir} (have {sorted(self.manifest['heldout'])}); "
+                                f"build it with `cacheaug prepare-data --out {self.dir} --heldout-only`")
             self.parts[split] = [(p, p.stat().st_size // 2)]
             self.weights = {split: 1.0}
         self.names = [n for n in self.parts if self.weights[n] > 0]

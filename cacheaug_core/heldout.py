@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 from . import data as D
 from . import sources as S
-from .data import (MAX_DOC_CHARS, MIN_DOC_CHARS, NGRAM, DataError, NgramIndex, _dedup_key, _encode,
+from .data import (MIN_DOC_CHARS, NGRAM, DataError, NgramIndex, _dedup_key, _encode,
                    _packages_info, _write_heldout, doc_hash)
 
 HELDOUT_TOKENS = 120_000        # tokens per evaluated set: >= 60k scored tokens at 32 positions with room
@@ -70,45 +69,61 @@ class TrainingGuard:
             raise DataError(f"{what} is a document of the held-out {h.role} set {name!r}; "
                             "held-out sets are never training data")
 
-    def check(self, texts: Iterable[str], what: str) -> None:
+    def check(self, texts: Iterable[str], what: str, unit: str = "document") -> None:
         if self.keys:
             for i, t in enumerate(texts):
-                self.check_one(t, f"{what}: document {i}")
+                self.check_one(t, f"{what}: {unit} {i}")
 
 
-def training_guard(corpus: str | os.PathLike) -> TrainingGuard:
-    """The guard for the held-out sets built in `corpus` (empty when it has none)."""
+def training_guard(corpus: str | os.PathLike, lines: bool = False) -> TrainingGuard:
+    """The guard for the held-out sets built in `corpus` (empty when it has none). With `lines`, every
+    line of a held-out document of MIN_DOC_CHARS or more is guarded too, so a copy cut differently
+    (a Wikipedia summary apart from its title) is still recognised."""
     keys: dict[int, str] = {}
     for name, h in S.HELDOUT_SETS.items():
         p = Path(corpus) / "heldout" / "full" / f"{name}.jsonl"
         if h.source and p.exists():
             with open(p) as f:
                 for line in f:
-                    keys.setdefault(_dedup_key(json.loads(line)["text"]), name)
+                    text = json.loads(line)["text"]
+                    keys.setdefault(_dedup_key(text), name)
+                    for line in (text.splitlines() if lines else ()):
+                        if len(line.strip()) >= MIN_DOC_CHARS:
+                            keys.setdefault(_dedup_key(line), name)
     return TrainingGuard(keys)
+
+
+def _jsonl_texts(text: str) -> Iterator[str]:
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+            yield rec["text"]
 
 
 def check_training_path(path: str | os.PathLike) -> None:
     """Refuse `--data` pointing at a held-out file of a corpus (heldout/<set>.{jsonl,txt,bin}), and a
-    text file whose blank-line separated documents are held-out documents of the corpus it sits in
-    or of ./data/corpus."""
+    text file any of whose lines (or jsonl `text`s) is a held-out document or a line of one, of the
+    corpus it sits in or of ./data/corpus."""
     p = Path(path).resolve()
     if p.is_dir():
         return
     stem = p.name.split(".")[0]
-    corpus = next((c for c in p.parents if (c / "manifest.json").exists()), None)
-    in_heldout = "heldout" in p.parts[:-1]
+    corpus = next((c for c in p.parents if (c / "manifest.json").exists() or (c / "heldout" / "full").is_dir()), None)
+    in_heldout = corpus is not None and "heldout" in p.relative_to(corpus).parts[:-1]
     if in_heldout and (stem in S.HELDOUT_SETS or (p.parent.name == "indist")):
         h = S.HELDOUT_SETS.get(stem, S.HELDOUT_SETS["indist"])
         raise DataError(f"--data {path} is the held-out {h.role} set {h.name!r}: held-out sets are never training data")
     guard_dir = corpus or Path("data/corpus")
-    if (guard_dir / "heldout" / "full").is_dir() and p.suffix in (".txt", ".jsonl", ".md", ""):
+    if (guard_dir / "heldout" / "full").is_dir():
         text = p.read_text(encoding="utf-8", errors="replace")
+        guard = training_guard(guard_dir, lines=True)
+        texts = list(_jsonl_texts(text)) if p.suffix == ".jsonl" else [text]
         if p.suffix == ".jsonl":
-            docs = [json.loads(line).get("text", "") for line in text.splitlines() if line.strip()]
-        else:
-            docs = re.split(r"\n\s*\n", text)
-        training_guard(guard_dir).check((d for d in docs if d.strip()), f"--data {path}")
+            guard.check(texts, f"--data {path}", "record")
+        guard.check((line for t in texts for line in t.splitlines() if line.strip()), f"--data {path}", "line")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +138,7 @@ def heldout_records(src: S.Source, files: dict[str, Path]) -> Iterator[dict]:
         rec = {"text": rec} if isinstance(rec, str) else dict(rec)
         text = S.normalize(rec.pop("text"))
         k = _dedup_key(text)
-        if len(text) < MIN_DOC_CHARS or len(text) > 4 * MAX_DOC_CHARS or k in seen:
+        if len(text) < MIN_DOC_CHARS or k in seen:
             continue
         seen.add(k)
         yield {"text": text, **({"title": rec.pop("title")} if rec.get("title") else {}), "source": src.name,
@@ -219,13 +234,14 @@ def overlap_report(out: Path, sets: dict[str, list[dict]], source_info: dict[str
     n-grams) that occur anywhere in the training shards, per training source, and for the headline
     sets the fraction shared with the dev set. The indist set is also broken down by its sources."""
     parts: dict[str, list[str]] = {}
+    n_indist = len({d["source"] for d in sets.get("indist", [])})
     for name, docs in sets.items():
-        if name == "indist":
+        # indist per training source when the index's 64 set bits allow it, else as one set
+        if name == "indist" and len(sets) - 1 + n_indist <= 64:
             for d in docs:
                 parts.setdefault(f"indist:{d['source']}", []).append(d["text"])
         else:
             parts[name] = [d["text"] for d in docs]
-    parts = dict(list(parts.items())[:64])
     index = NgramIndex(parts)
     bit = {n: np.uint64(1) << np.uint64(i) for i, n in enumerate(index.names)}
     seen_by = {}
@@ -262,7 +278,7 @@ def overlap_report(out: Path, sets: dict[str, list[dict]], source_info: dict[str
         m = member(names)
         r = {"ngrams": int(m.sum()), "seen_in_training": frac(m, any_seen),
              "by_training_source": {s: f for s, f in ((s, frac(m, v)) for s, v in seen_by.items()) if f > 0}}
-        if name == "indist":
+        if name == "indist" and names != ["indist"]:
             r["by_indist_source"] = {n.split(":", 1)[1]: frac(member([n]), any_seen) for n in names}
         elif name != "dev" and "dev" in bit:
             r["shared_with_dev"] = frac(m, member(["dev"]))

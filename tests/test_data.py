@@ -352,8 +352,16 @@ def test_heldout_sets_are_refused_as_training_data(fake_catalogue, tmp_path, tok
     monkeypatch.chdir(work)
     mine = work / "mine.txt"
     mine.write_text("my own text, nothing held out\n\n" + dev_doc)
-    with pytest.raises(D.DataError, match="document 1 is a document of the held-out dev set 'dev'"):
+    with pytest.raises(D.DataError, match="line 1 is a document of the held-out dev set 'dev'"):
         open_data(str(mine), tok, "train")
+    wiki_doc = _jsonl(corpus / "heldout" / "wiki.jsonl")[0]["text"]   # a summary apart from its title
+    mine.write_text(wiki_doc.replace("\n", "\n\n", 1))
+    with pytest.raises(D.DataError, match="line 1 is a document of the held-out headline set 'wiki'"):
+        open_data(str(mine), tok, "train")
+    rec = tmp_path / "w" / "mine.jsonl"
+    rec.write_text(json.dumps({"text": "fine"}) + "\nnot json\n" + json.dumps({"text": dev_doc}) + "\n")
+    with pytest.raises(D.DataError, match="record 1 is a document of the held-out dev set"):
+        open_data(str(rec), tok, "train")
     mine.write_text("my own text, nothing held out\n\n" + "more of my own text " * 20)
     assert open_data(str(mine), tok, "train").num_tokens > 0
     with pytest.raises(TrainingError):
