@@ -50,6 +50,7 @@ NGRAM = 13
 HELDOUT_PERCENT = 1                   # in-distribution held-out share, by document hash
 MIN_DOC_CHARS = 64
 MAX_DOC_CHARS = 32_000                # longer documents are split at paragraph boundaries
+TXT_DOC_SEPARATOR = "\n\f\n"          # between documents of a held-out .txt (what `eval ppl --text` splits on)
 BUILD_VERSION = 1                     # bumped when cleaning or splitting changes; stale markers rebuild
 DEFAULT_MIX = Path(__file__).resolve().parent.parent / "configs" / "mix.yaml"
 
@@ -252,15 +253,16 @@ class ShardWriter:
 
 
 def _write_heldout(out: Path, name: str, docs: list[dict], backend) -> dict:
-    """heldout/<name>.jsonl (one document a line: text, source, title or other metadata), .txt (blank-line
-    separated: a document with a blank line inside reads as several there), .bin + .idx.npy (tokens)."""
+    """heldout/<name>.jsonl (one document a line: text, source, title or other metadata), .txt (the texts,
+    separated by lines holding only a form feed, `TXT_DOC_SEPARATOR`: blank lines stay inside a
+    document), .bin + .idx.npy (tokens)."""
     d = out / "heldout"
     d.mkdir(parents=True, exist_ok=True)
     with open(d / f"{name}.jsonl", "w") as f:
         for doc in docs:
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
     with open(d / f"{name}.txt", "w") as f:
-        f.write("\n\n".join(doc["text"] for doc in docs) + "\n")
+        f.write(TXT_DOC_SEPARATOR.join(doc["text"] for doc in docs) + "\n")
     offsets = [0]
     with open(d / f"{name}.bin", "wb") as f:
         for i in range(0, len(docs), 512):

@@ -277,6 +277,8 @@ def test_heldout_roles_files_and_whole_documents(fake_corpus, tok):
             assert sum(len(x) for x in ids[:-1]) < BUDGET <= info["tokens"]
             assert [D.doc_hash(r["text"]) for r in recs] == sorted(D.doc_hash(r["text"]) for r in recs)
             assert len(_jsonl(out / "heldout" / "full" / f"{name}.jsonl")) == info["source_documents"] > len(recs)
+        txt = (out / "heldout" / f"{name}.txt").read_text()
+        assert txt.removesuffix("\n").split(D.TXT_DOC_SEPARATOR) == [r["text"] for r in recs]
     for r in _jsonl(out / "heldout" / "wiki.jsonl"):   # the title and its summary are one document
         assert r["source"] == "fake_wiki" and r["text"].startswith(r["title"] + "\n") and "\n\n" in r["text"]
     assert D.heldout_text(out, "wiki")[0] == _jsonl(out / "heldout" / "wiki.jsonl")[0]["text"]
