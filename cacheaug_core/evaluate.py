@@ -31,6 +31,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -174,45 +175,140 @@ def write_json(obj: dict, path: str | Path) -> None:
 # Perplexity by ahead position (Table 1).
 
 
-def read_documents(path: str | Path) -> list[str]:
-    """Documents of a text file (separated by blank lines) or a .jsonl file (one {"text": ...} a line)."""
+DOC_START = 4          # a target at index < DOC_START in its document counts as "doc_start", the rest "body"
+MEAN_POSITIONS = 16    # `--compare` also reports the difference averaged over positions 1..this
+TXT_SEPARATOR = "\f"   # a .txt file's documents are separated by lines holding only a form feed
+
+
+@dataclass
+class Document:
+    """One evaluation unit: the whole text of a document (a title joined to its body) and its source."""
+
+    text: str
+    source: str = ""
+
+
+def load_documents(path: str | Path) -> list[Document]:
+    """The documents of a .jsonl or .txt file, each one unit that is never split from its start.
+
+    .jsonl: one JSON object a line with a "text" field; an optional "title" is joined in front of
+    the text with a blank line ("title\\n\\ntext", one document) unless the text already starts
+    with it (`prepare-data`'s held-out sets keep the title as the text's first line), and an
+    optional "source" is kept.
+    Any other file: documents are separated by lines holding only a form feed (printf '\\f\\n');
+    a file without one is a single document (blank lines do not separate documents: a Wikipedia
+    title and its summary are one document).
+    """
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise EvalError(f"--text {p}: no such file")
     raw = p.read_text(encoding="utf-8", errors="replace")
+    docs = []
     if p.suffix == ".jsonl":
-        docs = []
         for i, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                obj = json.loads(line)
+                text, title, source = obj["text"], obj.get("title") or "", obj.get("source") or ""
+                if not isinstance(text, str) or not isinstance(title, str):
+                    raise TypeError("'text' and 'title' must be strings")
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise EvalError(f"{p}:{i}: expected a JSON object with a 'text' field ({e})") from e
+            text, title = text.strip(), title.strip()
+            if title and not text.startswith(title):    # a text that already opens with its title keeps it once
+                text = f"{title}\n\n{text}" if text else title
+            docs.append(Document(text, str(source)))
     else:
-        docs = re.split(r"\n\s*\n", raw)
-    docs = [d.strip() for d in docs if d and d.strip()]
+        docs = [Document(d) for d in re.split(r"(?m)^\f[ \t\r]*$", raw)]
+    docs = [Document(d.text.strip(), d.source) for d in docs if d.text and d.text.strip()]
     if not docs:
         raise EvalError(f"{p} holds no text")
     return docs
 
 
-def document_chunks(tokenizer, docs: list[str], chunk: int, max_tokens: int = 0) -> list[tuple[int, list[int]]]:
-    """(document index, token ids) of every chunk of <= `chunk` tokens, in order, until
-    `max_tokens` tokens are read (0 = all). Chunks never cross documents; a chunk is scored on
-    its own (its first token has no context and is not scored), like a validation sequence."""
-    out, total = [], 0
-    for d, text in enumerate(docs):
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        for s in range(0, len(ids), chunk):
-            piece = ids[s: s + chunk]
-            if max_tokens:
-                piece = piece[: max_tokens - total]
-            if len(piece) >= 2:
-                out.append((d, piece))
-            total += len(piece)
-            if max_tokens and total >= max_tokens:
-                return out
+def read_documents(path: str | Path) -> list[str]:
+    """The texts of `load_documents(path)`."""
+    return [d.text for d in load_documents(path)]
+
+
+SINK_DOCUMENT_TOKEN = "<|endoftext|>"   # what GPT-2-style pretraining puts between documents
+
+
+def resolve_sink(tokenizer, spec: str = "auto") -> dict:
+    """The start-of-text token every arm reads before each document (`--sink`).
+
+    "auto": <|endoftext|> where the vocabulary has it (the document separator of GPT-2-style
+    pretraining: GPT-2, Qwen2, SmolLM2), else the tokenizer's BOS (Llama, Gemma), else its EOS.
+    <|endoftext|> comes first because a chat model's BOS can be a chat token: SmolLM2-Instruct's
+    BOS is <|im_start|>, after which the plain decoder expects a role name and stays several times
+    more perplexed for the first words of a document than after <|endoftext|> (bench/doc_start_effect.py
+    measures it), a doc-start deficit that any extra keys could then "fix". "none": no sink (a
+    document's first token is read without context and never scored); anything else: that token.
+    -> {"mode", "token_id" (None for none), "token"}.
+    """
+    if spec == "none":
+        return {"mode": "none", "token_id": None, "token": None}
+    vocab = tokenizer.get_vocab()
+    if spec == "auto":
+        tid = vocab.get(SINK_DOCUMENT_TOKEN)
+        if tid is None:
+            tid = next((getattr(tokenizer, n, None) for n in ("bos_token_id", "eos_token_id")
+                        if getattr(tokenizer, n, None) is not None), None)
+        if tid is None:
+            raise EvalError(f"--sink auto: the tokenizer has no {SINK_DOCUMENT_TOKEN}, BOS or EOS token; name one "
+                            "with --sink TOKEN, or --sink none")
+    else:
+        if spec not in vocab:
+            raise EvalError(f"--sink {spec!r} is not a token of this tokenizer (e.g. --sink auto, --sink none)")
+        tid = vocab[spec]
+    tid = int(tid)
+    return {"mode": spec, "token_id": tid, "token": tokenizer.convert_ids_to_tokens([tid])[0]}
+
+
+@dataclass
+class Window:
+    """One scored sequence: [sink] + a document's tokens doc[first : first + len(ids) - prefix].
+
+    Its augmentation points are named by the document index of the token they follow (-1: the
+    sink); the window scores the points in [own[0], own[1]), every earlier one only gives context.
+    """
+
+    doc: int
+    ids: list[int]
+    first: int
+    prefix: int
+    own: tuple[int, int]
+
+
+def document_windows(ids: list[int], doc: int, chunk: int, positions: int, context: int,
+                     sink: int | None) -> list[Window]:
+    """The windows of one document (token ids without the sink), each at most `chunk` tokens.
+
+    A document that fits is one window scored whole. A longer one is read in windows that each
+    start with the sink and carry at least `context` tokens of the document before their first
+    scored point; each point is scored in exactly one window, and a window owns only points whose
+    `positions` targets all lie inside it (the last window: every point left). So no document's
+    body is ever read without the text before it, and the cost is chunk / (chunk - 1 - context -
+    positions) times that of one pass on those documents only.
+    """
+    P = 0 if sink is None else 1
+    pre = [] if sink is None else [int(sink)]
+    L, W = len(ids), chunk - P
+    if L + P < 2:
+        return []
+    if L <= W:
+        return [Window(doc, pre + list(ids), 0, P, (-P, L - 1))]
+    out, q0, a = [], -P, 0
+    while q0 < L - 1:
+        if a + W >= L:
+            a = max(0, L - W)
+            q1 = L - 1
+        else:
+            q1 = a + W - positions
+        out.append(Window(doc, pre + list(ids[a: a + W]), a, P, (q0, q1)))
+        q0 = q1
+        a = q0 - context
     return out
 
 
@@ -232,85 +328,217 @@ def ppl_summary(sum_aug: np.ndarray, sum_base: np.ndarray, count: np.ndarray) ->
             "rel_ppl_change_pct": rel, "tokens_scored": n.astype(np.int64)}
 
 
+def resample_weights(units: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n_boot, units) counts of each unit in each bootstrap resample (a multinomial draw of `units`
+    units with replacement). One draw shared by every arm and split makes every interval paired."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(units, np.full(units, 1.0 / units), size=n_boot).astype(np.float64)
+
+
+def _rel_change(sa, sb, n) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.exp((sa - sb) / n) - 1.0) * 100.0
+
+
+def _interval(x: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """Percentile interval over the first axis (resamples): (...,) -> (..., 2) [low, high]."""
+    a = (1 - level) / 2 * 100
+    with np.errstate(invalid="ignore"):
+        return np.moveaxis(np.nanpercentile(x, [a, 100 - a], axis=0), 0, -1)
+
+
 def bootstrap_rel_change(sum_aug: np.ndarray, sum_base: np.ndarray, count: np.ndarray, n_boot: int = 1000,
-                         seed: int = 0, level: float = 0.95) -> np.ndarray:
+                         seed: int = 0, level: float = 0.95, weights: np.ndarray | None = None) -> np.ndarray:
     """Percentile bootstrap interval of rel_ppl_change_pct per position, resampling units.
 
-    Each argument is (U, A): per unit (document or chunk) summed NLL of each arm and the number of
-    tokens scored. A resample draws U units with replacement; both arms use the same draw (paired).
-    Returns (A, 2) [low, high].
+    Each argument is (U, A): per unit (document) summed NLL of each arm and the number of tokens
+    scored. A resample draws U units with replacement; both arms use the same draw (paired), and
+    `weights` (n_boot, U) from `resample_weights` shares one draw across calls. Returns (A, 2).
     """
     U = sum_aug.shape[0]
     if U < 2:
         point = ppl_summary(sum_aug, sum_base, count)["rel_ppl_change_pct"]
         return np.stack([point, point], 1)
-    rng = np.random.default_rng(seed)
-    W = rng.multinomial(U, np.full(U, 1.0 / U), size=n_boot).astype(np.float64)     # (n_boot, U)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        n = W @ count
-        rel = (np.exp((W @ sum_aug - W @ sum_base) / n) - 1.0) * 100.0             # (n_boot, A)
-    a = (1 - level) / 2 * 100
-    return np.nanpercentile(rel, [a, 100 - a], axis=0).T
+    W = resample_weights(U, n_boot, seed) if weights is None else weights               # (n_boot, U)
+    return _interval(_rel_change(W @ sum_aug, W @ sum_base, W @ count), level)        # (A, 2)
 
 
-@torch.no_grad()
-def check_ppl_settings(positions: int, chunk: int, points_per_pass: int) -> None:
+def check_ppl_settings(positions: int, chunk: int, points_per_pass: int, context: int | None = None) -> None:
     """EvalError unless the settings of `perplexity_by_position` can run (the CLI checks them before
-    loading a model)."""
+    loading a model). context None: chunk // 4."""
+    context = chunk // 4 if context is None else context
     if positions < 1 or chunk < 2 or positions >= chunk:
         raise EvalError(f"need 1 <= --positions < --chunk, got positions={positions}, chunk={chunk}")
     if points_per_pass < 1:
         raise EvalError("--points-per-pass must be at least 1")
+    if context < 0 or chunk - 1 - positions - context < 1:
+        raise EvalError(f"need 0 <= --context and --positions + --context < --chunk - 1 (a long document's "
+                        f"windows must each score a point), got positions={positions}, context={context}, "
+                        f"chunk={chunk}")
 
 
-def perplexity_by_position(decoder, tokenizer, coprocessor, docs: list[str], positions: int = 32, chunk: int = 256,
-                           max_tokens: int = 0, points_per_pass: int = 64, n_boot: int = 1000, seed: int = 0,
-                           bootstrap_unit: str = "document", progress: bool = False) -> dict:
-    """The paper's perplexity protocol: latents after every token, the n-th token ahead scored.
+def sink_keys(decoder, like, num_keys: int, sink_id: int):
+    """The extra-keys control: a pause-token "coprocessor" (body none) whose `num_keys` latents are
+    the sink token's own input embedding, laid out as `like`'s latents (same position ids, re-fed
+    token, shift), with no gate. Through the augmentation code the decoder then reads `num_keys`
+    plain copies of the start-of-text token exactly where the latents would go: what more keys alone
+    give, with nothing computed from the context."""
+    from .config import CoprocessorConfig
+    from .coprocessor import Coprocessor
 
-    For every chunk, `augment.score_after_every_token` inserts the coprocessor's latents after each
-    token p (batched: `points_per_pass` points per masked decoder pass) and scores x_{p+n} for
-    n = 1..positions, given x_0..x_p, the latents and x_{p+1}..x_{p+n-1}. The decoder arm scores the
-    same tokens given the same text without latents. Mean NLLs are pooled over all scored tokens.
-    """
-    if coprocessor is None:
-        raise EvalError("perplexity by position compares the decoder with the augmented decoder: it needs a coprocessor")
-    check_ppl_settings(positions, chunk, points_per_pass)
-    chunks = document_chunks(tokenizer, docs, chunk, max_tokens)
-    if not chunks:
-        raise EvalError("the text produced no chunk of at least two tokens")
-    U, A = len(chunks), positions
-    sa, sb, n = np.zeros((U, A)), np.zeros((U, A)), np.zeros((U, A))
+    if num_keys < 1:
+        raise EvalError("--extra-keys must be at least 1")
+    c = like.config
+    cfg = CoprocessorConfig(num_latents=num_keys, body="none", latent_norm="none", refeed_last=c.refeed_last,
+                            latent_pos=c.latent_pos, shift_ahead=c.shift_ahead, hide_point=c.hide_point)
+    cop = Coprocessor(cfg, decoder)
+    with torch.no_grad():
+        e = augment.embed(decoder, torch.tensor([sink_id], device=decoder.device))[0]             # (d,)
+        cop.soft_tokens.copy_(e.to(cop.soft_tokens.dtype).expand(num_keys, -1))
+        cop.latent_gain.fill_(1.0)
+    return cop.to(dtype=augment.decoder_dtype(decoder)).eval()
+
+
+@dataclass
+class DocumentScores:
+    """Summed NLLs per document, split and position, for the decoder and every augmented arm."""
+
+    nll: dict[str, np.ndarray]    # arm ("decoder", "coprocessor", ...) -> (D, 2, A); split 0 doc_start, 1 body
+    count: np.ndarray             # (D, 2, A) tokens scored
+    windows: list[Window]
+    tokens_read: int              # document tokens (the sinks not counted)
+
+
+@torch.no_grad()
+def score_documents(decoder, tokenizer, arms: dict, docs: list[str], positions: int = 32, chunk: int = 512,
+                    context: int = 128, sink: int | None = None, max_tokens: int = 0, points_per_pass: int = 64,
+                    progress: bool = False) -> DocumentScores:
+    """Every document through `document_windows`, every window through
+    `augment.score_after_every_token` once per augmented arm (arms: name -> coprocessor); the
+    decoder arm's NLLs come with the first. Sums each owned (point, position) pair's NLL into its
+    document, split by the target's index in its document (< DOC_START: doc_start). The sink is
+    read by every arm and is never a target. Whole documents are read until `max_tokens` document
+    tokens (0 = all): the document that reaches it is read whole."""
+    if not arms:
+        raise EvalError("perplexity by position compares the decoder with an augmented decoder: it needs a coprocessor")
+    A = positions
+    enc, total = [], 0
+    for text in docs:
+        if max_tokens and total >= max_tokens:
+            break
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        enc.append(ids)
+        total += len(ids)
+    windows = [w for d, ids in enumerate(enc) for w in document_windows(ids, d, chunk, A, context, sink)]
+    if not windows:
+        raise EvalError("the text produced no document of at least two tokens")
+    D = len(enc)
+    names = ["decoder", *arms]
+    nll = {a: np.zeros((D, 2, A)) for a in names}
+    count = np.zeros((D, 2, A))
     pad = getattr(tokenizer, "pad_token_id", None) or 0
-    it = chunks
+    it = windows
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(chunks, desc="ppl", unit="chunk", file=sys.stderr)
-    for u, (_, ids) in enumerate(it):
-        x = torch.tensor([ids], device=decoder.device)                                 # (1, T)
-        aug, base = augment.score_after_every_token(decoder, coprocessor, x, A, points_per_pass, pad_id=pad)
-        aug, base = aug.double().cpu().numpy(), base.double().cpu().numpy()           # (T-1, A)
-        ok = np.isfinite(aug) & np.isfinite(base)
-        sa[u], sb[u], n[u] = np.where(ok, aug, 0).sum(0), np.where(ok, base, 0).sum(0), ok.sum(0)
-    doc_of = np.array([d for d, _ in chunks])
-    n_docs = len(set(doc_of.tolist()))
-    # Resample documents (chunks of one document are correlated); with a single document, chunks.
-    unit = bootstrap_unit if bootstrap_unit == "chunk" or n_docs >= 2 else "chunk"
-    ua, ub, un = sa, sb, n
-    if unit == "document":                                                           # (U, A) -> (D, A)
-        keys, inv = np.unique(doc_of, return_inverse=True)
-        ua, ub, un = (np.zeros((len(keys), A)) for _ in range(3))
-        for dst, src in ((ua, sa), (ub, sb), (un, n)):
-            np.add.at(dst, inv, src)
-    res = {"kind": "ppl", "positions": list(range(1, A + 1))}
-    res |= {k: v.tolist() for k, v in ppl_summary(sa, sb, n).items()}
-    res["rel_ppl_change_ci95"] = bootstrap_rel_change(ua, ub, un, n_boot, seed).tolist()
-    res["bootstrap"] = {"unit": unit, "units": int(ua.shape[0]), "resamples": n_boot, "seed": seed,
-                        "method": "percentile, paired (both arms share each resample)"}
-    res["data"] = {"documents": n_docs, "chunks": U, "tokens_read": int(sum(len(c) for _, c in chunks))}
-    res["settings"] = {"positions": A, "chunk": chunk, "max_tokens": max_tokens, "points_per_pass": points_per_pass,
-                       "num_latents": coprocessor.config.num_latents}
+        it = tqdm(windows, desc="ppl", unit="window", file=sys.stderr)
+    n = np.arange(1, A + 1)
+    for w in it:
+        x = torch.tensor([w.ids], device=decoder.device)                               # (1, T)
+        T = x.shape[1]
+        p = np.arange(T - 1)                                                            # point after token p
+        j = w.first + p - w.prefix                                                      # its document index
+        owned = (j >= w.own[0]) & (j < w.own[1])
+        valid = owned[:, None] & (p[:, None] + n[None] < T)                            # (T-1, A)
+        body = (j[:, None] + n[None]) >= DOC_START                                      # target's document index
+        got = {}
+        for a, cop in arms.items():
+            aug, base = augment.score_after_every_token(decoder, cop, x, A, points_per_pass, pad_id=pad)
+            got[a] = aug.double().cpu().numpy()                                         # (T-1, A)
+            got.setdefault("decoder", base.double().cpu().numpy())
+        for a in names:
+            if not np.isfinite(got[a][valid]).all():
+                raise EvalError(f"arm {a}: non-finite NLL in document {w.doc} (try --dtype float32)")
+            for s, m in enumerate((valid & ~body, valid & body)):
+                nll[a][w.doc, s] += np.where(m, got[a], 0.0).sum(0)
+        for s, m in enumerate((valid & ~body, valid & body)):
+            count[w.doc, s] += m.sum(0)
+    keep = count.sum((1, 2)) > 0                     # a one-token document without a sink scores nothing
+    return DocumentScores({a: v[keep] for a, v in nll.items()}, count[keep], windows, total)
+
+
+def _arm_summary(sc: DocumentScores, arm: str, W: np.ndarray | None) -> dict:
+    """Perplexity by position of one arm against the decoder: all targets, and split by doc_start/body."""
+    out = {}
+    for key, sl in (("", slice(None)), ("_doc_start", slice(0, 1)), ("_body", slice(1, 2))):
+        sa, sb, n = (x[:, sl].sum(1) for x in (sc.nll[arm], sc.nll["decoder"], sc.count))    # (D, A)
+        s = ppl_summary(sa, sb, n)
+        ci = (_interval(_rel_change(W @ sa, W @ sb, W @ n)) if W is not None
+              else np.stack([s["rel_ppl_change_pct"]] * 2, 1))
+        out |= {k + key: v.tolist() for k, v in s.items()}
+        out["rel_ppl_change_ci95" + key] = ci.tolist()
+    return out
+
+
+def _arm_difference(sc: DocumentScores, arm: str, other: str, W: np.ndarray | None) -> dict:
+    """rel_ppl_change_pct(arm) - rel_ppl_change_pct(other) per position and averaged over positions
+    1..MEAN_POSITIONS, with paired bootstrap intervals over documents (the same resamples for both)."""
+    A = sc.count.shape[-1]
+    m = min(MEAN_POSITIONS, A)
+    out = {"what": f"rel_ppl_change_pct({arm}) - rel_ppl_change_pct({other}) in percentage points; negative: "
+                   f"{arm} lowers perplexity more", "mean_over_positions": [1, m]}
+    for key, sl in (("all", slice(None)), ("doc_start", slice(0, 1)), ("body", slice(1, 2))):
+        a, o, b, n = (x[:, sl].sum(1) for x in (sc.nll[arm], sc.nll[other], sc.nll["decoder"], sc.count))
+        d = _rel_change(a.sum(0), b.sum(0), n.sum(0)) - _rel_change(o.sum(0), b.sum(0), n.sum(0))   # (A,)
+        r = {"difference_pct_points": d.tolist(), f"mean_1_{m}": float(np.nanmean(d[:m]))}
+        if W is not None:
+            bd = _rel_change(W @ a, W @ b, W @ n) - _rel_change(W @ o, W @ b, W @ n)              # (n_boot, A)
+            r["ci95"] = _interval(bd).tolist()
+            with np.errstate(invalid="ignore"):
+                r[f"mean_1_{m}_ci95"] = _interval(np.nanmean(bd[:, :m], 1)).tolist()
+        out[key] = r
+    return out
+
+
+def perplexity_by_position(decoder, tokenizer, coprocessor, docs: list[str], positions: int = 32, chunk: int = 512,
+                           max_tokens: int = 0, points_per_pass: int = 64, n_boot: int = 1000, seed: int = 0,
+                           progress: bool = False, sink: int | None = None, context: int | None = None,
+                           others: dict | None = None) -> dict:
+    """The paper's perplexity protocol on whole documents: latents after every token, the n-th token
+    ahead scored, the decoder and every augmented arm reading the same windows and the same sink.
+
+    For every window (`document_windows`), `augment.score_after_every_token` inserts the coprocessor's
+    latents after each token p (batched: `points_per_pass` points per masked decoder pass) and scores
+    x_{p+n} for n = 1..positions, given x_0..x_p, the latents and x_{p+1}..x_{p+n-1}. The decoder
+    arm scores the same tokens given the same text without latents. Mean NLLs are pooled over all
+    scored tokens; intervals are percentile bootstraps over documents, paired (one draw for every
+    arm and split). `others`: more augmented arms (name -> coprocessor: a pause checkpoint, the
+    `sink_keys` control), each reported under "arms" and compared with the coprocessor under "compare".
+    `context` (default chunk // 4): see `document_windows`.
+    """
+    context = chunk // 4 if context is None else context
+    if coprocessor is None:
+        raise EvalError("perplexity by position compares the decoder with the augmented decoder: it needs a coprocessor")
+    check_ppl_settings(positions, chunk, points_per_pass, context)
+    arms = {"coprocessor": coprocessor, **(others or {})}
+    sc = score_documents(decoder, tokenizer, arms, docs, positions, chunk, context, sink, max_tokens,
+                         points_per_pass, progress)
+    D = sc.count.shape[0]
+    W = resample_weights(D, n_boot, seed) if D >= 2 else None
+    res = {"kind": "ppl", "positions": list(range(1, positions + 1))}
+    res |= _arm_summary(sc, "coprocessor", W)
+    res["documents"] = D
+    res["bootstrap"] = {"unit": "document", "units": D, "resamples": n_boot if W is not None else 0, "seed": seed,
+                        "method": "percentile, paired (every arm and split shares each resample)"}
+    per_doc = np.bincount([w.doc for w in sc.windows])
+    res["data"] = {"documents": D, "windows": len(sc.windows), "tokens_read": sc.tokens_read,
+                   "documents_in_several_windows": int((per_doc > 1).sum())}
+    res["split"] = {"doc_start": f"targets at index < {DOC_START} in their document", "body": "all other targets"}
+    res["settings"] = {"positions": positions, "chunk": chunk, "context": context, "max_tokens": max_tokens,
+                       "points_per_pass": points_per_pass, "num_latents": coprocessor.config.num_latents}
+    if others:
+        res["arms"] = {a: {"num_latents": c.config.num_latents, **_arm_summary(sc, a, W)} for a, c in others.items()}
+        res["compare"] = {a: _arm_difference(sc, "coprocessor", a, W) for a in others}
     return res
 
 
@@ -854,23 +1082,61 @@ def _ppl_rows(res: dict, rows: str) -> list[int]:
     return [i for i, p in enumerate(pos) if p in want]
 
 
+def _ci(ci, i) -> str:
+    lo, hi = ci[i] if ci else (None, None)
+    return f"[{_pct(lo)}, {_pct(hi)}]"
+
+
 def _ppl_table(res: dict, rows: str = "paper") -> str:
-    ci = res.get("rel_ppl_change_ci95") or [[None, None]] * len(res["positions"])
-    lines = ["| position | tokens | ppl decoder | ppl + coprocessor | rel. change | 95% CI |",
-             "|---:|---:|---:|---:|---:|---|"]
+    n = len(res["positions"])
+    ci = res.get("rel_ppl_change_ci95") or [[None, None]] * n
+    split = "rel_ppl_change_pct_body" in res
+    head = "| position | tokens | ppl decoder | ppl + coprocessor | rel. change | 95% CI |"
+    rule = "|---:|---:|---:|---:|---:|---|"
+    if split:
+        head += " body | body 95% CI | doc start |"
+        rule += "---:|---|---:|"
+    lines = [head, rule]
     for i in _ppl_rows(res, rows):
-        lo, hi = ci[i]
         pd_, pa = res["ppl_decoder"][i], res["ppl_augmented"][i]
-        lines.append(f"| {res['positions'][i]} | {res['tokens_scored'][i]:,} | "
-                     f"{'n/a' if pd_ is None else f'{pd_:.3f}'} | {'n/a' if pa is None else f'{pa:.3f}'} | "
-                     f"{_pct(res['rel_ppl_change_pct'][i])} | [{_pct(lo)}, {_pct(hi)}] |")
+        line = (f"| {res['positions'][i]} | {res['tokens_scored'][i]:,} | "
+                f"{'n/a' if pd_ is None else f'{pd_:.3f}'} | {'n/a' if pa is None else f'{pa:.3f}'} | "
+                f"{_pct(res['rel_ppl_change_pct'][i])} | {_ci(ci, i)} |")
+        if split:
+            line += (f" {_pct(res['rel_ppl_change_pct_body'][i])} | {_ci(res.get('rel_ppl_change_ci95_body'), i)} | "
+                     f"{_pct(res['rel_ppl_change_pct_doc_start'][i])} |")
+        lines.append(line)
+    for arm, cmp in (res.get("compare") or {}).items():
+        other = res["arms"][arm]
+        lines += ["", f"coprocessor vs {arm} ({other.get('source', '')}, {other.get('num_latents')} latents): "
+                  "rel. change of each arm against the decoder, and the difference (percentage points) with "
+                  "its paired 95% interval over documents", "",
+                  f"| position | {arm} | {arm} body | difference | 95% CI | body difference | body 95% CI |",
+                  "|---:|---:|---:|---:|---|---:|---|"]
+        for i in _ppl_rows(res, rows):
+            a, b = cmp["all"], cmp["body"]
+            lines.append(f"| {res['positions'][i]} | {_pct(other['rel_ppl_change_pct'][i])} | "
+                         f"{_pct(other['rel_ppl_change_pct_body'][i])} | {_pct(a['difference_pct_points'][i])} | "
+                         f"{_ci(a.get('ci95'), i)} | {_pct(b['difference_pct_points'][i])} | {_ci(b.get('ci95'), i)} |")
+        m = cmp["mean_over_positions"][1]
+        a, b = cmp["all"], cmp["body"]
+        lines.append(f"| mean 1-{m} | | | {_pct(a[f'mean_1_{m}'])} | {_ci(a.get(f'mean_1_{m}_ci95') and [a[f'mean_1_{m}_ci95']], 0)} | "
+                     f"{_pct(b[f'mean_1_{m}'])} | {_ci(b.get(f'mean_1_{m}_ci95') and [b[f'mean_1_{m}_ci95']], 0)} |")
     d = res.get("data", {})
     cop = (res.get("provenance") or {}).get("coprocessor") or {}
     foot = f"\n\n{d['tokens_read']:,} tokens from {d['documents']} documents" if "tokens_read" in d else ""
+    sink = res.get("sink")
+    if sink:
+        foot += (f", every arm reading the sink {sink['token']!r} before each document" if sink.get("token_id") is not None
+                 else ", no sink token (a document's first token is read without context)")
     if cop:
-        foot += f"; coprocessor: {cop.get('source')} ({cop.get('config', {}).get('num_latents')} latents)"
+        foot += f"; coprocessor: {_repo_relative(cop.get('source'))} ({cop.get('config', {}).get('num_latents')} latents)"
     if foot:
-        foot += ". Negative = the latents lower perplexity."
+        foot += ". Negative = the latents lower perplexity"
+        if split:
+            foot += f"; body: targets at index >= {DOC_START} in their document, doc start: the first {DOC_START}"
+        foot += "."
+    foot += _provenance_line(res.get("provenance") or {}) if res.get("provenance") else ""
     return "\n".join(lines) + foot
 
 
@@ -1099,18 +1365,52 @@ def _model_args(p):
 
 
 
+def _extra_keys(spec: str, cop) -> int:
+    """`--extra-keys`: 0 (off), N, or "match" (as many as the coprocessor's latents)."""
+    if spec == "match":
+        return cop.config.num_latents
+    try:
+        n = int(spec)
+    except ValueError:
+        raise EvalError(f"--extra-keys {spec!r}: expected a number or 'match'") from None
+    if n < 0:
+        raise EvalError("--extra-keys must be >= 0 (0 = no extra-keys arm)")
+    return n
+
+
 def cmd_ppl(args) -> int:
     t0 = time.perf_counter()
-    check_ppl_settings(args.positions, args.chunk, args.points_per_pass)
-    docs = read_documents(args.text)
-    wb = load_models(args.decoder, args.coprocessor, device=args.device, dtype=args.dtype)
+    check_ppl_settings(args.positions, args.chunk, args.points_per_pass, args.context)
+    if args.extra_keys != "0" and args.sink == "none":
+        raise EvalError("--extra-keys inserts copies of the sink token: it needs --sink auto or --sink TOKEN")
+    documents = load_documents(args.text)
+    if len(documents) == 1 and Path(args.text).suffix != ".jsonl" and "\n\n" in documents[0].text:
+        print(f"note: {args.text} is read as one document: separate documents with a line holding only a form "
+              "feed (printf '\\f\\n'), or use .jsonl", file=sys.stderr)
+    wb = load_models(args.decoder, args.coprocessor, pause=args.compare, device=args.device, dtype=args.dtype)
     if wb.notice:
         print(f"note: {wb.notice}", file=sys.stderr)
-    res = perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, docs, positions=args.positions,
-                                 chunk=args.chunk, max_tokens=args.max_tokens, points_per_pass=args.points_per_pass,
-                                 n_boot=args.bootstrap, seed=args.seed, bootstrap_unit=args.bootstrap_unit,
-                                 progress=not args.no_progress)
-    res["data"] |= {"text_file": str(args.text), "text_sha256": _sha256(args.text)}
+    sink = resolve_sink(wb.tokenizer, args.sink)
+    others = {}
+    if args.compare:
+        others["pause"] = wb.pause
+    n_keys = _extra_keys(args.extra_keys, wb.coprocessor)
+    if n_keys:
+        others["extra_keys"] = sink_keys(wb.decoder, wb.coprocessor, n_keys, sink["token_id"])
+    res = perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, [d.text for d in documents],
+                                 positions=args.positions, chunk=args.chunk, max_tokens=args.max_tokens,
+                                 points_per_pass=args.points_per_pass, n_boot=args.bootstrap, seed=args.seed,
+                                 progress=not args.no_progress, sink=sink["token_id"], context=args.context,
+                                 others=others)
+    res["sink"] = sink
+    sources = [d.source for d in documents[: res["documents"]] if d.source]
+    res["data"] |= {"text_file": str(args.text), "text_sha256": _sha256(args.text),
+                    "sources": dict(sorted(Counter(sources).items())) if sources else None}
+    if "arms" in res:
+        if "pause" in res["arms"]:
+            res["arms"]["pause"]["source"] = str(args.compare)
+        if "extra_keys" in res["arms"]:
+            res["arms"]["extra_keys"]["source"] = f"{n_keys} copies of the sink token {sink['token']!r}"
     res["provenance"] = provenance(wb, t0, args)
     write_json(res, args.json)
     print(results_table_markdown(res))
@@ -1383,15 +1683,25 @@ def register_cli(subparsers) -> None:
     sub = p.add_subparsers(dest="eval_command", required=True)
 
     q = sub.add_parser("ppl", help="relative perplexity change by token position, latents after every token (Table 1)")
-    q.add_argument("--text", required=True, help="text file (documents separated by blank lines) or .jsonl with 'text'")
+    q.add_argument("--text", required=True, help=".jsonl (one document a line: 'text', optional 'title' joined in "
+                   "front, 'source') or a text file whose documents are separated by form-feed lines")
     q.add_argument("--json", required=True, help="write the result here")
     _model_args(q)
-    q.add_argument("--max-tokens", type=int, default=0, help="read at most this many tokens in all (0 = all)")
+    q.add_argument("--sink", default="auto", help="start-of-text token every arm reads before each document: "
+                   "auto (<|endoftext|>, else BOS, else EOS) | none | a token of the vocabulary")
+    q.add_argument("--compare", default="", metavar="PAUSE_DIR", help="also score this pause-token checkpoint "
+                   "and report the coprocessor-minus-pause difference with paired intervals over documents")
+    q.add_argument("--extra-keys", default="0", metavar="N|match", help="also score the decoder given N extra "
+                   "copies of the sink token at each augmentation point, where the latents go (match = as "
+                   "many as the coprocessor's latents; 0 = off)")
+    q.add_argument("--max-tokens", type=int, default=0, help="read whole documents until this many tokens (0 = all)")
     q.add_argument("--positions", type=int, default=32, help="score the n-th token ahead for n = 1..this")
-    q.add_argument("--chunk", type=int, default=256, help="split documents into sequences of at most this many tokens")
+    q.add_argument("--chunk", type=int, default=512, help="tokens per scored window (sink included); longer "
+                   "documents are read in windows that carry the text before them")
+    q.add_argument("--context", type=int, default=None, help="a long document's later windows carry at least this "
+                   "many tokens before their first scored point (default: a quarter of --chunk)")
     q.add_argument("--points-per-pass", type=int, default=64, help="augmentation points per batched decoder pass")
-    q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    q.add_argument("--bootstrap-unit", default="document", choices=("document", "chunk"))
+    q.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (over documents) for the 95%% intervals")
     q.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     q.set_defaults(fn=cmd_ppl)
 

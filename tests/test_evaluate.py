@@ -74,25 +74,58 @@ def _hand_logprob(dec, cop, ctx, cont, delay=0):
 # -- perplexity by position -------------------------------------------------------------------
 
 
-def test_read_documents(tmp_path):
+def test_load_documents(tmp_path):
     p = tmp_path / "t.txt"
-    p.write_text("one doc\nstill one\n\n  \n\nsecond doc\n")
-    assert evaluate.read_documents(p) == ["one doc\nstill one", "second doc"]
+    p.write_text("Title\n\nits body\nstill one\n\f\n  \n\f \nsecond doc\n")
+    assert evaluate.read_documents(p) == ["Title\n\nits body\nstill one", "second doc"]  # blank lines do not split
     j = tmp_path / "t.jsonl"
-    j.write_text(json.dumps({"text": "a b"}) + "\n\n" + json.dumps({"text": "c"}) + "\n")
-    assert evaluate.read_documents(j) == ["a b", "c"]
-    j.write_text('{"no_text": 1}\n')
-    with pytest.raises(evaluate.EvalError):
-        evaluate.read_documents(j)
+    j.write_text(json.dumps({"title": "Fox", "text": "a b", "source": "wiki"}) + "\n\n" + json.dumps({"text": "c"})
+                 + "\n" + json.dumps({"title": "Dog", "text": "Dog\n\nbarks"}) + "\n")
+    docs = evaluate.load_documents(j)
+    assert [d.text for d in docs] == ["Fox\n\na b", "c", "Dog\n\nbarks"]       # a title already in front: once
+    assert [d.source for d in docs] == ["wiki", "", ""]
+    for bad in ('{"no_text": 1}\n', '[1, 2]\n', '{"text": 3}\n', "not json\n"):
+        j.write_text(bad)
+        with pytest.raises(evaluate.EvalError, match="t.jsonl:1"):
+            evaluate.read_documents(j)
 
 
-def test_document_chunks_budget():
+@pytest.mark.parametrize("sink", [None, 95])
+def test_document_windows_never_split_a_document(sink):
+    """Every augmentation point of a document is scored in exactly one window; that window starts with
+    the sink, holds the document's start or at least `context` tokens before the point, and holds all
+    of the point's targets; windows keep to `chunk`."""
+    chunk, A, ctx = 16, 3, 4
+    for L in [1, 2, 5, 14, 15, 16, 17, 40, 61]:
+        ids = list(range(1, L + 1))
+        ws = evaluate.document_windows(ids, 7, chunk, A, ctx, sink)
+        P = 0 if sink is None else 1
+        owned = [j for w in ws for j in range(*w.own)]
+        assert owned == list(range(-P, L - 1)) if L + P >= 2 else ws == []
+        for w in ws:
+            assert w.doc == 7 and len(w.ids) <= chunk and w.prefix == P
+            assert w.ids[:P] == ([] if sink is None else [sink])
+            assert w.ids[P:] == ids[w.first: w.first + len(w.ids) - P]          # contiguous document text
+            q0, q1 = w.own
+            assert w.first == 0 or w.first <= q0 - ctx                          # the start, or enough context
+            last_target = min(q1 - 1 + A, L - 1)
+            assert last_target < w.first + len(w.ids) - P                       # every target inside
+        if 2 <= L + P <= chunk:
+            assert len(ws) == 1 and ws[0].first == 0
+
+
+def test_resolve_sink():
     tok = TinyTokenizer()
-    ch = evaluate.document_chunks(tok, DOCS, chunk=10, max_tokens=25)
-    assert sum(len(c) for _, c in ch) == 25 and all(len(c) <= 10 for _, c in ch)
-    assert [d for d, _ in ch] == [0, 0, 0]
-    ch = evaluate.document_chunks(tok, DOCS, chunk=16)
-    assert sum(len(c) for _, c in ch) == sum(len(d) for d in DOCS)   # TinyTokenizer: one id per character
+    assert evaluate.resolve_sink(tok, "auto")["token_id"] == tok.eos_token_id    # no BOS: EOS
+    tok.bos_token_id = 5
+    assert evaluate.resolve_sink(tok, "auto") == {"mode": "auto", "token_id": 5, "token": tok.decode([5])}
+    assert evaluate.resolve_sink(tok, "none")["token_id"] is None
+    assert evaluate.resolve_sink(tok, "a")["token_id"] == tok.get_vocab()["a"]
+    with pytest.raises(evaluate.EvalError, match="not a token"):
+        evaluate.resolve_sink(tok, "<|nope|>")
+    bpe = byte_tokenizer()                     # has <|endoftext|>: the document separator comes first
+    bpe.bos_token = "a"
+    assert evaluate.resolve_sink(bpe, "auto")["token"] == "<|endoftext|>"
 
 
 def test_ppl_summary_sign_and_arithmetic():
@@ -118,32 +151,92 @@ def test_bootstrap_interval_contains_point():
     assert np.all(ci[:, 0] <= point) and np.all(point <= ci[:, 1]) and np.all(ci[:, 0] < ci[:, 1])
 
 
-def test_perplexity_by_position_matches_direct_computation():
+@torch.no_grad()
+def _hf_nll(dec, seq: list[int], i: int) -> float:
+    """NLL of seq[i] given seq[:i], from the decoder's own transformers forward."""
+    lp = torch.log_softmax(dec(input_ids=torch.tensor([seq[:i]])).logits[0, -1].float(), -1)
+    return -float(lp[seq[i]])
+
+
+@pytest.mark.parametrize("sink", [None, 0])
+def test_perplexity_by_position_decoder_arm_is_the_plain_forward(sink, monkeypatch):
+    """Whole documents with the sink in front: every scored sequence starts with the same sink for
+    every arm, the decoder arm's position-1 NLL is transformers' own next-token NLL over each whole
+    document after the sink (the sink never a target), and body + doc_start add up to the total."""
     wb = _wb()
-    res = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS, positions=3, chunk=12,
-                                          points_per_pass=5, n_boot=200)
-    # direct: every chunk through score_after_every_token, NLLs pooled by position
-    tot_a, tot_b, cnt = np.zeros(3), np.zeros(3), np.zeros(3)
-    plain_first = []
-    for _, ids in evaluate.document_chunks(wb.tokenizer, DOCS, 12):
-        x = torch.tensor([ids])
-        aug, base = augment.score_after_every_token(wb.decoder, wb.coprocessor, x, 3, points_per_pass=5)
-        aug, base = aug.double().numpy(), base.double().numpy()
-        tot_a += np.nansum(aug, 0)
-        tot_b += np.nansum(base, 0)
-        cnt += np.isfinite(base).sum(0)
-        _, logits = augment.prefill(wb.decoder, x)
-        plain_first += augment.plain_nll(logits, x)[0, 1:].tolist()
-    assert res["positions"] == [1, 2, 3] and res["tokens_scored"] == cnt.astype(int).tolist()
-    np.testing.assert_allclose(res["ppl_decoder"], np.exp(tot_b / cnt), rtol=1e-6)
-    np.testing.assert_allclose(res["ppl_augmented"], np.exp(tot_a / cnt), rtol=1e-6)
-    rel = (np.exp(tot_a / cnt) / np.exp(tot_b / cnt) - 1) * 100
-    np.testing.assert_allclose(res["rel_ppl_change_pct"], rel, rtol=1e-6, atol=1e-9)
-    # position 1 of the decoder arm is its ordinary next-token NLL over every token after the first
-    assert res["nll_decoder"][0] == pytest.approx(float(np.mean(plain_first)), rel=1e-5)
+    seen = []
+    real = augment.score_after_every_token
+
+    def spy(dec, cop, x, *a, **k):
+        seen.append((cop, x[0].tolist()))
+        return real(dec, cop, x, *a, **k)
+
+    monkeypatch.setattr(augment, "score_after_every_token", spy)
+    pause = Coprocessor(CoprocessorConfig(num_latents=2, body="none"), wb.decoder).eval()
+    res = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS, positions=3, chunk=80,
+                                          points_per_pass=5, n_boot=200, sink=sink, others={"pause": pause})
+    enc = [wb.tokenizer.encode(d) for d in DOCS]
+    pre = [] if sink is None else [sink]
+    assert [x for c, x in seen if c is wb.coprocessor] == [pre + ids for ids in enc]          # whole documents
+    assert [x for c, x in seen if c is pause] == [x for c, x in seen if c is wb.coprocessor]   # same input, same sink
+    # position 1, decoder arm: transformers' next-token NLL of every token after the sink (or the first token)
+    first = [_hf_nll(wb.decoder, pre + ids, i) for ids in enc for i in range(1, len(pre) + len(ids))]
+    assert res["tokens_scored"][0] == len(first)
+    assert res["nll_decoder"][0] == pytest.approx(float(np.mean(first)), rel=1e-5)
+    # doc_start at position 1: document indices 0-3 after a sink, 1-3 without (index 0 has no context)
+    assert res["tokens_scored_doc_start"][0] == (4 if sink is not None else 3) * len(DOCS)
+    # the split adds up: token counts and NLL sums of both arms, at every position
+    for arm in ("decoder", "augmented"):
+        for i in range(3):
+            n, nb, ns = (res[k][i] for k in ("tokens_scored", "tokens_scored_body", "tokens_scored_doc_start"))
+            assert n == nb + ns
+            assert res[f"nll_{arm}"][i] * n == pytest.approx(res[f"nll_{arm}_body"][i] * nb
+                                                             + res[f"nll_{arm}_doc_start"][i] * ns, rel=1e-9)
+    assert res["data"]["documents"] == res["documents"] == 3 and res["bootstrap"]["unit"] == "document"
     for (lo, hi), p in zip(res["rel_ppl_change_ci95"], res["rel_ppl_change_pct"]):
         assert lo <= p <= hi
-    assert res["bootstrap"]["unit"] == "document" and res["data"]["documents"] == 3
+    # the comparison: the difference of the two arms' changes, with an interval around it
+    cmp = res["compare"]["pause"]["all"]
+    want = np.array(res["rel_ppl_change_pct"]) - np.array(res["arms"]["pause"]["rel_ppl_change_pct"])
+    np.testing.assert_allclose(cmp["difference_pct_points"], want, rtol=1e-9)
+    assert cmp["mean_1_3"] == pytest.approx(want.mean())
+    assert all(lo <= d <= hi for (lo, hi), d in zip(cmp["ci95"], want))
+
+
+def test_long_document_windows_score_each_target_once():
+    """A document longer than the chunk: every (point, position) pair is scored once, so the token
+    counts equal those of one window over the whole document."""
+    wb = _wb()
+    doc = [" ".join(DOCS)]
+    kw = dict(positions=3, points_per_pass=8, n_boot=20, sink=0)
+    one = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, doc, chunk=200, **kw)
+    many = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, doc, chunk=40, context=8, **kw)
+    assert many["data"]["windows"] > 3 and one["data"]["windows"] == 1
+    for k in ("tokens_scored", "tokens_scored_body", "tokens_scored_doc_start"):
+        assert many[k] == one[k]
+
+
+def test_extra_keys_arm_is_the_decoder_reading_inserted_sink_tokens():
+    """The third arm through the augmentation code equals transformers' forward over the text with
+    N sink tokens physically inserted after each augmentation point (default layout: the latents
+    continue the positions, the text after them shifted)."""
+    wb = _wb()
+    N, A, sink = 2, 3, 7
+    keys = evaluate.sink_keys(wb.decoder, wb.coprocessor, N, sink)
+    ids = wb.tokenizer.encode(DOCS[2])[:12]
+    sc = evaluate.score_documents(wb.decoder, wb.tokenizer, {"extra_keys": keys}, [wb.tokenizer.decode(ids)],
+                                  positions=A, chunk=64, sink=sink, points_per_pass=4)
+    seq = [sink] + ids
+    want, cnt = np.zeros((2, A)), np.zeros((2, A))
+    for p in range(len(seq) - 1):
+        for n in range(1, A + 1):
+            if p + n >= len(seq):
+                continue
+            s = int(p + n - 1 >= 4)                                   # the target's index in the document
+            want[s, n - 1] += _hf_nll(wb.decoder, seq[: p + 1] + [sink] * N + seq[p + 1: p + n + 1], p + N + n)
+            cnt[s, n - 1] += 1
+    np.testing.assert_allclose(sc.nll["extra_keys"][0], want, rtol=1e-4)
+    np.testing.assert_array_equal(sc.count[0], cnt)
 
 
 # -- multiple choice --------------------------------------------------------------------------
@@ -352,7 +445,7 @@ def test_generate_texts_equals_generate_text():
 
 def test_results_table_markdown_ppl_and_bench():
     wb = _wb(pause=True)
-    ppl = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS * 3, positions=33, chunk=40,
+    ppl = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS * 3, positions=33, chunk=80,
                                           n_boot=50)
     md = evaluate.results_table_markdown(json.loads(json.dumps(evaluate._clean_json(ppl))))
     rows = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -390,24 +483,51 @@ def tiny_checkpoints(tmp_path_factory):
 def test_cli_ppl(tiny_checkpoints, tmp_path, capsys):
     from cacheaug_core.cli import main
 
-    dec_dir, cop_dir, _ = tiny_checkpoints
-    text = tmp_path / "held_out.txt"
-    text.write_text("\n\n".join(DOCS))
+    dec_dir, cop_dir, pause_dir = tiny_checkpoints
+    text = tmp_path / "held_out.jsonl"
+    text.write_text("".join(json.dumps({"title": f"T{i}", "text": d, "source": "s"}) + "\n" for i, d in enumerate(DOCS)))
     out = tmp_path / "ppl.json"
     rc = main(["eval", "ppl", "--text", str(text), "--json", str(out), "--decoder", dec_dir, "--coprocessor", cop_dir,
                "--max-tokens", "60", "--positions", "4", "--chunk", "24", "--device", "cpu", "--no-progress",
-               "--bootstrap", "100"])
+               "--bootstrap", "100", "--compare", pause_dir, "--extra-keys", "match"])
     assert rc == 0
     res = json.loads(out.read_text())
     for k in ("positions", "ppl_decoder", "ppl_augmented", "rel_ppl_change_pct", "tokens_scored",
-              "rel_ppl_change_ci95", "provenance", "data", "settings"):
+              "rel_ppl_change_ci95", "provenance", "data", "settings", "rel_ppl_change_pct_body",
+              "rel_ppl_change_pct_doc_start", "sink", "documents", "arms", "compare"):
         assert k in res
-    assert res["positions"] == [1, 2, 3, 4] and res["data"]["tokens_read"] == 60
+    first_two = [len(f"T{i}\n\n{d}".encode()) for i, d in enumerate(DOCS[:2])]     # byte tokenizer
+    assert res["positions"] == [1, 2, 3, 4] and res["data"]["tokens_read"] == sum(first_two)   # whole documents
+    assert res["documents"] == 2 and res["data"]["sources"] == {"s": 2}
+    assert res["sink"]["mode"] == "auto" and res["sink"]["token"] == "<|endoftext|>"
+    assert set(res["compare"]) == {"pause", "extra_keys"} and res["arms"]["extra_keys"]["num_latents"] == 2
+    assert len(res["compare"]["pause"]["body"]["ci95"]) == 4
     prov = res["provenance"]
     assert prov["coprocessor"]["source"] == cop_dir and prov["coprocessor"]["config"]["num_latents"] == 2
     assert prov["decoder"]["model_type"] == "llama" and prov["seconds"] >= 0 and "git" in prov
     assert "device" in prov and prov["arguments"]["positions"] == 4
-    assert "| position |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| position |" in printed and "coprocessor vs pause" in printed and "coprocessor vs extra_keys" in printed
+
+
+def test_cli_ppl_refuses_bad_sink_and_reads_txt_as_form_feed_documents(tiny_checkpoints, tmp_path, capsys):
+    from cacheaug_core.cli import main
+
+    dec_dir, cop_dir, _ = tiny_checkpoints
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\f\n".join(DOCS))
+    out = tmp_path / "ppl.json"
+    common = ["--decoder", dec_dir, "--coprocessor", cop_dir, "--positions", "2", "--chunk", "24", "--device", "cpu",
+              "--no-progress", "--bootstrap", "10"]
+    assert main(["eval", "ppl", "--text", str(text), "--json", str(out), "--sink", "<|nope|>", *common]) == 2
+    assert "is not a token" in capsys.readouterr().err and not out.exists()
+    assert main(["eval", "ppl", "--text", str(text), "--json", str(out), "--sink", "none", "--extra-keys", "2",
+                 *common]) == 2
+    assert "--extra-keys inserts copies of the sink token" in capsys.readouterr().err
+    assert main(["eval", "ppl", "--text", str(text), "--json", str(out), "--sink", "none", *common]) == 0
+    res = json.loads(out.read_text())
+    assert res["documents"] == 3 and res["sink"]["token_id"] is None
+    assert res["data"]["tokens_read"] == sum(len(d.encode()) for d in DOCS)
 
 
 def test_cli_bench_fake_tasks(tiny_checkpoints, tmp_path, monkeypatch):
