@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cacheaug_core import evaluate  # noqa: E402
+from cacheaug_core import eval as ev  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,17 +39,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     t00 = time.perf_counter()
-    docs = evaluate.read_documents(args.text)
-    out = {"text": args.text, "max_tokens": args.max_tokens, "chunk": args.chunk, "doc_start": evaluate.DOC_START,
+    docs = ev.read_documents(args.text)
+    out = {"text": args.text, "max_tokens": args.max_tokens, "chunk": args.chunk, "doc_start": ev.DOC_START,
            "arms": {}}
     wb = None
     for path in args.coprocessor:
-        wb = evaluate.load_models("", path, device=args.device)
+        wb = ev.load_models("", path, device=args.device)
         per = {}
         for mode in args.sink or ("none", "auto"):
-            sink = evaluate.resolve_sink(wb.tokenizer, mode)
+            sink = ev.resolve_sink(wb.tokenizer, mode)
             t0 = time.perf_counter()
-            res = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, docs, args.positions,
+            res = ev.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, docs, args.positions,
                                                   args.chunk, args.max_tokens, n_boot=args.bootstrap,
                                                   sink=sink["token_id"])
             per[mode] = {"sink": sink, "seconds": round(time.perf_counter() - t0, 1),
@@ -64,8 +64,8 @@ def main(argv=None) -> int:
                     enumerate(zip(res["rel_ppl_change_pct" + k], res["tokens_scored" + k]))))
         out["arms"][path] = per
     if args.json:
-        out["provenance"] = evaluate.provenance(wb, t00)
-        evaluate.write_json(out, args.json)
+        out["provenance"] = ev.provenance(wb, t00)
+        ev.write_json(out, args.json)
     return 0
 
 
