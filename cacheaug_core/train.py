@@ -411,7 +411,7 @@ def _made_by(acc) -> dict:
 
     import transformers
 
-    from .evaluate import device_name, git_commit
+    from .eval.provenance import device_name, git_commit
 
     return {"command_line": shlex.join(sys.argv), "git": git_commit(), "device": device_name(acc.device),
             "num_processes": acc.num_processes,
