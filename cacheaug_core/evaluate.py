@@ -497,8 +497,11 @@ def score_requests(decoder, requests: list[tuple[list[int], list[int]]], coproce
                 else:        # contexts + continuations: the mask picks each row's entries
                     mask = _delayed_group_mask(tc, kv.length(cache), kv.length(full), N, layout.group_len,
                                                layout.hide_point, augment.decoder_dtype(decoder))
+                    Pc = kv.length(cache)       # positions of full's keys: contexts, then continuations
+                    cpos = torch.cat([torch.arange(Pc, device=dev)[None].expand(R, Pc),
+                                      tc[:, None] + torch.arange(kv.length(full) - Pc, device=dev)], dim=1)
                     go = augment.group_forward(decoder, full, pts, z, tokens, layout, attention_mask=mask,
-                                               gate=augment.gate_of(cop))
+                                               gate=augment.gate_of(cop), cache_positions=cpos)
                 h = go.last_hidden_state.view(R, layout.group_len, -1)[:, -A:]         # (R, A, d)
                 glp, gg = _token_logprobs(decoder, h, targets[:, N:])                  # (R, A)
                 aug = (lens > N)[:, None]                                              # rows that read latents
