@@ -114,11 +114,14 @@ def gate_of(coprocessor):
 
 def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
                   tokens: torch.Tensor, layout: masks.GroupLayout, attention_mask=None,
-                  output_attentions: bool = False, gate: torch.Tensor | None = None):
+                  output_attentions: bool = False, gate: torch.Tensor | None = None,
+                  cache_positions: torch.Tensor | None = None):
     """Read every point's group [latents, tokens] against the cache (T cached positions).
 
     points (B, P), latents (B, P, NL, d), tokens (B, P, n_tokens) -> decoder base output whose
     last_hidden_state is (B, P*G, d). `gate` is the coprocessor's latent gate bias (L,) if it has one.
+    `cache_positions` (B, T): the position ids of the cached keys where they are not 0..T-1 (a
+    cache that holds more than one text's prefix); sliding-window layers measure their window in them.
     """
     B, P = points.shape
     T = kv.length(cache)
@@ -139,7 +142,8 @@ def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
         inputs_embeds=x.reshape(B, P * G, -1),
         attention_mask=attention_mask,
         position_ids=pos,
-        key_positions=masks.key_positions(T, pos),
+        key_positions=(masks.key_positions(T, pos) if cache_positions is None
+                       else torch.cat([cache_positions.to(pos.device).expand(B, T), pos], dim=1)),
         use_cache=True,
         output_attentions=output_attentions,
         **kv.cache_kwargs(kv.fork(cache)),

@@ -188,6 +188,34 @@ def test_mode_a_and_b_scores(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("delay", [0, 2])
+def test_benchmark_scoring_equals_the_reference(name, delay):
+    """evaluate.score_requests (benchmarks; padded contexts of several lengths, latents arriving
+    `delay` continuation tokens late) against the decoder's own forward over context, the first
+    `delay` continuation tokens, the latents, the rest."""
+    from cacheaug_core import evaluate
+
+    dec = _decoder(name)
+    cop = _coprocessor(dec)
+    ids = _ids(9, 30)[0].tolist()
+    reqs = [(ids[:14], ids[14:20]), (ids[3:13], ids[13:18]), (ids[:14], ids[20:26])]
+    got = evaluate.score_requests(dec, reqs, {"plain": None, "aug": cop}, async_delay=delay)
+    emb = dec.get_input_embeddings()
+    for i, (c, t) in enumerate(reqs):
+        ctx = torch.tensor([c])
+        z = cop(augment.prefill(dec, ctx)[0], torch.tensor([[len(c) - 1]]))[0, 0]        # (NL, d)
+        full = torch.tensor([c + t])
+        plain = torch.log_softmax(dec(input_ids=full).logits[0, len(c) - 1: -1], -1)
+        want_plain = plain.gather(-1, torch.tensor(t)[:, None])[:, 0]
+        x = torch.cat([emb(full[:, : len(c) + delay])[0], z, emb(full[:, len(c) + delay:])[0]])[None]
+        lp = torch.log_softmax(dec(inputs_embeds=x).logits[0], -1)
+        rows = list(range(len(c) - 1, len(c) - 1 + delay)) + [len(c) + delay - 1 + NL + j for j in range(len(t) - delay)]
+        want_aug = lp[rows].gather(-1, torch.tensor(t)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(got["plain"].token_logprobs[i]).double(), want_plain.double(), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(got["aug"].token_logprobs[i]).double(), want_aug.double(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_round_trip(name, tmp_path):
     dec = _decoder(name)
     cop = _coprocessor(dec, body="lora", lora_rank=2, latent_gate=True)
