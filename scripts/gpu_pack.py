@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cacheaug_core import sources as S
 from cacheaug_core.data import TokenData
 
 
@@ -32,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--heldout", default="dev", help="held-out set stored as heldout.bin (the dev set: never a headline set)")
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
+    if S.HELDOUT_SETS.get(args.heldout, S.HELDOUT_SETS["dev"]).role == "headline":
+        ap.error(f"--heldout {args.heldout} is a headline set: training monitors the dev set, and nothing is chosen on a headline set")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = TokenData(args.corpus, "train")
