@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import fastpath, kv, masks
+from . import families, fastpath, kv, masks
 
 
 def embed(decoder, ids: torch.Tensor) -> torch.Tensor:
@@ -39,13 +39,18 @@ def decoder_dtype(decoder) -> torch.dtype:
 
 
 def hidden_to_logits(decoder, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on hidden (..., d) -> (..., V).
+    """The decoder's output head on final hidden states (..., d) -> logits (..., V): the LM head,
+    then Gemma-2/3's final logit softcap where the config has one (`families.logit_softcap`), as
+    the decoder's own forward computes its logits. Every scoring path goes hidden -> logits here
+    (or, by vocabulary slices, through `fastpath.head_nll` / `fastpath.linear_cross_entropy`, which
+    apply the same cap).
 
     Flattened to one (N, d) matrix first: the hidden states of `multi_point` are a strided slice,
     and a linear on a non-contiguous 3-D/4-D input runs as a batched matmul against the broadcast
     vocabulary matrix, about 7x slower on CPU than one plain matmul.
     """
-    return decoder.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+    logits = decoder.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])).view(*hidden.shape[:-1], -1)
+    return families.softcap(logits, families.logit_softcap(decoder.config))
 
 
 def _logits_to_keep(decoder, n: int) -> dict:
@@ -56,14 +61,14 @@ def _logits_to_keep(decoder, n: int) -> dict:
 @torch.no_grad()
 def prefill(decoder, input_ids: torch.Tensor):
     """Run the decoder over input_ids (B, T). -> (cache, logits (B, T, V))."""
-    out = decoder(input_ids=input_ids, use_cache=True)
-    return out.past_key_values, out.logits
+    out = decoder(input_ids=input_ids, use_cache=True, **kv.cache_kwargs(None))
+    return kv.returned(out), out.logits
 
 
 @torch.no_grad()
 def prefill_cache(decoder, input_ids: torch.Tensor):
     """Only the cache of input_ids (B, T): training needs no logits for the original tokens."""
-    return decoder.base_model(input_ids=input_ids, use_cache=True).past_key_values
+    return kv.returned(decoder.base_model(input_ids=input_ids, use_cache=True, **kv.cache_kwargs(None)))
 
 
 def compile_layers(model) -> None:
@@ -109,11 +114,14 @@ def gate_of(coprocessor):
 
 def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
                   tokens: torch.Tensor, layout: masks.GroupLayout, attention_mask=None,
-                  output_attentions: bool = False, gate: torch.Tensor | None = None):
+                  output_attentions: bool = False, gate: torch.Tensor | None = None,
+                  cache_positions: torch.Tensor | None = None):
     """Read every point's group [latents, tokens] against the cache (T cached positions).
 
     points (B, P), latents (B, P, NL, d), tokens (B, P, n_tokens) -> decoder base output whose
     last_hidden_state is (B, P*G, d). `gate` is the coprocessor's latent gate bias (L,) if it has one.
+    `cache_positions` (B, T): the position ids of the cached keys where they are not 0..T-1 (a
+    cache that holds more than one text's prefix); sliding-window layers measure their window in them.
     """
     B, P = points.shape
     T = kv.length(cache)
@@ -122,9 +130,10 @@ def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
     G = x.shape[2]
     if attention_mask is None:
         impl = getattr(decoder.config, "_attn_implementation", None)
-        # the gate adds to a float mask, so a gated read always takes the dense one
-        dense = output_attentions or gate is not None
+        # the gate and sliding windows add to a float mask, so such reads take the dense one
+        dense = output_attentions or gate is not None or families.has_window(decoder.config)
         attention_mask = masks.group_mask(T, points, G, dtype, None if dense else impl, layout.hide_point)
+    families.attach(decoder)
     extra = {}
     if gate is not None:
         extra["latent_gate"] = (gate, masks.latent_columns(T, P, layout).to(points.device))
@@ -133,9 +142,11 @@ def group_forward(decoder, cache, points: torch.Tensor, latents: torch.Tensor,
         inputs_embeds=x.reshape(B, P * G, -1),
         attention_mask=attention_mask,
         position_ids=pos,
-        past_key_values=kv.fork(cache),
+        key_positions=(masks.key_positions(T, pos) if cache_positions is None
+                       else torch.cat([cache_positions.to(pos.device).expand(B, T), pos], dim=1)),
         use_cache=True,
         output_attentions=output_attentions,
+        **kv.cache_kwargs(kv.fork(cache)),
         **extra,
     )
 
@@ -242,8 +253,8 @@ def score_continuation(decoder, coprocessor, input_ids: torch.Tensor, point: int
     if not 0 <= point <= T - 2:
         raise ValueError(f"the augmentation point must be in [0, {T - 2}], got {point}")
     C = T - 1 - point                                   # scored tokens: point+1..T-1
-    out = decoder.base_model(input_ids=input_ids, use_cache=True)
-    cache = out.past_key_values
+    out = decoder.base_model(input_ids=input_ids, use_cache=True, **kv.cache_kwargs(None))
+    cache = kv.returned(out)
     pts = torch.tensor([[point]], device=input_ids.device)
     attn = None
     if with_attention:   # one eager group pass gives both the hidden states and the attention weights
@@ -337,7 +348,7 @@ def _split_depth(decoder, coprocessor) -> int | None:
         return None
     if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
         return None  # a dense float mask is what the combined pass needs (not a flex BlockMask)
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+    if families.has_window(cfg):
         return None
     if not all(hasattr(base, a) for a in ("layers", "rotary_emb", "norm")) or len(base.layers) != L:
         return None
@@ -388,7 +399,10 @@ class _AugState:
         # is a quarter of a 256-token prefill for SmolLM2-135M on CPU (its vocabulary is 49k).
         self.last_only = _logits_to_keep(decoder, 1)
         self.gate = gate_of(coprocessor)
+        self.windowed = families.has_window(decoder.config)
+        families.attach(decoder)
         self.cache = None
+        self.key_pos = torch.zeros(1, 0, dtype=torch.long, device=decoder.device)   # (1, K) position of each cached key
         self.clean_len = 0      # cached clean tokens
         self.next_pos = 0       # position id of the next fed token
         self.hidden = None      # cache column the group must not see (the point's own entry), or None
@@ -400,9 +414,10 @@ class _AugState:
         if self.latent_cols is not None:
             raise RuntimeError("feed_clean after a group: drop_group() first")
         pos = torch.arange(self.clean_len, self.clean_len + ids.shape[1], device=ids.device)[None]
-        out = self.decoder(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True,
+        out = self.decoder(input_ids=ids, position_ids=pos, use_cache=True, **kv.cache_kwargs(self.cache),
                            **self.last_only)
-        self.cache = out.past_key_values
+        self.cache = kv.returned(out)
+        self.key_pos = torch.cat([self.key_pos, pos], dim=1)
         self.clean_len += ids.shape[1]
         self.next_pos = self.clean_len
         return out.logits[0, -1]
@@ -410,25 +425,31 @@ class _AugState:
     def drop_group(self) -> None:
         """Forget the group and everything after it: the cache holds the clean text again."""
         kv.crop(self.cache, self.clean_len)
+        self.key_pos = self.key_pos[:, : self.clean_len]
         self.hidden = self.latent_cols = self._rows = None
 
     def latents_now(self) -> torch.Tensor:
         p = torch.tensor([[self.clean_len - 1]], device=self.decoder.device)
         return self.cop(kv.fork(self.cache), p)                           # (1, 1, NL, d)
 
-    def _group_kwargs(self, n_new: int, device) -> dict:
-        """Mask (and gate) for a forward of n_new inputs appended while a group is cached."""
-        if self.latent_cols is None or (self.hidden is None and self.gate is None):
+    def _group_kwargs(self, new_pos: torch.Tensor) -> dict:
+        """Mask (and gate) for a forward of inputs at positions new_pos (1, n_new) appended while a
+        group is cached; records their key positions. On a sliding-window decoder every such
+        forward takes an explicit mask and the keys' positions (the window counts positions, and
+        the group's positions need not be its cache columns)."""
+        n_new, device = new_pos.shape[1], new_pos.device
+        self.key_pos = torch.cat([self.key_pos, new_pos], dim=1)
+        if self.latent_cols is None or (self.hidden is None and self.gate is None and not self.windowed):
             return {}
         K = kv.length(self.cache) + n_new
-        if n_new == 1:
+        if n_new == 1 and not self.windowed:
             return self._decode_kwargs(K, device)
         seen = torch.ones(1, K - n_new, dtype=torch.bool, device=device)
         if self.hidden is not None:
             seen[:, self.hidden] = False
         allowed = masks.append_allowed(seen, torch.ones(1, n_new, dtype=torch.bool, device=device))
         return {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder)),  # (1, 1, n, K)
-                **_gate_kwargs(self.gate, self.latent_cols, K, device)}
+                "key_positions": self.key_pos, **_gate_kwargs(self.gate, self.latent_cols, K, device)}
 
     def _decode_kwargs(self, K: int, device) -> dict:
         """`_group_kwargs` for one new token over K keys. A decoding step's mask row is the
@@ -464,9 +485,9 @@ class _AugState:
         p = torch.tensor([[self.clean_len - 1]], device=latents.device)
         x, pos = _group_inputs(self.decoder, layout, latents[:, 0], last_token, p)   # (1, G, d), (1, G)
         self._enter_group(kv.length(self.cache), layout)
-        out = self.decoder(inputs_embeds=x, position_ids=pos, past_key_values=self.cache, use_cache=True,
-                           **self.last_only, **self._group_kwargs(x.shape[1], x.device))
-        self.cache = out.past_key_values
+        out = self.decoder(inputs_embeds=x, position_ids=pos, use_cache=True, **kv.cache_kwargs(self.cache),
+                           **self.last_only, **self._group_kwargs(pos))
+        self.cache = kv.returned(out)
         return out.logits[0, -1]
 
     def prefill_and_insert(self, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -502,15 +523,18 @@ class _AugState:
         p = torch.tensor([[n - 1]], device=dev)
         pos_x = torch.arange(n, device=dev)[None]                               # (1, n)
 
-        def run(h, layers, **kw):
-            for layer in layers:
-                h = layer(h, past_key_values=cache, use_cache=True, **kw)
+        def run(h, layers, latent_gate=None, **kw):
+            # the layers are called one by one: the gate reaches their attention through the
+            # context the decoder's own forward would set up (`families.layer_masks`)
+            with families.layer_masks(dec, latent_gate=latent_gate):
+                for layer in layers:
+                    h = layer(h, use_cache=True, **kv.cache_kwargs(cache), **kw)
             return h
 
         # 1. the prompt through layers 0..K-1, with the mask (None: SDPA's own causal path) the
         #    decoder's forward makes for it, so these layers' cache equals the plain prefill's
         causal = create_causal_mask(config=dec.config, inputs_embeds=x, attention_mask=None,
-                                    past_key_values=cache, position_ids=pos_x)
+                                    position_ids=pos_x, **kv.cache_kwargs(cache))
         rope = base.rotary_emb(x, pos_x)
         hx = run(x, base.layers[:K], attention_mask=causal, position_ids=pos_x, position_embeddings=rope)
         # 2. latents from the partial cache (the coprocessor reads only layers 0..K-1)
@@ -539,15 +563,16 @@ class _AugState:
         logits = hidden_to_logits(dec, base.norm(h[:, -1:]))
         self.cache = cache
         self.clean_len = n
+        self.key_pos = pos
         self._enter_group(n, layout)
         return logits[0, -1]
 
     def feed_after(self, token: torch.Tensor) -> torch.Tensor:
         """Feed a generated token after the group (shifted positions)."""
         pos = torch.tensor([[self.next_pos]], device=token.device)
-        out = self.decoder(input_ids=token.view(1, 1), position_ids=pos, past_key_values=self.cache, use_cache=True,
-                           **self._group_kwargs(1, token.device))
-        self.cache = out.past_key_values
+        out = self.decoder(input_ids=token.view(1, 1), position_ids=pos, use_cache=True,
+                           **kv.cache_kwargs(self.cache), **self._group_kwargs(pos))
+        self.cache = kv.returned(out)
         self.next_pos += 1
         return out.logits[0, -1]
 
@@ -626,6 +651,8 @@ class _BatchState:
         self.ids = ids
         self.cache = None
         self.keys = torch.zeros(B, 0, dtype=torch.bool, device=dev)                 # (B, K) visible columns
+        self.key_pos = torch.zeros(B, 0, dtype=torch.long, device=dev)              # (B, K) their position ids
+        families.attach(decoder)
         self.latent_cols = None
         self.next_pos = self.n.clone()                                               # (B,) next position id
 
@@ -633,10 +660,11 @@ class _BatchState:
         """Append n inputs per row (visible (B, n): may later inputs see them) -> hidden (B, n, d)."""
         K = self.keys.shape[1] + visible.shape[1]
         allowed = masks.append_allowed(self.keys, visible)                            # (B, n, K)
+        self.key_pos = torch.cat([self.key_pos, pos], dim=1)
         kw = {"attention_mask": masks.to_additive(allowed, decoder_dtype(self.decoder)),   # (B, 1, n, K)
-              **_gate_kwargs(self.gate, self.latent_cols, K, pos.device)}
-        out = self.decoder.base_model(position_ids=pos, past_key_values=self.cache, use_cache=True, **inputs, **kw)
-        self.cache = out.past_key_values
+              "key_positions": self.key_pos, **_gate_kwargs(self.gate, self.latent_cols, K, pos.device)}
+        out = self.decoder.base_model(position_ids=pos, use_cache=True, **kv.cache_kwargs(self.cache), **inputs, **kw)
+        self.cache = kv.returned(out)
         self.keys = torch.cat([self.keys, visible], dim=1)
         return out.last_hidden_state
 

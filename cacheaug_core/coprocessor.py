@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import AutoModel
 
-from . import fastpath, kv, masks
+from . import families, fastpath, kv, masks
 from .config import CoprocessorConfig
 
 _LAYER_KEY = re.compile(r"(^|\.)(layers|h)\.(\d+)\.")
@@ -53,41 +53,28 @@ def layer_ids(n_decoder: int, n_body: int, how: str) -> list[int]:
     return [round(j * (n_decoder - 1) / (n_body - 1)) for j in range(n_body)]
 
 
-def attention_modules(decoder) -> list[nn.Module]:
-    """The self-attention module of every decoder layer, in order (Llama/Qwen2 `self_attn`, GPT-2 `attn`)."""
-    return [fastpath.attention(b) for b in fastpath.blocks(decoder)]
-
-
-def _gate_hook(layer: int):
-    def hook(module, args, kwargs):
-        gate = kwargs.pop("latent_gate", None)
-        if gate is None:
-            return None
-        if torch.is_tensor(gate):               # finished masks, one per layer (L, B, 1, n, K)
-            kwargs["attention_mask"] = gate[layer]
-            return args, kwargs
-        bias, cols = gate                       # bias (L,) learned; cols (K,) or (B, K) bool: latent keys
-        mask = kwargs.get("attention_mask")
-        if mask is None or not torch.is_tensor(mask) or mask.dim() != 4:
-            raise RuntimeError("the latent gate needs an explicit 4-D float attention mask")
-        add = torch.where(cols, bias[layer].to(mask.dtype), torch.zeros((), dtype=mask.dtype, device=mask.device))
-        kwargs["attention_mask"] = mask + add.view(-1 if cols.dim() == 2 else 1, 1, 1, cols.shape[-1])
-        return args, kwargs
-    return hook
-
-
 def attach_gate(decoder) -> None:
     """Let the decoder's forward take `latent_gate=(bias (L,), cols)`: attention layer l then adds
     bias[l] to its scores on the keys where cols is True (on top of the 4-D mask it is given);
     or `latent_gate=masks` (L, B, 1, n, K), finished masks with the gate in them: layer l attends
-    with masks[l] (decoding, where they are built once per group). A forward without the argument
-    is untouched. Idempotent; the decoder's weights are not changed.
-    """
-    if getattr(decoder, "_cacheaug_gate", False):
-        return
-    for layer, attn in enumerate(attention_modules(decoder)):
-        attn.register_forward_pre_hook(_gate_hook(layer), with_kwargs=True)
-    decoder._cacheaug_gate = True
+    with masks[l] (decoding, where they are built once per group). Also `key_positions`, which
+    sliding-window layers need with explicit masks. A forward without them is untouched.
+    Idempotent; the decoder's weights are not changed (`families.attach`)."""
+    families.attach(decoder)
+
+
+def embedding_rms(emb: nn.Module, chunk: int = 8192) -> torch.Tensor:
+    """Mean RMS of the token embeddings as the decoder's input embedding module outputs them.
+    Measured on the module's output, not its weight: Gemma's embedding module multiplies by
+    sqrt(d) inside its forward (transformers 5.x), so the raw weight is sqrt(d) times too small
+    there, and latents rescaled to it would enter far below the token scale. Chunked over the
+    vocabulary so a 256k-word embedding never exists twice."""
+    V = emb.weight.shape[0]
+    total = torch.zeros((), dtype=torch.float64)
+    for s in range(0, V, chunk):
+        ids = torch.arange(s, min(s + chunk, V), device=emb.weight.device)
+        total += emb(ids).float().pow(2).mean(-1).sqrt().sum().double().cpu()
+    return (total / V).float()
 
 
 class LoRALinear(nn.Module):
@@ -165,6 +152,7 @@ class Coprocessor(nn.Module):
 
     def __init__(self, cfg: CoprocessorConfig, decoder):
         super().__init__()
+        families.require(decoder)        # one line naming what is missing, before any work
         self.config = cfg
         emb = decoder.get_input_embeddings()
         d = decoder.config.hidden_size
@@ -175,7 +163,7 @@ class Coprocessor(nn.Module):
         rows = torch.randint(0, emb.weight.shape[0], (cfg.num_latents,), generator=g)
         with torch.no_grad():
             init = emb(rows.to(emb.weight.device)).float().cpu()
-            embed_rms = emb.weight.float().pow(2).mean(-1).sqrt().mean()
+            embed_rms = embedding_rms(emb)
         self.soft_tokens = nn.Parameter(init)                                 # (NL, d)
         # Latents must enter the decoder at the scale of its input embeddings: the body's last
         # hidden state is far larger, and a decoder fed it starts with a loss several times the
@@ -192,9 +180,13 @@ class Coprocessor(nn.Module):
         if cfg.latent_gate:
             n_dec = decoder.config.num_hidden_layers
             self.gate_bias = nn.Parameter(torch.full((n_dec,), float(cfg.gate_init)))  # (L,)
-            attach_gate(decoder)
         else:
             self.gate_bias = None
+        # every group pass hands the decoder (and the body) explicit masks: the hooks apply the
+        # gate and, on sliding-window layers, the window, whatever the family's layers pass on
+        attach_gate(decoder)
+        if self.body is not None:
+            families.attach(self.body)
         dev = next(decoder.parameters()).device
         self.to(dev)
 
@@ -251,13 +243,17 @@ class Coprocessor(nn.Module):
             G = x.shape[2]
             body_dtype = next(self.body.parameters()).dtype
             impl = getattr(self.body.config, "_attn_implementation", None)
+            if families.has_window(self.body.config):
+                impl = None          # sliding layers get their window added to a dense mask
             mask = masks.group_mask(T, points, G, body_dtype, impl)
+            pos = pos.reshape(B, P * G)
             out = self.body(
                 inputs_embeds=x.reshape(B, P * G, d).to(body_dtype),
                 attention_mask=mask,
-                position_ids=pos.reshape(B, P * G),
-                past_key_values=kv.fork(prefix),
+                position_ids=pos,
+                key_positions=masks.key_positions(T, pos),
                 use_cache=True,
+                **kv.cache_kwargs(kv.fork(prefix)),
             )
             h = out.last_hidden_state.view(B, P, G, d)[:, :, -NL:]           # (B, P, NL, d)
             latents = self._scale(self.out_proj(h.to(dtype)))

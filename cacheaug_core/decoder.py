@@ -276,8 +276,16 @@ def load_decoder(
     if torch.device(device).type == "cpu":
         keep_freed_memory()
 
+    from transformers import AutoConfig
+
+    from .families import check, check_config
+
     display, path = resolve_decoder(name)
     try:
+        # an architecture cacheaug cannot drive is refused before its weights are read
+        why = check_config(AutoConfig.from_pretrained(path))
+        if why is not None:
+            raise DecoderLoadError(f"{display}: {why}")
         tok = load_tokenizer(path)
         kw = {"dtype": dtype, "use_safetensors": True}   # never unpickle a decoder's weights
         if attn_implementation:
@@ -288,6 +296,9 @@ def load_decoder(
             f"could not load decoder {name!r}: {e}. Use a local transformers folder, a Hub id while online, "
             f"or leave it empty for the embedded default ({DEFAULT_DECODER})."
         ) from e
+    why = check(model)
+    if why is not None:
+        raise DecoderLoadError(f"{display}: {why}")
     freeze(model).to(device)
     revision = getattr(model.config, "_commit_hash", None) or ""
     if display == DEFAULT_DECODER:

@@ -55,7 +55,8 @@ by vocabulary slices (`head_nll`); `augment.score_after_every_token` dispatches 
     nll_aug, nll_base = fastpath.score_every(decoder, coprocessor, ids, positions=16)   # ids (1, T)
 
 Supported: decoders whose layers are Llama-style (`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`,
-RMSNorm, rotary embeddings, full attention) or GPT-2's (`ln_1`, `attn.c_attn`/`c_proj`, `ln_2`,
+RMSNorm, rotary embeddings, full attention: Llama, Qwen2, Mistral without a window; Qwen3's per-head
+q/k norms; OLMo-2's whole-projection q/k norms and post-norm blocks) or GPT-2's (`ln_1`, `attn.c_attn`/`c_proj`, `ln_2`,
 `mlp`; learned position embeddings), coprocessor bodies copy/scratch/lora/none, any number of
 rounds. `unsupported(decoder, coprocessor)` says why a pair is not; the trainer then refuses
 `--fast`. The Llama-style blocks are the measured ones (results/train_throughput.md).
@@ -70,10 +71,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import masks
+from . import families, masks
 from .config import MLP_KERNELS
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "olmo2", "gpt2")
 ATTENTION = ("auto", "flex", "dense", "points")   # auto: FlexAttention on CUDA, dense masks elsewhere
 
 # FlexAttention's kernel configuration for the coprocessor and group passes with head dim 64 on a
@@ -192,8 +193,8 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
     cfg = decoder.config
     if getattr(cfg, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return f"the fast path covers {', '.join(SUPPORTED_MODEL_TYPES)} decoders, not {cfg.model_type!r}"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return "the fast path covers full-attention layers only (this decoder has sliding-window layers)"
+    if families.has_window(cfg):
+        return f"the fast path covers full-attention layers only ({cfg.model_type} here has sliding-window layers)"
     if cfg.model_type != "gpt2" and getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         return f"the fast path covers SiLU MLPs, not {cfg.hidden_act!r}"
     if getattr(cfg, "add_cross_attention", False):
@@ -236,6 +237,8 @@ def unsupported(decoder, coprocessor=None, device: torch.device | str | None = N
 def _fusable_mlp(layer) -> bool:
     """A Llama-style MLP of plain bias-free linears with a SiLU gate, at quack's alignment."""
     m = getattr(layer, "mlp", None)
+    if hasattr(layer, "post_feedforward_layernorm"):     # OLMo-2 norms the MLP's output: no fused epilogue
+        return False
     lins = [getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     if not all(type(x) is torch.nn.Linear and x.bias is None for x in lins):
         return False
@@ -435,16 +438,28 @@ def _qkv(layer, x: torch.Tensor, cos, sin, fuse_kv: bool = True, with_q: bool = 
     a = layer.self_attn
     B, Q, _ = x.shape
     hd = a.head_dim
-    h = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-    q = a.q_proj(h).view(B, Q, -1, hd).transpose(1, 2) if with_q else None
+    ln = getattr(layer, "input_layernorm", None)          # OLMo-2 blocks have no pre-norm
+    h = x if ln is None else _rms(x, ln.weight, ln.variance_epsilon)
+    # q/k norms: Qwen3's per head (over hd, after the head split), OLMo-2's over the whole projection
+    qn, kn = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+    whole = qn is not None and qn.weight.shape[0] != hd
+
+    def heads(t, norm):                                   # (B, Q, n*hd) -> (B, n, Q, hd)
+        if norm is not None and whole:
+            t = norm(t)
+        t = t.view(B, Q, -1, hd)
+        if norm is not None and not whole:
+            t = norm(t)
+        return t.transpose(1, 2)
+
+    q = heads(a.q_proj(h), qn) if with_q else None
     if fuse_kv and isinstance(a.k_proj, torch.nn.Linear) and isinstance(a.v_proj, torch.nn.Linear):
         bias = None if a.k_proj.bias is None else torch.cat([a.k_proj.bias, a.v_proj.bias])
-        kv = F.linear(h, torch.cat([a.k_proj.weight, a.v_proj.weight]), bias).view(B, Q, -1, hd)
-        n = kv.shape[2] // 2                                             # kv (B, Q, 2 H_kv, hd)
-        k, v = kv[:, :, :n].transpose(1, 2), kv[:, :, n:].transpose(1, 2)
+        kv = F.linear(h, torch.cat([a.k_proj.weight, a.v_proj.weight]), bias)   # (B, Q, 2 H_kv hd)
+        n = kv.shape[-1] // 2
+        k, v = heads(kv[..., :n], kn), heads(kv[..., n:], None)
     else:
-        k = a.k_proj(h).view(B, Q, -1, hd).transpose(1, 2)
-        v = a.v_proj(h).view(B, Q, -1, hd).transpose(1, 2)
+        k, v = heads(a.k_proj(h), kn), heads(a.v_proj(h), None)
     return (_rope(q, cos, sin) if with_q else None), _rope(k, cos, sin), v
 
 
@@ -460,8 +475,11 @@ def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, mlp: str = "compiled")
     if hasattr(layer, "ln_2"):   # GPT-2, its dropouts as transformers applies them (none in eval mode)
         x = x + layer.attn.resid_dropout(layer.attn.c_proj(o))
         return x + layer.mlp(layer.ln_2(x))
-    x = x + layer.self_attn.o_proj(o)
     m = layer.mlp
+    if hasattr(layer, "post_feedforward_layernorm"):   # OLMo-2: norms after attention and MLP
+        x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(o))
+        return x + layer.post_feedforward_layernorm(m.down_proj(m.act_fn(m.gate_proj(x)) * m.up_proj(x)))
+    x = x + layer.self_attn.o_proj(o)
     n = layer.post_attention_layernorm
     h = _rms(x, n.weight, n.variance_epsilon)
     if mlp == "quack":
@@ -470,20 +488,13 @@ def _out_and_mlp(layer, x: torch.Tensor, o: torch.Tensor, mlp: str = "compiled")
 
 
 def blocks(model) -> torch.nn.ModuleList:
-    """The transformer blocks of a decoder, its base model or a coprocessor body, in order
-    (Llama/Qwen2 `layers`, GPT-2 `h`)."""
-    base = getattr(model, "base_model", model)
-    found = getattr(base, "layers", None)
-    if found is None:
-        found = getattr(base, "h", None)
-    if found is None:
-        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}")
-    return found
+    """The transformer blocks of a decoder, its base model or a coprocessor body (`families.blocks`)."""
+    return families.blocks(model)
 
 
 def attention(block) -> torch.nn.Module:
-    """A block's self-attention module (Llama/Qwen2 `self_attn`, GPT-2 `attn`)."""
-    return getattr(block, "self_attn", None) or block.attn
+    """A block's self-attention module (`families.attention`)."""
+    return families.attention(block)
 
 
 def _embedding(base):
@@ -867,16 +878,25 @@ def group_hidden(decoder, prefix: Prefix, points: torch.Tensor, latents: torch.T
 # LM head + cross-entropy, fused by chunks.
 
 
-def _ce_chunk(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+def _ce_chunk(h: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+              cap: float | None = None):
     """One chunk: weighted summed cross-entropy, and its gradient with respect to h.
-    h (c, d), head_weight (V, d), targets (c,), weights (c,) -> (scalar, (c, d))."""
-    logits = (h @ head_weight.t()).float()                               # (c, V)
+    h (c, d), head_weight (V, d), targets (c,), weights (c,) -> (scalar, (c, d)). `cap`: the
+    decoder's final logit softcap (Gemma-2/3), logits = cap * tanh(raw / cap)."""
+    raw = (h @ head_weight.t()).float()                                  # (c, V)
+    if cap is None:
+        logits = raw
+    else:
+        t = torch.tanh(raw / cap)
+        logits = t * cap
     lse = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, targets[:, None])[:, 0]
     loss = ((lse - picked) * weights).sum()
-    # d loss / d logits = weights * (softmax - onehot)
+    # d loss / d logits = weights * (softmax - onehot); through the cap, times 1 - tanh^2
     onehot = torch.arange(logits.shape[1], device=h.device)[None] == targets[:, None]
     g = (torch.exp(logits - lse[:, None]) - onehot.float()) * weights[:, None]
+    if cap is not None:
+        g = g * (1 - t * t)
     return loss, (g.to(head_weight.dtype) @ head_weight).to(h.dtype)
 
 
@@ -886,12 +906,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     and kept (N, d): the backward only scales it by the incoming scalar gradient."""
 
     @staticmethod
-    def forward(ctx, h, head_weight, targets, weights, chunk):
+    def forward(ctx, h, head_weight, targets, weights, chunk, cap=None):
         fn = _compiled.get("ce", _ce_chunk)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grads = []
         for s in range(0, h.shape[0], chunk):
-            loss, g = fn(h[s: s + chunk], head_weight, targets[s: s + chunk], weights[s: s + chunk])
+            loss, g = fn(h[s: s + chunk], head_weight, targets[s: s + chunk], weights[s: s + chunk], cap)
             total = total + loss
             grads.append(g)
         ctx.save_for_backward(torch.cat(grads) if h.requires_grad else None)
@@ -900,17 +920,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * g.to(grad.dtype)), None, None, None, None
+        return (None if grad is None else grad * g.to(grad.dtype)), None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
-                         weights: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Sum over rows of weights * CE(hidden @ head_weight.T, targets). hidden (N, d), targets (N,)."""
+                         weights: torch.Tensor, chunk: int = 4096, cap: float | None = None) -> torch.Tensor:
+    """Sum over rows of weights * CE(softcap(hidden @ head_weight.T), targets). hidden (N, d),
+    targets (N,); `cap` the decoder's final logit softcap or None (`families.logit_softcap`)."""
     if torch.is_autocast_enabled(hidden.device.type):
         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
         head_weight = head_weight.to(hidden.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(hidden, head_weight, targets, weights.float(), chunk)
+        return _LinearCrossEntropy.apply(hidden, head_weight, targets, weights.float(), chunk, cap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -936,8 +957,11 @@ def multi_point_loss(decoder, coprocessor, input_ids: torch.Tensor, points: torc
     tokens, targets, valid = masks.group_tokens(input_ids, points, layout, pad_id)
     h = group_hidden(decoder, prefix, points, latents, tokens, layout, gate, pad_id)
     w = valid.flatten().float()
-    head = decoder.get_output_embeddings().weight
-    total = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head, targets.flatten(), w)
+    head = decoder.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the fast path's fused cross-entropy covers LM heads without a bias")
+    total = linear_cross_entropy(h.reshape(-1, h.shape[-1]), head.weight, targets.flatten(), w,
+                                 cap=families.logit_softcap(decoder.config))
     return total / w.sum().clamp(min=1.0)
 
 
@@ -958,8 +982,10 @@ def head_nll(decoder, hidden: torch.Tensor, targets: torch.Tensor, vocab_chunk: 
     m = torch.full((N,), float("-inf"), device=hidden.device)               # running max
     acc = torch.zeros(N, device=hidden.device)                              # running sum of exp(logit - m)
     picked = torch.zeros(N, device=hidden.device)
+    cap = families.logit_softcap(decoder.config)
     for v in range(0, w.shape[0], vocab_chunk):
         logits = F.linear(hidden, w[v: v + vocab_chunk], None if b is None else b[v: v + vocab_chunk]).float()
+        logits = families.softcap(logits, cap)
         new_m = torch.maximum(m, logits.amax(-1))
         acc = acc * torch.exp(m - new_m) + torch.exp(logits - new_m[:, None]).sum(-1)
         m = new_m

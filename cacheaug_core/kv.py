@@ -6,6 +6,16 @@ negative count, caches mutated in place by every forward) live here and are test
 (`tests/test_core.py`, on tiny random Llama-, Qwen2- and GPT-2-style models).
 
 Shapes: per layer, keys and values are (B, H_kv, S, D_head) with RoPE already applied.
+
+Passing a cache into a forward and reading it back also goes through here (`cache_kwargs`,
+`returned`): transformers 5.25 deprecates the `past_key_values` argument name, so a rename is a
+change to this module only. Tested with transformers 5.17 and 5.23.
+
+Sliding-window decoders (Gemma-2/3, Mistral, Qwen2 with `use_sliding_window`): the cache their own
+forward starts keeps only the last W-1 positions of a sliding layer, while an augmentation group
+must read the whole prefix its mask allows, and `length` must mean the same on every layer. Every
+cache here is therefore a plain `DynamicCache` (all layers keep everything); the window is applied
+by the masks (transformers' own for plain decoding, cacheaug's `masks.window_allowed` for groups).
 """
 
 from __future__ import annotations
@@ -18,9 +28,24 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, H_kv, S,
 
 
 def new_cache(config=None) -> DynamicCache:
-    """An empty cache for a forward to fill. With the decoder's config it is the cache the
-    decoder's own forward would start (one layer object per decoder layer, of its type)."""
-    return DynamicCache(config=config)
+    """An empty cache for a forward to fill: every layer keeps every position (also the sliding
+    layers of a windowed decoder, see the module docstring). `config` is accepted and not used,
+    for callers that hold one."""
+    return DynamicCache()
+
+
+def cache_kwargs(cache, start: bool = True) -> dict:
+    """The keyword arguments that hand `cache` to a decoder's or body's forward. With no cache and
+    `start`, a fresh full cache (`new_cache`) is passed, so a windowed decoder never builds its own
+    truncating one."""
+    if cache is None and start:
+        cache = new_cache()
+    return {"past_key_values": cache}
+
+
+def returned(out):
+    """The cache a forward returned (its output's past_key_values)."""
+    return out.past_key_values
 
 
 def to_layers(cache) -> list[LayerKV]:

@@ -141,6 +141,15 @@ def dense_group_mask(T: int, points: torch.Tensor, group_len: int, dtype: torch.
     return to_additive(group_allowed(T, points, group_len, hide_point), dtype)
 
 
+def key_positions(T: int, new_pos: torch.Tensor) -> torch.Tensor:
+    """Position ids of every key of a pass that appends inputs at positions new_pos (B, n) to a
+    cache of the T original tokens (positions 0..T-1). -> (B, T + n). Sliding-window layers use it
+    to apply their window to an explicit mask (`families.attach`)."""
+    B = new_pos.shape[0]
+    orig = torch.arange(T, device=new_pos.device)[None].expand(B, T)
+    return torch.cat([orig, new_pos], dim=1)
+
+
 def latent_columns(T: int, n_points: int, layout: GroupLayout) -> torch.Tensor:
     """Bool (T + P*G,): which keys of a group pass are latents (the first NL of every group)."""
     G = layout.group_len

@@ -53,6 +53,8 @@ from .config import CoprocessorConfig, TrainConfig, from_dict, to_dict
 from .cudagraph import CapturedStep
 from .coprocessor import Coprocessor
 from .decoder import load_decoder
+from .heldout import check_training_path
+from .sources import MONITOR_SET
 
 
 class TrainingError(RuntimeError):
@@ -141,7 +143,12 @@ def open_train_heldout(path: str, tokenizer, text_column: str = "text"):
     if p.is_dir() and (p / "pack.json").exists():
         return PackData(p, "train"), PackData(p, "heldout")
     if p.is_dir() and (p / "manifest.json").exists():
-        return TokenData(p, split="train"), TokenData(p, split="indist")
+        # the corpus's dev set is monitored (prepare-data); a `cacheaug tokenize` corpus has its indist set
+        train = TokenData(p, split="train")
+        monitor = MONITOR_SET if MONITOR_SET in (train.manifest.get("heldout") or {}) else "indist"
+        return train, TokenData(p, split=monitor)
+    if p.is_file():
+        check_training_path(p)   # never a corpus's held-out file or a text holding held-out documents
     if p.is_file() and textdata._builder_of(p) == "text" and not p.name.lower().endswith(textdata.COMPRESSED):
         return TextData(p, tokenizer, "train"), TextData(p, tokenizer, "heldout")
     if not (p.exists() or any(c in path for c in "*?[")):
@@ -503,7 +510,7 @@ def _made_by(acc) -> dict:
 
     import transformers
 
-    from .evaluate import device_name, git_commit
+    from .eval.provenance import device_name, git_commit
 
     return {"command_line": shlex.join(sys.argv), "git": git_commit(), "device": device_name(acc.device),
             "num_processes": acc.num_processes,

@@ -384,7 +384,7 @@ class Workbench:
             labels.append(text[:40])
         Z = torch.cat(lat)                                                          # (N, d)
         head = self.decoder.get_output_embeddings()
-        probs = torch.softmax(head(Z.to(self.decoder.device, next(head.parameters()).dtype)).float(), -1)
+        probs = torch.softmax(augment.hidden_to_logits(self.decoder, Z.to(self.decoder.device, head.weight.dtype)).float(), -1)
         top = probs.topk(top_k, -1)
         top_tokens = [[self.tokenizer.decode([int(t)]) for t in row] for row in top.indices.cpu()]
         return {"latents": Z.numpy(), "prompt_ids": np.array(pid), "latent_index": np.array(idx), "labels": labels,

@@ -3,8 +3,9 @@
     python scripts/gpu_pack.py --corpus data/corpus --out .gpu/pack --tokens 60_000_000 --piece-mib 30
 
 Draws windows from the corpus with its mixture weights (the same sampler training uses), writes
-them as flat pieces (the corpus's dtype: uint16, or uint32 for a large vocabulary) `train_000.bin`, `train_001.bin`, ... of at most --piece-mib each, the
-Wikipedia held-out text as `heldout.bin` (evaluation only, never trained on) and `pack.json` with
+them as flat pieces (the corpus's dtype: uint16, or uint32 for a large vocabulary) `train_000.bin`,
+`train_001.bin`, ... of at most --piece-mib each, the
+dev held-out set as `heldout.bin` (monitored during training, never trained on) and `pack.json` with
 sha256 sums. `cacheaug train --data PACK_DIR` reads such a folder (train.PackData).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cacheaug_core import sources as S
 from cacheaug_core.data import TokenData
 
 
@@ -28,9 +30,11 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=60_000_000, help="training tokens in the pack")
     ap.add_argument("--window", type=int, default=2048, help="tokens per drawn window")
     ap.add_argument("--piece-mib", type=float, default=30.0)
-    ap.add_argument("--heldout", default="wiki", help="held-out set stored as heldout.bin")
+    ap.add_argument("--heldout", default="dev", help="held-out set stored as heldout.bin (the dev set: never a headline set)")
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
+    if S.HELDOUT_SETS.get(args.heldout, S.HELDOUT_SETS["dev"]).role == "headline":
+        ap.error(f"--heldout {args.heldout} is a headline set: training monitors the dev set, and nothing is chosen on a headline set")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = TokenData(args.corpus, "train")

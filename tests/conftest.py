@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random decoders built from configs (Llama-, Qwen2- and GPT-2-style).
+"""Shared fixtures: tiny random decoders built from configs (Llama-, Qwen2- and GPT-2-style, or any
+family of `cacheaug_core.families.FAMILIES` by its name).
 
 They run in milliseconds on CPU and need no download. Tests that need the real default decoder
 are marked `integration`.
@@ -31,8 +32,13 @@ def tiny_decoder(arch: str = "llama", vocab: int = 96, layers: int = 3, hidden: 
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    else:
-        raise ValueError(arch)
+    else:   # any other family of the registry (tests/test_families.py runs them all)
+        from cacheaug_core.families import FAMILIES
+
+        if arch not in FAMILIES:
+            raise ValueError(arch)
+        cfg = FAMILIES[arch].make_config(vocab, layers, hidden, 8)
+        attn = FAMILIES[arch].attn if attn == "sdpa" else attn
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     from cacheaug_core.decoder import freeze
 

@@ -50,7 +50,7 @@ def _grads(cop):
     return {n: p.grad.detach().clone() for n, p in cop.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "qwen3", "mistral", "olmo2"])
 @pytest.mark.parametrize("name", list(COPROCESSORS))
 def test_fast_loss_and_gradients_match_dense(arch, name):
     dec, cop, ids, pts = _setup(arch, COPROCESSORS[name])
@@ -337,7 +337,11 @@ def test_head_nll_is_cross_entropy():
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(16, 50)
 
+    import types
+
     class Dec:
+        config = types.SimpleNamespace()
+
         def get_output_embeddings(self):
             return head
 
@@ -346,6 +350,30 @@ def test_head_nll_is_cross_entropy():
     want = F.cross_entropy(head(h), t, reduction="none")
     for chunk in (7, 50, 64):
         torch.testing.assert_close(fastpath.head_nll(Dec(), h, t, vocab_chunk=chunk), want, atol=1e-5, rtol=1e-5)
+    # Gemma-2's final logit softcap is applied slice by slice
+    Dec.config.final_logit_softcapping = 0.5
+    want = F.cross_entropy(torch.tanh(head(h) / 0.5) * 0.5, t, reduction="none")
+    torch.testing.assert_close(fastpath.head_nll(Dec(), h, t, vocab_chunk=7), want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_cross_entropy_with_softcap_matches_autograd():
+    """linear_cross_entropy's loss and input gradient through the final logit softcap."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 16, generator=g)
+    t = torch.randint(0, 40, (11,), generator=g)
+    wt = torch.rand(11, generator=g)
+    for cap in (None, 0.7):
+        h1 = torch.randn(11, 16, generator=g, requires_grad=True)
+        h2 = h1.detach().clone().requires_grad_(True)
+        got = fastpath.linear_cross_entropy(h1, w, t, wt, chunk=4, cap=cap)
+        logits = h2 @ w.t()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        want = (F.cross_entropy(logits, t, reduction="none") * wt).sum()
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h1.grad, h2.grad, atol=1e-5, rtol=1e-5)
 
 
 def test_group_padding_lengths():
