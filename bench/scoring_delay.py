@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cacheaug_core import evaluate  # noqa: E402
+from cacheaug_core import eval as evaluate  # noqa: E402
 from cacheaug_core.workbench import Workbench  # noqa: E402
 
 

@@ -227,7 +227,7 @@ def _write_score_exports(wb, args, by_pos, run: dict) -> None:
     import viz
     from viz import app_views as views
 
-    from .evaluate import provenance
+    from .eval.provenance import provenance
 
     if args.json:
         views.write_json(run | {"by_position": by_pos, "provenance": provenance(wb, _STARTED, args)}, args.json)
@@ -242,7 +242,7 @@ def cmd_latents(args) -> int:
     import viz
     from viz import app_views as views
 
-    from .evaluate import provenance
+    from .eval.provenance import provenance
     from .workbench import Workbench, clean_text
 
     prompts = [clean_text(p)[0] for p in args.prompt]  # empty prompts fail before the model loads
@@ -440,9 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_app)
 
     try:
-        from . import evaluate
+        from .eval import cli as eval_cli
 
-        evaluate.register_cli(sub)
+        eval_cli.register_cli(sub)
     except ImportError:
         pass
     try:

