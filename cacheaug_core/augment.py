@@ -200,7 +200,7 @@ def score_after_every_token(decoder, coprocessor, input_ids: torch.Tensor, posit
     processed `points_per_pass` at a time against one shared cache, so memory stays bounded and
     the whole text costs a handful of batched passes, never one call per token.
 
-    `fast` (default: on CPU wherever the decoder allows it: Llama, Qwen2, GPT-2) computes the same scores
+    `fast` (default: on CPU wherever the decoder allows it, `fastpath.unsupported`) computes the same scores
     with `fastpath.score_every`: each group attends to its own prefix and rows only, and the LM
     head runs by vocabulary slices. Otherwise the groups of a pass go through transformers with
     the dense group mask (every group scored against every other, then masked). On a GPU the

@@ -3,7 +3,7 @@
 Everything else in cacheaug handles a decoder's KV cache as an opaque object and calls these
 functions, so version differences (DynamicCache's layer objects in 5.x, `crop` that only takes a
 negative count, caches mutated in place by every forward) live here and are tested here
-(`tests/test_core.py`, on tiny random Llama-, Qwen2- and GPT-2-style models).
+(`tests/test_core.py`, and for every supported family `tests/test_families.py`).
 
 Shapes: per layer, keys and values are (B, H_kv, S, D_head) with RoPE already applied.
 

@@ -125,7 +125,8 @@ def bench_entries(tasks=tuple(BENCH_GLOBS), home: Path | None = None) -> list[tu
     return out
 
 
-def gpu_preset(pack_dir: Path, texts: list[Path], wheels: list[Path], shipped_coprocessor: bool) -> list[tuple[str, object]]:
+def gpu_preset(pack_dir: Path, texts: list[Path], wheels: list[Path], shipped_coprocessor: bool,
+               bench: bool = True) -> list[tuple[str, object]]:
     entries: list[tuple[str, object]] = [(arcname(model_file()), model_file())]
     pj = pack_dir / "pack.json"
     if not pj.exists():
@@ -134,7 +135,8 @@ def gpu_preset(pack_dir: Path, texts: list[Path], wheels: list[Path], shipped_co
     names = ["pack.json", "heldout.bin"] + [p["file"] for p in meta["pieces"]]
     entries += [(f"pack/{n}", pack_dir / n) for n in names]
     entries += [(arcname(t), t) for t in texts]
-    entries += bench_entries()
+    if bench:
+        entries += bench_entries()
     entries += [(f"wheels/{w.name}", w) for w in wheels]
     if shipped_coprocessor:
         cop = ROOT / "assets" / "coprocessor"
@@ -372,6 +374,7 @@ def main(argv=None) -> int:
     ap.add_argument("--wheels", default=".gpu/wheels/*.whl", help="wheels to install into R/site (preset gpu), a glob")
     ap.add_argument("--shipped-coprocessor", action="store_true", help="also stage assets/coprocessor (+~39 MiB)")
     ap.add_argument("--bench", action="store_true", help="include the benchmark data (implied by --preset gpu)")
+    ap.add_argument("--no-bench", action="store_true", help="with --preset gpu: leave the benchmark data out")
     ap.add_argument("--model", action="store_true", help="include the default decoder GGUF (93.8 MiB)")
     ap.add_argument("--corpus", type=Path, default=None, help="include a built corpus folder (manifest + shards + held-out)")
     ap.add_argument("--no-heldout", action="store_true", help="with --corpus: training shards only")
@@ -387,7 +390,7 @@ def main(argv=None) -> int:
     if args.preset == "gpu":
         texts = [ROOT / t for t in args.texts.split(",") if t]
         wheels = sorted(ROOT.glob(args.wheels))
-        entries += gpu_preset(args.pack.resolve(), texts, wheels, args.shipped_coprocessor)
+        entries += gpu_preset(args.pack.resolve(), texts, wheels, args.shipped_coprocessor, bench=not args.no_bench)
     else:
         if args.model:
             entries.append((arcname(model_file()), model_file()))

@@ -190,16 +190,16 @@ def test_mode_a_and_b_scores(name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("delay", [0, 2])
 def test_benchmark_scoring_equals_the_reference(name, delay):
-    """evaluate.score_requests (benchmarks; padded contexts of several lengths, latents arriving
+    """eval.score_requests (benchmarks; padded contexts of several lengths, latents arriving
     `delay` continuation tokens late) against the decoder's own forward over context, the first
     `delay` continuation tokens, the latents, the rest."""
-    from cacheaug_core import evaluate
+    from cacheaug_core.eval import score_requests
 
     dec = _decoder(name)
     cop = _coprocessor(dec)
     ids = _ids(9, 30)[0].tolist()
     reqs = [(ids[:14], ids[14:20]), (ids[3:13], ids[13:18]), (ids[:14], ids[20:26])]
-    got = evaluate.score_requests(dec, reqs, {"plain": None, "aug": cop}, async_delay=delay)
+    got = score_requests(dec, reqs, {"plain": None, "aug": cop}, async_delay=delay)
     emb = dec.get_input_embeddings()
     for i, (c, t) in enumerate(reqs):
         ctx = torch.tensor([c])
