@@ -160,11 +160,18 @@ def _hf_nll(dec, seq: list[int], i: int) -> float:
     return -float(lp[seq[i]])
 
 
-@pytest.mark.parametrize("sink", [None, 0])
-def test_perplexity_by_position_decoder_arm_is_the_plain_forward(sink, monkeypatch):
+def _force_path(monkeypatch, fast: bool) -> None:
+    """fast=False: `score_after_every_token` takes the transformers path (what a GPU runs) on CPU too."""
+    if not fast:
+        monkeypatch.setattr(augment.fastpath, "unsupported", lambda *a, **k: "the GPU's path, forced by the test")
+
+
+@pytest.mark.parametrize("sink,fast", [(None, True), (0, True), (0, False)])
+def test_perplexity_by_position_decoder_arm_is_the_plain_forward(sink, fast, monkeypatch):
     """Whole documents with the sink in front: every scored sequence starts with the same sink for
     every arm, the decoder arm's position-1 NLL is transformers' own next-token NLL over each whole
     document after the sink (the sink never a target), and body + doc_start add up to the total."""
+    _force_path(monkeypatch, fast)
     wb = _wb()
     seen = []
     real = augment.score_after_every_token
@@ -218,10 +225,13 @@ def test_long_document_windows_score_each_target_once():
         assert many[k] == one[k]
 
 
-def test_extra_keys_arm_is_the_decoder_reading_inserted_sink_tokens():
+@pytest.mark.parametrize("fast", [True, False])
+def test_extra_keys_arm_is_the_decoder_reading_inserted_sink_tokens(fast, monkeypatch):
     """The third arm through the augmentation code equals transformers' forward over the text with
     N sink tokens physically inserted after each augmentation point (default layout: the latents
-    continue the positions, the text after them shifted)."""
+    continue the positions, the text after them shifted), on the CPU fast path and on the
+    transformers path a GPU takes."""
+    _force_path(monkeypatch, fast)
     wb = _wb()
     N, A, sink = 2, 3, 7
     keys = ev.sink_keys(wb.decoder, wb.coprocessor, N, sink)
