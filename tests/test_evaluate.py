@@ -768,3 +768,23 @@ def test_bench_on_default_model(tmp_path):
     assert res["tasks"]["arc_easy"]["n"] == 5 and res["tasks"]["gsm8k"]["n"] == 5
     dec = res["tasks"]["arc_easy"]["metrics"]["decoder"]["acc"]
     assert 0 <= dec["value"] <= 1 and dec["n"] == 5
+
+
+@pytest.mark.integration
+def test_ppl_on_default_model_with_all_arms(tmp_path):
+    """The GPU command's path on the shipped pair, on CPU and two short documents: the default
+    tokenizer's sink is <|endoftext|> (not its chat BOS), and every arm runs."""
+    from cacheaug_core.cli import main
+    from cacheaug_core.workbench import SHIPPED_PAUSE
+
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"title": t, "text": d}) + "\n" for t, d in
+                            [("Fox", DOCS[0]), ("Sphinx", DOCS[1])]))
+    js = tmp_path / "ppl.json"
+    rc = main(["eval", "ppl", "--text", str(text), "--json", str(js), "--positions", "2", "--compare",
+               str(SHIPPED_PAUSE), "--extra-keys", "match", "--device", "cpu", "--no-progress", "--bootstrap", "50"])
+    assert rc == 0
+    res = json.loads(js.read_text())
+    assert res["sink"]["token"] == "<|endoftext|>" and res["documents"] == 2
+    assert res["arms"]["extra_keys"]["num_latents"] == res["settings"]["num_latents"] == 16
+    assert all(math.isfinite(x) for x in res["compare"]["pause"]["body"]["difference_pct_points"])
