@@ -8,7 +8,7 @@ every arm by default. This runs `eval.perplexity_by_position` under each setting
 
     python bench/doc_start_effect.py --coprocessor assets/coprocessor --coprocessor assets/pause \
         --text data/corpus/heldout/wiki.jsonl --max-tokens 8000 --positions 4 \
-        --sink none --sink auto --sink '<|im_start|>' --json results/doc_start_effect.json
+        --sink none --sink auto --sink '<|im_start|>' --json results/doc_start_sinks.json
 """
 
 from __future__ import annotations

@@ -160,11 +160,18 @@ def _hf_nll(dec, seq: list[int], i: int) -> float:
     return -float(lp[seq[i]])
 
 
-@pytest.mark.parametrize("sink", [None, 0])
-def test_perplexity_by_position_decoder_arm_is_the_plain_forward(sink, monkeypatch):
+def _force_path(monkeypatch, fast: bool) -> None:
+    """fast=False: `score_after_every_token` takes the transformers path (what a GPU runs) on CPU too."""
+    if not fast:
+        monkeypatch.setattr(augment.fastpath, "unsupported", lambda *a, **k: "the GPU's path, forced by the test")
+
+
+@pytest.mark.parametrize("sink,fast", [(None, True), (0, True), (0, False)])
+def test_perplexity_by_position_decoder_arm_is_the_plain_forward(sink, fast, monkeypatch):
     """Whole documents with the sink in front: every scored sequence starts with the same sink for
     every arm, the decoder arm's position-1 NLL is transformers' own next-token NLL over each whole
     document after the sink (the sink never a target), and body + doc_start add up to the total."""
+    _force_path(monkeypatch, fast)
     wb = _wb()
     seen = []
     real = augment.score_after_every_token
@@ -218,10 +225,13 @@ def test_long_document_windows_score_each_target_once():
         assert many[k] == one[k]
 
 
-def test_extra_keys_arm_is_the_decoder_reading_inserted_sink_tokens():
+@pytest.mark.parametrize("fast", [True, False])
+def test_extra_keys_arm_is_the_decoder_reading_inserted_sink_tokens(fast, monkeypatch):
     """The third arm through the augmentation code equals transformers' forward over the text with
     N sink tokens physically inserted after each augmentation point (default layout: the latents
-    continue the positions, the text after them shifted)."""
+    continue the positions, the text after them shifted), on the CPU fast path and on the
+    transformers path a GPU takes."""
+    _force_path(monkeypatch, fast)
     wb = _wb()
     N, A, sink = 2, 3, 7
     keys = ev.sink_keys(wb.decoder, wb.coprocessor, N, sink)
@@ -758,3 +768,23 @@ def test_bench_on_default_model(tmp_path):
     assert res["tasks"]["arc_easy"]["n"] == 5 and res["tasks"]["gsm8k"]["n"] == 5
     dec = res["tasks"]["arc_easy"]["metrics"]["decoder"]["acc"]
     assert 0 <= dec["value"] <= 1 and dec["n"] == 5
+
+
+@pytest.mark.integration
+def test_ppl_on_default_model_with_all_arms(tmp_path):
+    """The GPU command's path on the shipped pair, on CPU and two short documents: the default
+    tokenizer's sink is <|endoftext|> (not its chat BOS), and every arm runs."""
+    from cacheaug_core.cli import main
+    from cacheaug_core.workbench import SHIPPED_PAUSE
+
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"title": t, "text": d}) + "\n" for t, d in
+                            [("Fox", DOCS[0]), ("Sphinx", DOCS[1])]))
+    js = tmp_path / "ppl.json"
+    rc = main(["eval", "ppl", "--text", str(text), "--json", str(js), "--positions", "2", "--compare",
+               str(SHIPPED_PAUSE), "--extra-keys", "match", "--device", "cpu", "--no-progress", "--bootstrap", "50"])
+    assert rc == 0
+    res = json.loads(js.read_text())
+    assert res["sink"]["token"] == "<|endoftext|>" and res["documents"] == 2
+    assert res["arms"]["extra_keys"]["num_latents"] == res["settings"]["num_latents"] == 16
+    assert all(math.isfinite(x) for x in res["compare"]["pause"]["body"]["difference_pct_points"])

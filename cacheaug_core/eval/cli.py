@@ -79,7 +79,7 @@ def cmd_ppl(args) -> int:
                                  progress=not args.no_progress, sink=sink["token_id"], context=args.context,
                                  others=others)
     res["sink"] = sink
-    sources = [d.source for d in documents[: res["documents"]] if d.source]
+    sources = [d.source for d in documents[: res["data"]["documents_read"]] if d.source]
     res["data"] |= {"text_file": str(args.text), "text_sha256": _sha256(args.text),
                     "sources": dict(sorted(Counter(sources).items())) if sources else None}
     if "arms" in res:

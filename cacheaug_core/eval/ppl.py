@@ -210,11 +210,12 @@ class DocumentScores:
     count: np.ndarray             # (D, 2, A) tokens scored
     windows: list[Window]
     tokens_read: int              # document tokens (the sinks not counted)
+    documents_read: int           # documents read (those too short to score anything included)
 
 
 @torch.no_grad()
 def score_documents(decoder, tokenizer, arms: dict, docs: list[str], positions: int = 32, chunk: int = 512,
-                    context: int = 128, sink: int | None = None, max_tokens: int = 0, points_per_pass: int = 64,
+                    context: int | None = None, sink: int | None = None, max_tokens: int = 0, points_per_pass: int = 64,
                     progress: bool = False) -> DocumentScores:
     """Every document through `document_windows`, every window through
     `augment.score_after_every_token` once per augmented arm (arms: name -> coprocessor); the
@@ -222,6 +223,7 @@ def score_documents(decoder, tokenizer, arms: dict, docs: list[str], positions: 
     document, split by the target's index in its document (< DOC_START: doc_start). The sink is
     read by every arm and is never a target. Whole documents are read until `max_tokens` document
     tokens (0 = all): the document that reaches it is read whole."""
+    context = chunk // 4 if context is None else context
     if not arms:
         raise EvalError("perplexity by position compares the decoder with an augmented decoder: it needs a coprocessor")
     A = positions
@@ -267,7 +269,7 @@ def score_documents(decoder, tokenizer, arms: dict, docs: list[str], positions: 
         for s, m in enumerate((valid & ~body, valid & body)):
             count[w.doc, s] += m.sum(0)
     keep = count.sum((1, 2)) > 0                     # a one-token document without a sink scores nothing
-    return DocumentScores({a: v[keep] for a, v in nll.items()}, count[keep], windows, total)
+    return DocumentScores({a: v[keep] for a, v in nll.items()}, count[keep], windows, total, len(enc))
 
 
 def _arm_summary(sc: DocumentScores, arm: str, W: np.ndarray | None) -> dict:
@@ -334,7 +336,8 @@ def perplexity_by_position(decoder, tokenizer, coprocessor, docs: list[str], pos
     res["bootstrap"] = {"unit": "document", "units": D, "resamples": n_boot if W is not None else 0, "seed": seed,
                         "method": "percentile, paired (every arm and split shares each resample)"}
     per_doc = np.bincount([w.doc for w in sc.windows])
-    res["data"] = {"documents": D, "windows": len(sc.windows), "tokens_read": sc.tokens_read,
+    res["data"] = {"documents": D, "documents_read": sc.documents_read, "windows": len(sc.windows),
+                   "tokens_read": sc.tokens_read,
                    "documents_in_several_windows": int((per_doc > 1).sum())}
     res["split"] = {"doc_start": f"targets at index < {DOC_START} in their document", "body": "all other targets"}
     res["settings"] = {"positions": positions, "chunk": chunk, "context": context, "max_tokens": max_tokens,
