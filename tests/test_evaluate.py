@@ -251,6 +251,20 @@ def test_extra_keys_arm_is_the_decoder_reading_inserted_sink_tokens(fast, monkey
     np.testing.assert_array_equal(sc.count[0], cnt)
 
 
+def test_extra_keys_arm_sits_behind_the_coprocessors_learned_gate():
+    """With a gated coprocessor the sink copies get its learned gate (not the initial one, not
+    none): they are exactly as visible to the decoder as the latents they stand in for."""
+    dec = tiny_decoder()
+    cop = Coprocessor(CoprocessorConfig(num_latents=3, num_layers=1, refeed_last=True, hide_point=True,
+                                        shift_ahead=False, latent_gate=True), dec)
+    with torch.no_grad():
+        cop.gate_bias.copy_(torch.linspace(-3.0, 1.0, cop.gate_bias.numel()))       # "trained"
+    keys = ev.sink_keys(dec, cop, 5, 7)
+    assert keys.config.latent_gate and keys.config.hide_point and not keys.config.shift_ahead
+    torch.testing.assert_close(augment.gate_of(keys), augment.gate_of(cop))
+    assert torch.equal(keys.soft_tokens[0], augment.embed(dec, torch.tensor([7]))[0])
+
+
 # -- multiple choice --------------------------------------------------------------------------
 
 

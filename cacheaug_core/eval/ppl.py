@@ -183,9 +183,12 @@ def check_ppl_settings(positions: int, chunk: int, points_per_pass: int, context
 def sink_keys(decoder, like, num_keys: int, sink_id: int):
     """The extra-keys control: a pause-token "coprocessor" (body none) whose `num_keys` latents are
     the sink token's own input embedding, laid out as `like`'s latents (same position ids, re-fed
-    token, shift), with no gate. Through the augmentation code the decoder then reads `num_keys`
-    plain copies of the start-of-text token exactly where the latents would go: what more keys alone
-    give, with nothing computed from the context."""
+    token, shift) and, where `like` has a latent gate, behind a copy of its learned gate. Through the
+    augmentation code the decoder then reads `num_keys` plain copies of the start-of-text token exactly
+    where the latents would go and as visible as they are: what more keys alone give, with nothing
+    computed from the context. (Ungated copies of a start-of-text token in the middle of a text read
+    as a document boundary to the decoder: +1,000% and worse at every position with the shipped
+    layout, a control nothing fails to beat.)"""
     from ..config import CoprocessorConfig
     from ..coprocessor import Coprocessor
 
@@ -193,9 +196,13 @@ def sink_keys(decoder, like, num_keys: int, sink_id: int):
         raise EvalError("--extra-keys must be at least 1")
     c = like.config
     cfg = CoprocessorConfig(num_latents=num_keys, body="none", latent_norm="none", refeed_last=c.refeed_last,
-                            latent_pos=c.latent_pos, shift_ahead=c.shift_ahead, hide_point=c.hide_point)
+                            latent_pos=c.latent_pos, shift_ahead=c.shift_ahead, hide_point=c.hide_point,
+                            latent_gate=c.latent_gate)
     cop = Coprocessor(cfg, decoder)
+    gate = augment.gate_of(like)                                                                   # (L,) or None
     with torch.no_grad():
+        if gate is not None:
+            cop.gate_bias.copy_(gate.detach().to(cop.gate_bias.dtype))
         e = augment.embed(decoder, torch.tensor([sink_id], device=decoder.device))[0]             # (d,)
         cop.soft_tokens.copy_(e.to(cop.soft_tokens.dtype).expand(num_keys, -1))
         cop.latent_gain.fill_(1.0)
