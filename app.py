@@ -13,6 +13,10 @@ The coprocessor reads the decoder's KV cache and appends latent embeddings to it
   Δloss heatmap, CSV / JSON / figure-HTML exports.
 * **Latents** - PCA (2-D/3-D) of the latents of one or many prompts, what each latent reads as
   through the decoder's LM head, and the attention a continuation pays to each latent.
+* **Corpus** - mode (b) over many documents (upload, a path, or the bundled held-out Wikipedia
+  sample): Δ by position with bootstrap intervals over documents (body vs document starts, pause
+  arm too), documents and tokens sorted by Δloss, Δ by the decoder's surprisal and by token kind;
+  click a row for that document's per-token view; CSV / JSON exports.
 * **Model** - choose decoder and coprocessor; the checkpoint's card and evaluation; notices.
 
 Run::
@@ -49,9 +53,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline tool: no p
 import gradio as gr  # noqa: E402
 
 import viz  # noqa: E402
+from cacheaug_core import corpus  # noqa: E402
 from cacheaug_core.checkpoint import CheckpointError, model_card  # noqa: E402
 from cacheaug_core.workbench import InputError, Workbench, clean_text  # noqa: E402
 from viz import app_views as views  # noqa: E402
+from viz import corpus as corpus_viz  # noqa: E402
 
 log = logging.getLogger("cacheaug.app")
 
@@ -63,7 +69,8 @@ ATTENTION_MAX_TOKENS = 256
 MAX_PROMPTS = 16
 DEFAULT_MAX_NEW_TOKENS = 48
 
-API_NAMES = ("generate", "analyze", "token_detail", "use_generation", "latents", "load_model", "model_info")
+API_NAMES = ("generate", "analyze", "token_detail", "use_generation", "latents", "corpus", "corpus_view", "load_model",
+             "model_info")
 
 CLI_EQUIVALENTS = """\
 | endpoint | what it does | CLI / Python |
@@ -73,11 +80,13 @@ CLI_EQUIVALENTS = """\
 | `/token_detail` | top-k of both arms + KL at one token of this session's last `/analyze` | `Workbench.score_text(text, point)["topk_base"/"topk_aug"/"kl_aug_base"]` |
 | `/use_generation` | last generation → analysis text | `viz.app_views.join_prompt_continuation(prompt, text)` |
 | `/latents` | PCA, read-out, attention to latents | `cacheaug latents --prompt "..." [--prompt "..."] [--continuation "..."] [--html pca.html]` |
+| `/corpus` | mode (b) over documents: Δ by position with intervals, tables, buckets | `cacheaug corpus --text X.jsonl --json OUT [--csv tokens.csv] [--html curve.html]` |
+| `/corpus_view` | the last `/corpus` run re-tabulated for another arm / n-th token ahead | `cacheaug_core.corpus.summarize(res, arm, n)` |
 | `/load_model`, `/model_info` | choose / describe decoder + coprocessor | `cacheaug info --decoder D --coprocessor C [--pause P]` |
 """
 
 CSS = """
-#cacheaug-notice:empty, #model-error:empty, #ana-notice:empty { display: none; }
+#cacheaug-notice:empty, #model-error:empty, #ana-notice:empty, #cor-notice:empty { display: none; }
 .cacheaug-tokens span.tok { cursor: pointer; }
 .cacheaug-tokens span.tok.cacheaug-picked { outline: 2px solid #7c3aed; outline-offset: 1px; }
 #gen-decoder textarea, #gen-augmented textarea, #gen-pause textarea, #gen-cot textarea {
@@ -482,6 +491,113 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return (fig, views.notice_html(_join(info, notice), "warning" if notice else "info"),
                     views.round_frame(readout), attn, pca_file, attn_file, csv_file)
 
+    # -- Corpus ------------------------------------------------------------------------------
+
+    def _corpus_tables(res, arm, ahead):
+        """Everything the Corpus tab shows, from a (partial or finished) run: no model call."""
+        arm = arm if arm in res.arms else res.arms[0]
+        n = int(min(max(int(ahead or 1), 1), res.config.positions))
+        tables = corpus.summarize(res, arm, n)
+        done = len(res.docs)
+        partial = "" if res.finished else f"partial: {done} document(s) so far"
+        curve = corpus_viz.corpus_curve_figure(tables["by_position"], partial=partial)
+        surpr = corpus_viz.bucket_figure(tables["by_surprisal"], "surprisal_nats",
+                                         f"the decoder's surprisal of the token (nats), {n} ahead")
+        kinds = corpus_viz.bucket_figure(tables["by_kind"], "kind", f"token kind, {n} ahead")
+        tokens = tables["tokens"].drop(columns=["title"]).sort_values("delta", kind="stable")
+        tokens["token"] = tokens["token"].map(viz.display_token)
+        docs = tables["documents"].sort_values("delta", kind="stable")
+        return tables, curve, surpr, kinds, views.round_frame(docs), views.round_frame(tokens), arm, n
+
+    def _corpus_exports(res, tables, arm, n):
+        out = _export_dir()
+        csv_file = str(viz.frame_to_csv(tables["tokens"], out / "cacheaug-corpus-tokens.csv"))
+        json_file = str(views.write_json(corpus.result_json(res, tables, arm, n), out / "cacheaug-corpus.json"))
+        return csv_file, json_file
+
+    def corpus_run(upload, path, max_docs, max_tokens, positions, sink, arm, ahead, progress=gr.Progress(),
+                   request: gr.Request = None):
+        """Mode (b) over documents; yields the views after every document (progressive, Stop keeps them)."""
+        session = getattr(request, "session_hash", None)
+        stopped_sessions.discard(session)
+
+        def tick(f, desc):
+            if session is not None and session in stopped_sessions:
+                stopped_sessions.discard(session)
+                raise InputError("Stopped.")
+            progress(float(f), desc=desc)
+
+        with _friendly_errors():
+            wb = backend.get()
+            src = upload if upload else ((path or "").strip() or "wiki")
+            if not upload and src not in corpus.BUNDLED and Path(src).suffix not in (".jsonl", ".txt"):
+                raise InputError("Give a .jsonl (one {\"text\": ...} a line) or .txt file (blank-line separated), "
+                                 "or 'wiki' for the bundled held-out sample.")
+            try:
+                docs = corpus.read_corpus(src)
+                cfg = corpus.CorpusConfig(positions=int(positions), max_docs=int(max_docs),
+                                          max_tokens=int(max_tokens), sink=str(sink or "auto"),
+                                          ahead=int(min(max(int(ahead or 1), 1), int(positions))))
+                cfg.check()
+            except corpus.CorpusError as e:
+                raise InputError(str(e)) from None
+            name = "bundled held-out Wikipedia sample" if src in corpus.BUNDLED else Path(str(src)).name
+            total = min(len(docs), cfg.max_docs)
+            res = None
+            try:
+                for res in corpus.score_corpus(wb, docs, cfg, progress=tick, source=name):
+                    tables, curve, surpr, kinds, dtab, ttab, a, n = _corpus_tables(res, arm, ahead)
+                    files = _corpus_exports(res, tables, a, n) if res.finished else (None, None)
+                    msg = (f"{name}: {len(res.docs)}/{total} documents scored (first {cfg.max_tokens} tokens each, "
+                           f"{cfg.positions} positions ahead, sink {cfg.sink}"
+                           f"{' = ' + repr(res.sink_token) if res.sink_token else ''}; arms: "
+                           f"{', '.join(ARM_LABELS.get(x, x) for x in res.arms)}). "
+                           + ("Click a document or token row for its per-token view." if res.finished
+                              else "Scoring… figures fill in as documents finish."))
+                    yield (views.notice_html(msg, "info"), curve, surpr, kinds, dtab, ttab, *files, res)
+            except InputError:
+                if res is None:
+                    raise
+                res.finished = True   # stopped: what was scored is kept, marked in the notice and the JSON
+                tables, curve, surpr, kinds, dtab, ttab, a, n = _corpus_tables(res, arm, ahead)
+                files = _corpus_exports(res, tables, a, n)
+                yield (views.notice_html(f"Stopped after {len(res.docs)}/{total} documents; the views and exports "
+                                         "hold those.", "warning"), curve, surpr, kinds, dtab, ttab, *files, res)
+
+    def corpus_view(res, arm, ahead):
+        """Re-tabulate the session's last corpus run for another arm / n-th token ahead (no model call)."""
+        with _friendly_errors():
+            if res is None:   # nothing computed yet: the controls only set the next run's view
+                return (gr.update(),) * 7
+            tables, curve, surpr, kinds, dtab, ttab, a, n = _corpus_tables(res, arm, ahead)
+            files = _corpus_exports(res, tables, a, n)
+            return curve, surpr, kinds, dtab, ttab, *files
+
+    def corpus_doc(res, arm, ahead, evt: gr.SelectData):
+        """A clicked document / token row -> that document's per-token Δloss view (from the stored run)."""
+        with _friendly_errors():
+            if res is None or evt is None:
+                raise InputError("Run the corpus first.")
+            row = evt.row_value or []
+            doc = int(row[0])
+            d = next((x for x in res.docs if x.index == doc), None)
+            if d is None:
+                raise InputError(f"Document {doc} is not in this run.")
+            a = arm if arm in res.arms else res.arms[0]
+            n = int(min(max(int(ahead or 1), 1), res.config.positions))
+            nb, na = d.per_token(a, n)
+            cap = (f"Document {doc} · {d.title} · {ARM_LABELS.get(a, a)}: each token scored with the latents "
+                   f"inserted {n} token(s) earlier. Blue = helps, red = hurts, no colour = not scored.")
+            head = views.notice_html(cap + (f" Cut to its first {len(d.tokens)} of {d.cut_from} tokens."
+                                            if d.cut_from else ""), "info")
+            return head + viz.token_delta_html(d.tokens, na - nb, nb, na, caption=""), d.text
+
+    def corpus_to_analysis(text):
+        """The clicked document into the Per-token analysis tab (mode (b))."""
+        if not (text or "").strip():
+            raise gr.Error("Click a document or token row first.", title="Corpus", print_exception=False)
+        return text, "every", gr.Tabs(selected="analysis")
+
     def model_info(load_error: str = ""):
         """The loaded decoder and coprocessor: notice banner, status, card, evaluation, and an error: the
         failed start-up load (every session), or this session's failed load (`load_error`)."""
@@ -524,7 +640,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
     return {"generate": generate, "stop_generation": stop_generation, "generate_example": generate_example,
             "analyze": analyze, "stop_analysis": stop_analysis, "token_detail": token_detail,
             "pick_token": pick_token, "pick_row": pick_row,
-            "use_generation": use_generation, "latents": latents, "model_info": model_info, "load_model": load_model}
+            "use_generation": use_generation, "latents": latents, "corpus_run": corpus_run, "corpus_view": corpus_view,
+            "corpus_doc": corpus_doc, "corpus_to_analysis": corpus_to_analysis, "model_info": model_info, "load_model": load_model}
 
 
 def _arm_text(state: dict, name: str) -> str:
@@ -564,7 +681,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     "negative (blue) = the latents help.</span>", elem_id="cacheaug-title")
         notice = gr.HTML("", elem_id="cacheaug-notice")
 
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs") as tabs:
             # -- Generate ------------------------------------------------------------------------
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 with gr.Row(equal_height=True):
@@ -676,6 +793,51 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     ana_fig_heat = gr.DownloadButton("Δloss heatmap (HTML, mode b)", elem_id="ana-fig-heatmap",
                                                      size="md")
 
+            # -- Corpus --------------------------------------------------------------------------
+            with gr.Tab("Corpus", id="corpus", elem_id="tab-corpus"):
+                gr.Markdown("Mode (b) over many documents: where do the latents help? The curve pools every "
+                            "document; the band is a 95% bootstrap interval over documents. <span class="
+                            "'cacheaug-small'>doc_start = targets among a document's first 4 tokens; body = the "
+                            "rest (as `cacheaug eval ppl`).</span>", elem_id="cor-intro")
+                with gr.Row(equal_height=True):
+                    cor_path = gr.Textbox("wiki", label="documents: 'wiki' (bundled held-out Wikipedia sample) or a "
+                                          ".jsonl / .txt path", scale=3, elem_id="cor-path")
+                    cor_file = gr.File(label="…or upload a .jsonl / .txt", file_types=[".jsonl", ".txt"], scale=2,
+                                       height=90, elem_id="cor-upload")
+                    with gr.Column(scale=1, min_width=160):
+                        cor_btn = gr.Button("Run corpus", variant="primary", elem_id="cor-run")
+                        cor_stop = gr.Button("Stop", variant="stop", elem_id="cor-stop")
+                with gr.Row():
+                    cor_docs = gr.Slider(1, corpus.MAX_DOCS, 12, step=1, label="documents", elem_id="cor-max-docs")
+                    cor_tokens = gr.Slider(16, 512, 128, step=16, label="first tokens of each document",
+                                           elem_id="cor-max-tokens")
+                    cor_positions = gr.Slider(1, 32, 8, step=1, label="positions ahead scored",
+                                              elem_id="cor-positions")
+                    cor_sink = gr.Radio([("start-of-text sink", "auto"), ("none", "none")], value="auto",
+                                        label="sink before each document", elem_id="cor-sink")
+                with gr.Row():
+                    cor_arm = gr.Radio([(ARM_LABELS["coprocessor"], "coprocessor"), (ARM_LABELS["pause"], "pause")],
+                                       value="coprocessor", label="tables and buckets for arm", elem_id="cor-arm")
+                    cor_ahead = gr.Slider(1, 32, 1, step=1, label="tables and buckets: the n-th token ahead "
+                                          "(re-tabulates, no recompute)", elem_id="cor-ahead")
+                cor_notice = gr.HTML("", elem_id="cor-notice")
+                cor_state = gr.State(None)   # this session's last CorpusResult: views re-render from it
+                cor_curve = gr.Plot(label="Δ by position ahead, over documents", elem_id="cor-curve")
+                with gr.Row():
+                    cor_surprisal = gr.Plot(label="Δ by the decoder's surprisal", elem_id="cor-surprisal")
+                    cor_kind = gr.Plot(label="Δ by token kind", elem_id="cor-kind")
+                with gr.Row():
+                    cor_doc_table = gr.Dataframe(None, label="documents (sorted by Δ, helps most first; click a "
+                                                 "row)", interactive=False, max_height=360, elem_id="cor-documents")
+                    cor_tok_table = gr.Dataframe(None, label="tokens (sorted by Δ; click a row)", interactive=False,
+                                                 max_height=360, elem_id="cor-tokens")
+                cor_doc_view = gr.HTML("", js_on_load=None, max_height=420, elem_id="cor-doc-view")
+                cor_doc_text = gr.State("")
+                with gr.Row(elem_id="cor-exports"):
+                    cor_open = gr.Button("Open this document in Per-token analysis", elem_id="cor-open", size="md")
+                    cor_csv = gr.DownloadButton("Tokens CSV", elem_id="cor-csv", size="md")
+                    cor_json = gr.DownloadButton("Run JSON", elem_id="cor-json", size="md")
+
             # -- Latents -------------------------------------------------------------------------
             with gr.Tab("Latents", id="latents", elem_id="tab-latents"):
                 with gr.Row(equal_height=True):
@@ -754,6 +916,19 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
         lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont],
                       [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv], api_name="latents",
                       **model)
+
+        cor_views = [cor_curve, cor_surprisal, cor_kind, cor_doc_table, cor_tok_table, cor_csv, cor_json]
+        cor_btn.click(h["corpus_run"], [cor_file, cor_path, cor_docs, cor_tokens, cor_positions, cor_sink, cor_arm,
+                                       cor_ahead], [cor_notice, *cor_views, cor_state], api_name="corpus", **model)
+        # Stop sets a flag the run checks between passes: it ends itself and keeps what was scored.
+        cor_stop.click(h["stop_analysis"], None, cor_notice, api_visibility="private", queue=False)
+        gr.on([cor_arm.change, cor_ahead.release], h["corpus_view"], [cor_state, cor_arm, cor_ahead], cor_views,
+              api_name="corpus_view", queue=False)
+        for table in (cor_doc_table, cor_tok_table):
+            table.select(h["corpus_doc"], [cor_state, cor_arm, cor_ahead], [cor_doc_view, cor_doc_text],
+                         api_visibility="private", queue=False)
+        cor_open.click(h["corpus_to_analysis"], cor_doc_text, [ana_text, mode, tabs], api_visibility="private",
+                       queue=False)
 
         model_outputs = [notice, status_json, card, evaluation, model_err]
         load_btn.click(h["load_model"], [dec_in, cop_in], model_outputs, api_name="load_model", **model)

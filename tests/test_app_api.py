@@ -563,3 +563,65 @@ def test_stop_ends_a_mode_b_analysis_between_passes(wb):
         h["analyze"](text, "every", -1, 4, 1, 5, progress=press_stop, request=session)
     notice, html_text, *_ = h["analyze"](text, "every", -1, 4, 1, 5, request=session)
     assert "Mode (b)" in notice and "span" in html_text
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus tab
+
+
+CORPUS_DOCS = ["The cat sat on the mat. It was 42 years old.", "Dogs bark at night, and 7 owls hoot.",
+               "A third text: numbers 1, 2, 3 and words."]
+
+
+def _corpus_file(tmp_path) -> Path:
+    p = tmp_path / "docs.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS_DOCS), encoding="utf-8")
+    return p
+
+
+def test_corpus_streams_per_document_and_matches_the_core(client, wb, tmp_path):
+    from cacheaug_core import corpus
+
+    path = _corpus_file(tmp_path)
+    job = client.submit(None, str(path), 3, 32, 4, "auto", "coprocessor", 2, api_name="/corpus")
+    partials = list(job)
+    notice, curve, surpr, kind, docs, toks, csv_path, json_path = job.result()
+    assert len(partials) >= 4                         # one update per document, then the finished run
+    cfg = corpus.CorpusConfig(positions=4, max_docs=3, max_tokens=32, sink="auto", ahead=2)
+    res = None
+    for res in corpus.score_corpus(wb, corpus.read_corpus(path), cfg):
+        pass
+    ref = corpus.summarize(res, "coprocessor", 2)
+    got = {r["doc"]: r for r in _frame(docs)}
+    assert set(got) == {0, 1, 2}
+    for _, r in ref["documents"].iterrows():
+        assert got[r["doc"]]["scored"] == r["scored"]
+        assert got[r["doc"]]["delta"] == pytest.approx(r["delta"], abs=1e-3)
+    assert len(_frame(toks)) == len(ref["tokens"])
+    fig = _plot(curve)
+    line = next(t for t in fig["data"] if t.get("name") == "decoder+coprocessor, all targets")
+    bp = ref["by_position"]
+    want = bp[(bp["split"] == "all")].sort_values("position")["rel_ppl_change_pct"].to_numpy()
+    assert np.allclose(_arr(line["y"]), want, atol=1e-6)
+    run = json.loads(Path(json_path).read_text())
+    assert run["finished"] and run["ahead"] == 2 and run["settings"]["sink"] == "auto"
+    assert len(run["documents_scored"]) == 3 and run["sink_token"] is not None
+    rows = list(csv.DictReader(open(csv_path, encoding="utf-8")))
+    assert len(rows) == len(ref["tokens"])
+    assert "Scoring" in partials[0][0] and "1/3 documents" in partials[0][0]
+    # Another n ahead re-tabulates this session's stored run (no model call): same as the core.
+    curve2, surpr2, kind2, docs2, toks2, csv2, json2 = client.predict("coprocessor", 1, api_name="/corpus_view")
+    ref1 = corpus.summarize(res, "coprocessor", 1)["documents"].set_index("doc")
+    for r in _frame(docs2):
+        assert r["scored"] == ref1.loc[r["doc"], "scored"]
+        assert r["delta"] == pytest.approx(ref1.loc[r["doc"], "delta"], abs=1e-3)
+    assert json.loads(Path(json2).read_text())["ahead"] == 1
+
+
+def test_corpus_rejects_bad_input_in_one_line(client, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "no text"}\n', encoding="utf-8")
+    with pytest.raises(AppError, match="text"):
+        client.predict(None, str(bad), 3, 32, 4, "auto", "coprocessor", 1, api_name="/corpus")
+    with pytest.raises(AppError, match="jsonl"):
+        client.predict(None, "/etc/passwd", 3, 32, 4, "auto", "coprocessor", 1, api_name="/corpus")
