@@ -423,6 +423,65 @@ def result_json(res: CorpusResult, tables: dict[str, pd.DataFrame] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
+# `cacheaug corpus` (cli.py registers the parser and calls this)
+
+
+def add_cli_args(p) -> None:
+    p.add_argument("--text", default="wiki", help="a .jsonl ({\"text\": ...} a line) or .txt (blank-line "
+                   "separated) file, or 'wiki' for the bundled held-out sample (default)")
+    p.add_argument("--json", default="", help="write the run (settings, tables, every document's scores) here")
+    p.add_argument("--csv", default="", help="write the per-token table here")
+    p.add_argument("--html", default="", help="write the Δ-by-position figure (standalone HTML) here")
+    for f, typ in (("positions", int), ("max_docs", int), ("max_tokens", int), ("ahead", int), ("n_boot", int),
+                   ("seed", int)):
+        p.add_argument("--" + f.replace("_", "-"), type=typ, default=getattr(CorpusConfig, f))
+    p.add_argument("--sink", choices=("auto", "none"), default="auto")
+    p.add_argument("--arm", default="coprocessor", choices=("coprocessor", "pause"),
+                   help="the arm of the per-token tables and buckets")
+
+
+def run_cli(args, load_workbench) -> int:
+    """Score the documents, print the pooled table, write the exports. `load_workbench()` loads the model
+    (called after the settings and the file are checked)."""
+    import sys
+
+    cfg = CorpusConfig(positions=args.positions, max_docs=args.max_docs, max_tokens=args.max_tokens, sink=args.sink,
+                       ahead=args.ahead, n_boot=args.n_boot, seed=args.seed).check()
+    docs = read_corpus(args.text)
+    wb = load_workbench()
+    from tqdm.auto import tqdm
+
+    with tqdm(total=100, desc="corpus", unit="%", file=sys.stderr) as bar:
+        res = None
+        for res in score_corpus(wb, docs, cfg, progress=lambda f, _d: bar.update(round(100 * f) - bar.n),
+                                source=str(args.text)):
+            pass
+    arm = args.arm if args.arm in res.arms else res.arms[0]
+    tables = summarize(res, arm, cfg.ahead)
+    bp = tables["by_position"]
+    print(f"{len(res.docs)} documents, first {cfg.max_tokens} tokens each, sink {cfg.sink}; relative perplexity "
+          "change % (negative = the latents help), 95% bootstrap interval over documents")
+    print(bp.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    if args.json:
+        from viz.app_views import write_json
+
+        write_json(result_json(res, tables, arm, cfg.ahead), args.json)
+        print(f"run JSON: {args.json}")
+    if args.csv:
+        import viz
+
+        viz.frame_to_csv(tables["tokens"], args.csv)
+        print(f"per-token CSV: {args.csv}")
+    if args.html:
+        import viz
+        from viz.corpus import corpus_curve_figure
+
+        Path(args.html).write_text(viz.figure_to_html(corpus_curve_figure(bp)), encoding="utf-8")
+        print(f"figure HTML: {args.html}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # The bundled held-out sample
 
 
