@@ -502,7 +502,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         partial = "" if res.finished else f"partial: {done} document(s) so far"
         curve = corpus_viz.corpus_curve_figure(tables["by_position"], partial=partial)
         surpr = corpus_viz.bucket_figure(tables["by_surprisal"], "surprisal_nats",
-                                         f"the decoder's surprisal of the token (nats), {n} ahead")
+                                         f"decoder surprisal (nats), {n} ahead")
         kinds = corpus_viz.bucket_figure(tables["by_kind"], "kind", f"token kind, {n} ahead")
         tokens = tables["tokens"].drop(columns=["title"]).sort_values("delta", kind="stable")
         tokens["token"] = tokens["token"].map(viz.display_token)
@@ -803,7 +803,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     cor_path = gr.Textbox("wiki", label="documents: 'wiki' (bundled held-out Wikipedia sample) or a "
                                           ".jsonl / .txt path", scale=3, elem_id="cor-path")
                     cor_file = gr.File(label="…or upload a .jsonl / .txt", file_types=[".jsonl", ".txt"], scale=2,
-                                       height=90, elem_id="cor-upload")
+                                       height=120, elem_id="cor-upload")
                     with gr.Column(scale=1, min_width=160):
                         cor_btn = gr.Button("Run corpus", variant="primary", elem_id="cor-run")
                         cor_stop = gr.Button("Stop", variant="stop", elem_id="cor-stop")

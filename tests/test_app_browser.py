@@ -333,3 +333,51 @@ def test_hostile_input_is_inert(page):
     expect(page.locator("#ana-tokens")).to_contain_text("surrogates", timeout=SLOW)
     assert page.locator("#ana-tokens span.tok[title]").count() > 5
     assert not page.errors, page.errors
+
+
+def _set_slider(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
+    _tab(page, "Corpus")
+    _set_slider(page, "cor-max-docs", 4)
+    _set_slider(page, "cor-max-tokens", 64)
+    _set_slider(page, "cor-positions", 4)
+    page.locator("#cor-run").click()
+    expect(page.locator("#cor-notice")).to_contain_text("4/4 documents scored", timeout=3 * SLOW)
+    expect(page.locator("#cor-notice")).to_contain_text("Click a document", timeout=SLOW)
+    traces = _plot_data(page, "cor-curve")
+    names = {t["name"] for t in traces}
+    assert "decoder+coprocessor, all targets" in names and "decoder+coprocessor, body" in names
+    assert any(n.startswith("pause tokens") for n in names)          # the shipped pause arm comes along
+    assert any(t["type"] == "bar" for t in _plot_data(page, "cor-kind"))
+    titles = page.locator("#cor-documents [data-testid$='-1']")   # the body cells of column 1 (title)
+    expect(titles.first).to_be_visible(timeout=SLOW)
+    assert titles.count() == 4
+    _shot(page, "06-corpus.png")
+    # Click-through: a document row -> its per-token view, from the stored run.
+    page.locator("#cor-documents [data-testid='cell-0-1']").click()
+    spans = page.locator("#cor-doc-view span.tok[title]")
+    expect(spans.first).to_be_visible(timeout=SLOW)
+    assert spans.count() >= 10
+    # Another n ahead re-tabulates without a model call (fast) and keeps the run.
+    _set_slider(page, "cor-ahead", 2)
+    expect(page.locator("#cor-curve")).to_be_visible()
+    data = json.loads(_download(page, page.locator("#cor-json"), "corpus.json").read_text("utf-8"))
+    assert data["finished"] and len(data["documents_scored"]) == 4
+    _shot(page, "07-corpus-document.png")
+    page.locator("#cor-open").click()
+    expect(page.locator("#ana-text textarea")).not_to_have_value("", timeout=SLOW)
+    assert page.errors == []
+    # Phone viewport: the same tab on 390 px.
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    phone = ctx.new_page()
+    phone.goto(url)
+    phone.get_by_role("tab", name="Corpus").click()
+    expect(phone.locator("#cor-run")).to_be_visible(timeout=SLOW)
+    ART.mkdir(parents=True, exist_ok=True)
+    phone.screenshot(path=str(ART / "08-corpus-phone.png"), full_page=True)
+    ctx.close()

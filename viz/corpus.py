@@ -51,6 +51,8 @@ def corpus_curve_figure(df: pd.DataFrame, splits=("all", "body", "doc_start"), t
             custom = np.column_stack([d["ci_low"], d["ci_high"], d["tokens"], d["documents"], d["delta"]])
             fig.add_trace(go.Scatter(
                 x=x, y=d["rel_ppl_change_pct"], mode="lines+markers", name=f"{name}, {label}",
+                # document starts are few tokens (4 per document) and swing widely: one legend click away
+                visible="legendonly" if split == "doc_start" else True,
                 legendgroup=f"{arm}-{split}", line={"color": f"rgb({r},{g},{b})", "dash": dash,
                                                     "width": 2.5 if split == "all" else 1.5},
                 customdata=custom,
@@ -68,7 +70,7 @@ def corpus_curve_figure(df: pd.DataFrame, splits=("all", "body", "doc_start"), t
 def bucket_figure(df: pd.DataFrame, key: str, xlabel: str, title: str | None = None) -> go.Figure:
     """Bars of the relative perplexity change per bucket with the bootstrap interval as error bars
     (columns of ``corpus.by_surprisal`` / ``corpus.by_kind``); bars with no token are left out."""
-    title = title or f"Perplexity change by {xlabel} ({NEG_HELPS})"
+    title = title or f"Perplexity change by {xlabel}"
     if df is None or len(df) == 0 or not (df["tokens"] > 0).any():
         return _empty_figure(title, "no token scored yet")
     d = df[df["tokens"] > 0]
