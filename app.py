@@ -229,6 +229,14 @@ def _write_html(fig, path: Path) -> str:
     return str(path)
 
 
+def _reference(wb: Workbench):
+    """(name, curve) of the checkpoint's first stored perplexity evaluation (the typical Δ by position),
+    or ("", None) when it stores none (an untrained coprocessor has no reference)."""
+    cfg = getattr(wb.coprocessor, "checkpoint_config", None) or {}
+    curves = corpus.reference_curves(cfg.get("evaluation"))
+    return next(iter(curves.items())) if curves else ("", None)
+
+
 def _model_summary(wb: Workbench) -> dict:
     st = wb.status()
     return {"decoder": st["decoder"].get("name"), "coprocessor": st["coprocessor_source"],
@@ -380,14 +388,21 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             tokens_html = viz.token_delta_html(toks, na - nb, nb, na, caption=caption)
             summary = viz.summary_table(nb, na)
             per_token = viz.per_token_frame(toks, nb, na)
-            by_fig = viz.delta_by_position_figure(by_pos, title="Perplexity change by position ahead")
+            ref_name, ref = _reference(wb)
+            at = int(shown.get("ahead") or max(1, (len(toks) - 1 - (p or 0)) // 2))
+            verdict = views.verdict_text(na - nb, reference=corpus.reference_at(ref, at), ref_name=ref_name,
+                                         where=f", {shown['ahead']} ahead" if mode == "every" else "")
+            by_fig = viz.delta_by_position_figure(by_pos, title="Perplexity change by position ahead", reference=ref,
+                                                  reference_name=f"typical: {ref_name}" if ref_name else "")
             csv_file = str(viz.frame_to_csv(per_token, out / "cacheaug-per-token.csv"))
             run |= {"text": text, "model": _model_summary(wb), "notice": _join(notice, res.get("notice", "")) or None,
                     "tokens": [viz.clean_token(t) for t in toks], "nll_base": nb, "nll_aug": na,
                     "summary": summary, "by_position": by_pos}
             json_file = str(views.write_json(run, out / "cacheaug-analysis.json"))
             pos_file = _write_html(by_fig, out / "cacheaug-by-position.html")
-            note = views.notice_html(_join(info, notice), "warning" if notice else "info")
+            note = views.notice_html(verdict, "info", "Verdict:") + views.notice_html(
+                _join(info, notice), "warning" if notice else "info")
+            run["verdict"] = verdict
             return (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
                     json_file, pos_file, heat_file, shown)
 
@@ -612,8 +627,9 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return banner, {}, "", "", views.notice_html(err, "error")
         st = wb.status()
         level = "warning" if st["coprocessor_source"] == "untrained" else "info"
-        banner = views.notice_html(err, "error", "Last load failed:") + views.notice_html(
-            st["notice"], level, "Coprocessor:" if level == "info" else "Untrained coprocessor:")
+        line = corpus.status_line(st.get("evaluation")) if level == "info" else ""
+        banner = views.notice_html(err, "error", "Last load failed:") + views.status_html(
+            line, st["notice"], level, "Coprocessor:" if level == "info" else "Untrained coprocessor:")
         cfg = getattr(wb.coprocessor, "checkpoint_config", None)
         if cfg:
             try:

@@ -423,6 +423,65 @@ def result_json(res: CorpusResult, tables: dict[str, pd.DataFrame] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
+# The checkpoint's stored evaluation as a reference for single texts
+
+
+_PCT = r"([+-−]?\d+(?:\.\d+)?)%"
+
+
+def reference_curves(evaluation: dict | None) -> dict[str, pd.DataFrame]:
+    """Perplexity-by-position results stored with a checkpoint -> {name: DataFrame(position,
+    rel_ppl_change_pct, ci_low, ci_high, tokens)}. Reads both forms a checkpoint holds: an `eval ppl`
+    JSON (dict with positions / rel_ppl_change_pct / rel_ppl_change_ci95) and its Markdown table
+    (| position | tokens | ... | rel. change | 95% CI |). Entries of any other shape are skipped."""
+    out = {}
+    for name, v in (evaluation or {}).items():
+        rows = []
+        if isinstance(v, dict) and "rel_ppl_change_pct" in v:
+            ci = v.get("rel_ppl_change_ci95") or [[np.nan, np.nan]] * len(v["rel_ppl_change_pct"])
+            tok = v.get("tokens_scored") or [np.nan] * len(v["rel_ppl_change_pct"])
+            pos = v.get("positions") or list(range(1, len(v["rel_ppl_change_pct"]) + 1))
+            rows = [(int(p), float(r), float(c[0]), float(c[1]), float(t))
+                    for p, r, c, t in zip(pos, v["rel_ppl_change_pct"], ci, tok) if r is not None]
+        elif isinstance(v, str) and "rel. change" in v:
+            for line in v.splitlines():
+                m = re.match(r"\|\s*(\d+)\s*\|\s*([\d,]+)\s*\|.*?\|\s*" + _PCT + r"\s*\|\s*\[" + _PCT
+                             + r",\s*" + _PCT + r"\]", line)
+                if m:
+                    f = [float(x.replace("−", "-")) for x in m.group(3, 4, 5)]
+                    rows.append((int(m.group(1)), f[0], f[1], f[2], float(m.group(2).replace(",", ""))))
+        if rows:
+            out[str(name)] = pd.DataFrame(rows, columns=["position", "rel_ppl_change_pct", "ci_low", "ci_high",
+                                                         "tokens"])
+    return out
+
+
+def status_line(evaluation: dict | None) -> str:
+    """One sentence from the checkpoint's first stored perplexity evaluation (no hand-written numbers):
+    '<name>: perplexity -11.9% at the next token [-12.7, -11.1], -3.2% at 16 ahead ...'; '' if none."""
+    curves = reference_curves(evaluation)
+    if not curves:
+        return ""
+    name, df = next(iter(curves.items()))
+    parts = []
+    for pos in sorted({int(df.position.min()), 16 if (df.position == 16).any() else int(df.position.max())}):
+        r = df[df.position == pos].iloc[0]
+        where = "the next token" if pos == 1 else f"{pos} tokens ahead"
+        parts.append(f"{r.rel_ppl_change_pct:+.1f}% at {where} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]")
+    tok = df.tokens.max()
+    return (f"{name}: perplexity with the coprocessor " + ", ".join(parts)
+            + (f" ({tok:,.0f} tokens)" if np.isfinite(tok) else "") + ". Negative = the latents help.")
+
+
+def reference_at(curve: pd.DataFrame | None, position: int) -> pd.Series | None:
+    """The stored reference row at `position`, or at the nearest stored position below it."""
+    if curve is None or not len(curve):
+        return None
+    c = curve[curve.position <= int(position)]
+    return (c if len(c) else curve).sort_values("position").iloc[-1]
+
+
+# ---------------------------------------------------------------------------------------------
 # `cacheaug corpus` (cli.py registers the parser and calls this)
 
 

@@ -133,3 +133,31 @@ def test_cli_corpus_writes_json_csv_html(tiny_decoder_dir, tmp_path, capsys):
     assert "plotly" in (tmp_path / "c.html").read_text()[:5000].lower()
     assert cli.main(["corpus", "--decoder", tiny_decoder_dir, "--text", str(tmp_path / "nope.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_reference_curves_from_markdown_and_json_and_the_status_line():
+    md = ("| position | tokens | ppl decoder | ppl + coprocessor | rel. change | 95% CI |\n|---:|---:|---:|---:|---:|---|\n"
+          "| 1 | 1,000 | 20.0 | 18.0 | -10.00% | [-12.00%, -8.00%] |\n| 16 | 900 | 17.0 | 16.5 | -2.94% | [-3.50%, -2.40%] |\n")
+    js = {"positions": [1, 2], "rel_ppl_change_pct": [-5.0, 1.0], "rel_ppl_change_ci95": [[-6, -4], [-1, 3]],
+          "tokens_scored": [10, 9]}
+    curves = corpus.reference_curves({"wiki": md, "json": js, "note": "free text", "other": {"a": 1}})
+    assert list(curves) == ["wiki", "json"]
+    assert curves["wiki"].to_dict("list") == {"position": [1, 16], "rel_ppl_change_pct": [-10.0, -2.94],
+                                              "ci_low": [-12.0, -3.5], "ci_high": [-8.0, -2.4],
+                                              "tokens": [1000.0, 900.0]}
+    assert curves["json"].ci_high.tolist() == [-4.0, 3.0]
+    line = corpus.status_line({"wiki": md})
+    assert line.startswith("wiki:") and "-10.0% at the next token [-12.0, -8.0]" in line and "16 tokens ahead" in line
+    assert corpus.status_line({}) == "" and corpus.status_line(None) == ""
+    assert corpus.reference_at(curves["wiki"], 8).position == 1 and corpus.reference_at(curves["wiki"], 20).position == 16
+
+
+def test_verdict_says_when_a_text_is_within_noise():
+    from viz.app_views import verdict_text
+
+    rng = np.random.default_rng(0)
+    noisy = verdict_text(rng.normal(0.0, 1.0, 30))
+    assert "within noise" in noisy
+    clear = verdict_text(rng.normal(-0.5, 0.1, 200), reference={"position": 1, "rel_ppl_change_pct": -11.85,
+                                                                   "ci_low": -12.65, "ci_high": -11.06}, ref_name="wiki")
+    assert "lower beyond token-level noise" in clear and "Typical on wiki at position 1: -11.8%" in clear

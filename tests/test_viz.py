@@ -169,9 +169,26 @@ def test_summary_table_arithmetic_and_nan():
     assert row.loc["decoder", "perplexity"] == pytest.approx(math.exp(mb))
     assert row.loc["decoder+coprocessor", "perplexity"] == pytest.approx(math.exp(ma))
     assert row.loc["change", "mean NLL"] == pytest.approx(ma - mb)
-    assert row.loc["change", "perplexity"] == pytest.approx(math.exp(ma) - math.exp(mb))
+    assert np.isnan(row.loc["change", "perplexity"])          # no difference of perplexities (mixed scales)
     assert row.loc["change", "relative change %"] == pytest.approx((math.exp(ma) / math.exp(mb) - 1) * 100)
     assert list(t["tokens scored"]) == [3, 3, 3]
+    # The interval: percentiles of exp(mean of resampled deltas) - 1 over the 3 paired tokens.
+    lo, hi = (float(x.rstrip("%")) for x in row.loc["change", "95% interval %"].strip("[]").split(", "))
+    d = np.array([-0.5, 0.5, -1.0])
+    assert np.expm1(d.min()) * 100 - 1e-9 <= lo <= hi <= np.expm1(d.max()) * 100 + 1e-9 and lo < hi
+
+
+def test_delta_interval_covers_the_mean_and_shrinks_with_tokens():
+    from viz.figures import delta_interval
+
+    rng = np.random.default_rng(1)
+    small = rng.normal(-0.1, 1.0, 20)
+    big = rng.normal(-0.1, 1.0, 2000)
+    lo_s, hi_s = delta_interval(small)
+    lo_b, hi_b = delta_interval(big)
+    assert lo_s <= np.expm1(small.mean()) * 100 <= hi_s
+    assert hi_b - lo_b < hi_s - lo_s
+    assert np.isnan(delta_interval(np.array([1.0]))[0])
 
 
 def test_summary_table_empty():

@@ -27,6 +27,8 @@ from .tokens import clean_token, display_token
 
 __all__ = [
     "notice_html",
+    "status_html",
+    "verdict_text",
     "arm_stats_frame",
     "join_prompt_continuation",
     "generation_notes",
@@ -66,6 +68,43 @@ def notice_html(notice: str | None, level: str = "warning", title: str | None = 
         f'margin:0.3em 0;font-size:1.0em;line-height:1.45;">'
         f'<span aria-hidden="true">{icon}</span> {head}{body}</div>'
     )
+
+
+def status_html(line: str, details: str = "", level: str = "info", title: str | None = None) -> str:
+    """A short status banner with the longer text one click away (a <details> element); escaped."""
+    if not (line or "").strip():
+        return notice_html(details, level, title)
+    html_line = notice_html(line, level, title)
+    if not (details or "").strip():
+        return html_line
+    more = ('<details style="margin-top:0.3em;"><summary style="cursor:pointer;">details</summary>'
+            f'{html.escape(clean_token(details), quote=True)}</details>')
+    return html_line[: -len("</div>")] + more + "</div>"
+
+
+def verdict_text(delta: np.ndarray, n_boot: int = 1000, reference: Any = None, ref_name: str = "",
+                 where: str = "") -> str:
+    """One plain sentence on a single text: its relative perplexity change with a token-bootstrap
+    interval, whether that is within noise, and the typical value stored with the checkpoint."""
+    from .figures import delta_interval
+
+    d = np.asarray(delta, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return "No token was scored by both arms."
+    rel = float(np.expm1(d.mean()) * 100)
+    lo, hi = delta_interval(d, n_boot)
+    out = f"This text{where}: perplexity {rel:+.1f}% with the latents over {d.size} token(s)"
+    if math.isfinite(lo):
+        out += f", 95% interval [{lo:+.1f}%, {hi:+.1f}%] (tokens resampled)"
+        out += (": within noise, the interval includes 0." if lo <= 0 <= hi else
+                (": lower beyond token-level noise." if hi < 0 else ": higher beyond token-level noise."))
+    else:
+        out += ": too few tokens to tell."
+    if reference is not None:
+        out += (f" Typical{' on ' + ref_name if ref_name else ''} at position {int(reference['position'])}: "
+                f"{reference['rel_ppl_change_pct']:+.1f}% [{reference['ci_low']:+.1f}, {reference['ci_high']:+.1f}].")
+    return out
 
 
 def arm_stats_frame(stats: Sequence[dict]) -> pd.DataFrame:
