@@ -380,9 +380,12 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                            "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
                            "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
                 by_pos = views.by_position_every(res["nll_base"], res["nll_aug"])
-                heat = viz.delta_heatmap_figure(toks[:-1], (res["nll_aug"] - res["nll_base"]).T)
+                heat = viz.delta_heatmap_figure(toks, views.by_scored_token(res["nll_aug"] - res["nll_base"]),
+                                                axis="token", title="Δloss of each token by how many tokens "
+                                                "earlier the latents were inserted (blue = helps; blank = not scored)")
                 heat_file = _write_html(heat, out / "cacheaug-heatmap.html")
-                shown = {"text": text, "mode": "every", "positions": A, "ahead": n}
+                shown = {"text": text, "mode": "every", "positions": A, "ahead": n, "tokens": toks,
+                         "nll_base_by_point": res["nll_base"], "nll_aug_by_point": res["nll_aug"]}
                 run = {"mode": "every", "positions": A, "ahead": n,
                        "nll_base_by_point": res["nll_base"], "nll_aug_by_point": res["nll_aug"]}
             tokens_html = viz.token_delta_html(toks, na - nb, nb, na, caption=caption)
@@ -405,6 +408,21 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             run["verdict"] = verdict
             return (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
                     json_file, pos_file, heat_file, shown)
+
+    def recolour(shown, ahead):
+        """Mode (b): colour the tokens by another n-th token ahead from the stored matrices (no model call)."""
+        if not shown or shown.get("mode") != "every":
+            return gr.update(), gr.update(), gr.update(), shown
+        with _friendly_errors():
+            A = int(shown["positions"])
+            n = int(min(max(int(ahead or 1), 1), A))
+            toks = shown["tokens"]
+            nb, na = views.nth_ahead_per_token(shown["nll_base_by_point"], shown["nll_aug_by_point"], n)
+            caption = (f"Background = Δloss of each token when the latents were inserted {n} token(s) earlier: "
+                       "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
+                       "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
+            return (viz.token_delta_html(toks, na - nb, nb, na, caption=caption), views.round_frame(
+                viz.summary_table(nb, na)), views.round_frame(viz.per_token_frame(toks, nb, na)), shown | {"ahead": n})
 
     def token_detail(shown, top_k, index):
         """Both arms' top-k next-token distributions at one token of the analysis shown (the text,
@@ -655,7 +673,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
 
     return {"generate": generate, "stop_generation": stop_generation, "generate_example": generate_example,
             "analyze": analyze, "stop_analysis": stop_analysis, "token_detail": token_detail,
-            "pick_token": pick_token, "pick_row": pick_row,
+            "pick_token": pick_token, "pick_row": pick_row, "recolour": recolour,
             "use_generation": use_generation, "latents": latents, "corpus_run": corpus_run, "corpus_view": corpus_view,
             "corpus_doc": corpus_doc, "corpus_to_analysis": corpus_to_analysis, "model_info": model_info, "load_model": load_model}
 
@@ -920,6 +938,14 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
         ana_event = ana_btn.click(h["analyze"], ana_inputs, ana_outputs, api_name="analyze", **model)
         ana_stop.click(h["stop_analysis"], None, ana_notice, cancels=[ana_event], api_visibility="private",
                        queue=False)
+        # The n-ahead colour re-renders the stored mode (b) result; the token detail follows (stale otherwise).
+        ahead.release(h["recolour"], [ana_shown, ahead], [tokens_html, summary, per_token, ana_shown],
+                      api_visibility="private", queue=False).then(
+            lambda: (views.round_frame(viz.topk_compare_frame([], [], [], [])), ""), None, [topk_table, detail_html],
+            api_visibility="private", queue=False)
+        # A new analysis clears the previous token detail at once (it described the old result).
+        ana_btn.click(lambda: (views.round_frame(viz.topk_compare_frame([], [], [], [])), "", None), None,
+                      [topk_table, detail_html, pick], api_visibility="private", queue=False)
         detail_inputs = [ana_shown, ana_topk, pick]  # the analysis shown, not the live widgets
         detail_btn.click(h["token_detail"], detail_inputs, [topk_table, detail_html], api_name="token_detail", **model)
         tokens_html.click(h["pick_token"], None, pick, api_visibility="private", queue=False).then(

@@ -235,8 +235,10 @@ def test_analyze_every_matches_score_every(client, wb):
     hm = _plot(heat)["data"][0]
     assert hm["type"] == "heatmap"
     z = _arr(hm["z"])
-    assert z.shape == (4, T - 1)
-    np.testing.assert_allclose(z[0, 0], res["nll_aug"][0, 0] - res["nll_base"][0, 0], rtol=1e-5)
+    assert z.shape == (4, T)                           # columns = scored tokens; token 0 is never scored
+    assert np.isnan(z[:, 0]).all()
+    np.testing.assert_allclose(z[0, 1], res["nll_aug"][0, 0] - res["nll_base"][0, 0], rtol=1e-5)
+    np.testing.assert_allclose(z[1, 5], aug[5] - base[5], rtol=1e-5)
     rel = next(t for t in _plot(by_pos)["data"] if t.get("name") == "relative change")
     assert _arr(rel["x"]).tolist() == [1, 2, 3, 4]
     assert "2 tokens earlier" in notice
@@ -625,3 +627,16 @@ def test_corpus_rejects_bad_input_in_one_line(client, tmp_path):
         client.predict(None, str(bad), 3, 32, 4, "auto", "coprocessor", 1, api_name="/corpus")
     with pytest.raises(AppError, match="jsonl"):
         client.predict(None, "/etc/passwd", 3, 32, 4, "auto", "coprocessor", 1, api_name="/corpus")
+
+
+def test_recolour_rerenders_mode_b_from_the_stored_result(wb):
+    h = app.make_handlers(app.Backend(wb))
+    res = wb.score_every(TEXT, positions=3)
+    shown = {"text": TEXT, "mode": "every", "positions": 3, "ahead": 1, "tokens": res["tokens"],
+             "nll_base_by_point": res["nll_base"], "nll_aug_by_point": res["nll_aug"]}
+    html_text, summary, per_token, shown2 = h["recolour"](shown, 3)
+    base, aug = app_views.nth_ahead_per_token(res["nll_base"], res["nll_aug"], 3)
+    spans = _spans(html_text).spans
+    assert "not scored" in spans[2]["title"] and f"Δloss={aug[4] - base[4]:+.3f}" in spans[4]["title"]
+    assert shown2["ahead"] == 3 and shown["ahead"] == 1          # the token detail now describes 3 ahead
+    assert h["recolour"]({"mode": "once"}, 2)[3] == {"mode": "once"}   # mode (a): nothing to recolour

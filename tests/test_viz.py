@@ -385,3 +385,18 @@ def test_generation_notes_name_empty_arms_and_latents_that_never_arrived():
     late = generation_notes({"decoder": [1] * 8, "coprocessor": [1, 0]}, 0, labels, 8, async_delay=3)
     assert len(late) == 1 and late[0].startswith("decoder + coprocessor: ended within")
     assert generation_notes({"decoder": [1] * 8, "coprocessor": [1] * 8}, 0, labels, 8, async_delay=3) == []
+
+
+def test_heatmap_by_scored_token_and_see_through_gaps():
+    from viz.app_views import by_scored_token, nth_ahead_per_token
+
+    rng = np.random.default_rng(0)
+    base, aug = rng.random((5, 3)), rng.random((5, 3))
+    base[4, 1:] = aug[4, 1:] = np.nan           # past the end of a 6-token text
+    m = by_scored_token(aug - base)             # (3, 6)
+    for n in (1, 2, 3):
+        b, a = nth_ahead_per_token(base, aug, n)
+        assert np.allclose(m[n - 1], a - b, equal_nan=True)   # the same cells the token colours use
+    fig = delta_heatmap_figure(list("abcdef"), m, axis="token")
+    assert fig.layout.plot_bgcolor == "rgba(0,0,0,0)"
+    assert fig.layout.xaxis.title.text == "scored token"

@@ -35,6 +35,7 @@ __all__ = [
     "by_position_once",
     "by_position_every",
     "nth_ahead_per_token",
+    "by_scored_token",
     "message_figure",
     "explained_variance_text",
     "latent_readout_with_prompts",
@@ -199,6 +200,17 @@ def nth_ahead_per_token(nll_base: np.ndarray, nll_aug: np.ndarray, n: int) -> tu
     base[rows + n] = b[rows, n - 1]
     aug[rows + n] = a[rows, n - 1]
     return base, aug
+
+
+def by_scored_token(delta: np.ndarray) -> np.ndarray:
+    """Mode (b) (points P, ahead A) -> (A, T = P + 1) indexed by the scored token: cell (n-1, j) is
+    token j scored with the latents inserted n tokens earlier (row j-n of the input); NaN elsewhere."""
+    d = np.asarray(delta, dtype=np.float64)
+    P, A = d.shape
+    out = np.full((A, P + 1), np.nan)
+    for n in range(1, A + 1):
+        out[n - 1, n:] = d[: P + 1 - n, n - 1]
+    return out
 
 
 def message_figure(title: str, message: str) -> go.Figure:

@@ -404,8 +404,11 @@ def delta_heatmap_figure(
     delta_matrix: np.ndarray,
     title: str | None = None,
     max_label_len: int = 10,
+    axis: str = "point",
 ) -> go.Figure:
-    """Heatmap of Δloss: rows = ahead positions 1..n, columns = augmentation points.
+    """Heatmap of Δloss: rows = ahead positions 1..n, columns = augmentation points
+    (``axis="point"``) or scored tokens (``axis="token"``: column j = token j, scored with the
+    latents inserted ``position`` tokens earlier; see ``viz.app_views.by_scored_token``).
 
     Args:
         tokens: m token strings; column i = the cache is augmented after token i.
@@ -435,17 +438,21 @@ def delta_heatmap_figure(
             z=z, x=xs, y=ys, customdata=custom,
             colorscale=DIVERGING_SCALE, zmid=0.0, zmin=-zmax, zmax=zmax,
             colorbar={"title": {"text": "Δloss"}},
-            hovertemplate="after token #%{x} %{customdata}<br>position ahead %{y}<br>Δloss=%{z:+.4f}<extra></extra>",
+            hovertemplate=("after token #%{x} %{customdata}<br>position ahead %{y}" if axis == "point" else
+                           "token #%{x} %{customdata}<br>latents inserted %{y} token(s) earlier")
+            + "<br>Δloss=%{z:+.4f}<extra></extra>",
             hoverongaps=False,
             name="Δloss",
         )
     )
     step = max(1, math.ceil(len(xs) / 60))  # keep tick labels readable on long texts
     fig.update_xaxes(tickmode="array", tickvals=xs[::step], ticktext=ticks[::step], tickangle=-60,
-                     title_text="augmentation point (after token)")
-    fig.update_yaxes(title_text="position ahead", tickmode="array", tickvals=ys,
-                     ticktext=[str(y) for y in ys], autorange="reversed")
-    fig.update_layout(title=title)
+                     title_text="augmentation point (after token)" if axis == "point" else "scored token",
+                     showgrid=False)
+    fig.update_yaxes(title_text="position ahead" if axis == "point" else "latents inserted n tokens earlier",
+                     tickmode="array", tickvals=ys, ticktext=[str(y) for y in ys], autorange="reversed", showgrid=False)
+    # Unscored cells (NaN) stay see-through: a coloured plot background would read as a value.
+    fig.update_layout(title=title, plot_bgcolor="rgba(0,0,0,0)")
     return fig
 
 
