@@ -520,9 +520,24 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 attn = views.message_figure("Attention to latents", "Type a continuation to see how much attention "
                                             "each of its tokens pays to each latent.")
             per_prompt = int(res["latents"].shape[0]) // len(fitted)
-            info = views.explained_variance_text(evr) + f" · {len(fitted)} prompt(s) × {per_prompt} latents"
+            sim = viz.latent_similarity(res["latents"], res["prompt_ids"], res["latent_index"])
+            info = (views.explained_variance_text(evr) + f" · {len(fitted)} prompt(s) × {per_prompt} latents · mean "
+                    f"cosine: same prompt {sim['within_prompt']:.2f}, same slot across prompts "
+                    f"{sim['same_slot_across_prompts']:.2f}, other slots across prompts "
+                    f"{sim['other_slot_across_prompts']:.2f}")
+            sim_fig = viz.latent_similarity_figure(res["latents"], res["prompt_ids"], res["latent_index"],
+                                                   labels=res["labels"])
             return (fig, views.notice_html(_join(info, notice), "warning" if notice else "info"),
-                    views.round_frame(readout), attn, pca_file, attn_file, csv_file)
+                    views.round_frame(readout), attn, pca_file, attn_file, csv_file, sim_fig, res)
+
+    def latents_view(res, dims, color_by):
+        """Re-draw the PCA of the stored latents (2-D/3-D, colour) without a model call."""
+        if not res:
+            return gr.update()
+        with _friendly_errors():
+            return viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
+                                         color_by=color_by, dims=int(dims), hover_tokens=res["top_tokens"],
+                                         norms=res["norms"])
 
     # -- Corpus ------------------------------------------------------------------------------
 
@@ -674,7 +689,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
     return {"generate": generate, "stop_generation": stop_generation, "generate_example": generate_example,
             "analyze": analyze, "stop_analysis": stop_analysis, "token_detail": token_detail,
             "pick_token": pick_token, "pick_row": pick_row, "recolour": recolour,
-            "use_generation": use_generation, "latents": latents, "corpus_run": corpus_run, "corpus_view": corpus_view,
+            "use_generation": use_generation, "latents": latents, "latents_view": latents_view, "corpus_run": corpus_run, "corpus_view": corpus_view,
             "corpus_doc": corpus_doc, "corpus_to_analysis": corpus_to_analysis, "model_info": model_info, "load_model": load_model}
 
 
@@ -893,6 +908,9 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     pca_plot = gr.Plot(label="latent PCA (hover: prompt, index, norm, closest tokens)",
                                        elem_id="lat-pca")
                     attn_plot = gr.Plot(label="attention to latents", elem_id="lat-attention")
+                sim_plot = gr.Plot(label="cosine similarity of latents (within / across prompts) and norms by slot",
+                                   elem_id="lat-similarity")
+                lat_state = gr.State(None)   # the last latents: the PCA re-draws from them
                 readout = gr.Dataframe(None, label="what each latent says (top-k through the LM head)",
                                        interactive=False, max_height=360, elem_id="lat-readout")
                 with gr.Row(elem_id="lat-exports"):
@@ -956,7 +974,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                           **model)
 
         lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont],
-                      [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv], api_name="latents",
+                      [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv, sim_plot, lat_state],
+                      api_name="latents",
                       **model)
 
         cor_views = [cor_curve, cor_surprisal, cor_kind, cor_doc_table, cor_tok_table, cor_csv, cor_json]
@@ -971,6 +990,9 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                          api_visibility="private", queue=False)
         cor_open.click(h["corpus_to_analysis"], cor_doc_text, [ana_text, mode, tabs], api_visibility="private",
                        queue=False)
+
+        gr.on([dims.change, color_by.change], h["latents_view"], [lat_state, dims, color_by], pca_plot,
+              api_visibility="private", queue=False)
 
         model_outputs = [notice, status_json, card, evaluation, model_err]
         load_btn.click(h["load_model"], [dec_in, cop_in], model_outputs, api_name="load_model", **model)

@@ -285,7 +285,7 @@ def test_use_generation_sets_text_and_point(client, wb):
 
 def test_latents_pca_readout_attention(client, wb):
     prompts = "first prompt\nsecond one\n\nthird <b>x</b>"
-    fig, info, readout, attn, *files = client.predict(prompts, 2, "prompt", 3, " and more", api_name="/latents")
+    fig, info, readout, attn, *files, sim = client.predict(prompts, 2, "prompt", 3, " and more", api_name="/latents")
     nl = wb.coprocessor.config.num_latents
     f = _plot(fig)
     assert len(f["data"]) == 3 and all(t["type"] == "scatter" for t in f["data"])
@@ -305,8 +305,12 @@ def test_latents_pca_readout_attention(client, wb):
                                              "cacheaug-latent-readout.csv"]
     with open(files[2], encoding="utf-8") as fh:
         assert len(list(csv.DictReader(fh))) == 3 * nl
+    cos = _arr(_plot(sim)["data"][0]["z"])
+    lat = wb.latents(["first prompt", "second one", "third <b>x</b>"])["latents"]
+    unit = lat / np.linalg.norm(lat, axis=1, keepdims=True)
+    np.testing.assert_allclose(cos.reshape(3 * nl, 3 * nl), unit @ unit.T, atol=1e-4)
     # 3-D, coloured by latent index; no continuation -> no attention figure.
-    fig, _, _, attn, *files = client.predict("one\ntwo", 3, "latent", 2, "", api_name="/latents")
+    fig, _, _, attn, *files, _sim = client.predict("one\ntwo", 3, "latent", 2, "", api_name="/latents")
     f = _plot(fig)
     assert f["data"][0]["type"] == "scatter3d" and f["data"][0]["marker"]["colorscale"]
     assert "Type a continuation" in json.dumps(_plot(attn))
@@ -640,3 +644,13 @@ def test_recolour_rerenders_mode_b_from_the_stored_result(wb):
     assert "not scored" in spans[2]["title"] and f"Δloss={aug[4] - base[4]:+.3f}" in spans[4]["title"]
     assert shown2["ahead"] == 3 and shown["ahead"] == 1          # the token detail now describes 3 ahead
     assert h["recolour"]({"mode": "once"}, 2)[3] == {"mode": "once"}   # mode (a): nothing to recolour
+
+
+def test_latents_view_redraws_the_stored_latents(wb):
+    h = app.make_handlers(app.Backend(wb))
+    res = wb.latents(["one", "two"], top_k=2)
+    fig = h["latents_view"](res, 3, "latent")
+    assert fig.data[0].type == "scatter3d"
+    ref = viz.latent_pca(res["latents"], n_components=3)[0]
+    assert np.allclose(np.sort(np.abs(fig.data[0].x)), np.sort(np.abs(ref[:, 0])), atol=1e-5)
+    assert h["latents_view"](None, 2, "prompt") == app.gr.update()

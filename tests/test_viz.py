@@ -400,3 +400,18 @@ def test_heatmap_by_scored_token_and_see_through_gaps():
     fig = delta_heatmap_figure(list("abcdef"), m, axis="token")
     assert fig.layout.plot_bgcolor == "rgba(0,0,0,0)"
     assert fig.layout.xaxis.title.text == "scored token"
+
+
+def test_latent_similarity_separates_slot_from_prompt_structure():
+    from viz.latents import latent_similarity, latent_similarity_figure
+
+    rng = np.random.default_rng(0)
+    slot_dirs = rng.normal(size=(4, 16))                      # each slot has its own direction
+    z = np.concatenate([slot_dirs + 0.1 * rng.normal(size=(4, 16)) for _ in range(3)])   # 3 prompts x 4 slots
+    pid, idx = np.repeat(np.arange(3), 4), np.tile(np.arange(4), 3)
+    s = latent_similarity(z, pid, idx)
+    assert s["same_slot_across_prompts"] > 0.9 > s["within_prompt"]
+    assert s["cos"].shape == (12, 12) and np.allclose(np.diag(s["cos"]), 1)
+    assert np.allclose(s["slot_norm"], [np.linalg.norm(z[idx == k], axis=1).mean() for k in range(4)])
+    fig = latent_similarity_figure(z, pid, idx, labels=["<b>a</b>", "b", "c"])
+    assert fig.data[0].type == "heatmap" and "&lt;b&gt;" in str(fig.data[0].customdata[0][0])
