@@ -305,23 +305,6 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         path = views.write_json(run, _export_dir() / "cacheaug-generation-partial.json")
         return "Stopped.", str(path)  # the run JSON (marked "finished": false) holds the counts
 
-    example_memo: dict = {"wb": None, "results": {}}   # the loaded model's example results, by prompt
-
-    def generate_example(prompt):
-        """Examples: default settings, final texts only. Remembered per loaded model (not Gradio's
-        example cache, which would outlive a model change)."""
-        wb = backend.get()
-        results = example_memo["results"]
-        if example_memo["wb"] is not wb or (prompt not in results and len(results) >= 32):
-            results = example_memo["results"] = {}   # only the current model's examples are kept
-            example_memo["wb"] = wb
-        if prompt not in results:
-            out = None
-            for out in generate(prompt, [], True, DEFAULT_MAX_NEW_TOKENS, 0.0, 1.0, 0, 0, 0, 0):
-                pass
-            results[prompt] = (out[0], out[1], out[4])
-        return results[prompt]
-
     stopped_sessions: set = set()   # sessions whose Stop was pressed during a mode (b) analysis
 
     def stop_analysis(request: gr.Request = None):
@@ -686,7 +669,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return model_info(err)              # shown to this session only; others keep their view
         return model_info()
 
-    return {"generate": generate, "stop_generation": stop_generation, "generate_example": generate_example,
+    return {"generate": generate, "stop_generation": stop_generation,
             "analyze": analyze, "stop_analysis": stop_analysis, "token_detail": token_detail,
             "pick_token": pick_token, "pick_row": pick_row, "recolour": recolour,
             "use_generation": use_generation, "latents": latents, "latents_view": latents_view, "corpus_run": corpus_run, "corpus_view": corpus_view,
@@ -749,11 +732,12 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                      "tokens/s (each arm's own compute time)", interactive=False, elem_id="gen-stats",
                                      render=False)
                 # Not Gradio's example cache: it would keep showing a previous model's outputs after a
-                # model change. generate_example remembers results per loaded model instead.
+                # model change. A click runs Generate itself (streamed, with status and downloads).
                 examples = gr.Examples(EXAMPLES, inputs=[prompt], cache_examples=False, api_visibility="private",
                                        elem_id="gen-examples",
-                                       label=f"Examples (greedy, {DEFAULT_MAX_NEW_TOKENS} tokens; computed on first "
-                                             "click, then remembered for the loaded model)")
+                                       label="Examples: one chat question, one arithmetic question, one creative prompt (a typical "
+                                             "spread, not picked to flatter either arm); a click runs Generate with the "
+                                             "settings below")
                 with gr.Row():
                     max_new = gr.Slider(1, 256, DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens",
                                         elem_id="gen-max-new-tokens")
@@ -942,9 +926,12 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
             h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
             [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run],
             api_name="generate", **model)
-        examples.load_input_event.then(h["generate_example"], prompt, [out_dec, out_aug, stats],
-                                       api_visibility="private", **model)
-        stop_btn.click(h["stop_generation"], gen_run, [gen_status, run_json], cancels=[gen_event],
+        # An example is Generate on that prompt with the settings shown: streamed, status, settings, downloads.
+        example_event = examples.load_input_event.then(
+            h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
+            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run],
+            api_visibility="private", **model)
+        stop_btn.click(h["stop_generation"], gen_run, [gen_status, run_json], cancels=[gen_event, example_event],
                        api_visibility="private", queue=False)
         extra_arms.change(lambda arms: (gr.update(visible="pause" in (arms or [])),
                                         gr.update(visible="cot" in (arms or []))),

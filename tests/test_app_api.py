@@ -466,21 +466,13 @@ def test_latents_attention_keeps_the_continuation_of_a_long_prompt(client, wb):
     assert wb.fit_prompt_continuation("Hi", "there", 64) == ("Hi there", 1, "")
 
 
-def test_examples_follow_the_loaded_model(wb, tiny_decoder_dir):
-    backend = app.Backend(wb)
-    h = app.make_handlers(backend)
-    first = h["generate_example"]("Hello")
-    assert h["generate_example"]("Hello") is first          # remembered for the same model
-    other = Workbench.load(decoder=tiny_decoder_dir)
-    torch = pytest.importorskip("torch")
-    with torch.no_grad():
-        for p in other.coprocessor.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    backend.set(other)
-    again = h["generate_example"]("Hello")
-    ref = _direct(other, "Hello", max_new=app.DEFAULT_MAX_NEW_TOKENS)
-    assert again is not first
-    assert again[0] == ref["decoder"].text and again[1] == ref["coprocessor"].text
+def test_examples_run_generate_with_every_output(server):
+    demo = server[0]
+    gens = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "generate"]
+    assert len(gens) == 2                                   # the button and the examples: one handler
+    outs = {tuple(o._id for o in f.outputs) for f in gens}
+    ins = {tuple(i._id for i in f.inputs) for f in gens}
+    assert len(outs) == 1 and len(ins) == 1                 # same settings in, same status/downloads out
 
 
 def test_token_strings_show_partial_utf8_as_byte_escapes(client, wb):
