@@ -78,7 +78,7 @@ CLI_EQUIVALENTS = """\
 | `/generate` | both arms, streamed | `cacheaug generate --prompt "..." [--reaugment-every k] [--async-delay N] [--json]` |
 | `/analyze` | per-token Δloss, mode (a) or (b) | `cacheaug score --text "..." [--point N] [--csv out.csv]`; mode (b): `cacheaug score --text "..." --every --positions 16` |
 | `/token_detail` | top-k of both arms + KL at one token of this session's last `/analyze` | `Workbench.score_text(text, point)["topk_base"/"topk_aug"/"kl_aug_base"]` |
-| `/use_generation` | last generation → analysis text | `viz.app_views.join_prompt_continuation(prompt, text)` |
+| `/use_generation` | last generation (either arm's text) → analysis text, with a bias notice | `viz.app_views.join_prompt_continuation(prompt, text)` |
 | `/latents` | PCA, read-out, attention to latents | `cacheaug latents --prompt "..." [--prompt "..."] [--continuation "..."] [--html pca.html]` |
 | `/corpus` | mode (b) over documents: Δ by position with intervals, tables, buckets | `cacheaug corpus --text X.jsonl --json OUT [--csv tokens.csv] [--html curve.html]` |
 | `/corpus_view` | the last `/corpus` run re-tabulated for another arm / n-th token ahead | `cacheaug_core.corpus.summarize(res, arm, n)` |
@@ -447,16 +447,25 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         return int(row)
 
-    def use_generation(prompt, decoder_text):
-        """The last generation (prompt + decoder-alone continuation) as the text to analyse,
-        with the augmentation point at the end of the prompt."""
+    def use_generation(prompt, decoder_text, augmented_text="", arm="decoder", chat=True):
+        """The last generation (prompt + one arm's continuation) as the text to analyse, with the
+        augmentation point at the end of the prompt; a notice says why such a score is biased."""
         with _friendly_errors():
-            if not (decoder_text or "").strip():
+            arm = arm if arm in ("decoder", "coprocessor") else "decoder"
+            cont = decoder_text if arm == "decoder" else augmented_text
+            if not (cont or "").strip():
                 raise InputError("Nothing generated yet: run Generate first.")
             wb = backend.get()
             ptext, _ = clean_text(prompt)
             point = int(wb.encode(ptext).shape[1]) - 1
-            return views.join_prompt_continuation(ptext, decoder_text), point, "once"
+            note = (f"Scoring the {ARM_LABELS[arm]} arm's own greedy continuation: that arm chose each token as "
+                    "its most likely one, so the comparison leans toward it (pick the other arm's text to see the "
+                    "reverse). ")
+            if chat:
+                note += ("It was generated inside the chat template; it is scored here as plain text after the bare "
+                         "prompt, so both arms see a context it was not generated in.")
+            gr.Warning(_msg(note), title="Biased comparison")
+            return views.join_prompt_continuation(ptext, cont), point, "once", views.notice_html(note, "warning")
 
     def latents(prompts_text, dims, color_by, top_k, continuation, progress=gr.Progress()):
         """PCA of the latents of each prompt, their LM-head read-out, attention of a continuation to them."""
@@ -786,6 +795,9 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                         ana_btn = gr.Button("Analyse", variant="primary", elem_id="ana-run")
                         ana_stop = gr.Button("Stop", variant="stop", elem_id="ana-stop")
                         use_gen_btn = gr.Button("Use last generation", elem_id="ana-use-generation")
+                        use_arm = gr.Radio([("decoder's text", "decoder"), ("coprocessor's text", "coprocessor")],
+                                           value="decoder", show_label=False, container=False,
+                                           elem_id="ana-use-arm")
                 with gr.Row():
                     mode = gr.Radio(MODES, value="once", label="mode", elem_id="ana-mode", scale=3)
                     point = gr.Number(-1, label="(a) augment after token # (−1 = a quarter in; the end of the "
@@ -957,8 +969,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
             h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)
         per_token.select(h["pick_row"], None, pick, api_visibility="private", queue=False).then(
             h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)
-        use_gen_btn.click(h["use_generation"], [prompt, out_dec], [ana_text, point, mode], api_name="use_generation",
-                          **model)
+        use_gen_btn.click(h["use_generation"], [prompt, out_dec, out_aug, use_arm, chat],
+                          [ana_text, point, mode, ana_notice], api_name="use_generation", **model)
 
         lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont],
                       [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv, sim_plot, lat_state],

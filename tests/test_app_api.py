@@ -276,11 +276,16 @@ def test_token_detail_both_modes(client, wb):
 
 
 def test_use_generation_sets_text_and_point(client, wb):
-    text, point, mode = client.predict("Why is it?", "Because.", api_name="/use_generation")
+    text, point, mode, note = client.predict("Why is it?", "Because.", "So.", "decoder", True,
+                                             api_name="/use_generation")
     assert text == "Why is it? Because." and mode == "once"
     assert point == wb.encode("Why is it?").shape[1] - 1
+    assert "decoder alone arm&#x27;s own greedy continuation" in note and "chat template" in note
+    text, _, _, note = client.predict("Why is it?", "Because.", "So.", "coprocessor", False,
+                                      api_name="/use_generation")
+    assert text == "Why is it? So." and "decoder + coprocessor" in note and "chat template" not in note
     with pytest.raises(AppError, match="Generate first"):
-        client.predict("Why?", "  ", api_name="/use_generation")
+        client.predict("Why?", "  ", "", "decoder", True, api_name="/use_generation")
 
 
 def test_latents_pca_readout_attention(client, wb):
