@@ -27,7 +27,7 @@ from . import augment
 from .checkpoint import CheckpointError, load_coprocessor, read_config
 from .config import CoprocessorConfig
 from .coprocessor import Coprocessor
-from .decoder import load_decoder
+from .decoder import DecoderLoadError, load_decoder, resolve_decoder
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_COPROCESSOR = ASSETS / "coprocessor"
@@ -50,6 +50,36 @@ def _byte_decoder() -> dict[str, int]:
             cs.append(256 + n)
             n += 1
     return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def hub_precheck(name: str | None, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after a minute of retries, when a decoder given as a Hub id cannot load:
+    not in the local Hub cache and the Hub offline (HF_HUB_OFFLINE) or unreachable. Local folders
+    and the embedded default pass untouched."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    _, path = resolve_decoder(name)        # raises for a missing local folder
+    if Path(path).exists():
+        return
+    try:
+        from huggingface_hub import constants, snapshot_download
+
+        snapshot_download(path, local_files_only=True)
+        return                             # cached: from_pretrained finds it offline
+    except Exception:  # noqa: BLE001 - not cached (or no huggingface_hub): check the network below
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise DecoderLoadError(f"decoder {name!r} is not a local folder nor in the Hub cache, and the Hub is off "
+                               "(HF_HUB_OFFLINE=1): give a local transformers folder or leave it empty for the default")
+    host = urlparse(getattr(constants, "ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        raise DecoderLoadError(f"decoder {name!r} is not a local folder nor in the Hub cache, and {host} cannot be "
+                               f"reached ({e}): give a local transformers folder or leave it empty for the default") \
+            from None
 
 
 class InputError(ValueError):
@@ -149,6 +179,8 @@ class Workbench:
         for ckpt in (coprocessor, pause):
             if ckpt:
                 read_config(ckpt)  # a missing or damaged folder fails now, before the decoder loads
+        if decoder:
+            hub_precheck(decoder)  # an unreachable Hub id fails in seconds, not after retries
         dec, tok, info = load_decoder(decoder)
         notice = ""
         if coprocessor:                      # the user's choice: load it or fail with a clear error

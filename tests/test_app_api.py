@@ -651,3 +651,16 @@ def test_latents_view_redraws_the_stored_latents(wb):
     ref = viz.latent_pca(res["latents"], n_components=3)[0]
     assert np.allclose(np.sort(np.abs(fig.data[0].x)), np.sort(np.abs(ref[:, 0])), atol=1e-5)
     assert h["latents_view"](None, 2, "prompt") == app.gr.update()
+
+
+def test_offline_hub_id_fails_fast_with_one_line(monkeypatch, tmp_path):
+    import time
+
+    from cacheaug_core.decoder import DecoderLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))            # an empty Hub cache
+    t0 = time.perf_counter()
+    with pytest.raises(DecoderLoadError, match="HF_HUB_OFFLINE"):
+        Workbench.load(decoder="some-org/some-model")
+    assert time.perf_counter() - t0 < 10
