@@ -86,7 +86,7 @@ CLI_EQUIVALENTS = """\
 """
 
 CSS = """
-#cacheaug-notice:empty, #model-error:empty, #ana-notice:empty, #cor-notice:empty { display: none; }
+#cacheaug-notice:empty, #cacheaug-model-changed:empty, #model-error:empty, #ana-notice:empty, #cor-notice:empty { display: none; }
 .cacheaug-tokens span.tok { cursor: pointer; }
 .cacheaug-tokens span.tok.cacheaug-picked { outline: 2px solid #7c3aed; outline-offset: 1px; }
 #gen-decoder textarea, #gen-augmented textarea, #gen-pause textarea, #gen-cot textarea {
@@ -142,6 +142,7 @@ class Backend:
         else:
             self._factory = workbench_or_factory
         self.pause = pause or None  # `--pause` given at start-up: kept for every model loaded from the Model tab
+        self.version = 0   # +1 per model change: sessions compare it with the one they last saw
         self.error = ""  # the start-up (factory) failure: no model at all, so every session is told
 
     def get(self) -> Workbench:
@@ -163,6 +164,7 @@ class Backend:
     def set(self, wb: Workbench) -> None:
         with self._lock:
             self._wb, self.error = wb, ""
+            self.version += 1
 
     def load(self, decoder: str | None, coprocessor: str | None) -> Workbench:
         """Load a new model (raises; the old model stays). A start-up `--pause` checkpoint comes along
@@ -177,6 +179,7 @@ class Backend:
                                          "no pause arm.")
         with self._lock:
             self._wb, self.error = wb, ""
+            self.version += 1
         return wb
 
 
@@ -678,7 +681,24 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return model_info(err)              # shown to this session only; others keep their view
         return model_info()
 
-    return {"generate": generate, "stop_generation": stop_generation,
+    def model_seen():
+        """The model version this session has seen (at page load and after its own loads)."""
+        return backend.version
+
+    def model_changed(seen):
+        """The model is shared by every open page: say so when another session changed it."""
+        if seen is None or seen == backend.version:
+            return ""
+        try:
+            st = _model_summary(backend.get())
+        except gr.Error:
+            return views.notice_html("The model was unloaded from another browser session.", "error")
+        return views.notice_html(
+            f"The model was changed from another browser session (the model is shared by every open page): now "
+            f"decoder {st['decoder']} with coprocessor {st['coprocessor']}. Results on this page computed before "
+            "were made with the previous model; reload the page to acknowledge.", "warning", "Model changed:")
+
+    return {"model_seen": model_seen, "model_changed": model_changed, "generate": generate, "stop_generation": stop_generation,
             "analyze": analyze, "stop_analysis": stop_analysis, "token_detail": token_detail,
             "pick_token": pick_token, "pick_row": pick_row, "recolour": recolour,
             "use_generation": use_generation, "latents": latents, "latents_view": latents_view, "corpus_run": corpus_run, "corpus_view": corpus_view,
@@ -721,6 +741,9 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     "coprocessor appended to its KV cache. Δloss = NLL(decoder+coprocessor) − NLL(decoder): "
                     "negative (blue) = the latents help.</span>", elem_id="cacheaug-title")
         notice = gr.HTML("", elem_id="cacheaug-notice")
+        changed = gr.HTML("", elem_id="cacheaug-model-changed")
+        seen = gr.State(None)          # the model version this page has seen
+        tick = gr.Timer(5.0)
 
         with gr.Tabs(elem_id="tabs") as tabs:
             # -- Generate ------------------------------------------------------------------------
@@ -994,8 +1017,12 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
               api_visibility="private", queue=False)
 
         model_outputs = [notice, status_json, card, evaluation, model_err]
-        load_btn.click(h["load_model"], [dec_in, cop_in], model_outputs, api_name="load_model", **model)
+        load_btn.click(h["load_model"], [dec_in, cop_in], model_outputs, api_name="load_model", **model).then(
+            h["model_seen"], None, seen, api_visibility="private", queue=False).then(
+            lambda: "", None, changed, api_visibility="private", queue=False)
         demo.load(h["model_info"], None, model_outputs, api_name="model_info", **model)
+        demo.load(h["model_seen"], None, seen, api_visibility="private", queue=False)
+        tick.tick(h["model_changed"], seen, changed, api_visibility="private", queue=False, show_progress="hidden")
 
     demo.queue(max_size=32, default_concurrency_limit=1)
     demo.cacheaug_backend = backend

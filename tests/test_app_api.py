@@ -664,3 +664,14 @@ def test_offline_hub_id_fails_fast_with_one_line(monkeypatch, tmp_path):
     with pytest.raises(DecoderLoadError, match="HF_HUB_OFFLINE"):
         Workbench.load(decoder="some-org/some-model")
     assert time.perf_counter() - t0 < 10
+
+
+def test_a_model_change_elsewhere_is_announced(wb):
+    backend = app.Backend(wb)
+    h = app.make_handlers(backend)
+    seen = h["model_seen"]()
+    assert h["model_changed"](seen) == ""
+    backend.set(wb)                                          # another session loads a model
+    note = h["model_changed"](seen)
+    assert "changed from another browser session" in note and "Model changed" in note
+    assert h["model_changed"](h["model_seen"]()) == ""        # after this page's own load / reload
