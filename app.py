@@ -288,18 +288,20 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                         "arms": {k: {**a.stats(), "arm": k, "label": ARM_LABELS.get(k, k), "text": a.text,
                                      "token_ids": list(a.token_ids)} for k, a in state.items()}}
 
-            def outputs(status: str, run: dict, path: str | None = None):
+            def outputs(status: str, run: dict, path: str | None = None, diverge: str = ""):
                 stats = views.arm_stats_frame([a.stats() | {"arm": k} for k, a in state.items()])
                 return (_arm_text(state, "decoder"), _arm_text(state, "coprocessor"), _arm_text(state, "pause"),
-                        _arm_text(state, "cot"), stats, shown, status, path, run)  # no file while running
+                        _arm_text(state, "cot"), stats, shown, status, path, run, diverge)  # no file while running
 
             for state in wb.generate_pair(text, arms=arms, chat=bool(chat), cot="cot" in extra, **settings):
                 done = max((len(a.token_ids) for a in state.values()), default=0)
                 yield outputs(f"Generating… {done}/{n_max} tokens", run_record(False))
             run = run_record(True)
+            comparison, cmp_text, cmp_html = _compare_arms(wb, text, state, bool(chat))
+            run["comparison"] = comparison
             path = views.write_json(run, _export_dir() / "cacheaug-generation.json")
             counts = ", ".join(f"{ARM_LABELS.get(k, k)} {len(a.token_ids)}" for k, a in state.items())
-            yield outputs(_join(f"Done: {counts} tokens.", *run["notes"]), run, str(path))
+            yield outputs(_join(f"Done: {counts} tokens.", *run["notes"], cmp_text), run, str(path), cmp_html)
 
     def stop_generation(run):
         """Stop: the run so far becomes downloadable (marked unfinished)."""
@@ -705,6 +707,30 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             "corpus_doc": corpus_doc, "corpus_to_analysis": corpus_to_analysis, "model_info": model_info, "load_model": load_model}
 
 
+def _compare_arms(wb: Workbench, prompt: str, state: dict, chat: bool) -> tuple[dict, str, str]:
+    """Where the decoder and coprocessor arms part, and each arm's text scored under both arms."""
+    if "decoder" not in state or "coprocessor" not in state:
+        return {}, "", ""
+    a, b = state["decoder"].token_ids, state["coprocessor"].token_ids
+    at = views.first_divergence(a, b)
+    ta, tb = wb.token_strings(a), wb.token_strings(b)
+    cross = wb.cross_score(prompt, {"decoder": a, "coprocessor": b}, chat=chat)
+    comp = {"first_divergence": None if at is None else {
+        "token_index": at, "decoder_token": ta[at] if at < len(ta) else None,
+        "coprocessor_token": tb[at] if at < len(tb) else None},
+        "cross_scores": cross,
+        "cross_scores_note": "mean NLL per generated token (nats) of each arm's text under the decoder alone and "
+                             "under decoder + coprocessor (latents once at the end of the prompt)"}
+    parts = []
+    for arm, sc in cross.items():
+        if sc["nll_decoder"] is not None:
+            parts.append(f"{ARM_LABELS[arm]}'s text: {sc['nll_decoder']:.3f} under the decoder, "
+                         f"{sc['nll_coprocessor']:.3f} with the coprocessor")
+    text = ("Same tokens in both arms." if at is None else f"The arms part at generated token #{at}.") + (
+        " Mean NLL per token (nats, lower = likelier): " + "; ".join(parts) + "." if parts else "")
+    return comp, text, views.divergence_html(ta, tb, at)
+
+
 def _arm_text(state: dict, name: str) -> str:
     a = state.get(name)
     return a.text if a is not None else ""
@@ -798,6 +824,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                            buttons=["copy"], elem_id="gen-pause")
                     out_cot = gr.Textbox(label="decoder alone, zero-shot chain-of-thought prompt", lines=6,
                                          interactive=False, visible=False, buttons=["copy"], elem_id="gen-cot")
+                gen_diverge = gr.HTML("", elem_id="gen-diverge")
                 with gr.Row():
                     with gr.Column(scale=3):
                         stats.render()
@@ -959,12 +986,12 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
         # -- Events ------------------------------------------------------------------------------
         gen_event = gen_btn.click(
             h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
-            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run],
+            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run, gen_diverge],
             api_name="generate", **model)
         # An example is Generate on that prompt with the settings shown: streamed, status, settings, downloads.
         example_event = examples.load_input_event.then(
             h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
-            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run],
+            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run, gen_diverge],
             api_visibility="private", **model)
         stop_btn.click(h["stop_generation"], gen_run, [gen_status, run_json], cancels=[gen_event, example_event],
                        api_visibility="private", queue=False)

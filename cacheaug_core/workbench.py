@@ -351,6 +351,26 @@ class Workbench:
             if not live:
                 break
 
+    @torch.no_grad()
+    def cross_score(self, prompt: str, continuations: dict[str, list[int]], chat: bool = True) -> dict:
+        """Score each arm's generated tokens under both the decoder alone and decoder + coprocessor
+        (latents once at the end of the prompt, as generation inserts them): who finds whose text
+        likelier. continuations: arm -> token ids. Returns arm -> {"tokens", "nll_decoder",
+        "nll_coprocessor"} (mean NLL per token, nats; None for an empty continuation)."""
+        text, _ = clean_text(prompt)
+        pids = self.encode(text, chat=chat)[0].tolist()
+        out = {}
+        for arm, cont in continuations.items():
+            cont = [int(t) for t in cont]
+            if not cont:
+                out[arm] = {"tokens": 0, "nll_decoder": None, "nll_coprocessor": None}
+                continue
+            ids = torch.tensor([pids + cont], device=self.decoder.device)
+            sc = augment.score_continuation(self.decoder, self.coprocessor, ids, len(pids) - 1)
+            out[arm] = {"tokens": len(cont), "nll_decoder": float(sc.nll_base.float().mean()),
+                        "nll_coprocessor": float(sc.nll_aug.float().mean())}
+        return out
+
     # -- scoring ---------------------------------------------------------------------------
 
     def score_text(self, text: str, point: int | None = None, top_k: int = 10, with_attention: bool = True) -> dict:

@@ -134,7 +134,7 @@ def test_theme_and_css_reach_the_page(server):
 def test_generate_streams_both_arms_identically_to_the_workbench(client, wb):
     job = client.submit(*_gen_args("Hello there"), api_name="/generate")
     partials = list(job)
-    dec, aug, pause, cot, stats, settings, status, run_json = job.result()
+    dec, aug, pause, cot, stats, settings, status, run_json, diverge = job.result()
     assert len(partials) >= 3                          # streamed: one update per generated token
     ref = _direct(wb, "Hello there")
     assert dec == ref["decoder"].text and aug == ref["coprocessor"].text
@@ -150,6 +150,20 @@ def test_generate_streams_both_arms_identically_to_the_workbench(client, wb):
     run = json.loads(Path(run_json).read_text(encoding="utf-8"))
     assert run["arms"]["decoder"]["text"] == dec and run["arms"]["coprocessor"]["text"] == aug
     assert run["arms"]["decoder"]["token_ids"] == ref["decoder"].token_ids
+    # Where the arms part, and each arm's text under both arms (the decoder's own forward for the decoder).
+    a, b = ref["decoder"].token_ids, ref["coprocessor"].token_ids
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    comp = run["comparison"]
+    assert (comp["first_divergence"] or {}).get("token_index") == at or (at is None and len(a) != len(b))
+    assert ("part at generated token" in diverge) == (comp["first_divergence"] is not None)
+    torch = pytest.importorskip("torch")
+    pids = wb.encode("Hello there", chat=True)[0].tolist()
+    x = torch.tensor([pids + a])
+    with torch.no_grad():
+        logp = torch.log_softmax(wb.decoder(x).logits.float(), -1)[0]
+    nll = -logp[len(pids) - 1:-1].gather(-1, x[0, len(pids):, None]).mean().item()
+    assert comp["cross_scores"]["decoder"]["nll_decoder"] == pytest.approx(nll, abs=1e-4)
+    assert comp["cross_scores"]["coprocessor"]["tokens"] == len(b)
     # Partial updates grow token by token.
     lens = [len(p[0]) for p in partials if p and isinstance(p[0], str)]
     assert lens == sorted(lens)
@@ -352,7 +366,7 @@ def test_lone_surrogates_and_long_input(client, wb):
     notice, html_text, summary, *_ = client.predict("word " * 20_000, "once", -1, 8, 1, 5, api_name="/analyze")
     assert "truncated" in notice.lower()
     assert _frame(summary)[0]["tokens scored"] > 0
-    dec, *_rest, run_json = client.predict(*_gen_args("x" * 100_000), api_name="/generate")
+    dec, *_rest, run_json, _diverge = client.predict(*_gen_args("x" * 100_000), api_name="/generate")
     run = json.loads(Path(run_json).read_text(encoding="utf-8"))
     assert "truncated" in run["prompt_notice"].lower()
     assert len(run["prompt"]) <= app.GEN_MAX_CHARS
@@ -504,7 +518,8 @@ def test_stop_makes_the_partial_run_downloadable(wb):
 
 
 def test_status_says_when_latents_never_arrived(client):
-    *_, status, run_json = client.predict(*_gen_args("Hello", max_new=4, async_delay=4), api_name="/generate")
+    *_, status, run_json, _diverge = client.predict(*_gen_args("Hello", max_new=4, async_delay=4),
+                                                    api_name="/generate")
     assert "never arrived" in status
     assert json.loads(Path(run_json).read_text(encoding="utf-8"))["notes"]
 

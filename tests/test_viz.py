@@ -415,3 +415,13 @@ def test_latent_similarity_separates_slot_from_prompt_structure():
     assert np.allclose(s["slot_norm"], [np.linalg.norm(z[idx == k], axis=1).mean() for k in range(4)])
     fig = latent_similarity_figure(z, pid, idx, labels=["<b>a</b>", "b", "c"])
     assert fig.data[0].type == "heatmap" and "&lt;b&gt;" in str(fig.data[0].customdata[0][0])
+
+
+def test_first_divergence_and_its_html():
+    from viz.app_views import divergence_html, first_divergence
+
+    assert first_divergence([1, 2, 3], [1, 2, 4]) == 2
+    assert first_divergence([1, 2], [1, 2]) is None
+    assert first_divergence([1, 2], [1, 2, 5]) == 2
+    h = divergence_html([" 3", " +", " 5", " =", " 8"], [" 3", " +", " 5", " =", " 13<"], 4)
+    assert "#4" in h and "<mark" in h and "13&lt;" in h and "13<" not in h

@@ -32,6 +32,8 @@ __all__ = [
     "arm_stats_frame",
     "join_prompt_continuation",
     "generation_notes",
+    "first_divergence",
+    "divergence_html",
     "by_position_once",
     "by_position_every",
     "nth_ahead_per_token",
@@ -153,6 +155,33 @@ def generation_notes(arms: dict[str, Sequence[int]], eos_id: int | None, labels:
                 notes.append(f"{names}: ended within the asynchronous delay ({delay} tokens), so the latents never "
                              "arrived.")
     return notes
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first generated token where two arms differ (the shorter one's length when one
+    is a prefix of the other); None when they are identical."""
+    a, b = [int(x) for x in a], [int(x) for x in b]
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def divergence_html(tokens_a: Sequence[str], tokens_b: Sequence[str], at: int | None,
+                    labels: tuple[str, str] = ("decoder alone", "decoder + coprocessor")) -> str:
+    """Both arms' generated tokens, the shared prefix plain and the first differing token marked."""
+    if at is None:
+        return ('<div class="cacheaug-diverge">Both arms generated the same tokens.</div>' if tokens_a else "")
+    rows = []
+    for lab, toks in zip(labels, (tokens_a, tokens_b)):
+        head = html.escape(clean_token("".join(toks[:at])), quote=True)
+        mark = html.escape(display_token(toks[at]) if at < len(toks) else "(end)", quote=True)
+        tail = html.escape(clean_token("".join(toks[at + 1: at + 12])), quote=True)
+        rows.append(f'<div><strong>{html.escape(lab)}</strong>: <span style="opacity:0.7">…{head[-80:]}</span>'
+                    f'<mark style="background:rgba(245,158,11,0.45);padding:0 2px;border-radius:3px;">{mark}</mark>'
+                    f'{tail}…</div>')
+    return (f'<div class="cacheaug-diverge" style="line-height:1.6;font-family:ui-monospace,monospace;">'
+            f'<div>The arms part at generated token #{int(at)}:</div>{"".join(rows)}</div>')
 
 
 def by_position_once(nll_base: np.ndarray, nll_aug: np.ndarray, point: int) -> pd.DataFrame:
