@@ -92,6 +92,12 @@ CSS = """
 #gen-decoder textarea, #gen-augmented textarea, #gen-pause textarea, #gen-cot textarea {
   font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em; }
 .cacheaug-small { font-size: 0.88em; opacity: 0.85; }
+/* Phone: the title shrinks to one line so the input and the verdict come first. */
+@media (max-width: 640px) {
+  #cacheaug-title h2 { font-size: 1.0em; margin: 0; }
+  #cacheaug-title .cacheaug-small, #cor-intro .cacheaug-small { display: none; }
+  #cacheaug-notice .cacheaug-notice { font-size: 0.85em; padding: 0.3em 0.5em !important; }
+}
 """
 
 # Clicking a token span selects it (outline) and fires the component's click event with its index.
@@ -919,13 +925,17 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                 cor_state = gr.State(None)   # this session's last CorpusResult: views re-render from it
                 cor_curve = gr.Plot(label="Δ by position ahead, over documents", elem_id="cor-curve")
                 with gr.Row():
-                    cor_surprisal = gr.Plot(label="Δ by the decoder's surprisal", elem_id="cor-surprisal")
-                    cor_kind = gr.Plot(label="Δ by token kind", elem_id="cor-kind")
+                    with gr.Column(min_width=340):
+                        cor_surprisal = gr.Plot(label="Δ by the decoder's surprisal", elem_id="cor-surprisal")
+                    with gr.Column(min_width=340):
+                        cor_kind = gr.Plot(label="Δ by token kind", elem_id="cor-kind")
                 with gr.Row():
-                    cor_doc_table = gr.Dataframe(None, label="documents (sorted by Δ, helps most first; click a "
-                                                 "row)", interactive=False, max_height=360, elem_id="cor-documents")
-                    cor_tok_table = gr.Dataframe(None, label="tokens (sorted by Δ; click a row)", interactive=False,
-                                                 max_height=360, elem_id="cor-tokens")
+                    with gr.Column(min_width=340):
+                        cor_doc_table = gr.Dataframe(None, label="documents (sorted by Δ, helps most first; click a "
+                                                     "row)", interactive=False, max_height=360, elem_id="cor-documents")
+                    with gr.Column(min_width=340):
+                        cor_tok_table = gr.Dataframe(None, label="tokens (sorted by Δ; click a row)", interactive=False,
+                                                     max_height=360, elem_id="cor-tokens")
                 cor_doc_view = gr.HTML("", js_on_load=None, max_height=420, elem_id="cor-doc-view")
                 cor_doc_text = gr.State("")
                 with gr.Row(elem_id="cor-exports"):
@@ -951,9 +961,11 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                          elem_id="lat-topk")
                 lat_info = gr.HTML("", elem_id="lat-info")
                 with gr.Row():
-                    pca_plot = gr.Plot(label="latent PCA (hover: prompt, index, norm, closest tokens)",
-                                       elem_id="lat-pca")
-                    attn_plot = gr.Plot(label="attention to latents", elem_id="lat-attention")
+                    with gr.Column(min_width=340):
+                        pca_plot = gr.Plot(label="latent PCA (hover: prompt, index, norm, closest tokens)",
+                                           elem_id="lat-pca")
+                    with gr.Column(min_width=340):
+                        attn_plot = gr.Plot(label="attention to latents", elem_id="lat-attention")
                 sim_plot = gr.Plot(label="cosine similarity of latents (within / across prompts) and norms by slot",
                                    elem_id="lat-similarity")
                 lat_state = gr.State(None)   # the last latents: the PCA re-draws from them
@@ -975,11 +987,14 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                         elem_id="model-coprocessor", scale=3)
                     load_btn = gr.Button("Load", variant="primary", elem_id="model-load", scale=1)
                 model_err = gr.HTML("", elem_id="model-error")
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        card = gr.Markdown("", elem_id="model-card")
-                        evaluation = gr.Markdown("", elem_id="model-evaluation")
-                    status_json = gr.JSON(label="status", elem_id="model-status", scale=2)
+                # Compact: the stored evaluation shown, the card and the raw status one click away.
+                with gr.Accordion("Stored evaluation", open=True, elem_id="model-evaluation-box"):
+                    evaluation = gr.Markdown("", elem_id="model-evaluation")
+                with gr.Accordion("Checkpoint card (training settings, data, licence)", open=False,
+                                  elem_id="model-card-box"):
+                    card = gr.Markdown("", elem_id="model-card")
+                with gr.Accordion("Status (JSON)", open=False, elem_id="model-status-box"):
+                    status_json = gr.JSON(label="status", elem_id="model-status")
                 with gr.Accordion("API and CLI equivalents", open=False, elem_id="model-api"):
                     gr.Markdown(CLI_EQUIVALENTS, elem_id="model-api-table")
 

@@ -309,6 +309,12 @@ def evaluation_markdown(evaluation: dict | None) -> str:
     """The checkpoint's evaluation section as Markdown (tables kept, dicts as JSON blocks)."""
     if not evaluation:
         return "_No evaluation results are stored with this coprocessor._"
+    import re
+
+    # Paths of the machine the checkpoint was trained on mean nothing here.
+    machine = re.compile(r"(?<![\w.])/(?:tmp|root|home|mnt|scratch)/[^\s,;)`'\"|]+")
+    evaluation = {k: machine.sub("(a path on the training machine)", v) if isinstance(v, str) else v
+                  for k, v in evaluation.items()}
     parts = []
     for name, table in evaluation.items():
         parts.append(f"#### {clean_token(str(name))}")
