@@ -389,8 +389,10 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             at = int(shown.get("ahead") or max(1, (len(toks) - 1 - (p or 0)) // 2))
             verdict = views.verdict_text(na - nb, reference=corpus.reference_at(ref, at), ref_name=ref_name,
                                          where=f", {shown['ahead']} ahead" if mode == "every" else "")
-            by_fig = viz.delta_by_position_figure(by_pos, title="Perplexity change by position ahead", reference=ref,
-                                                  reference_name=f"typical: {ref_name}" if ref_name else "")
+            # Mode (a) has one token per position: Δloss in nats with a rolling mean (a percentage of one
+            # token's perplexity explodes); mode (b) averages many tokens per position: relative change.
+            by_fig = viz.delta_by_position_figure(by_pos, title="", reference=ref, units="nats" if mode == "once"
+                                                  else "pct", reference_name=f"typical: {ref_name}" if ref_name else "")
             csv_file = str(viz.frame_to_csv(per_token, out / "cacheaug-per-token.csv"))
             run |= {"text": text, "model": _model_summary(wb), "notice": _join(notice, res.get("notice", "")) or None,
                     "tokens": [viz.clean_token(t) for t in toks], "nll_base": nb, "nll_aug": na,

@@ -425,3 +425,15 @@ def test_first_divergence_and_its_html():
     assert first_divergence([1, 2], [1, 2, 5]) == 2
     h = divergence_html([" 3", " +", " 5", " =", " 8"], [" 3", " +", " 5", " =", " 13<"], 4)
     assert "#4" in h and "<mark" in h and "13&lt;" in h and "13<" not in h
+
+
+def test_by_position_in_nats_with_rolling_mean():
+    df = pd.DataFrame({"position": [1, 2, 3, 4], "nll_base": [1.0, 2.0, 3.0, 0.5], "nll_aug": [0.5, 2.5, 1.0, 0.5]})
+    fig = delta_by_position_figure(df, title="", units="nats", rolling=3)
+    pts = next(t for t in fig.data if t.name == "Δloss per token")
+    roll = next(t for t in fig.data if t.name.startswith("rolling mean"))
+    assert np.allclose(pts.y, [-0.5, 0.5, -2.0, 0.0])
+    assert np.allclose(roll.y, [0.0, -2.0 / 3, -0.5, -1.0])
+    assert fig.layout.title.text is None
+    assert next(t for t in fig.data if t.name == "relative change").visible is False
+    assert fig.layout.yaxis2.type == "log"

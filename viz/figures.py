@@ -283,7 +283,7 @@ def entropy(p: np.ndarray) -> float:
 
 
 def delta_by_position_figure(df: pd.DataFrame, title: str | None = None, reference: pd.DataFrame | None = None,
-                             reference_name: str = "reference") -> go.Figure:
+                             reference_name: str = "reference", units: str = "pct", rolling: int = 5) -> go.Figure:
     """Relative perplexity change by ahead position, plus both arms' perplexities.
 
     Args:
@@ -298,8 +298,12 @@ def delta_by_position_figure(df: pd.DataFrame, title: str | None = None, referen
         Bottom: perplexity of ``decoder`` and ``decoder+coprocessor`` (log scale).
         reference: optional typical values (``position, rel_ppl_change_pct, ci_low, ci_high``, e.g. the
         checkpoint's stored evaluation) drawn as grey markers with their intervals in the top panel.
+        units: "pct" (relative perplexity change, for means over many tokens) or "nats" (Δloss per
+        position with a `rolling`-position mean: one token per position, as after a single
+        augmentation point, where a percentage of one token's perplexity explodes). title "" = none.
     """
-    title = title or f"Perplexity change by position ahead ({NEG_HELPS})"
+    title = f"Perplexity change by position ahead ({NEG_HELPS})" if title is None else title
+    nats = units == "nats"
     if df is None or len(df) == 0:
         return _empty_figure(title)
     missing = {"position", "nll_base", "nll_aug"} - set(df.columns)
@@ -319,9 +323,10 @@ def delta_by_position_figure(df: pd.DataFrame, title: str | None = None, referen
         shared_xaxes=True,
         vertical_spacing=0.08,
         row_heights=[0.6, 0.4],
-        subplot_titles=(f"relative perplexity change, % ({NEG_HELPS})", "perplexity of each arm"),
+        subplot_titles=((f"Δloss, nats (negative = the latents help); line: mean of {rolling} positions" if nats
+                         else f"relative perplexity change, % ({NEG_HELPS})"), "perplexity of each arm"),
     )
-    has_ci = "ci_low" in d.columns and "ci_high" in d.columns
+    has_ci = "ci_low" in d.columns and "ci_high" in d.columns and not nats
     if has_ci:
         lo = d["ci_low"].to_numpy(dtype=np.float64)
         hi = d["ci_high"].to_numpy(dtype=np.float64)
@@ -340,10 +345,23 @@ def delta_by_position_figure(df: pd.DataFrame, title: str | None = None, referen
     else:
         ci_text = [""] * len(d)
     custom = np.column_stack([nb, na, ppl_b, ppl_a, n_col, np.array(ci_text, dtype=object)])
+    if nats:
+        delta = na - nb
+        roll = pd.Series(delta).rolling(max(int(rolling), 1), center=True, min_periods=1).mean().to_numpy()
+        fig.add_trace(go.Scatter(x=pos, y=delta, mode="markers", name="Δloss per token",
+                                 marker={"color": np.where(delta < 0, "rgb(37,99,235)", "rgb(220,38,38)"), "size": 6},
+                                 customdata=np.column_stack([nb, na]),
+                                 hovertemplate="position %{x}<br>Δloss %{y:+.4f} nats<br>NLL base %{customdata[0]:.4f}"
+                                               " · aug %{customdata[1]:.4f}<extra></extra>"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=pos, y=roll, mode="lines", name=f"rolling mean ({rolling})",
+                                 line={"color": "rgb(60,60,60)", "width": 2},
+                                 hovertemplate="position %{x}<br>rolling mean %{y:+.4f} nats<extra></extra>"),
+                      row=1, col=1)
+        reference = None   # the stored reference is a percentage over many tokens: the verdict quotes it
     fig.add_trace(
         go.Scatter(
-            x=pos, y=rel, mode="lines+markers", name="relative change",
-            line={"color": _ARM_COLOURS[AUGMENTED]},
+            x=pos, y=rel, mode="lines+markers", name="relative change", visible=not nats,
+            line={"color": "rgb(60,60,60)"},
             customdata=custom,
             hovertemplate=(
                 "position %{x}<br>change %{y:+.3f}% " + ("CI %{customdata[5]}" if has_ci else "")
@@ -379,11 +397,11 @@ def delta_by_position_figure(df: pd.DataFrame, title: str | None = None, referen
             ),
             row=2, col=1,
         )
-    fig.update_yaxes(title_text="Δ perplexity (%)", zeroline=True, row=1, col=1)
+    fig.update_yaxes(title_text="Δloss (nats)" if nats else "Δ perplexity (%)", zeroline=True, row=1, col=1)
     fig.update_yaxes(title_text="perplexity (log)", type="log", row=2, col=1)
     fig.update_xaxes(title_text="position ahead of the augmentation point", dtick=1 if len(d) <= 32 else None,
                      row=2, col=1)
-    fig.update_layout(title=title, hovermode="closest", legend={"orientation": "h", "y": -0.15},
+    fig.update_layout(title=title or None, hovermode="closest", legend={"orientation": "h", "y": -0.15},
                       margin={"t": 80})
     return fig
 
