@@ -437,3 +437,12 @@ def test_by_position_in_nats_with_rolling_mean():
     assert fig.layout.title.text is None
     assert next(t for t in fig.data if t.name == "relative change").visible is False
     assert fig.layout.yaxis2.type == "log"
+
+
+def test_evaluation_markdown_hides_training_machine_paths():
+    from viz.app_views import evaluation_markdown
+
+    md = evaluation_markdown({"wiki": "coprocessor: /tmp/cacheaug/runs/x/last (16 latents); `results/a.json`; "
+                                      "Coprocessor: /work/main/assets/coprocessor."})
+    assert "/tmp/" not in md and "/work/" not in md and "results/a.json" in md
+    assert md.count("(a path on the training machine)") == 2

@@ -312,7 +312,7 @@ def evaluation_markdown(evaluation: dict | None) -> str:
     import re
 
     # Paths of the machine the checkpoint was trained on mean nothing here.
-    machine = re.compile(r"(?<![\w.])/(?:tmp|root|home|mnt|scratch)/[^\s,;)`'\"|]+")
+    machine = re.compile(r"(?<![\w.])/(?:tmp|root|home|mnt|scratch|work|opt|data)/[^\s,;)`'\"|]+")
     evaluation = {k: machine.sub("(a path on the training machine)", v) if isinstance(v, str) else v
                   for k, v in evaluation.items()}
     parts = []
