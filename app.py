@@ -583,9 +583,18 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         with _friendly_errors():
             wb = backend.get()
             src = upload if upload else ((path or "").strip() or "wiki")
-            if not upload and src not in corpus.BUNDLED and Path(src).suffix not in (".jsonl", ".txt"):
-                raise InputError("Give a .jsonl (one {\"text\": ...} a line) or .txt file (blank-line separated), "
-                                 "or 'wiki' for the bundled held-out sample.")
+            if not upload and src not in corpus.BUNDLED:
+                if Path(src).suffix not in (".jsonl", ".txt"):
+                    raise InputError("Give a .jsonl (one {\"text\": ...} a line) or .txt file (blank-line "
+                                     "separated), or 'wiki' for the bundled held-out sample.")
+                # A path is read on the server: only under the folders it was started in (or listed in
+                # CACHEAUG_CORPUS_DIRS), so a shared app does not hand out other files; upload the rest.
+                roots = [Path.cwd(), Path(__file__).resolve().parent] + [
+                    Path(d) for d in os.environ.get("CACHEAUG_CORPUS_DIRS", "").split(os.pathsep) if d]
+                real = Path(src).expanduser().resolve()
+                if not any(real.is_relative_to(r.resolve()) for r in roots):
+                    raise InputError(f"Only files under {Path.cwd()} (or CACHEAUG_CORPUS_DIRS) are read by path; "
+                                     "upload this one instead.")
             try:
                 docs = corpus.read_corpus(src)
                 cfg = corpus.CorpusConfig(positions=int(positions), max_docs=int(max_docs),

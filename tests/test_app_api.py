@@ -597,8 +597,20 @@ def _corpus_file(tmp_path) -> Path:
     return p
 
 
-def test_corpus_streams_per_document_and_matches_the_core(client, wb, tmp_path):
+def test_corpus_upload_is_read(client, tmp_path):
+    from gradio_client import handle_file
+
+    notice, *_ = client.predict(handle_file(str(_corpus_file(tmp_path))), "", 2, 16, 2, "none", "coprocessor", 1,
+                                api_name="/corpus")
+    assert "2/2 documents scored" in notice and "sink none" in notice
+
+
+def test_corpus_streams_per_document_and_matches_the_core(client, wb, tmp_path, monkeypatch):
     from cacheaug_core import corpus
+
+    with pytest.raises(AppError, match="upload"):           # outside the allowed folders
+        client.predict(None, str(_corpus_file(tmp_path)), 3, 32, 4, "auto", "coprocessor", 2, api_name="/corpus")
+    monkeypatch.setenv("CACHEAUG_CORPUS_DIRS", str(tmp_path))
 
     path = _corpus_file(tmp_path)
     job = client.submit(None, str(path), 3, 32, 4, "auto", "coprocessor", 2, api_name="/corpus")
@@ -636,7 +648,8 @@ def test_corpus_streams_per_document_and_matches_the_core(client, wb, tmp_path):
     assert json.loads(Path(json2).read_text())["ahead"] == 1
 
 
-def test_corpus_rejects_bad_input_in_one_line(client, tmp_path):
+def test_corpus_rejects_bad_input_in_one_line(client, tmp_path, monkeypatch):
+    monkeypatch.setenv("CACHEAUG_CORPUS_DIRS", str(tmp_path))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"title": "no text"}\n', encoding="utf-8")
     with pytest.raises(AppError, match="text"):

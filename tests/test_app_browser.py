@@ -354,7 +354,7 @@ def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
     assert "decoder+coprocessor, all targets" in names and "decoder+coprocessor, body" in names
     assert any(n.startswith("pause tokens") for n in names)          # the shipped pause arm comes along
     assert any(t["type"] == "bar" for t in _plot_data(page, "cor-kind"))
-    titles = page.locator("#cor-documents [data-testid$='-1']")   # the body cells of column 1 (title)
+    titles = page.locator("#cor-documents [data-testid^='cell-'][data-testid$='-1']")   # column 1 (title) cells
     expect(titles.first).to_be_visible(timeout=SLOW)
     assert titles.count() == 4
     _shot(page, "06-corpus.png")
