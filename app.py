@@ -1,7 +1,7 @@
 """cacheaug analysis app (Gradio 6): compare a frozen decoder with decoder + coprocessor.
 
 The coprocessor reads the decoder's KV cache and appends latent embeddings to it
-("Deliberation in Latent Space via Differentiable Cache Augmentation"). Four tabs:
+("Deliberation in Latent Space via Differentiable Cache Augmentation"). Five tabs:
 
 * **Generate** - one prompt, decoder alone and decoder + coprocessor streamed side by side with
   identical sampling settings and seed (greedy by default); optional zero-shot chain-of-thought
@@ -853,7 +853,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                             scale=2, open=True, max_height=260)
 
             # -- Per-token analysis --------------------------------------------------------------
-            with gr.Tab("Per-token analysis", id="analysis", elem_id="tab-analysis"):
+            with gr.Tab("Per-token", id="analysis", elem_id="tab-analysis"):   # short: phones fit every tab
                 with gr.Row(equal_height=True):
                     ana_text = gr.Textbox(DEFAULT_TEXT, label="Text to score", lines=4, max_lines=12, scale=5,
                                           elem_id="ana-text", info=f"At most {ANALYSIS_MAX_CHARS:,} characters / "
@@ -950,7 +950,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                 cor_doc_view = gr.HTML("", js_on_load=None, max_height=420, elem_id="cor-doc-view")
                 cor_doc_text = gr.State("")
                 with gr.Row(elem_id="cor-exports"):
-                    cor_open = gr.Button("Open this document in Per-token analysis", elem_id="cor-open", size="md")
+                    cor_open = gr.Button("Open this document in Per-token", elem_id="cor-open", size="md")
                     cor_csv = gr.DownloadButton("Tokens CSV", elem_id="cor-csv", size="md")
                     cor_json = gr.DownloadButton("Run JSON", elem_id="cor-json", size="md")
 
@@ -1059,7 +1059,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
         # Stop sets a flag the run checks between passes: it ends itself and keeps what was scored.
         cor_stop.click(h["stop_analysis"], None, cor_notice, api_visibility="private", queue=False)
         gr.on([cor_arm.change, cor_ahead.release], h["corpus_view"], [cor_state, cor_arm, cor_ahead], cor_views,
-              api_name="corpus_view", queue=False)
+              api_name="corpus_view", queue=False).then(
+            lambda: ("", ""), None, [cor_doc_view, cor_doc_text], api_visibility="private", queue=False)  # stale
         for table in (cor_doc_table, cor_tok_table):
             table.select(h["corpus_doc"], [cor_state, cor_arm, cor_ahead], [cor_doc_view, cor_doc_text],
                          api_visibility="private", queue=False)

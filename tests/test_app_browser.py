@@ -162,7 +162,7 @@ def test_every_tab_on_the_default_model(page):
     _shot(page, "01-generate.png")
 
     # -- Per-token analysis, mode (a) on the last generation ---------------------------------------
-    _tab(page, "Per-token analysis")
+    _tab(page, "Per-token")
     page.locator("#ana-use-generation").click()
     expect(page.locator("#ana-text textarea")).to_have_value(f"Why is the sky blue? {final[0].lstrip()}"
                                                              if not final[0][:1].isspace()
@@ -289,7 +289,7 @@ def test_hostile_input_is_inert(page):
     expect(page.locator("#gen-status")).to_contain_text("Done", timeout=SLOW)
     expect(page.locator("#gen-settings")).to_contain_text("truncated")
 
-    _tab(page, "Per-token analysis")
+    _tab(page, "Per-token")
     page.locator("#ana-text textarea").fill(long_text)
     page.locator("#ana-run").click()
     expect(page.locator("#ana-notice")).to_contain_text("truncated", timeout=SLOW)
@@ -324,7 +324,7 @@ def test_hostile_input_is_inert(page):
     assert not page.errors, page.errors
     # Still working after all that: a short text with lone surrogates (set from JavaScript, since
     # they cannot be typed) is analysed normally.
-    _tab(page, "Per-token analysis")
+    _tab(page, "Per-token")
     page.locator("#ana-text textarea").evaluate(
         "el => { el.value = 'A short sentence \\ud800 with lone \\udfff surrogates.'; "
         "el.dispatchEvent(new Event('input', {bubbles: true})); }")
@@ -357,7 +357,7 @@ def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
     titles = page.locator("#cor-documents [data-testid^='cell-'][data-testid$='-1']")   # column 1 (title) cells
     expect(titles.first).to_be_visible(timeout=SLOW)
     assert titles.count() == 4
-    _shot(page, "06-corpus.png")
+    _shot(page, "20-corpus.png")
     # Click-through: a document row -> its per-token view, from the stored run.
     page.locator("#cor-documents [data-testid='cell-0-1']").click()
     spans = page.locator("#cor-doc-view span.tok[title]")
@@ -365,10 +365,15 @@ def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
     assert spans.count() >= 10
     # Another n ahead re-tabulates without a model call (fast) and keeps the run.
     _set_slider(page, "cor-ahead", 2)
-    expect(page.locator("#cor-curve")).to_be_visible()
+    expect(page.locator("#cor-doc-view span.tok")).to_have_count(0, timeout=SLOW)   # the stale view is cleared
+    _plot_data(page, "cor-curve")
+    page.wait_for_timeout(1500)
+    _shot(page, "21-corpus-ahead-2.png")
+    page.locator("#cor-tokens [data-testid='cell-0-2']").click()                    # a token row, 2 ahead now
+    expect(page.locator("#cor-doc-view")).to_contain_text("inserted 2 token(s) earlier", timeout=SLOW)
     data = json.loads(_download(page, page.locator("#cor-json"), "corpus.json").read_text("utf-8"))
     assert data["finished"] and len(data["documents_scored"]) == 4
-    _shot(page, "07-corpus-document.png")
+    _shot(page, "22-corpus-document.png")
     page.locator("#cor-open").click()
     expect(page.locator("#ana-text textarea")).not_to_have_value("", timeout=SLOW)
     assert page.errors == []
@@ -376,8 +381,20 @@ def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
     ctx = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2)
     phone = ctx.new_page()
     phone.goto(url)
-    phone.get_by_role("tab", name="Corpus").click()
+    expect(phone.locator("#cacheaug-notice")).to_contain_text(NOTICE, timeout=SLOW)
+    first = phone.locator("#gen-prompt textarea").bounding_box()
+    assert first and first["y"] < 844                         # the input is on the first screen
+    _shot_page(phone, "23-phone-first.png", full=False)
+    tab = phone.get_by_role("tab", name="Corpus")
+    if not tab.is_visible():                                  # Gradio moves tabs that do not fit into a menu
+        phone.get_by_label("More tabs").click()
+        tab = phone.locator(".overflow-dropdown button", has_text="Corpus")
+    tab.click()
     expect(phone.locator("#cor-run")).to_be_visible(timeout=SLOW)
-    ART.mkdir(parents=True, exist_ok=True)
-    phone.screenshot(path=str(ART / "08-corpus-phone.png"), full_page=True)
+    _shot_page(phone, "24-corpus-phone.png")
     ctx.close()
+
+
+def _shot_page(page, name: str, full: bool = True) -> None:
+    ART.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ART / name), full_page=full)
