@@ -365,6 +365,7 @@ def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
     assert spans.count() >= 10
     # Another n ahead re-tabulates without a model call (fast) and keeps the run.
     _set_slider(page, "cor-ahead", 2)
+    page.locator("#cor-ahead input[type=number]").first.blur()   # a typed value is 'released' on blur
     expect(page.locator("#cor-doc-view span.tok")).to_have_count(0, timeout=SLOW)   # the stale view is cleared
     _plot_data(page, "cor-curve")
     page.wait_for_timeout(1500)
