@@ -52,6 +52,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline tool: no p
 
 import gradio as gr  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 import viz  # noqa: E402
 from cacheaug_core import corpus  # noqa: E402
 from cacheaug_core.checkpoint import CheckpointError, model_card  # noqa: E402
@@ -325,7 +327,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             stopped_sessions.add(request.session_hash)
         return views.notice_html("Stopped.", "info")
 
-    def analyze(text, mode, point, positions, ahead, top_k, progress=gr.Progress(), request: gr.Request = None):
+    def analyze(text, mode, point, positions, ahead, top_k, bf16=False, progress=gr.Progress(),
+                request: gr.Request = None):
         """Per-token Δloss: mode 'once' (a) or 'every' (b)."""
         session = getattr(request, "session_hash", None)
         stopped_sessions.discard(session)
@@ -361,8 +364,14 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 shown = {"text": text, "mode": "once", "point": p}
             else:
                 progress(0.0, desc="augmenting after every token")
-                res = wb.score_every(text, positions=int(positions),
-                                     progress=every_progress)
+                res = wb.score_every(text, positions=int(positions), progress=every_progress, bf16=bool(bf16))
+                if bf16:   # the numeric price, measured here on the text's first 48 tokens
+                    head = wb.tokenizer.decode(wb.encode(text)[0, :48].tolist())
+                    r32, r16 = (wb.score_every(head, positions=int(positions), bf16=b) for b in (False, True))
+                    d = np.abs(np.concatenate([(r16[k] - r32[k]).ravel() for k in ("nll_aug", "nll_base")]))
+                    d = d[np.isfinite(d)]
+                    notice = _join(notice, f"bf16: on the first 48 tokens, mean |ΔNLL| to float32 {d.mean():.4f} "
+                                           f"nats (max {d.max():.4f}).")
                 toks = res["tokens"]
                 A = res["nll_aug"].shape[1]
                 n = int(min(max(int(ahead), 1), A))
@@ -875,6 +884,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     ahead = gr.Slider(1, 32, 1, step=1, label="(b) colour tokens by the n-th token ahead",
                                       elem_id="ana-ahead")
                     ana_topk = gr.Slider(1, 50, 10, step=1, label="top-k in the token detail", elem_id="ana-topk")
+                    ana_bf16 = gr.Checkbox(False, label="(b) bf16 matmuls (GPU, or CPU with AVX-512-bf16/AMX); the "
+                                           "difference to float32 is measured and shown", elem_id="ana-bf16")
                 ana_notice = gr.HTML("", elem_id="ana-notice")
                 ana_shown = gr.State(None)  # text, mode, point / n ahead of the analysis shown: token detail uses it
                 with gr.Row():
@@ -1025,7 +1036,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                         gr.update(visible="cot" in (arms or []))),
                           extra_arms, [out_pause, out_cot], api_visibility="private", queue=False)
 
-        ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk]
+        ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk, ana_bf16]
         ana_outputs = [ana_notice, tokens_html, summary, by_pos_plot, heat_plot, per_token, ana_csv, ana_json,
                        ana_fig_pos, ana_fig_heat, ana_shown]
         ana_event = ana_btn.click(h["analyze"], ana_inputs, ana_outputs, api_name="analyze", **model)

@@ -406,15 +406,36 @@ class Workbench:
         self._last_score = (key, res)
         return copy.deepcopy(res)
 
-    def score_every(self, text: str, positions: int = 16, progress=None) -> dict:
-        """Mode (b): latents after every token; the n-th token ahead scored for n = 1..positions."""
+    def bf16_unsupported(self) -> str | None:
+        """Why bf16 mode (b) is not offered here, or None: it needs a GPU with bf16, or a CPU with
+        AVX-512-bf16 or AMX (elsewhere bf16 matmuls are emulated and slower than float32)."""
+        dev = self.decoder.device
+        if dev.type == "cuda":
+            return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16 support"
+        if dev.type != "cpu":
+            return f"bf16 is not offered on {dev.type}"
+        try:
+            flags = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            flags = ""
+        if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags):
+            return None
+        return "this CPU has neither AVX-512-bf16 nor AMX (or they cannot be detected): bf16 would be slower"
+
+    def score_every(self, text: str, positions: int = 16, progress=None, bf16: bool = False) -> dict:
+        """Mode (b): latents after every token; the n-th token ahead scored for n = 1..positions.
+        bf16: matmuls in bfloat16 (torch.autocast; the weights stay float32), where supported."""
         text, notice = clean_text(text)
         ids = self.encode(text)
         if ids.shape[1] < 2:
             raise InputError("Need at least two tokens.")
-        aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions, progress=progress)
-        return {"tokens": self.token_strings(ids[0]), "nll_aug": aug.cpu().numpy(), "nll_base": base.cpu().numpy(),
-                "notice": notice}
+        if bf16 and (why := self.bf16_unsupported()):
+            raise InputError(f"bf16 is not available: {why}.")
+        with torch.autocast(self.decoder.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
+            aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions,
+                                                        progress=progress)
+        return {"tokens": self.token_strings(ids[0]), "nll_aug": aug.float().cpu().numpy(),
+                "nll_base": base.float().cpu().numpy(), "notice": notice}
 
     # -- latents ---------------------------------------------------------------------------
 

@@ -703,3 +703,16 @@ def test_a_model_change_elsewhere_is_announced(wb):
     note = h["model_changed"](seen)
     assert "changed from another browser session" in note and "Model changed" in note
     assert h["model_changed"](h["model_seen"]()) == ""        # after this page's own load / reload
+
+
+def test_analyze_every_bf16_is_measured_or_refused(client, wb):
+    why = wb.bf16_unsupported()
+    if why:
+        with pytest.raises(AppError, match="bf16 is not available"):
+            client.predict(TEXT, "every", -1, 3, 1, 5, True, api_name="/analyze")
+        return
+    notice, html_text, summary, *_ = client.predict(TEXT, "every", -1, 3, 1, 5, True, api_name="/analyze")
+    assert "mean |ΔNLL| to float32" in notice
+    res32, res16 = wb.score_every(TEXT, positions=3), wb.score_every(TEXT, positions=3, bf16=True)
+    assert np.nanmax(np.abs(res16["nll_aug"] - res32["nll_aug"])) < 1.0       # bf16, not a different model
+    assert not np.array_equal(res16["nll_aug"], res32["nll_aug"])            # and bf16 really ran
