@@ -298,8 +298,9 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
 
             def outputs(status: str, run: dict, path: str | None = None, diverge: str = ""):
                 stats = views.arm_stats_frame([a.stats() | {"arm": k} for k, a in state.items()])
+                # (status and run JSON stay last: clients read them from the end)
                 return (_arm_text(state, "decoder"), _arm_text(state, "coprocessor"), _arm_text(state, "pause"),
-                        _arm_text(state, "cot"), stats, shown, status, path, run, diverge)  # no file while running
+                        _arm_text(state, "cot"), stats, shown, diverge, status, path, run)  # no file while running
 
             for state in wb.generate_pair(text, arms=arms, chat=bool(chat), cot="cot" in extra, **settings):
                 done = max((len(a.token_ids) for a in state.values()), default=0)
@@ -1023,12 +1024,12 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
         # -- Events ------------------------------------------------------------------------------
         gen_event = gen_btn.click(
             h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
-            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run, gen_diverge],
+            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_diverge, gen_status, run_json, gen_run],
             api_name="generate", **model)
         # An example is Generate on that prompt with the settings shown: streamed, status, settings, downloads.
         example_event = examples.load_input_event.then(
             h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
-            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run, gen_diverge],
+            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_diverge, gen_status, run_json, gen_run],
             api_visibility="private", **model)
         stop_btn.click(h["stop_generation"], gen_run, [gen_status, run_json], cancels=[gen_event, example_event],
                        api_visibility="private", queue=False)

@@ -134,7 +134,7 @@ def test_theme_and_css_reach_the_page(server):
 def test_generate_streams_both_arms_identically_to_the_workbench(client, wb):
     job = client.submit(*_gen_args("Hello there"), api_name="/generate")
     partials = list(job)
-    dec, aug, pause, cot, stats, settings, status, run_json, diverge = job.result()
+    dec, aug, pause, cot, stats, settings, diverge, status, run_json = job.result()
     assert len(partials) >= 3                          # streamed: one update per generated token
     ref = _direct(wb, "Hello there")
     assert dec == ref["decoder"].text and aug == ref["coprocessor"].text
@@ -146,7 +146,7 @@ def test_generate_streams_both_arms_identically_to_the_workbench(client, wb):
         assert rows[name]["time_to_first_token_s"] > 0
     assert settings["settings (identical for every arm)"]["max_new_tokens"] == 6
     assert settings["greedy"] is True
-    assert status.startswith("Done:") and "Generating" in partials[0][6]
+    assert status.startswith("Done:") and "Generating" in partials[0][7]
     run = json.loads(Path(run_json).read_text(encoding="utf-8"))
     assert run["arms"]["decoder"]["text"] == dec and run["arms"]["coprocessor"]["text"] == aug
     assert run["arms"]["decoder"]["token_ids"] == ref["decoder"].token_ids
@@ -360,13 +360,13 @@ def test_lone_surrogates_and_long_input(client, wb):
     assert len(_spans(html_text).spans) > 5
     html_text.encode("utf-8")                                       # nothing unencodable reaches the page
     *_, final = h["generate"]("abc \ud800 def", [], True, 4, 0.0, 1.0, 0, 0, 0, 0)
-    assert Path(final[7]).read_text(encoding="utf-8")                # the run JSON
+    assert Path(final[8]).read_text(encoding="utf-8")                # the run JSON
     fig, *_ = h["latents"]("abc \udfff\nsecond", 2, "prompt", 3, "cont \ud800")
     fig.to_json().encode("utf-8")
     notice, html_text, summary, *_ = client.predict("word " * 20_000, "once", -1, 8, 1, 5, api_name="/analyze")
     assert "truncated" in notice.lower()
     assert _frame(summary)[0]["tokens scored"] > 0
-    dec, *_rest, run_json, _diverge = client.predict(*_gen_args("x" * 100_000), api_name="/generate")
+    dec, *_rest, run_json = client.predict(*_gen_args("x" * 100_000), api_name="/generate")
     run = json.loads(Path(run_json).read_text(encoding="utf-8"))
     assert "truncated" in run["prompt_notice"].lower()
     assert len(run["prompt"]) <= app.GEN_MAX_CHARS
@@ -509,8 +509,8 @@ def test_stop_makes_the_partial_run_downloadable(wb):
     gen = h["generate"]("Hello there", [], True, 6, 0.0, 1.0, 0, 0, 0, 0)
     first = next(gen)
     gen.close()
-    assert first[7] is None                                   # no file while running
-    status, path = h["stop_generation"](first[8])
+    assert first[8] is None                                   # no file while running
+    status, path = h["stop_generation"](first[9])
     run = json.loads(Path(path).read_text(encoding="utf-8"))
     assert run["finished"] is False and run["arms"]["decoder"]["tokens"] == 1
     assert status == "Stopped."
@@ -518,8 +518,7 @@ def test_stop_makes_the_partial_run_downloadable(wb):
 
 
 def test_status_says_when_latents_never_arrived(client):
-    *_, status, run_json, _diverge = client.predict(*_gen_args("Hello", max_new=4, async_delay=4),
-                                                    api_name="/generate")
+    *_, status, run_json = client.predict(*_gen_args("Hello", max_new=4, async_delay=4), api_name="/generate")
     assert "never arrived" in status
     assert json.loads(Path(run_json).read_text(encoding="utf-8"))["notes"]
 
