@@ -236,6 +236,9 @@ def test_every_tab_on_the_default_model(page):
 
     # -- Model: card, status, and a bad checkpoint shown as a message -----------------------------
     _tab(page, "Model")
+    expect(page.locator("#model-evaluation")).to_contain_text("position")      # the stored evaluation, shown
+    page.get_by_text("Checkpoint card (training settings, data, licence)").click()   # one click away
+    page.get_by_text("Status (JSON)").click()
     expect(page.locator("#model-card")).to_contain_text(re.compile("untrained|Coprocessor for"))
     expect(page.locator("#model-status")).to_contain_text("smollm2")
     page.locator("#model-coprocessor input, #model-coprocessor textarea").first.fill("/no/such/checkpoint")
