@@ -257,6 +257,9 @@ def test_cached_example_and_stop(page):
     expect(page.locator("#gen-prompt textarea")).to_have_value("What is 17 + 25? Answer with a number.")
     _wait_text(page.locator("#gen-decoder textarea"), timeout=3 * SLOW)
     _wait_text(page.locator("#gen-augmented textarea"), timeout=3 * SLOW)
+    # An example is Generate itself: streamed, then status, settings and the run JSON like the button.
+    expect(page.locator("#gen-status")).to_contain_text("Done", timeout=3 * SLOW)
+    expect(page.locator("#gen-settings")).to_contain_text("max_new_tokens")
     expect(page.locator("#gen-stats")).to_contain_text("coprocessor")
     _shot(page, "10-example.png")
     # Stop: a long generation is cancelled after its first tokens; the texts stop growing.
