@@ -1,7 +1,7 @@
 """cacheaug analysis app (Gradio 6): compare a frozen decoder with decoder + coprocessor.
 
 The coprocessor reads the decoder's KV cache and appends latent embeddings to it
-("Deliberation in Latent Space via Differentiable Cache Augmentation"). Four tabs:
+("Deliberation in Latent Space via Differentiable Cache Augmentation"). Five tabs:
 
 * **Generate** - one prompt, decoder alone and decoder + coprocessor streamed side by side with
   identical sampling settings and seed (greedy by default); optional zero-shot chain-of-thought
@@ -13,6 +13,10 @@ The coprocessor reads the decoder's KV cache and appends latent embeddings to it
   Δloss heatmap, CSV / JSON / figure-HTML exports.
 * **Latents** - PCA (2-D/3-D) of the latents of one or many prompts, what each latent reads as
   through the decoder's LM head, and the attention a continuation pays to each latent.
+* **Corpus** - mode (b) over many documents (upload, a path, or the bundled held-out Wikipedia
+  sample): Δ by position with bootstrap intervals over documents (body vs document starts, pause
+  arm too), documents and tokens sorted by Δloss, Δ by the decoder's surprisal and by token kind;
+  click a row for that document's per-token view; CSV / JSON exports.
 * **Model** - choose decoder and coprocessor; the checkpoint's card and evaluation; notices.
 
 Run::
@@ -48,10 +52,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline tool: no p
 
 import gradio as gr  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from cacheaug_core import viz  # noqa: E402
+from cacheaug_core import corpus  # noqa: E402
 from cacheaug_core.checkpoint import CheckpointError, model_card  # noqa: E402
 from cacheaug_core.workbench import InputError, Workbench, clean_text  # noqa: E402
 from cacheaug_core.viz import app_views as views  # noqa: E402
+from cacheaug_core.viz import corpus as corpus_viz  # noqa: E402
 
 log = logging.getLogger("cacheaug.app")
 
@@ -63,7 +71,8 @@ ATTENTION_MAX_TOKENS = 256
 MAX_PROMPTS = 16
 DEFAULT_MAX_NEW_TOKENS = 48
 
-API_NAMES = ("generate", "analyze", "token_detail", "use_generation", "latents", "load_model", "model_info")
+API_NAMES = ("generate", "analyze", "token_detail", "use_generation", "latents", "corpus", "corpus_view", "load_model",
+             "model_info")
 
 CLI_EQUIVALENTS = """\
 | endpoint | what it does | CLI / Python |
@@ -71,18 +80,26 @@ CLI_EQUIVALENTS = """\
 | `/generate` | both arms, streamed | `cacheaug generate --prompt "..." [--reaugment-every k] [--async-delay N] [--json]` |
 | `/analyze` | per-token Δloss, mode (a) or (b) | `cacheaug score --text "..." [--point N] [--csv out.csv]`; mode (b): `cacheaug score --text "..." --every --positions 16` |
 | `/token_detail` | top-k of both arms + KL at one token of this session's last `/analyze` | `Workbench.score_text(text, point)["topk_base"/"topk_aug"/"kl_aug_base"]` |
-| `/use_generation` | last generation → analysis text | `viz.app_views.join_prompt_continuation(prompt, text)` |
+| `/use_generation` | last generation (either arm's text) → analysis text, with a bias notice | `viz.app_views.join_prompt_continuation(prompt, text)` |
 | `/latents` | PCA, read-out, attention to latents | `cacheaug latents --prompt "..." [--prompt "..."] [--continuation "..."] [--html pca.html]` |
+| `/corpus` | mode (b) over documents: Δ by position with intervals, tables, buckets | `cacheaug corpus --text X.jsonl --json OUT [--csv tokens.csv] [--html curve.html]` |
+| `/corpus_view` | the last `/corpus` run re-tabulated for another arm / n-th token ahead | `cacheaug_core.corpus.summarize(res, arm, n)` |
 | `/load_model`, `/model_info` | choose / describe decoder + coprocessor | `cacheaug info --decoder D --coprocessor C [--pause P]` |
 """
 
 CSS = """
-#cacheaug-notice:empty, #model-error:empty, #ana-notice:empty { display: none; }
+#cacheaug-notice:empty, #cacheaug-model-changed:empty, #model-error:empty, #ana-notice:empty, #cor-notice:empty { display: none; }
 .cacheaug-tokens span.tok { cursor: pointer; }
 .cacheaug-tokens span.tok.cacheaug-picked { outline: 2px solid #7c3aed; outline-offset: 1px; }
 #gen-decoder textarea, #gen-augmented textarea, #gen-pause textarea, #gen-cot textarea {
   font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em; }
 .cacheaug-small { font-size: 0.88em; opacity: 0.85; }
+/* Phone: the title shrinks to one line so the input and the verdict come first. */
+@media (max-width: 640px) {
+  #cacheaug-title h2 { font-size: 1.0em; margin: 0; }
+  #cacheaug-title .cacheaug-small, #cor-intro .cacheaug-small { display: none; }
+  #cacheaug-notice .cacheaug-notice { font-size: 0.85em; padding: 0.3em 0.5em !important; }
+}
 """
 
 # Clicking a token span selects it (outline) and fires the component's click event with its index.
@@ -133,6 +150,7 @@ class Backend:
         else:
             self._factory = workbench_or_factory
         self.pause = pause or None  # `--pause` given at start-up: kept for every model loaded from the Model tab
+        self.version = 0   # +1 per model change: sessions compare it with the one they last saw
         self.error = ""  # the start-up (factory) failure: no model at all, so every session is told
 
     def get(self) -> Workbench:
@@ -154,6 +172,7 @@ class Backend:
     def set(self, wb: Workbench) -> None:
         with self._lock:
             self._wb, self.error = wb, ""
+            self.version += 1
 
     def load(self, decoder: str | None, coprocessor: str | None) -> Workbench:
         """Load a new model (raises; the old model stays). A start-up `--pause` checkpoint comes along
@@ -168,6 +187,7 @@ class Backend:
                                          "no pause arm.")
         with self._lock:
             self._wb, self.error = wb, ""
+            self.version += 1
         return wb
 
 
@@ -220,6 +240,14 @@ def _write_html(fig, path: Path) -> str:
     return str(path)
 
 
+def _reference(wb: Workbench):
+    """(name, curve) of the checkpoint's first stored perplexity evaluation (the typical Δ by position),
+    or ("", None) when it stores none (an untrained coprocessor has no reference)."""
+    cfg = getattr(wb.coprocessor, "checkpoint_config", None) or {}
+    curves = corpus.reference_curves(cfg.get("evaluation"))
+    return next(iter(curves.items())) if curves else ("", None)
+
+
 def _model_summary(wb: Workbench) -> dict:
     st = wb.status()
     return {"decoder": st["decoder"].get("name"), "coprocessor": st["coprocessor_source"],
@@ -268,18 +296,21 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                         "arms": {k: {**a.stats(), "arm": k, "label": ARM_LABELS.get(k, k), "text": a.text,
                                      "token_ids": list(a.token_ids)} for k, a in state.items()}}
 
-            def outputs(status: str, run: dict, path: str | None = None):
+            def outputs(status: str, run: dict, path: str | None = None, diverge: str = ""):
                 stats = views.arm_stats_frame([a.stats() | {"arm": k} for k, a in state.items()])
+                # (status and run JSON stay last: clients read them from the end)
                 return (_arm_text(state, "decoder"), _arm_text(state, "coprocessor"), _arm_text(state, "pause"),
-                        _arm_text(state, "cot"), stats, shown, status, path, run)  # no file while running
+                        _arm_text(state, "cot"), stats, shown, diverge, status, path, run)  # no file while running
 
             for state in wb.generate_pair(text, arms=arms, chat=bool(chat), cot="cot" in extra, **settings):
                 done = max((len(a.token_ids) for a in state.values()), default=0)
                 yield outputs(f"Generating… {done}/{n_max} tokens", run_record(False))
             run = run_record(True)
+            comparison, cmp_text, cmp_html = _compare_arms(wb, text, state, bool(chat))
+            run["comparison"] = comparison
             path = views.write_json(run, _export_dir() / "cacheaug-generation.json")
             counts = ", ".join(f"{ARM_LABELS.get(k, k)} {len(a.token_ids)}" for k, a in state.items())
-            yield outputs(_join(f"Done: {counts} tokens.", *run["notes"]), run, str(path))
+            yield outputs(_join(f"Done: {counts} tokens.", *run["notes"], cmp_text), run, str(path), cmp_html)
 
     def stop_generation(run):
         """Stop: the run so far becomes downloadable (marked unfinished)."""
@@ -287,23 +318,6 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return "Stopped.", None
         path = views.write_json(run, _export_dir() / "cacheaug-generation-partial.json")
         return "Stopped.", str(path)  # the run JSON (marked "finished": false) holds the counts
-
-    example_memo: dict = {"wb": None, "results": {}}   # the loaded model's example results, by prompt
-
-    def generate_example(prompt):
-        """Examples: default settings, final texts only. Remembered per loaded model (not Gradio's
-        example cache, which would outlive a model change)."""
-        wb = backend.get()
-        results = example_memo["results"]
-        if example_memo["wb"] is not wb or (prompt not in results and len(results) >= 32):
-            results = example_memo["results"] = {}   # only the current model's examples are kept
-            example_memo["wb"] = wb
-        if prompt not in results:
-            out = None
-            for out in generate(prompt, [], True, DEFAULT_MAX_NEW_TOKENS, 0.0, 1.0, 0, 0, 0, 0):
-                pass
-            results[prompt] = (out[0], out[1], out[4])
-        return results[prompt]
 
     stopped_sessions: set = set()   # sessions whose Stop was pressed during a mode (b) analysis
 
@@ -314,7 +328,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             stopped_sessions.add(request.session_hash)
         return views.notice_html("Stopped.", "info")
 
-    def analyze(text, mode, point, positions, ahead, top_k, progress=gr.Progress(), request: gr.Request = None):
+    def analyze(text, mode, point, positions, ahead, top_k, bf16=False, progress=gr.Progress(),
+                request: gr.Request = None):
         """Per-token Δloss: mode 'once' (a) or 'every' (b)."""
         session = getattr(request, "session_hash", None)
         stopped_sessions.discard(session)
@@ -350,8 +365,14 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 shown = {"text": text, "mode": "once", "point": p}
             else:
                 progress(0.0, desc="augmenting after every token")
-                res = wb.score_every(text, positions=int(positions),
-                                     progress=every_progress)
+                res = wb.score_every(text, positions=int(positions), progress=every_progress, bf16=bool(bf16))
+                if bf16:   # the numeric price, measured here on the text's first 48 tokens
+                    head = wb.tokenizer.decode(wb.encode(text)[0, :48].tolist())
+                    r32, r16 = (wb.score_every(head, positions=int(positions), bf16=b) for b in (False, True))
+                    d = np.abs(np.concatenate([(r16[k] - r32[k]).ravel() for k in ("nll_aug", "nll_base")]))
+                    d = d[np.isfinite(d)]
+                    notice = _join(notice, f"bf16: on the first 48 tokens, mean |ΔNLL| to float32 {d.mean():.4f} "
+                                           f"nats (max {d.max():.4f}).")
                 toks = res["tokens"]
                 A = res["nll_aug"].shape[1]
                 n = int(min(max(int(ahead), 1), A))
@@ -363,24 +384,51 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                            "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
                            "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
                 by_pos = views.by_position_every(res["nll_base"], res["nll_aug"])
-                heat = viz.delta_heatmap_figure(toks[:-1], (res["nll_aug"] - res["nll_base"]).T)
+                heat = viz.delta_heatmap_figure(toks, views.by_scored_token(res["nll_aug"] - res["nll_base"]),
+                                                axis="token", title="Δloss of each token by how many tokens "
+                                                "earlier the latents were inserted (blue = helps; blank = not scored)")
                 heat_file = _write_html(heat, out / "cacheaug-heatmap.html")
-                shown = {"text": text, "mode": "every", "positions": A, "ahead": n}
+                shown = {"text": text, "mode": "every", "positions": A, "ahead": n, "tokens": toks,
+                         "nll_base_by_point": res["nll_base"], "nll_aug_by_point": res["nll_aug"]}
                 run = {"mode": "every", "positions": A, "ahead": n,
                        "nll_base_by_point": res["nll_base"], "nll_aug_by_point": res["nll_aug"]}
             tokens_html = viz.token_delta_html(toks, na - nb, nb, na, caption=caption)
             summary = viz.summary_table(nb, na)
             per_token = viz.per_token_frame(toks, nb, na)
-            by_fig = viz.delta_by_position_figure(by_pos, title="Perplexity change by position ahead")
+            ref_name, ref = _reference(wb)
+            at = int(shown.get("ahead") or max(1, (len(toks) - 1 - (p or 0)) // 2))
+            verdict = views.verdict_text(na - nb, reference=corpus.reference_at(ref, at), ref_name=ref_name,
+                                         where=f", {shown['ahead']} ahead" if mode == "every" else "")
+            # Mode (a) has one token per position: Δloss in nats with a rolling mean (a percentage of one
+            # token's perplexity explodes); mode (b) averages many tokens per position: relative change.
+            by_fig = viz.delta_by_position_figure(by_pos, title="", reference=ref, units="nats" if mode == "once"
+                                                  else "pct", reference_name=f"typical: {ref_name}" if ref_name else "")
             csv_file = str(viz.frame_to_csv(per_token, out / "cacheaug-per-token.csv"))
             run |= {"text": text, "model": _model_summary(wb), "notice": _join(notice, res.get("notice", "")) or None,
                     "tokens": [viz.clean_token(t) for t in toks], "nll_base": nb, "nll_aug": na,
                     "summary": summary, "by_position": by_pos}
             json_file = str(views.write_json(run, out / "cacheaug-analysis.json"))
             pos_file = _write_html(by_fig, out / "cacheaug-by-position.html")
-            note = views.notice_html(_join(info, notice), "warning" if notice else "info")
+            note = views.notice_html(verdict, "info", "Verdict:") + views.notice_html(
+                _join(info, notice), "warning" if notice else "info")
+            run["verdict"] = verdict
             return (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
                     json_file, pos_file, heat_file, shown)
+
+    def recolour(shown, ahead):
+        """Mode (b): colour the tokens by another n-th token ahead from the stored matrices (no model call)."""
+        if not shown or shown.get("mode") != "every":
+            return gr.update(), gr.update(), gr.update(), shown
+        with _friendly_errors():
+            A = int(shown["positions"])
+            n = int(min(max(int(ahead or 1), 1), A))
+            toks = shown["tokens"]
+            nb, na = views.nth_ahead_per_token(shown["nll_base_by_point"], shown["nll_aug_by_point"], n)
+            caption = (f"Background = Δloss of each token when the latents were inserted {n} token(s) earlier: "
+                       "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
+                       "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
+            return (viz.token_delta_html(toks, na - nb, nb, na, caption=caption), views.round_frame(
+                viz.summary_table(nb, na)), views.round_frame(viz.per_token_frame(toks, nb, na)), shown | {"ahead": n})
 
     def token_detail(shown, top_k, index):
         """Both arms' top-k next-token distributions at one token of the analysis shown (the text,
@@ -422,16 +470,25 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         return int(row)
 
-    def use_generation(prompt, decoder_text):
-        """The last generation (prompt + decoder-alone continuation) as the text to analyse,
-        with the augmentation point at the end of the prompt."""
+    def use_generation(prompt, decoder_text, augmented_text="", arm="decoder", chat=True):
+        """The last generation (prompt + one arm's continuation) as the text to analyse, with the
+        augmentation point at the end of the prompt; a notice says why such a score is biased."""
         with _friendly_errors():
-            if not (decoder_text or "").strip():
+            arm = arm if arm in ("decoder", "coprocessor") else "decoder"
+            cont = decoder_text if arm == "decoder" else augmented_text
+            if not (cont or "").strip():
                 raise InputError("Nothing generated yet: run Generate first.")
             wb = backend.get()
             ptext, _ = clean_text(prompt)
             point = int(wb.encode(ptext).shape[1]) - 1
-            return views.join_prompt_continuation(ptext, decoder_text), point, "once"
+            note = (f"Scoring the {ARM_LABELS[arm]} arm's own greedy continuation: that arm chose each token as "
+                    "its most likely one, so the comparison leans toward it (pick the other arm's text to see the "
+                    "reverse). ")
+            if chat:
+                note += ("It was generated inside the chat template; it is scored here as plain text after the bare "
+                         "prompt, so both arms see a context it was not generated in.")
+            gr.Warning(_msg(note), title="Biased comparison")
+            return views.join_prompt_continuation(ptext, cont), point, "once", views.notice_html(note, "warning")
 
     def latents(prompts_text, dims, color_by, top_k, continuation, progress=gr.Progress()):
         """PCA of the latents of each prompt, their LM-head read-out, attention of a continuation to them."""
@@ -478,9 +535,140 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 attn = views.message_figure("Attention to latents", "Type a continuation to see how much attention "
                                             "each of its tokens pays to each latent.")
             per_prompt = int(res["latents"].shape[0]) // len(fitted)
-            info = views.explained_variance_text(evr) + f" · {len(fitted)} prompt(s) × {per_prompt} latents"
+            sim = viz.latent_similarity(res["latents"], res["prompt_ids"], res["latent_index"])
+            info = (views.explained_variance_text(evr) + f" · {len(fitted)} prompt(s) × {per_prompt} latents · mean "
+                    f"cosine: same prompt {sim['within_prompt']:.2f}, same slot across prompts "
+                    f"{sim['same_slot_across_prompts']:.2f}, other slots across prompts "
+                    f"{sim['other_slot_across_prompts']:.2f}")
+            sim_fig = viz.latent_similarity_figure(res["latents"], res["prompt_ids"], res["latent_index"],
+                                                   labels=res["labels"])
             return (fig, views.notice_html(_join(info, notice), "warning" if notice else "info"),
-                    views.round_frame(readout), attn, pca_file, attn_file, csv_file)
+                    views.round_frame(readout), attn, pca_file, attn_file, csv_file, sim_fig, res)
+
+    def latents_view(res, dims, color_by):
+        """Re-draw the PCA of the stored latents (2-D/3-D, colour) without a model call."""
+        if not res:
+            return gr.update()
+        with _friendly_errors():
+            return viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
+                                         color_by=color_by, dims=int(dims), hover_tokens=res["top_tokens"],
+                                         norms=res["norms"])
+
+    # -- Corpus ------------------------------------------------------------------------------
+
+    def _corpus_tables(res, arm, ahead):
+        """Everything the Corpus tab shows, from a (partial or finished) run: no model call."""
+        arm = arm if arm in res.arms else res.arms[0]
+        n = int(min(max(int(ahead or 1), 1), res.config.positions))
+        tables = corpus.summarize(res, arm, n)
+        done = len(res.docs)
+        partial = "" if res.finished else f"partial: {done} document(s) so far"
+        curve = corpus_viz.corpus_curve_figure(tables["by_position"], partial=partial)
+        surpr = corpus_viz.bucket_figure(tables["by_surprisal"], "surprisal_nats",
+                                         f"decoder surprisal (nats), {n} ahead")
+        kinds = corpus_viz.bucket_figure(tables["by_kind"], "kind", f"token kind, {n} ahead")
+        tokens = tables["tokens"].drop(columns=["title"]).sort_values("delta", kind="stable")
+        tokens["token"] = tokens["token"].map(viz.display_token)
+        docs = tables["documents"].sort_values("delta", kind="stable")
+        return tables, curve, surpr, kinds, views.round_frame(docs), views.round_frame(tokens), arm, n
+
+    def _corpus_exports(res, tables, arm, n):
+        out = _export_dir()
+        csv_file = str(viz.frame_to_csv(tables["tokens"], out / "cacheaug-corpus-tokens.csv"))
+        json_file = str(views.write_json(corpus.result_json(res, tables, arm, n), out / "cacheaug-corpus.json"))
+        return csv_file, json_file
+
+    def corpus_run(upload, path, max_docs, max_tokens, positions, sink, arm, ahead, progress=gr.Progress(),
+                   request: gr.Request = None):
+        """Mode (b) over documents; yields the views after every document (progressive, Stop keeps them)."""
+        session = getattr(request, "session_hash", None)
+        stopped_sessions.discard(session)
+
+        def tick(f, desc):
+            if session is not None and session in stopped_sessions:
+                stopped_sessions.discard(session)
+                raise InputError("Stopped.")
+            progress(float(f), desc=desc)
+
+        with _friendly_errors():
+            wb = backend.get()
+            src = upload if upload else ((path or "").strip() or "wiki")
+            if not upload and src not in corpus.BUNDLED:
+                if Path(src).suffix not in (".jsonl", ".txt"):
+                    raise InputError("Give a .jsonl (one {\"text\": ...} a line) or .txt file (blank-line "
+                                     "separated), or 'wiki' for the bundled held-out sample.")
+                # A path is read on the server: only under the folders it was started in (or listed in
+                # CACHEAUG_CORPUS_DIRS), so a shared app does not hand out other files; upload the rest.
+                roots = [Path.cwd(), Path(__file__).resolve().parent] + [
+                    Path(d) for d in os.environ.get("CACHEAUG_CORPUS_DIRS", "").split(os.pathsep) if d]
+                real = Path(src).expanduser().resolve()
+                if not any(real.is_relative_to(r.resolve()) for r in roots):
+                    raise InputError(f"Only files under {Path.cwd()} (or CACHEAUG_CORPUS_DIRS) are read by path; "
+                                     "upload this one instead.")
+            try:
+                docs = corpus.read_corpus(src)
+                cfg = corpus.CorpusConfig(positions=int(positions), max_docs=int(max_docs),
+                                          max_tokens=int(max_tokens), sink=str(sink or "auto"),
+                                          ahead=int(min(max(int(ahead or 1), 1), int(positions))))
+                cfg.check()
+            except corpus.CorpusError as e:
+                raise InputError(str(e)) from None
+            name = "bundled held-out Wikipedia sample" if src in corpus.BUNDLED else Path(str(src)).name
+            total = min(len(docs), cfg.max_docs)
+            res = None
+            try:
+                for res in corpus.score_corpus(wb, docs, cfg, progress=tick, source=name):
+                    tables, curve, surpr, kinds, dtab, ttab, a, n = _corpus_tables(res, arm, ahead)
+                    files = _corpus_exports(res, tables, a, n) if res.finished else (None, None)
+                    msg = (f"{name}: {len(res.docs)}/{total} documents scored (first {cfg.max_tokens} tokens each, "
+                           f"{cfg.positions} positions ahead, sink {cfg.sink}"
+                           f"{' = ' + repr(res.sink_token) if res.sink_token else ''}; arms: "
+                           f"{', '.join(ARM_LABELS.get(x, x) for x in res.arms)}). "
+                           + ("Click a document or token row for its per-token view." if res.finished
+                              else "Scoring… figures fill in as documents finish."))
+                    yield (views.notice_html(msg, "info"), curve, surpr, kinds, dtab, ttab, *files, res)
+            except InputError:
+                if res is None:
+                    raise
+                res.finished = True   # stopped: what was scored is kept, marked in the notice and the JSON
+                tables, curve, surpr, kinds, dtab, ttab, a, n = _corpus_tables(res, arm, ahead)
+                files = _corpus_exports(res, tables, a, n)
+                yield (views.notice_html(f"Stopped after {len(res.docs)}/{total} documents; the views and exports "
+                                         "hold those.", "warning"), curve, surpr, kinds, dtab, ttab, *files, res)
+
+    def corpus_view(res, arm, ahead):
+        """Re-tabulate the session's last corpus run for another arm / n-th token ahead (no model call)."""
+        with _friendly_errors():
+            if res is None:   # nothing computed yet: the controls only set the next run's view
+                return (gr.update(),) * 7
+            tables, curve, surpr, kinds, dtab, ttab, a, n = _corpus_tables(res, arm, ahead)
+            files = _corpus_exports(res, tables, a, n)
+            return curve, surpr, kinds, dtab, ttab, *files
+
+    def corpus_doc(res, arm, ahead, evt: gr.SelectData):
+        """A clicked document / token row -> that document's per-token Δloss view (from the stored run)."""
+        with _friendly_errors():
+            if res is None or evt is None:
+                raise InputError("Run the corpus first.")
+            row = evt.row_value or []
+            doc = int(row[0])
+            d = next((x for x in res.docs if x.index == doc), None)
+            if d is None:
+                raise InputError(f"Document {doc} is not in this run.")
+            a = arm if arm in res.arms else res.arms[0]
+            n = int(min(max(int(ahead or 1), 1), res.config.positions))
+            nb, na = d.per_token(a, n)
+            cap = (f"Document {doc} · {d.title} · {ARM_LABELS.get(a, a)}: each token scored with the latents "
+                   f"inserted {n} token(s) earlier. Blue = helps, red = hurts, no colour = not scored.")
+            head = views.notice_html(cap + (f" Cut to its first {len(d.tokens)} of {d.cut_from} tokens."
+                                            if d.cut_from else ""), "info")
+            return head + viz.token_delta_html(d.tokens, na - nb, nb, na, caption=""), d.text
+
+    def corpus_to_analysis(text):
+        """The clicked document into the Per-token analysis tab (mode (b))."""
+        if not (text or "").strip():
+            raise gr.Error("Click a document or token row first.", title="Corpus", print_exception=False)
+        return text, "every", gr.Tabs(selected="analysis")
 
     def model_info(load_error: str = ""):
         """The loaded decoder and coprocessor: notice banner, status, card, evaluation, and an error: the
@@ -496,8 +684,9 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return banner, {}, "", "", views.notice_html(err, "error")
         st = wb.status()
         level = "warning" if st["coprocessor_source"] == "untrained" else "info"
-        banner = views.notice_html(err, "error", "Last load failed:") + views.notice_html(
-            st["notice"], level, "Coprocessor:" if level == "info" else "Untrained coprocessor:")
+        line = corpus.status_line(st.get("evaluation")) if level == "info" else ""
+        banner = views.notice_html(err, "error", "Last load failed:") + views.status_html(
+            line, st["notice"], level, "Coprocessor:" if level == "info" else "Untrained coprocessor:")
         cfg = getattr(wb.coprocessor, "checkpoint_config", None)
         if cfg:
             try:
@@ -521,10 +710,52 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return model_info(err)              # shown to this session only; others keep their view
         return model_info()
 
-    return {"generate": generate, "stop_generation": stop_generation, "generate_example": generate_example,
+    def model_seen():
+        """The model version this session has seen (at page load and after its own loads)."""
+        return backend.version
+
+    def model_changed(seen):
+        """The model is shared by every open page: say so when another session changed it."""
+        if seen is None or seen == backend.version:
+            return ""
+        try:
+            st = _model_summary(backend.get())
+        except gr.Error:
+            return views.notice_html("The model was unloaded from another browser session.", "error")
+        return views.notice_html(
+            f"The model was changed from another browser session (the model is shared by every open page): now "
+            f"decoder {st['decoder']} with coprocessor {st['coprocessor']}. Results on this page computed before "
+            "were made with the previous model; reload the page to acknowledge.", "warning", "Model changed:")
+
+    return {"model_seen": model_seen, "model_changed": model_changed, "generate": generate, "stop_generation": stop_generation,
             "analyze": analyze, "stop_analysis": stop_analysis, "token_detail": token_detail,
-            "pick_token": pick_token, "pick_row": pick_row,
-            "use_generation": use_generation, "latents": latents, "model_info": model_info, "load_model": load_model}
+            "pick_token": pick_token, "pick_row": pick_row, "recolour": recolour,
+            "use_generation": use_generation, "latents": latents, "latents_view": latents_view, "corpus_run": corpus_run, "corpus_view": corpus_view,
+            "corpus_doc": corpus_doc, "corpus_to_analysis": corpus_to_analysis, "model_info": model_info, "load_model": load_model}
+
+
+def _compare_arms(wb: Workbench, prompt: str, state: dict, chat: bool) -> tuple[dict, str, str]:
+    """Where the decoder and coprocessor arms part, and each arm's text scored under both arms."""
+    if "decoder" not in state or "coprocessor" not in state:
+        return {}, "", ""
+    a, b = state["decoder"].token_ids, state["coprocessor"].token_ids
+    at = views.first_divergence(a, b)
+    ta, tb = wb.token_strings(a), wb.token_strings(b)
+    cross = wb.cross_score(prompt, {"decoder": a, "coprocessor": b}, chat=chat)
+    comp = {"first_divergence": None if at is None else {
+        "token_index": at, "decoder_token": ta[at] if at < len(ta) else None,
+        "coprocessor_token": tb[at] if at < len(tb) else None},
+        "cross_scores": cross,
+        "cross_scores_note": "mean NLL per generated token (nats) of each arm's text under the decoder alone and "
+                             "under decoder + coprocessor (latents once at the end of the prompt)"}
+    parts = []
+    for arm, sc in cross.items():
+        if sc["nll_decoder"] is not None:
+            parts.append(f"{ARM_LABELS[arm]}'s text: {sc['nll_decoder']:.3f} under the decoder, "
+                         f"{sc['nll_coprocessor']:.3f} with the coprocessor")
+    text = ("Same tokens in both arms." if at is None else f"The arms part at generated token #{at}.") + (
+        " Mean NLL per token (nats, lower = likelier): " + "; ".join(parts) + "." if parts else "")
+    return comp, text, views.divergence_html(ta, tb, at)
 
 
 def _arm_text(state: dict, name: str) -> str:
@@ -563,8 +794,11 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     "coprocessor appended to its KV cache. Δloss = NLL(decoder+coprocessor) − NLL(decoder): "
                     "negative (blue) = the latents help.</span>", elem_id="cacheaug-title")
         notice = gr.HTML("", elem_id="cacheaug-notice")
+        changed = gr.HTML("", elem_id="cacheaug-model-changed")
+        seen = gr.State(None)          # the model version this page has seen
+        tick = gr.Timer(5.0)
 
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs") as tabs:
             # -- Generate ------------------------------------------------------------------------
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 with gr.Row(equal_height=True):
@@ -583,11 +817,12 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                      "tokens/s (each arm's own compute time)", interactive=False, elem_id="gen-stats",
                                      render=False)
                 # Not Gradio's example cache: it would keep showing a previous model's outputs after a
-                # model change. generate_example remembers results per loaded model instead.
+                # model change. A click runs Generate itself (streamed, with status and downloads).
                 examples = gr.Examples(EXAMPLES, inputs=[prompt], cache_examples=False, api_visibility="private",
                                        elem_id="gen-examples",
-                                       label=f"Examples (greedy, {DEFAULT_MAX_NEW_TOKENS} tokens; computed on first "
-                                             "click, then remembered for the loaded model)")
+                                       label="Examples: one chat question, one arithmetic question, one creative prompt (a typical "
+                                             "spread, not picked to flatter either arm); a click runs Generate with the "
+                                             "settings below")
                 with gr.Row():
                     max_new = gr.Slider(1, 256, DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens",
                                         elem_id="gen-max-new-tokens")
@@ -616,6 +851,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                            buttons=["copy"], elem_id="gen-pause")
                     out_cot = gr.Textbox(label="decoder alone, zero-shot chain-of-thought prompt", lines=6,
                                          interactive=False, visible=False, buttons=["copy"], elem_id="gen-cot")
+                gen_diverge = gr.HTML("", elem_id="gen-diverge")
                 with gr.Row():
                     with gr.Column(scale=3):
                         stats.render()
@@ -627,7 +863,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                             scale=2, open=True, max_height=260)
 
             # -- Per-token analysis --------------------------------------------------------------
-            with gr.Tab("Per-token analysis", id="analysis", elem_id="tab-analysis"):
+            with gr.Tab("Per-token", id="analysis", elem_id="tab-analysis"):   # short: phones fit every tab
                 with gr.Row(equal_height=True):
                     ana_text = gr.Textbox(DEFAULT_TEXT, label="Text to score", lines=4, max_lines=12, scale=5,
                                           elem_id="ana-text", info=f"At most {ANALYSIS_MAX_CHARS:,} characters / "
@@ -636,6 +872,9 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                         ana_btn = gr.Button("Analyse", variant="primary", elem_id="ana-run")
                         ana_stop = gr.Button("Stop", variant="stop", elem_id="ana-stop")
                         use_gen_btn = gr.Button("Use last generation", elem_id="ana-use-generation")
+                        use_arm = gr.Radio([("decoder's text", "decoder"), ("coprocessor's text", "coprocessor")],
+                                           value="decoder", show_label=False, container=False,
+                                           elem_id="ana-use-arm")
                 with gr.Row():
                     mode = gr.Radio(MODES, value="once", label="mode", elem_id="ana-mode", scale=3)
                     point = gr.Number(-1, label="(a) augment after token # (−1 = a quarter in; the end of the "
@@ -646,6 +885,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     ahead = gr.Slider(1, 32, 1, step=1, label="(b) colour tokens by the n-th token ahead",
                                       elem_id="ana-ahead")
                     ana_topk = gr.Slider(1, 50, 10, step=1, label="top-k in the token detail", elem_id="ana-topk")
+                    ana_bf16 = gr.Checkbox(False, label="(b) bf16 matmuls (GPU, or CPU with AVX-512-bf16/AMX); the "
+                                           "difference to float32 is measured and shown", elem_id="ana-bf16")
                 ana_notice = gr.HTML("", elem_id="ana-notice")
                 ana_shown = gr.State(None)  # text, mode, point / n ahead of the analysis shown: token detail uses it
                 with gr.Row():
@@ -676,6 +917,55 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     ana_fig_heat = gr.DownloadButton("Δloss heatmap (HTML, mode b)", elem_id="ana-fig-heatmap",
                                                      size="md")
 
+            # -- Corpus --------------------------------------------------------------------------
+            with gr.Tab("Corpus", id="corpus", elem_id="tab-corpus"):
+                gr.Markdown("Mode (b) over many documents: where do the latents help? The curve pools every "
+                            "document; the band is a 95% bootstrap interval over documents. <span class="
+                            "'cacheaug-small'>doc_start = targets among a document's first 4 tokens; body = the "
+                            "rest (as `cacheaug eval ppl`).</span>", elem_id="cor-intro")
+                with gr.Row(equal_height=True):
+                    cor_path = gr.Textbox("wiki", label="documents: 'wiki' (bundled held-out Wikipedia sample) or a "
+                                          ".jsonl / .txt path", scale=3, elem_id="cor-path")
+                    cor_file = gr.File(label="…or upload a .jsonl / .txt", file_types=[".jsonl", ".txt"], scale=2,
+                                       height=120, elem_id="cor-upload")
+                    with gr.Column(scale=1, min_width=160):
+                        cor_btn = gr.Button("Run corpus", variant="primary", elem_id="cor-run")
+                        cor_stop = gr.Button("Stop", variant="stop", elem_id="cor-stop")
+                with gr.Row():
+                    cor_docs = gr.Slider(1, corpus.MAX_DOCS, 12, step=1, label="documents", elem_id="cor-max-docs")
+                    cor_tokens = gr.Slider(16, 512, 128, step=16, label="first tokens of each document",
+                                           elem_id="cor-max-tokens")
+                    cor_positions = gr.Slider(1, 32, 8, step=1, label="positions ahead scored",
+                                              elem_id="cor-positions")
+                    cor_sink = gr.Radio([("start-of-text sink", "auto"), ("none", "none")], value="auto",
+                                        label="sink before each document", elem_id="cor-sink")
+                with gr.Row():
+                    cor_arm = gr.Radio([(ARM_LABELS["coprocessor"], "coprocessor"), (ARM_LABELS["pause"], "pause")],
+                                       value="coprocessor", label="tables and buckets for arm", elem_id="cor-arm")
+                    cor_ahead = gr.Slider(1, 32, 1, step=1, label="tables and buckets: the n-th token ahead "
+                                          "(re-tabulates, no recompute)", elem_id="cor-ahead")
+                cor_notice = gr.HTML("", elem_id="cor-notice")
+                cor_state = gr.State(None)   # this session's last CorpusResult: views re-render from it
+                cor_curve = gr.Plot(label="Δ by position ahead, over documents", elem_id="cor-curve")
+                with gr.Row():
+                    with gr.Column(min_width=340):
+                        cor_surprisal = gr.Plot(label="Δ by the decoder's surprisal", elem_id="cor-surprisal")
+                    with gr.Column(min_width=340):
+                        cor_kind = gr.Plot(label="Δ by token kind", elem_id="cor-kind")
+                with gr.Row():
+                    with gr.Column(min_width=340):
+                        cor_doc_table = gr.Dataframe(None, label="documents (sorted by Δ, helps most first; click a "
+                                                     "row)", interactive=False, max_height=360, elem_id="cor-documents")
+                    with gr.Column(min_width=340):
+                        cor_tok_table = gr.Dataframe(None, label="tokens (sorted by Δ; click a row)", interactive=False,
+                                                     max_height=360, elem_id="cor-tokens")
+                cor_doc_view = gr.HTML("", js_on_load=None, max_height=420, elem_id="cor-doc-view")
+                cor_doc_text = gr.State("")
+                with gr.Row(elem_id="cor-exports"):
+                    cor_open = gr.Button("Open this document in Per-token", elem_id="cor-open", size="md")
+                    cor_csv = gr.DownloadButton("Tokens CSV", elem_id="cor-csv", size="md")
+                    cor_json = gr.DownloadButton("Run JSON", elem_id="cor-json", size="md")
+
             # -- Latents -------------------------------------------------------------------------
             with gr.Tab("Latents", id="latents", elem_id="tab-latents"):
                 with gr.Row(equal_height=True):
@@ -694,9 +984,14 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                          elem_id="lat-topk")
                 lat_info = gr.HTML("", elem_id="lat-info")
                 with gr.Row():
-                    pca_plot = gr.Plot(label="latent PCA (hover: prompt, index, norm, closest tokens)",
-                                       elem_id="lat-pca")
-                    attn_plot = gr.Plot(label="attention to latents", elem_id="lat-attention")
+                    with gr.Column(min_width=340):
+                        pca_plot = gr.Plot(label="latent PCA (hover: prompt, index, norm, closest tokens)",
+                                           elem_id="lat-pca")
+                    with gr.Column(min_width=340):
+                        attn_plot = gr.Plot(label="attention to latents", elem_id="lat-attention")
+                sim_plot = gr.Plot(label="cosine similarity of latents (within / across prompts) and norms by slot",
+                                   elem_id="lat-similarity")
+                lat_state = gr.State(None)   # the last latents: the PCA re-draws from them
                 readout = gr.Dataframe(None, label="what each latent says (top-k through the LM head)",
                                        interactive=False, max_height=360, elem_id="lat-readout")
                 with gr.Row(elem_id="lat-exports"):
@@ -715,49 +1010,85 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                         elem_id="model-coprocessor", scale=3)
                     load_btn = gr.Button("Load", variant="primary", elem_id="model-load", scale=1)
                 model_err = gr.HTML("", elem_id="model-error")
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        card = gr.Markdown("", elem_id="model-card")
-                        evaluation = gr.Markdown("", elem_id="model-evaluation")
-                    status_json = gr.JSON(label="status", elem_id="model-status", scale=2)
+                # Compact: the stored evaluation shown, the card and the raw status one click away.
+                with gr.Accordion("Stored evaluation", open=True, elem_id="model-evaluation-box"):
+                    evaluation = gr.Markdown("", elem_id="model-evaluation")
+                with gr.Accordion("Checkpoint card (training settings, data, licence)", open=False,
+                                  elem_id="model-card-box"):
+                    card = gr.Markdown("", elem_id="model-card")
+                with gr.Accordion("Status (JSON)", open=False, elem_id="model-status-box"):
+                    status_json = gr.JSON(label="status", elem_id="model-status")
                 with gr.Accordion("API and CLI equivalents", open=False, elem_id="model-api"):
                     gr.Markdown(CLI_EQUIVALENTS, elem_id="model-api-table")
 
         # -- Events ------------------------------------------------------------------------------
         gen_event = gen_btn.click(
             h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
-            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_status, run_json, gen_run],
+            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_diverge, gen_status, run_json, gen_run],
             api_name="generate", **model)
-        examples.load_input_event.then(h["generate_example"], prompt, [out_dec, out_aug, stats],
-                                       api_visibility="private", **model)
-        stop_btn.click(h["stop_generation"], gen_run, [gen_status, run_json], cancels=[gen_event],
+        # An example is Generate on that prompt with the settings shown: streamed, status, settings, downloads.
+        example_event = examples.load_input_event.then(
+            h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
+            [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_diverge, gen_status, run_json, gen_run],
+            api_visibility="private", **model)
+        stop_btn.click(h["stop_generation"], gen_run, [gen_status, run_json], cancels=[gen_event, example_event],
                        api_visibility="private", queue=False)
         extra_arms.change(lambda arms: (gr.update(visible="pause" in (arms or [])),
                                         gr.update(visible="cot" in (arms or []))),
                           extra_arms, [out_pause, out_cot], api_visibility="private", queue=False)
 
-        ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk]
+        ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk, ana_bf16]
         ana_outputs = [ana_notice, tokens_html, summary, by_pos_plot, heat_plot, per_token, ana_csv, ana_json,
                        ana_fig_pos, ana_fig_heat, ana_shown]
         ana_event = ana_btn.click(h["analyze"], ana_inputs, ana_outputs, api_name="analyze", **model)
         ana_stop.click(h["stop_analysis"], None, ana_notice, cancels=[ana_event], api_visibility="private",
                        queue=False)
+        # The n-ahead colour re-renders the stored mode (b) result; the token detail follows (stale otherwise).
+        ahead.release(h["recolour"], [ana_shown, ahead], [tokens_html, summary, per_token, ana_shown],
+                      api_visibility="private", queue=False).then(
+            lambda: (views.round_frame(viz.topk_compare_frame([], [], [], [])), ""), None, [topk_table, detail_html],
+            api_visibility="private", queue=False)
+        # A new analysis clears the previous token detail at once (it described the old result).
+        ana_btn.click(lambda: (views.round_frame(viz.topk_compare_frame([], [], [], [])), "", None), None,
+                      [topk_table, detail_html, pick], api_visibility="private", queue=False)
         detail_inputs = [ana_shown, ana_topk, pick]  # the analysis shown, not the live widgets
         detail_btn.click(h["token_detail"], detail_inputs, [topk_table, detail_html], api_name="token_detail", **model)
         tokens_html.click(h["pick_token"], None, pick, api_visibility="private", queue=False).then(
             h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)
         per_token.select(h["pick_row"], None, pick, api_visibility="private", queue=False).then(
             h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)
-        use_gen_btn.click(h["use_generation"], [prompt, out_dec], [ana_text, point, mode], api_name="use_generation",
-                          **model)
+        use_gen_btn.click(h["use_generation"], [prompt, out_dec, out_aug, use_arm, chat],
+                          [ana_text, point, mode, ana_notice], api_name="use_generation", **model)
 
         lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont],
-                      [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv], api_name="latents",
+                      [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv, sim_plot, lat_state],
+                      api_name="latents",
                       **model)
 
+        cor_views = [cor_curve, cor_surprisal, cor_kind, cor_doc_table, cor_tok_table, cor_csv, cor_json]
+        cor_btn.click(h["corpus_run"], [cor_file, cor_path, cor_docs, cor_tokens, cor_positions, cor_sink, cor_arm,
+                                       cor_ahead], [cor_notice, *cor_views, cor_state], api_name="corpus", **model)
+        # Stop sets a flag the run checks between passes: it ends itself and keeps what was scored.
+        cor_stop.click(h["stop_analysis"], None, cor_notice, api_visibility="private", queue=False)
+        gr.on([cor_arm.change, cor_ahead.release], h["corpus_view"], [cor_state, cor_arm, cor_ahead], cor_views,
+              api_name="corpus_view", queue=False).then(
+            lambda: ("", ""), None, [cor_doc_view, cor_doc_text], api_visibility="private", queue=False)  # stale
+        for table in (cor_doc_table, cor_tok_table):
+            table.select(h["corpus_doc"], [cor_state, cor_arm, cor_ahead], [cor_doc_view, cor_doc_text],
+                         api_visibility="private", queue=False)
+        cor_open.click(h["corpus_to_analysis"], cor_doc_text, [ana_text, mode, tabs], api_visibility="private",
+                       queue=False)
+
+        gr.on([dims.change, color_by.change], h["latents_view"], [lat_state, dims, color_by], pca_plot,
+              api_visibility="private", queue=False)
+
         model_outputs = [notice, status_json, card, evaluation, model_err]
-        load_btn.click(h["load_model"], [dec_in, cop_in], model_outputs, api_name="load_model", **model)
+        load_btn.click(h["load_model"], [dec_in, cop_in], model_outputs, api_name="load_model", **model).then(
+            h["model_seen"], None, seen, api_visibility="private", queue=False).then(
+            lambda: "", None, changed, api_visibility="private", queue=False)
         demo.load(h["model_info"], None, model_outputs, api_name="model_info", **model)
+        demo.load(h["model_seen"], None, seen, api_visibility="private", queue=False)
+        tick.tick(h["model_changed"], seen, changed, api_visibility="private", queue=False, show_progress="hidden")
 
     demo.queue(max_size=32, default_concurrency_limit=1)
     demo.cacheaug_backend = backend

@@ -4,6 +4,7 @@
     cacheaug score --text "..." [--point N] [--csv out.csv]           # mode (a): augment once
     cacheaug score --text "..." --every [--positions 16] [--csv m.csv] # mode (b): after every token
     cacheaug latents --prompt "..." [--prompt "..."] [--json OUT] [--html pca.html]
+    cacheaug corpus --text X.jsonl --json OUT [--csv tokens.csv] [--html curve.html]   # default: bundled wiki
     cacheaug info [--coprocessor DIR] [--json]
     cacheaug export SRC DST [--dtype bf16]
     cacheaug push DIR user/repo [--revision BRANCH] [--private]   # weights, config, card to the Hub
@@ -305,6 +306,17 @@ def _write_html(fig, path: str) -> None:
     Path(path).write_text(viz.figure_to_html(fig), encoding="utf-8")
 
 
+def cmd_corpus(args) -> int:
+    from . import corpus
+    from .workbench import Workbench
+
+    try:
+        return corpus.run_cli(args, lambda: Workbench.load(args.decoder or None, args.coprocessor or None,
+                                                           pause=args.pause or None))
+    except corpus.CorpusError as e:
+        return _fail(str(e))
+
+
 def cmd_info(args) -> int:
     """The app's Model tab: decoder, coprocessor settings, notice, training summary, evaluation."""
     from cacheaug_core.viz import app_views as views
@@ -443,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", default="", help="write the read-out table here")
     p.add_argument("--attention-html", default="", help="with --continuation: write the attention figure here")
     p.set_defaults(fn=cmd_latents)
+
+    p = sub.add_parser("corpus", help="mode (b) over documents: perplexity change by position with intervals, "
+                       "by surprisal and token kind")
+    _common_model_args(p)
+    _pause_arg(p)
+    from . import corpus as _corpus
+
+    _corpus.add_cli_args(p)
+    p.set_defaults(fn=cmd_corpus)
 
     p = sub.add_parser("info", help="the decoder, the coprocessor checkpoint, its training and evaluation")
     _common_model_args(p)

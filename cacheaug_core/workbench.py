@@ -27,7 +27,7 @@ from . import augment
 from .checkpoint import CheckpointError, load_coprocessor, read_config, resolve_checkpoint
 from .config import CoprocessorConfig
 from .coprocessor import Coprocessor
-from .decoder import load_decoder
+from .decoder import DecoderLoadError, load_decoder, resolve_decoder
 
 # cacheaug_core/assets: a link to the repository's assets/ in a checkout, the packaged files in a wheel
 ASSETS = (Path(__file__).resolve().parent / "assets").resolve()
@@ -51,6 +51,36 @@ def _byte_decoder() -> dict[str, int]:
             cs.append(256 + n)
             n += 1
     return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def hub_precheck(name: str | None, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after a minute of retries, when a decoder given as a Hub id cannot load:
+    not in the local Hub cache and the Hub offline (HF_HUB_OFFLINE) or unreachable. Local folders
+    and the embedded default pass untouched."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    _, path = resolve_decoder(name)        # raises for a missing local folder
+    if Path(path).exists():
+        return
+    try:
+        from huggingface_hub import constants, snapshot_download
+
+        snapshot_download(path, local_files_only=True)
+        return                             # cached: from_pretrained finds it offline
+    except Exception:  # noqa: BLE001 - not cached (or no huggingface_hub): check the network below
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise DecoderLoadError(f"decoder {name!r} is not a local folder nor in the Hub cache, and the Hub is off "
+                               "(HF_HUB_OFFLINE=1): give a local transformers folder or leave it empty for the default")
+    host = urlparse(getattr(constants, "ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        raise DecoderLoadError(f"decoder {name!r} is not a local folder nor in the Hub cache, and {host} cannot be "
+                               f"reached ({e}): give a local transformers folder or leave it empty for the default") \
+            from None
 
 
 class InputError(ValueError):
@@ -152,6 +182,8 @@ class Workbench:
         local = {ckpt: resolve_checkpoint(ckpt) for ckpt in (coprocessor, pause) if ckpt}
         for path in local.values():
             read_config(path)
+        if decoder:
+            hub_precheck(decoder)  # an unreachable Hub id fails in seconds, not after retries
         dec, tok, info = load_decoder(decoder)
         notice = ""
         if coprocessor:                      # the user's choice: load it or fail with a clear error
@@ -322,6 +354,26 @@ class Workbench:
             if not live:
                 break
 
+    @torch.no_grad()
+    def cross_score(self, prompt: str, continuations: dict[str, list[int]], chat: bool = True) -> dict:
+        """Score each arm's generated tokens under both the decoder alone and decoder + coprocessor
+        (latents once at the end of the prompt, as generation inserts them): who finds whose text
+        likelier. continuations: arm -> token ids. Returns arm -> {"tokens", "nll_decoder",
+        "nll_coprocessor"} (mean NLL per token, nats; None for an empty continuation)."""
+        text, _ = clean_text(prompt)
+        pids = self.encode(text, chat=chat)[0].tolist()
+        out = {}
+        for arm, cont in continuations.items():
+            cont = [int(t) for t in cont]
+            if not cont:
+                out[arm] = {"tokens": 0, "nll_decoder": None, "nll_coprocessor": None}
+                continue
+            ids = torch.tensor([pids + cont], device=self.decoder.device)
+            sc = augment.score_continuation(self.decoder, self.coprocessor, ids, len(pids) - 1)
+            out[arm] = {"tokens": len(cont), "nll_decoder": float(sc.nll_base.float().mean()),
+                        "nll_coprocessor": float(sc.nll_aug.float().mean())}
+        return out
+
     # -- scoring ---------------------------------------------------------------------------
 
     def score_text(self, text: str, point: int | None = None, top_k: int = 10, with_attention: bool = True) -> dict:
@@ -357,15 +409,36 @@ class Workbench:
         self._last_score = (key, res)
         return copy.deepcopy(res)
 
-    def score_every(self, text: str, positions: int = 16, progress=None) -> dict:
-        """Mode (b): latents after every token; the n-th token ahead scored for n = 1..positions."""
+    def bf16_unsupported(self) -> str | None:
+        """Why bf16 mode (b) is not offered here, or None: it needs a GPU with bf16, or a CPU with
+        AVX-512-bf16 or AMX (elsewhere bf16 matmuls are emulated and slower than float32)."""
+        dev = self.decoder.device
+        if dev.type == "cuda":
+            return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16 support"
+        if dev.type != "cpu":
+            return f"bf16 is not offered on {dev.type}"
+        try:
+            flags = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            flags = ""
+        if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags):
+            return None
+        return "this CPU has neither AVX-512-bf16 nor AMX (or they cannot be detected): bf16 would be slower"
+
+    def score_every(self, text: str, positions: int = 16, progress=None, bf16: bool = False) -> dict:
+        """Mode (b): latents after every token; the n-th token ahead scored for n = 1..positions.
+        bf16: matmuls in bfloat16 (torch.autocast; the weights stay float32), where supported."""
         text, notice = clean_text(text)
         ids = self.encode(text)
         if ids.shape[1] < 2:
             raise InputError("Need at least two tokens.")
-        aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions, progress=progress)
-        return {"tokens": self.token_strings(ids[0]), "nll_aug": aug.cpu().numpy(), "nll_base": base.cpu().numpy(),
-                "notice": notice}
+        if bf16 and (why := self.bf16_unsupported()):
+            raise InputError(f"bf16 is not available: {why}.")
+        with torch.autocast(self.decoder.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
+            aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions,
+                                                        progress=progress)
+        return {"tokens": self.token_strings(ids[0]), "nll_aug": aug.float().cpu().numpy(),
+                "nll_base": base.float().cpu().numpy(), "notice": notice}
 
     # -- latents ---------------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ def test_theme_and_css_reach_the_page(server):
 def test_generate_streams_both_arms_identically_to_the_workbench(client, wb):
     job = client.submit(*_gen_args("Hello there"), api_name="/generate")
     partials = list(job)
-    dec, aug, pause, cot, stats, settings, status, run_json = job.result()
+    dec, aug, pause, cot, stats, settings, diverge, status, run_json = job.result()
     assert len(partials) >= 3                          # streamed: one update per generated token
     ref = _direct(wb, "Hello there")
     assert dec == ref["decoder"].text and aug == ref["coprocessor"].text
@@ -146,10 +146,24 @@ def test_generate_streams_both_arms_identically_to_the_workbench(client, wb):
         assert rows[name]["time_to_first_token_s"] > 0
     assert settings["settings (identical for every arm)"]["max_new_tokens"] == 6
     assert settings["greedy"] is True
-    assert status.startswith("Done:") and "Generating" in partials[0][6]
+    assert status.startswith("Done:") and "Generating" in partials[0][7]
     run = json.loads(Path(run_json).read_text(encoding="utf-8"))
     assert run["arms"]["decoder"]["text"] == dec and run["arms"]["coprocessor"]["text"] == aug
     assert run["arms"]["decoder"]["token_ids"] == ref["decoder"].token_ids
+    # Where the arms part, and each arm's text under both arms (the decoder's own forward for the decoder).
+    a, b = ref["decoder"].token_ids, ref["coprocessor"].token_ids
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    comp = run["comparison"]
+    assert (comp["first_divergence"] or {}).get("token_index") == at or (at is None and len(a) != len(b))
+    assert ("part at generated token" in diverge) == (comp["first_divergence"] is not None)
+    torch = pytest.importorskip("torch")
+    pids = wb.encode("Hello there", chat=True)[0].tolist()
+    x = torch.tensor([pids + a])
+    with torch.no_grad():
+        logp = torch.log_softmax(wb.decoder(x).logits.float(), -1)[0]
+    nll = -logp[len(pids) - 1:-1].gather(-1, x[0, len(pids):, None]).mean().item()
+    assert comp["cross_scores"]["decoder"]["nll_decoder"] == pytest.approx(nll, abs=1e-4)
+    assert comp["cross_scores"]["coprocessor"]["tokens"] == len(b)
     # Partial updates grow token by token.
     lens = [len(p[0]) for p in partials if p and isinstance(p[0], str)]
     assert lens == sorted(lens)
@@ -235,8 +249,10 @@ def test_analyze_every_matches_score_every(client, wb):
     hm = _plot(heat)["data"][0]
     assert hm["type"] == "heatmap"
     z = _arr(hm["z"])
-    assert z.shape == (4, T - 1)
-    np.testing.assert_allclose(z[0, 0], res["nll_aug"][0, 0] - res["nll_base"][0, 0], rtol=1e-5)
+    assert z.shape == (4, T)                           # columns = scored tokens; token 0 is never scored
+    assert np.isnan(z[:, 0]).all()
+    np.testing.assert_allclose(z[0, 1], res["nll_aug"][0, 0] - res["nll_base"][0, 0], rtol=1e-5)
+    np.testing.assert_allclose(z[1, 5], aug[5] - base[5], rtol=1e-5)
     rel = next(t for t in _plot(by_pos)["data"] if t.get("name") == "relative change")
     assert _arr(rel["x"]).tolist() == [1, 2, 3, 4]
     assert "2 tokens earlier" in notice
@@ -274,16 +290,21 @@ def test_token_detail_both_modes(client, wb):
 
 
 def test_use_generation_sets_text_and_point(client, wb):
-    text, point, mode = client.predict("Why is it?", "Because.", api_name="/use_generation")
+    text, point, mode, note = client.predict("Why is it?", "Because.", "So.", "decoder", True,
+                                             api_name="/use_generation")
     assert text == "Why is it? Because." and mode == "once"
     assert point == wb.encode("Why is it?").shape[1] - 1
+    assert "decoder alone arm&#x27;s own greedy continuation" in note and "chat template" in note
+    text, _, _, note = client.predict("Why is it?", "Because.", "So.", "coprocessor", False,
+                                      api_name="/use_generation")
+    assert text == "Why is it? So." and "decoder + coprocessor" in note and "chat template" not in note
     with pytest.raises(AppError, match="Generate first"):
-        client.predict("Why?", "  ", api_name="/use_generation")
+        client.predict("Why?", "  ", "", "decoder", True, api_name="/use_generation")
 
 
 def test_latents_pca_readout_attention(client, wb):
     prompts = "first prompt\nsecond one\n\nthird <b>x</b>"
-    fig, info, readout, attn, *files = client.predict(prompts, 2, "prompt", 3, " and more", api_name="/latents")
+    fig, info, readout, attn, *files, sim = client.predict(prompts, 2, "prompt", 3, " and more", api_name="/latents")
     nl = wb.coprocessor.config.num_latents
     f = _plot(fig)
     assert len(f["data"]) == 3 and all(t["type"] == "scatter" for t in f["data"])
@@ -303,8 +324,12 @@ def test_latents_pca_readout_attention(client, wb):
                                              "cacheaug-latent-readout.csv"]
     with open(files[2], encoding="utf-8") as fh:
         assert len(list(csv.DictReader(fh))) == 3 * nl
+    cos = _arr(_plot(sim)["data"][0]["z"])
+    lat = wb.latents(["first prompt", "second one", "third <b>x</b>"])["latents"]
+    unit = lat / np.linalg.norm(lat, axis=1, keepdims=True)
+    np.testing.assert_allclose(cos.reshape(3 * nl, 3 * nl), unit @ unit.T, atol=1e-4)
     # 3-D, coloured by latent index; no continuation -> no attention figure.
-    fig, _, _, attn, *files = client.predict("one\ntwo", 3, "latent", 2, "", api_name="/latents")
+    fig, _, _, attn, *files, _sim = client.predict("one\ntwo", 3, "latent", 2, "", api_name="/latents")
     f = _plot(fig)
     assert f["data"][0]["type"] == "scatter3d" and f["data"][0]["marker"]["colorscale"]
     assert "Type a continuation" in json.dumps(_plot(attn))
@@ -335,7 +360,7 @@ def test_lone_surrogates_and_long_input(client, wb):
     assert len(_spans(html_text).spans) > 5
     html_text.encode("utf-8")                                       # nothing unencodable reaches the page
     *_, final = h["generate"]("abc \ud800 def", [], True, 4, 0.0, 1.0, 0, 0, 0, 0)
-    assert Path(final[7]).read_text(encoding="utf-8")                # the run JSON
+    assert Path(final[8]).read_text(encoding="utf-8")                # the run JSON
     fig, *_ = h["latents"]("abc \udfff\nsecond", 2, "prompt", 3, "cont \ud800")
     fig.to_json().encode("utf-8")
     notice, html_text, summary, *_ = client.predict("word " * 20_000, "once", -1, 8, 1, 5, api_name="/analyze")
@@ -460,21 +485,13 @@ def test_latents_attention_keeps_the_continuation_of_a_long_prompt(client, wb):
     assert wb.fit_prompt_continuation("Hi", "there", 64) == ("Hi there", 1, "")
 
 
-def test_examples_follow_the_loaded_model(wb, tiny_decoder_dir):
-    backend = app.Backend(wb)
-    h = app.make_handlers(backend)
-    first = h["generate_example"]("Hello")
-    assert h["generate_example"]("Hello") is first          # remembered for the same model
-    other = Workbench.load(decoder=tiny_decoder_dir)
-    torch = pytest.importorskip("torch")
-    with torch.no_grad():
-        for p in other.coprocessor.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    backend.set(other)
-    again = h["generate_example"]("Hello")
-    ref = _direct(other, "Hello", max_new=app.DEFAULT_MAX_NEW_TOKENS)
-    assert again is not first
-    assert again[0] == ref["decoder"].text and again[1] == ref["coprocessor"].text
+def test_examples_run_generate_with_every_output(server):
+    demo = server[0]
+    gens = [f for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "generate"]
+    assert len(gens) == 2                                   # the button and the examples: one handler
+    outs = {tuple(o._id for o in f.outputs) for f in gens}
+    ins = {tuple(i._id for i in f.inputs) for f in gens}
+    assert len(outs) == 1 and len(ins) == 1                 # same settings in, same status/downloads out
 
 
 def test_token_strings_show_partial_utf8_as_byte_escapes(client, wb):
@@ -492,8 +509,8 @@ def test_stop_makes_the_partial_run_downloadable(wb):
     gen = h["generate"]("Hello there", [], True, 6, 0.0, 1.0, 0, 0, 0, 0)
     first = next(gen)
     gen.close()
-    assert first[7] is None                                   # no file while running
-    status, path = h["stop_generation"](first[8])
+    assert first[8] is None                                   # no file while running
+    status, path = h["stop_generation"](first[9])
     run = json.loads(Path(path).read_text(encoding="utf-8"))
     assert run["finished"] is False and run["arms"]["decoder"]["tokens"] == 1
     assert status == "Stopped."
@@ -563,3 +580,138 @@ def test_stop_ends_a_mode_b_analysis_between_passes(wb):
         h["analyze"](text, "every", -1, 4, 1, 5, progress=press_stop, request=session)
     notice, html_text, *_ = h["analyze"](text, "every", -1, 4, 1, 5, request=session)
     assert "Mode (b)" in notice and "span" in html_text
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus tab
+
+
+CORPUS_DOCS = ["The cat sat on the mat. It was 42 years old.", "Dogs bark at night, and 7 owls hoot.",
+               "A third text: numbers 1, 2, 3 and words."]
+
+
+def _corpus_file(tmp_path) -> Path:
+    p = tmp_path / "docs.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS_DOCS), encoding="utf-8")
+    return p
+
+
+def test_corpus_upload_is_read(client, tmp_path):
+    from gradio_client import handle_file
+
+    notice, *_ = client.predict(handle_file(str(_corpus_file(tmp_path))), "", 2, 16, 2, "none", "coprocessor", 1,
+                                api_name="/corpus")
+    assert "2/2 documents scored" in notice and "sink none" in notice
+
+
+def test_corpus_streams_per_document_and_matches_the_core(client, wb, tmp_path, monkeypatch):
+    from cacheaug_core import corpus
+
+    with pytest.raises(AppError, match="upload"):           # outside the allowed folders
+        client.predict(None, str(_corpus_file(tmp_path)), 3, 32, 4, "auto", "coprocessor", 2, api_name="/corpus")
+    monkeypatch.setenv("CACHEAUG_CORPUS_DIRS", str(tmp_path))
+
+    path = _corpus_file(tmp_path)
+    job = client.submit(None, str(path), 3, 32, 4, "auto", "coprocessor", 2, api_name="/corpus")
+    partials = list(job)
+    notice, curve, surpr, kind, docs, toks, csv_path, json_path = job.result()
+    assert len(partials) >= 4                         # one update per document, then the finished run
+    cfg = corpus.CorpusConfig(positions=4, max_docs=3, max_tokens=32, sink="auto", ahead=2)
+    res = None
+    for res in corpus.score_corpus(wb, corpus.read_corpus(path), cfg):
+        pass
+    ref = corpus.summarize(res, "coprocessor", 2)
+    got = {r["doc"]: r for r in _frame(docs)}
+    assert set(got) == {0, 1, 2}
+    for _, r in ref["documents"].iterrows():
+        assert got[r["doc"]]["scored"] == r["scored"]
+        assert got[r["doc"]]["delta"] == pytest.approx(r["delta"], abs=1e-3)
+    assert len(_frame(toks)) == len(ref["tokens"])
+    fig = _plot(curve)
+    line = next(t for t in fig["data"] if t.get("name") == "decoder+coprocessor, all targets")
+    bp = ref["by_position"]
+    want = bp[(bp["split"] == "all")].sort_values("position")["rel_ppl_change_pct"].to_numpy()
+    assert np.allclose(_arr(line["y"]), want, atol=1e-6)
+    run = json.loads(Path(json_path).read_text())
+    assert run["finished"] and run["ahead"] == 2 and run["settings"]["sink"] == "auto"
+    assert len(run["documents_scored"]) == 3 and run["sink_token"] is not None
+    rows = list(csv.DictReader(open(csv_path, encoding="utf-8")))
+    assert len(rows) == len(ref["tokens"])
+    assert "Scoring" in partials[0][0] and "1/3 documents" in partials[0][0]
+    # Another n ahead re-tabulates this session's stored run (no model call): same as the core.
+    curve2, surpr2, kind2, docs2, toks2, csv2, json2 = client.predict("coprocessor", 1, api_name="/corpus_view")
+    ref1 = corpus.summarize(res, "coprocessor", 1)["documents"].set_index("doc")
+    for r in _frame(docs2):
+        assert r["scored"] == ref1.loc[r["doc"], "scored"]
+        assert r["delta"] == pytest.approx(ref1.loc[r["doc"], "delta"], abs=1e-3)
+    assert json.loads(Path(json2).read_text())["ahead"] == 1
+
+
+def test_corpus_rejects_bad_input_in_one_line(client, tmp_path, monkeypatch):
+    monkeypatch.setenv("CACHEAUG_CORPUS_DIRS", str(tmp_path))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"title": "no text"}\n', encoding="utf-8")
+    with pytest.raises(AppError, match="text"):
+        client.predict(None, str(bad), 3, 32, 4, "auto", "coprocessor", 1, api_name="/corpus")
+    with pytest.raises(AppError, match="jsonl"):
+        client.predict(None, "/etc/passwd", 3, 32, 4, "auto", "coprocessor", 1, api_name="/corpus")
+
+
+def test_recolour_rerenders_mode_b_from_the_stored_result(wb):
+    h = app.make_handlers(app.Backend(wb))
+    res = wb.score_every(TEXT, positions=3)
+    shown = {"text": TEXT, "mode": "every", "positions": 3, "ahead": 1, "tokens": res["tokens"],
+             "nll_base_by_point": res["nll_base"], "nll_aug_by_point": res["nll_aug"]}
+    html_text, summary, per_token, shown2 = h["recolour"](shown, 3)
+    base, aug = app_views.nth_ahead_per_token(res["nll_base"], res["nll_aug"], 3)
+    spans = _spans(html_text).spans
+    assert "not scored" in spans[2]["title"] and f"Δloss={aug[4] - base[4]:+.3f}" in spans[4]["title"]
+    assert shown2["ahead"] == 3 and shown["ahead"] == 1          # the token detail now describes 3 ahead
+    assert h["recolour"]({"mode": "once"}, 2)[3] == {"mode": "once"}   # mode (a): nothing to recolour
+
+
+def test_latents_view_redraws_the_stored_latents(wb):
+    h = app.make_handlers(app.Backend(wb))
+    res = wb.latents(["one", "two"], top_k=2)
+    fig = h["latents_view"](res, 3, "latent")
+    assert fig.data[0].type == "scatter3d"
+    ref = viz.latent_pca(res["latents"], n_components=3)[0]
+    assert np.allclose(np.sort(np.abs(fig.data[0].x)), np.sort(np.abs(ref[:, 0])), atol=1e-5)
+    assert h["latents_view"](None, 2, "prompt") == app.gr.update()
+
+
+def test_offline_hub_id_fails_fast_with_one_line(monkeypatch, tmp_path):
+    import time
+
+    from cacheaug_core.decoder import DecoderLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))            # an empty Hub cache
+    t0 = time.perf_counter()
+    with pytest.raises(DecoderLoadError, match="HF_HUB_OFFLINE"):
+        Workbench.load(decoder="some-org/some-model")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_model_change_elsewhere_is_announced(wb):
+    backend = app.Backend(wb)
+    h = app.make_handlers(backend)
+    seen = h["model_seen"]()
+    assert h["model_changed"](seen) == ""
+    backend.set(wb)                                          # another session loads a model
+    note = h["model_changed"](seen)
+    assert "changed from another browser session" in note and "Model changed" in note
+    assert h["model_changed"](h["model_seen"]()) == ""        # after this page's own load / reload
+
+
+def test_analyze_every_bf16_is_measured_or_refused(client, wb):
+    why = wb.bf16_unsupported()
+    if why:
+        with pytest.raises(AppError, match="bf16 is not available"):
+            client.predict(TEXT, "every", -1, 3, 1, 5, True, api_name="/analyze")
+        return
+    notice, html_text, summary, *_ = client.predict(TEXT, "every", -1, 3, 1, 5, True, api_name="/analyze")
+    assert "mean |ΔNLL| to float32" in notice
+    res32, res16 = wb.score_every(TEXT, positions=3), wb.score_every(TEXT, positions=3, bf16=True)
+    assert np.nanmax(np.abs(res16["nll_aug"] - res32["nll_aug"])) < 1.0       # bf16, not a different model
+    assert not np.array_equal(res16["nll_aug"], res32["nll_aug"])            # and bf16 really ran

@@ -162,7 +162,7 @@ def test_every_tab_on_the_default_model(page):
     _shot(page, "01-generate.png")
 
     # -- Per-token analysis, mode (a) on the last generation ---------------------------------------
-    _tab(page, "Per-token analysis")
+    _tab(page, "Per-token")
     page.locator("#ana-use-generation").click()
     expect(page.locator("#ana-text textarea")).to_have_value(f"Why is the sky blue? {final[0].lstrip()}"
                                                              if not final[0][:1].isspace()
@@ -236,6 +236,9 @@ def test_every_tab_on_the_default_model(page):
 
     # -- Model: card, status, and a bad checkpoint shown as a message -----------------------------
     _tab(page, "Model")
+    expect(page.locator("#model-evaluation")).to_contain_text("position")      # the stored evaluation, shown
+    page.get_by_text("Checkpoint card (training settings, data, licence)").click()   # one click away
+    page.get_by_text("Status (JSON)").click()
     expect(page.locator("#model-card")).to_contain_text(re.compile("untrained|Coprocessor for"))
     expect(page.locator("#model-status")).to_contain_text("smollm2")
     page.locator("#model-coprocessor input, #model-coprocessor textarea").first.fill("/no/such/checkpoint")
@@ -254,6 +257,9 @@ def test_cached_example_and_stop(page):
     expect(page.locator("#gen-prompt textarea")).to_have_value("What is 17 + 25? Answer with a number.")
     _wait_text(page.locator("#gen-decoder textarea"), timeout=3 * SLOW)
     _wait_text(page.locator("#gen-augmented textarea"), timeout=3 * SLOW)
+    # An example is Generate itself: streamed, then status, settings and the run JSON like the button.
+    expect(page.locator("#gen-status")).to_contain_text("Done", timeout=3 * SLOW)
+    expect(page.locator("#gen-settings")).to_contain_text("max_new_tokens")
     expect(page.locator("#gen-stats")).to_contain_text("coprocessor")
     _shot(page, "10-example.png")
     # Stop: a long generation is cancelled after its first tokens; the texts stop growing.
@@ -289,7 +295,7 @@ def test_hostile_input_is_inert(page):
     expect(page.locator("#gen-status")).to_contain_text("Done", timeout=SLOW)
     expect(page.locator("#gen-settings")).to_contain_text("truncated")
 
-    _tab(page, "Per-token analysis")
+    _tab(page, "Per-token")
     page.locator("#ana-text textarea").fill(long_text)
     page.locator("#ana-run").click()
     expect(page.locator("#ana-notice")).to_contain_text("truncated", timeout=SLOW)
@@ -324,7 +330,7 @@ def test_hostile_input_is_inert(page):
     assert not page.errors, page.errors
     # Still working after all that: a short text with lone surrogates (set from JavaScript, since
     # they cannot be typed) is analysed normally.
-    _tab(page, "Per-token analysis")
+    _tab(page, "Per-token")
     page.locator("#ana-text textarea").evaluate(
         "el => { el.value = 'A short sentence \\ud800 with lone \\udfff surrogates.'; "
         "el.dispatchEvent(new Event('input', {bubbles: true})); }")
@@ -333,3 +339,69 @@ def test_hostile_input_is_inert(page):
     expect(page.locator("#ana-tokens")).to_contain_text("surrogates", timeout=SLOW)
     assert page.locator("#ana-tokens span.tok[title]").count() > 5
     assert not page.errors, page.errors
+
+
+def _set_slider(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
+    _tab(page, "Corpus")
+    _set_slider(page, "cor-max-docs", 4)
+    _set_slider(page, "cor-max-tokens", 64)
+    _set_slider(page, "cor-positions", 4)
+    page.locator("#cor-run").click()
+    expect(page.locator("#cor-notice")).to_contain_text("4/4 documents scored", timeout=3 * SLOW)
+    expect(page.locator("#cor-notice")).to_contain_text("Click a document", timeout=SLOW)
+    traces = _plot_data(page, "cor-curve")
+    names = {t["name"] for t in traces}
+    assert "decoder+coprocessor, all targets" in names and "decoder+coprocessor, body" in names
+    assert any(n.startswith("pause tokens") for n in names)          # the shipped pause arm comes along
+    assert any(t["type"] == "bar" for t in _plot_data(page, "cor-kind"))
+    titles = page.locator("#cor-documents [data-testid^='cell-'][data-testid$='-1']")   # column 1 (title) cells
+    expect(titles.first).to_be_visible(timeout=SLOW)
+    assert titles.count() == 4
+    _shot(page, "20-corpus.png")
+    # Click-through: a document row -> its per-token view, from the stored run.
+    page.locator("#cor-documents [data-testid='cell-0-1']").click()
+    spans = page.locator("#cor-doc-view span.tok[title]")
+    expect(spans.first).to_be_visible(timeout=SLOW)
+    assert spans.count() >= 10
+    # Another n ahead re-tabulates without a model call (fast) and keeps the run.
+    _set_slider(page, "cor-ahead", 2)
+    page.locator("#cor-ahead input[type=number]").first.blur()   # a typed value is 'released' on blur
+    expect(page.locator("#cor-doc-view span.tok")).to_have_count(0, timeout=SLOW)   # the stale view is cleared
+    _plot_data(page, "cor-curve")
+    page.wait_for_timeout(1500)
+    _shot(page, "21-corpus-ahead-2.png")
+    page.locator("#cor-tokens [data-testid='cell-0-2']").click()                    # a token row, 2 ahead now
+    expect(page.locator("#cor-doc-view")).to_contain_text("inserted 2 token(s) earlier", timeout=SLOW)
+    data = json.loads(_download(page, page.locator("#cor-json"), "corpus.json").read_text("utf-8"))
+    assert data["finished"] and len(data["documents_scored"]) == 4
+    _shot(page, "22-corpus-document.png")
+    page.locator("#cor-open").click()
+    expect(page.locator("#ana-text textarea")).not_to_have_value("", timeout=SLOW)
+    assert page.errors == []
+    # Phone viewport: the same tab on 390 px.
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+    phone = ctx.new_page()
+    phone.goto(url)
+    expect(phone.locator("#cacheaug-notice")).to_contain_text(NOTICE, timeout=SLOW)
+    first = phone.locator("#gen-prompt textarea").bounding_box()
+    assert first and first["y"] < 844                         # the input is on the first screen
+    _shot_page(phone, "23-phone-first.png", full=False)
+    tab = phone.get_by_role("tab", name="Corpus")
+    if not tab.is_visible():                                  # Gradio moves tabs that do not fit into a menu
+        phone.get_by_label("More tabs").click()
+        tab = phone.locator(".overflow-dropdown button", has_text="Corpus")
+    tab.click()
+    expect(phone.locator("#cor-run")).to_be_visible(timeout=SLOW)
+    _shot_page(phone, "24-corpus-phone.png")
+    ctx.close()
+
+
+def _shot_page(page, name: str, full: bool = True) -> None:
+    ART.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ART / name), full_page=full)

@@ -169,9 +169,26 @@ def test_summary_table_arithmetic_and_nan():
     assert row.loc["decoder", "perplexity"] == pytest.approx(math.exp(mb))
     assert row.loc["decoder+coprocessor", "perplexity"] == pytest.approx(math.exp(ma))
     assert row.loc["change", "mean NLL"] == pytest.approx(ma - mb)
-    assert row.loc["change", "perplexity"] == pytest.approx(math.exp(ma) - math.exp(mb))
+    assert np.isnan(row.loc["change", "perplexity"])          # no difference of perplexities (mixed scales)
     assert row.loc["change", "relative change %"] == pytest.approx((math.exp(ma) / math.exp(mb) - 1) * 100)
     assert list(t["tokens scored"]) == [3, 3, 3]
+    # The interval: percentiles of exp(mean of resampled deltas) - 1 over the 3 paired tokens.
+    lo, hi = (float(x.rstrip("%")) for x in row.loc["change", "95% interval %"].strip("[]").split(", "))
+    d = np.array([-0.5, 0.5, -1.0])
+    assert np.expm1(d.min()) * 100 - 1e-9 <= lo <= hi <= np.expm1(d.max()) * 100 + 1e-9 and lo < hi
+
+
+def test_delta_interval_covers_the_mean_and_shrinks_with_tokens():
+    from cacheaug_core.viz.figures import delta_interval
+
+    rng = np.random.default_rng(1)
+    small = rng.normal(-0.1, 1.0, 20)
+    big = rng.normal(-0.1, 1.0, 2000)
+    lo_s, hi_s = delta_interval(small)
+    lo_b, hi_b = delta_interval(big)
+    assert lo_s <= np.expm1(small.mean()) * 100 <= hi_s
+    assert hi_b - lo_b < hi_s - lo_s
+    assert np.isnan(delta_interval(np.array([1.0]))[0])
 
 
 def test_summary_table_empty():
@@ -368,3 +385,64 @@ def test_generation_notes_name_empty_arms_and_latents_that_never_arrived():
     late = generation_notes({"decoder": [1] * 8, "coprocessor": [1, 0]}, 0, labels, 8, async_delay=3)
     assert len(late) == 1 and late[0].startswith("decoder + coprocessor: ended within")
     assert generation_notes({"decoder": [1] * 8, "coprocessor": [1] * 8}, 0, labels, 8, async_delay=3) == []
+
+
+def test_heatmap_by_scored_token_and_see_through_gaps():
+    from cacheaug_core.viz.app_views import by_scored_token, nth_ahead_per_token
+
+    rng = np.random.default_rng(0)
+    base, aug = rng.random((5, 3)), rng.random((5, 3))
+    base[4, 1:] = aug[4, 1:] = np.nan           # past the end of a 6-token text
+    m = by_scored_token(aug - base)             # (3, 6)
+    for n in (1, 2, 3):
+        b, a = nth_ahead_per_token(base, aug, n)
+        assert np.allclose(m[n - 1], a - b, equal_nan=True)   # the same cells the token colours use
+    fig = delta_heatmap_figure(list("abcdef"), m, axis="token")
+    assert fig.layout.plot_bgcolor == "rgba(0,0,0,0)"
+    assert fig.layout.xaxis.title.text == "scored token"
+
+
+def test_latent_similarity_separates_slot_from_prompt_structure():
+    from cacheaug_core.viz.latents import latent_similarity, latent_similarity_figure
+
+    rng = np.random.default_rng(0)
+    slot_dirs = rng.normal(size=(4, 16))                      # each slot has its own direction
+    z = np.concatenate([slot_dirs + 0.1 * rng.normal(size=(4, 16)) for _ in range(3)])   # 3 prompts x 4 slots
+    pid, idx = np.repeat(np.arange(3), 4), np.tile(np.arange(4), 3)
+    s = latent_similarity(z, pid, idx)
+    assert s["same_slot_across_prompts"] > 0.9 > s["within_prompt"]
+    assert s["cos"].shape == (12, 12) and np.allclose(np.diag(s["cos"]), 1)
+    assert np.allclose(s["slot_norm"], [np.linalg.norm(z[idx == k], axis=1).mean() for k in range(4)])
+    fig = latent_similarity_figure(z, pid, idx, labels=["<b>a</b>", "b", "c"])
+    assert fig.data[0].type == "heatmap" and "&lt;b&gt;" in str(fig.data[0].customdata[0][0])
+
+
+def test_first_divergence_and_its_html():
+    from cacheaug_core.viz.app_views import divergence_html, first_divergence
+
+    assert first_divergence([1, 2, 3], [1, 2, 4]) == 2
+    assert first_divergence([1, 2], [1, 2]) is None
+    assert first_divergence([1, 2], [1, 2, 5]) == 2
+    h = divergence_html([" 3", " +", " 5", " =", " 8"], [" 3", " +", " 5", " =", " 13<"], 4)
+    assert "#4" in h and "<mark" in h and "13&lt;" in h and "13<" not in h
+
+
+def test_by_position_in_nats_with_rolling_mean():
+    df = pd.DataFrame({"position": [1, 2, 3, 4], "nll_base": [1.0, 2.0, 3.0, 0.5], "nll_aug": [0.5, 2.5, 1.0, 0.5]})
+    fig = delta_by_position_figure(df, title="", units="nats", rolling=3)
+    pts = next(t for t in fig.data if t.name == "Δloss per token")
+    roll = next(t for t in fig.data if t.name.startswith("rolling mean"))
+    assert np.allclose(pts.y, [-0.5, 0.5, -2.0, 0.0])
+    assert np.allclose(roll.y, [0.0, -2.0 / 3, -0.5, -1.0])
+    assert fig.layout.title.text is None
+    assert next(t for t in fig.data if t.name == "relative change").visible is False
+    assert fig.layout.yaxis2.type == "log"
+
+
+def test_evaluation_markdown_hides_training_machine_paths():
+    from cacheaug_core.viz.app_views import evaluation_markdown
+
+    md = evaluation_markdown({"wiki": "coprocessor: /tmp/cacheaug/runs/x/last (16 latents); `results/a.json`; "
+                                      "Coprocessor: /work/main/assets/coprocessor."})
+    assert "/tmp/" not in md and "/work/" not in md and "results/a.json" in md
+    assert md.count("(a path on the training machine)") == 2

@@ -27,7 +27,8 @@ from .figures import (
     topk_compare_frame,
     topk_frame,
 )
-from .latents import latent_pca, latent_pca_figure, latent_readout_frame
+from .latents import (latent_pca, latent_pca_figure, latent_readout_frame, latent_similarity,
+                      latent_similarity_figure)
 from .tokens import clean_token, display_token, plotly_text, token_delta_html
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "latent_pca",
     "latent_pca_figure",
     "latent_readout_frame",
+    "latent_similarity",
+    "latent_similarity_figure",
     "per_token_frame",
     "plotly_text",
     "summary_table",

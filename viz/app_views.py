@@ -27,12 +27,17 @@ from .tokens import clean_token, display_token
 
 __all__ = [
     "notice_html",
+    "status_html",
+    "verdict_text",
     "arm_stats_frame",
     "join_prompt_continuation",
     "generation_notes",
+    "first_divergence",
+    "divergence_html",
     "by_position_once",
     "by_position_every",
     "nth_ahead_per_token",
+    "by_scored_token",
     "message_figure",
     "explained_variance_text",
     "latent_readout_with_prompts",
@@ -66,6 +71,43 @@ def notice_html(notice: str | None, level: str = "warning", title: str | None = 
         f'margin:0.3em 0;font-size:1.0em;line-height:1.45;">'
         f'<span aria-hidden="true">{icon}</span> {head}{body}</div>'
     )
+
+
+def status_html(line: str, details: str = "", level: str = "info", title: str | None = None) -> str:
+    """A short status banner with the longer text one click away (a <details> element); escaped."""
+    if not (line or "").strip():
+        return notice_html(details, level, title)
+    html_line = notice_html(line, level, title)
+    if not (details or "").strip():
+        return html_line
+    more = ('<details style="margin-top:0.3em;"><summary style="cursor:pointer;">details</summary>'
+            f'{html.escape(clean_token(details), quote=True)}</details>')
+    return html_line[: -len("</div>")] + more + "</div>"
+
+
+def verdict_text(delta: np.ndarray, n_boot: int = 1000, reference: Any = None, ref_name: str = "",
+                 where: str = "") -> str:
+    """One plain sentence on a single text: its relative perplexity change with a token-bootstrap
+    interval, whether that is within noise, and the typical value stored with the checkpoint."""
+    from .figures import delta_interval
+
+    d = np.asarray(delta, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return "No token was scored by both arms."
+    rel = float(np.expm1(d.mean()) * 100)
+    lo, hi = delta_interval(d, n_boot)
+    out = f"This text{where}: perplexity {rel:+.1f}% with the latents over {d.size} token(s)"
+    if math.isfinite(lo):
+        out += f", 95% interval [{lo:+.1f}%, {hi:+.1f}%] (tokens resampled)"
+        out += (": within noise, the interval includes 0." if lo <= 0 <= hi else
+                (": lower beyond token-level noise." if hi < 0 else ": higher beyond token-level noise."))
+    else:
+        out += ": too few tokens to tell."
+    if reference is not None:
+        out += (f" Typical{' on ' + ref_name if ref_name else ''} at position {int(reference['position'])}: "
+                f"{reference['rel_ppl_change_pct']:+.1f}% [{reference['ci_low']:+.1f}, {reference['ci_high']:+.1f}].")
+    return out
 
 
 def arm_stats_frame(stats: Sequence[dict]) -> pd.DataFrame:
@@ -115,6 +157,33 @@ def generation_notes(arms: dict[str, Sequence[int]], eos_id: int | None, labels:
     return notes
 
 
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first generated token where two arms differ (the shorter one's length when one
+    is a prefix of the other); None when they are identical."""
+    a, b = [int(x) for x in a], [int(x) for x in b]
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def divergence_html(tokens_a: Sequence[str], tokens_b: Sequence[str], at: int | None,
+                    labels: tuple[str, str] = ("decoder alone", "decoder + coprocessor")) -> str:
+    """Both arms' generated tokens, the shared prefix plain and the first differing token marked."""
+    if at is None:
+        return ('<div class="cacheaug-diverge">Both arms generated the same tokens.</div>' if tokens_a else "")
+    rows = []
+    for lab, toks in zip(labels, (tokens_a, tokens_b)):
+        head = html.escape(clean_token("".join(toks[:at])), quote=True)
+        mark = html.escape(display_token(toks[at]) if at < len(toks) else "(end)", quote=True)
+        tail = html.escape(clean_token("".join(toks[at + 1: at + 12])), quote=True)
+        rows.append(f'<div><strong>{html.escape(lab)}</strong>: <span style="opacity:0.7">…{head[-80:]}</span>'
+                    f'<mark style="background:rgba(245,158,11,0.45);padding:0 2px;border-radius:3px;">{mark}</mark>'
+                    f'{tail}…</div>')
+    return (f'<div class="cacheaug-diverge" style="line-height:1.6;font-family:ui-monospace,monospace;">'
+            f'<div>The arms part at generated token #{int(at)}:</div>{"".join(rows)}</div>')
+
+
 def by_position_once(nll_base: np.ndarray, nll_aug: np.ndarray, point: int) -> pd.DataFrame:
     """Mode (a): the token k positions after the augmentation point, k = 1..; columns as
     ``viz.delta_by_position_figure`` expects (``position, nll_base, nll_aug, n``)."""
@@ -160,6 +229,17 @@ def nth_ahead_per_token(nll_base: np.ndarray, nll_aug: np.ndarray, n: int) -> tu
     base[rows + n] = b[rows, n - 1]
     aug[rows + n] = a[rows, n - 1]
     return base, aug
+
+
+def by_scored_token(delta: np.ndarray) -> np.ndarray:
+    """Mode (b) (points P, ahead A) -> (A, T = P + 1) indexed by the scored token: cell (n-1, j) is
+    token j scored with the latents inserted n tokens earlier (row j-n of the input); NaN elsewhere."""
+    d = np.asarray(delta, dtype=np.float64)
+    P, A = d.shape
+    out = np.full((A, P + 1), np.nan)
+    for n in range(1, A + 1):
+        out[n - 1, n:] = d[: P + 1 - n, n - 1]
+    return out
 
 
 def message_figure(title: str, message: str) -> go.Figure:
@@ -229,6 +309,12 @@ def evaluation_markdown(evaluation: dict | None) -> str:
     """The checkpoint's evaluation section as Markdown (tables kept, dicts as JSON blocks)."""
     if not evaluation:
         return "_No evaluation results are stored with this coprocessor._"
+    import re
+
+    # Paths of the machine the checkpoint was trained on mean nothing here.
+    machine = re.compile(r"(?<![\w.])/(?:tmp|root|home|mnt|scratch|work|opt|data)/[^\s,;)`'\"|]+")
+    evaluation = {k: machine.sub("(a path on the training machine)", v) if isinstance(v, str) else v
+                  for k, v in evaluation.items()}
     parts = []
     for name, table in evaluation.items():
         parts.append(f"#### {clean_token(str(name))}")

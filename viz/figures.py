@@ -36,6 +36,7 @@ __all__ = [
     "NEG_HELPS",
     "DIVERGING_SCALE",
     "summary_table",
+    "delta_interval",
     "per_token_frame",
     "delta_by_position_figure",
     "delta_heatmap_figure",
@@ -85,19 +86,22 @@ def _vec(a: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def summary_table(nll_base: np.ndarray, nll_aug: np.ndarray) -> pd.DataFrame:
+def summary_table(nll_base: np.ndarray, nll_aug: np.ndarray, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Mean NLL, perplexity and relative change for both arms.
 
     Args:
         nll_base, nll_aug: (n,) per-token NLL in nats. Only positions where
             *both* are finite count, so the two arms are scored on the same tokens.
+        n_boot, seed: bootstrap resamples of the scored tokens for the interval.
 
     Returns:
         3 rows (``decoder``, ``decoder+coprocessor``, ``change``) with columns
-        ``arm``, ``mean NLL``, ``perplexity``, ``relative change %``, ``tokens scored``.
-        The change row holds aug − base for NLL and perplexity and
-        ``(ppl_aug / ppl_base − 1)·100`` for the relative change; the arm rows
-        leave the relative change empty (NaN).
+        ``arm``, ``mean NLL``, ``perplexity``, ``relative change %``, ``95% interval %``,
+        ``tokens scored``. The change row holds the signed Δ mean NLL (nats, aug − base),
+        the relative perplexity change ``(ppl_aug / ppl_base − 1)·100`` and its 95% percentile
+        bootstrap interval over tokens as text (``[-9.2%, +3.5%]``); its perplexity cell is empty
+        (a difference of perplexities mixes scales). Tokens of one text are correlated, so the
+        interval is a lower bound on the uncertainty: when it includes 0 the text says nothing.
     """
     b = _vec(nll_base, "nll_base")
     a = _vec(nll_aug, "nll_aug")
@@ -105,21 +109,41 @@ def summary_table(nll_base: np.ndarray, nll_aug: np.ndarray) -> pd.DataFrame:
         raise ValueError(f"nll_base {b.shape} and nll_aug {a.shape} differ in shape")
     mask = np.isfinite(b) & np.isfinite(a)
     n = int(mask.sum())
+    ci = ""
     if n:
         mb, ma = float(b[mask].mean()), float(a[mask].mean())
         pb, pa = math.exp(mb), math.exp(ma)
         rel = math.expm1(ma - mb) * 100.0  # expm1: exact for small differences
+        lo, hi = delta_interval(a[mask] - b[mask], n_boot, seed)
+        if math.isfinite(lo):
+            ci = f"[{lo:+.2f}%, {hi:+.2f}%]"
     else:
         mb = ma = pb = pa = rel = float("nan")
     return pd.DataFrame(
         {
             "arm": [DECODER, AUGMENTED, "change"],
             "mean NLL": [mb, ma, ma - mb],
-            "perplexity": [pb, pa, pa - pb],
+            "perplexity": [pb, pa, float("nan")],
             "relative change %": [float("nan"), float("nan"), rel],
+            "95% interval %": ["", "", ci],
             "tokens scored": [n, n, n],
         }
     )
+
+
+def delta_interval(delta: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """95% percentile bootstrap interval (tokens resampled) of the relative perplexity change, %,
+    from per-token Δ = NLL(aug) − NLL(base); (nan, nan) for fewer than 2 tokens."""
+    d = np.asarray(delta, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size < 2 or n_boot < 1:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, d.size, size=(n_boot, d.size))
+    rel = np.expm1(d[idx].mean(1)) * 100.0
+    q = (1 - level) / 2 * 100
+    lo, hi = np.percentile(rel, [q, 100 - q])
+    return float(lo), float(hi)
 
 
 def per_token_frame(
@@ -258,7 +282,8 @@ def entropy(p: np.ndarray) -> float:
 # ---------------------------------------------------------------------------
 
 
-def delta_by_position_figure(df: pd.DataFrame, title: str | None = None) -> go.Figure:
+def delta_by_position_figure(df: pd.DataFrame, title: str | None = None, reference: pd.DataFrame | None = None,
+                             reference_name: str = "reference", units: str = "pct", rolling: int = 5) -> go.Figure:
     """Relative perplexity change by ahead position, plus both arms' perplexities.
 
     Args:
@@ -270,9 +295,15 @@ def delta_by_position_figure(df: pd.DataFrame, title: str | None = None) -> go.F
     Returns:
         Two stacked panels sharing x. Top: ``(exp(nll_aug − nll_base) − 1)·100`` %
         (trace ``relative change``, with a zero line and an optional CI band).
-        Bottom: perplexity of ``decoder`` and ``decoder+coprocessor``.
+        Bottom: perplexity of ``decoder`` and ``decoder+coprocessor`` (log scale).
+        reference: optional typical values (``position, rel_ppl_change_pct, ci_low, ci_high``, e.g. the
+        checkpoint's stored evaluation) drawn as grey markers with their intervals in the top panel.
+        units: "pct" (relative perplexity change, for means over many tokens) or "nats" (Δloss per
+        position with a `rolling`-position mean: one token per position, as after a single
+        augmentation point, where a percentage of one token's perplexity explodes). title "" = none.
     """
-    title = title or f"Perplexity change by position ahead ({NEG_HELPS})"
+    title = f"Perplexity change by position ahead ({NEG_HELPS})" if title is None else title
+    nats = units == "nats"
     if df is None or len(df) == 0:
         return _empty_figure(title)
     missing = {"position", "nll_base", "nll_aug"} - set(df.columns)
@@ -292,9 +323,10 @@ def delta_by_position_figure(df: pd.DataFrame, title: str | None = None) -> go.F
         shared_xaxes=True,
         vertical_spacing=0.08,
         row_heights=[0.6, 0.4],
-        subplot_titles=(f"relative perplexity change, % ({NEG_HELPS})", "perplexity of each arm"),
+        subplot_titles=((f"Δloss, nats (negative = the latents help); line: mean of {rolling} positions" if nats
+                         else f"relative perplexity change, % ({NEG_HELPS})"), "perplexity of each arm"),
     )
-    has_ci = "ci_low" in d.columns and "ci_high" in d.columns
+    has_ci = "ci_low" in d.columns and "ci_high" in d.columns and not nats
     if has_ci:
         lo = d["ci_low"].to_numpy(dtype=np.float64)
         hi = d["ci_high"].to_numpy(dtype=np.float64)
@@ -313,10 +345,23 @@ def delta_by_position_figure(df: pd.DataFrame, title: str | None = None) -> go.F
     else:
         ci_text = [""] * len(d)
     custom = np.column_stack([nb, na, ppl_b, ppl_a, n_col, np.array(ci_text, dtype=object)])
+    if nats:
+        delta = na - nb
+        roll = pd.Series(delta).rolling(max(int(rolling), 1), center=True, min_periods=1).mean().to_numpy()
+        fig.add_trace(go.Scatter(x=pos, y=delta, mode="markers", name="Δloss per token",
+                                 marker={"color": np.where(delta < 0, "rgb(37,99,235)", "rgb(220,38,38)"), "size": 6},
+                                 customdata=np.column_stack([nb, na]),
+                                 hovertemplate="position %{x}<br>Δloss %{y:+.4f} nats<br>NLL base %{customdata[0]:.4f}"
+                                               " · aug %{customdata[1]:.4f}<extra></extra>"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=pos, y=roll, mode="lines", name=f"rolling mean ({rolling})",
+                                 line={"color": "rgb(60,60,60)", "width": 2},
+                                 hovertemplate="position %{x}<br>rolling mean %{y:+.4f} nats<extra></extra>"),
+                      row=1, col=1)
+        reference = None   # the stored reference is a percentage over many tokens: the verdict quotes it
     fig.add_trace(
         go.Scatter(
-            x=pos, y=rel, mode="lines+markers", name="relative change",
-            line={"color": _ARM_COLOURS[AUGMENTED]},
+            x=pos, y=rel, mode="lines+markers", name="relative change", visible=not nats,
+            line={"color": "rgb(60,60,60)"},
             customdata=custom,
             hovertemplate=(
                 "position %{x}<br>change %{y:+.3f}% " + ("CI %{customdata[5]}" if has_ci else "")
@@ -328,6 +373,20 @@ def delta_by_position_figure(df: pd.DataFrame, title: str | None = None) -> go.F
         ),
         row=1, col=1,
     )
+    if reference is not None and len(reference):
+        r = reference[reference["position"] <= max(int(pos.max()), 1)] if len(pos) else reference
+        ry = r["rel_ppl_change_pct"].to_numpy(dtype=np.float64)
+        fig.add_trace(
+            go.Scatter(
+                x=r["position"], y=ry, mode="markers", name=plotly_text(reference_name),
+                marker={"color": "rgb(100,100,100)", "symbol": "diamond", "size": 8},
+                error_y={"type": "data", "symmetric": False, "array": r["ci_high"].to_numpy(dtype=np.float64) - ry,
+                         "arrayminus": ry - r["ci_low"].to_numpy(dtype=np.float64), "color": "rgb(100,100,100)"},
+                hovertemplate="typical at position %{x}: %{y:+.2f}%<extra>" + plotly_text(reference_name)[:60]
+                + "</extra>",
+            ),
+            row=1, col=1,
+        )
     fig.add_hline(y=0, line={"color": "rgba(127,127,127,0.8)", "dash": "dash"}, row=1, col=1)
     for name, ppl in ((DECODER, ppl_b), (AUGMENTED, ppl_a)):
         fig.add_trace(
@@ -338,11 +397,11 @@ def delta_by_position_figure(df: pd.DataFrame, title: str | None = None) -> go.F
             ),
             row=2, col=1,
         )
-    fig.update_yaxes(title_text="Δ perplexity (%)", zeroline=True, row=1, col=1)
-    fig.update_yaxes(title_text="perplexity", row=2, col=1)
+    fig.update_yaxes(title_text="Δloss (nats)" if nats else "Δ perplexity (%)", zeroline=True, row=1, col=1)
+    fig.update_yaxes(title_text="perplexity (log)", type="log", row=2, col=1)
     fig.update_xaxes(title_text="position ahead of the augmentation point", dtick=1 if len(d) <= 32 else None,
                      row=2, col=1)
-    fig.update_layout(title=title, hovermode="closest", legend={"orientation": "h", "y": -0.15},
+    fig.update_layout(title=title or None, hovermode="closest", legend={"orientation": "h", "y": -0.15},
                       margin={"t": 80})
     return fig
 
@@ -363,8 +422,11 @@ def delta_heatmap_figure(
     delta_matrix: np.ndarray,
     title: str | None = None,
     max_label_len: int = 10,
+    axis: str = "point",
 ) -> go.Figure:
-    """Heatmap of Δloss: rows = ahead positions 1..n, columns = augmentation points.
+    """Heatmap of Δloss: rows = ahead positions 1..n, columns = augmentation points
+    (``axis="point"``) or scored tokens (``axis="token"``: column j = token j, scored with the
+    latents inserted ``position`` tokens earlier; see ``viz.app_views.by_scored_token``).
 
     Args:
         tokens: m token strings; column i = the cache is augmented after token i.
@@ -394,17 +456,21 @@ def delta_heatmap_figure(
             z=z, x=xs, y=ys, customdata=custom,
             colorscale=DIVERGING_SCALE, zmid=0.0, zmin=-zmax, zmax=zmax,
             colorbar={"title": {"text": "Δloss"}},
-            hovertemplate="after token #%{x} %{customdata}<br>position ahead %{y}<br>Δloss=%{z:+.4f}<extra></extra>",
+            hovertemplate=("after token #%{x} %{customdata}<br>position ahead %{y}" if axis == "point" else
+                           "token #%{x} %{customdata}<br>latents inserted %{y} token(s) earlier")
+            + "<br>Δloss=%{z:+.4f}<extra></extra>",
             hoverongaps=False,
             name="Δloss",
         )
     )
     step = max(1, math.ceil(len(xs) / 60))  # keep tick labels readable on long texts
     fig.update_xaxes(tickmode="array", tickvals=xs[::step], ticktext=ticks[::step], tickangle=-60,
-                     title_text="augmentation point (after token)")
-    fig.update_yaxes(title_text="position ahead", tickmode="array", tickvals=ys,
-                     ticktext=[str(y) for y in ys], autorange="reversed")
-    fig.update_layout(title=title)
+                     title_text="augmentation point (after token)" if axis == "point" else "scored token",
+                     showgrid=False)
+    fig.update_yaxes(title_text="position ahead" if axis == "point" else "latents inserted n tokens earlier",
+                     tickmode="array", tickvals=ys, ticktext=[str(y) for y in ys], autorange="reversed", showgrid=False)
+    # Unscored cells (NaN) stay see-through: a coloured plot background would read as a value.
+    fig.update_layout(title=title, plot_bgcolor="rgba(0,0,0,0)")
     return fig
 
 

@@ -246,3 +246,58 @@ def latent_readout_frame(top_tokens: Sequence[Sequence[str]], top_probs: np.ndar
             data[f"#{j + 1}"].append(display_token(rows_tok[i][o]))
             data[f"p#{j + 1}"].append(float(probs[i, o]))
     return pd.DataFrame(data)
+
+
+def latent_similarity(latents: np.ndarray, prompt_ids, latent_index) -> dict:
+    """Cosine similarity of every pair of latents, and its means over three kinds of pairs:
+    same prompt (different slots), same slot across prompts, different slot across prompts. When
+    "same slot across prompts" is far above "same prompt", the latents are organised by slot (index),
+    not by what the prompt says. Also each slot's mean norm. Rows are sorted by (prompt, slot)."""
+    z = np.asarray(latents, dtype=np.float64)
+    pid = np.asarray(prompt_ids).reshape(-1)
+    idx = np.asarray(latent_index).reshape(-1)
+    unit = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    cos = unit @ unit.T                                                                  # (N, N)
+    same_p = pid[:, None] == pid[None, :]
+    same_i = idx[:, None] == idx[None, :]
+    off = ~np.eye(len(z), dtype=bool)
+
+    def mean(mask):
+        return float(cos[mask].mean()) if mask.any() else float("nan")
+
+    norms = np.linalg.norm(z, axis=1)
+    slots = np.unique(idx)
+    return {"cos": cos, "within_prompt": mean(same_p & off), "same_slot_across_prompts": mean(same_i & ~same_p),
+            "other_slot_across_prompts": mean(~same_i & ~same_p), "slots": slots,
+            "slot_norm": np.array([norms[idx == s].mean() for s in slots])}
+
+
+def latent_similarity_figure(latents: np.ndarray, prompt_ids, latent_index, labels: Sequence[str] | None = None,
+                             title: str | None = None) -> go.Figure:
+    """Heatmap of the latents' cosine similarities (rows/columns = prompt, then slot), with the
+    within / across-prompt means in the title and each slot's mean norm as a bar below."""
+    from plotly.subplots import make_subplots
+
+    s = latent_similarity(latents, prompt_ids, latent_index)
+    pid = np.asarray(prompt_ids).reshape(-1)
+    idx = np.asarray(latent_index).reshape(-1)
+    names = [plotly_text(truncate_label(display_token(labels[int(p)], visible_spaces=False), 16))
+             if labels is not None and 0 <= int(p) < len(labels) else f"prompt {int(p)}" for p in pid]
+    hover = [f"{n} · latent {int(i)}" for n, i in zip(names, idx)]
+    title = title or (f"Cosine similarity of latents: same prompt {s['within_prompt']:.2f} · same slot across "
+                      f"prompts {s['same_slot_across_prompts']:.2f} · other slots across prompts "
+                      f"{s['other_slot_across_prompts']:.2f}")
+    fig = make_subplots(rows=2, cols=1, row_heights=[0.75, 0.25], vertical_spacing=0.1,
+                        subplot_titles=("", "mean norm of each latent slot"))
+    fig.add_trace(go.Heatmap(z=s["cos"], x=list(range(len(idx))), y=list(range(len(idx))), zmin=-1, zmax=1,
+                             colorscale="RdBu_r", customdata=np.array([[f"{a}<br>{b}" for b in hover] for a in hover],
+                                                                       dtype=object),
+                             hovertemplate="%{customdata}<br>cosine %{z:.3f}<extra></extra>",
+                             colorbar={"title": {"text": "cosine"}, "len": 0.7, "y": 0.65}), row=1, col=1)
+    fig.add_trace(go.Bar(x=[int(x) for x in s["slots"]], y=s["slot_norm"], marker_color="rgb(124,58,237)",
+                         hovertemplate="slot %{x}: mean norm %{y:.2f}<extra></extra>", showlegend=False), row=2, col=1)
+    fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=1)
+    fig.update_xaxes(showticklabels=False, row=1, col=1)
+    fig.update_xaxes(title_text="latent slot", row=2, col=1)
+    fig.update_layout(title={"text": title, "font": {"size": 13}}, height=620, margin={"t": 70})
+    return fig
