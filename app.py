@@ -595,7 +595,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             src = upload if upload else ((path or "").strip() or "wiki")
             if not upload and src not in corpus.BUNDLED:
                 if Path(src).suffix not in (".jsonl", ".txt"):
-                    raise InputError("Give a .jsonl (one {\"text\": ...} a line) or .txt file (blank-line "
+                    raise InputError("Give a .jsonl (one {\"text\": ...} a line) or .txt file (form-feed-line "
                                      "separated), or 'wiki' for the bundled held-out sample.")
                 # A path is read on the server: only under the folders it was started in (or listed in
                 # CACHEAUG_CORPUS_DIRS), so a shared app does not hand out other files; upload the rest.

@@ -94,34 +94,23 @@ class CorpusConfig:
 
 
 def read_corpus(path: str | Path) -> list[dict]:
-    """Documents of a .jsonl file (one {"text": ..., "title"?: ...} a line) or a text file (documents
-    separated by blank lines), or a bundled set by name ("wiki"). Returns [{"title", "text"}]."""
+    """Documents of a file as `eval ppl` reads them (`eval.ppl.load_documents`: .jsonl one
+    {"text", "title"?} a line with the title joined to its text; other files separated by form-feed
+    lines, so a title is never split from its body), or a bundled set by name ("wiki").
+    Returns [{"title", "text"}], the title being the document's first line for display."""
+    from .eval.ppl import load_documents
+    from .eval.provenance import EvalError
+
     p = BUNDLED.get(str(path), Path(str(path)).expanduser())
     if not p.exists():
         raise CorpusError(f"{path}: no such file (give a .jsonl / .txt file, or 'wiki' for the bundled set)")
     if p.is_dir():
         raise CorpusError(f"{path} is a folder; give a .jsonl or .txt file")
-    raw = p.read_bytes().decode("utf-8", errors="replace")
-    docs = []
-    if p.suffix == ".jsonl":
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                text = rec["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CorpusError(f"{p.name}:{i}: expected a JSON object with a 'text' field ({e})") from None
-            if not isinstance(text, str):
-                raise CorpusError(f"{p.name}:{i}: 'text' must be a string")
-            docs.append({"title": str(rec.get("title") or ""), "text": text})
-    else:
-        docs = [{"title": "", "text": d} for d in re.split(r"\n\s*\n", raw)]
-    docs = [{"title": d["title"] or _title(d["text"]), "text": unicodedata.normalize("NFC", d["text"].strip())}
-            for d in docs if d["text"].strip()]
-    if not docs:
-        raise CorpusError(f"{p.name} holds no document")
-    return docs
+    try:
+        docs = load_documents(p)
+    except EvalError as e:
+        raise CorpusError(str(e).replace("--text ", "")) from None
+    return [{"title": _title(d.text), "text": unicodedata.normalize("NFC", d.text)} for d in docs]
 
 
 def _title(text: str, n: int = 60) -> str:
@@ -488,7 +477,7 @@ def reference_at(curve: pd.DataFrame | None, position: int) -> pd.Series | None:
 
 
 def add_cli_args(p) -> None:
-    p.add_argument("--text", default="wiki", help="a .jsonl ({\"text\": ...} a line) or .txt (blank-line "
+    p.add_argument("--text", default="wiki", help="a .jsonl ({\"text\": ...} a line) or .txt (form-feed-line "
                    "separated) file, or 'wiki' for the bundled held-out sample (default)")
     p.add_argument("--json", default="", help="write the run (settings, tables, every document's scores) here")
     p.add_argument("--csv", default="", help="write the per-token table here")

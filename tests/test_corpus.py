@@ -100,10 +100,11 @@ def test_token_kinds(tok, i, want):
 def test_read_corpus_formats_and_errors(tmp_path):
     j = tmp_path / "a.jsonl"
     j.write_text('{"text": "one", "title": "T"}\n\n{"text": "two"}\n', encoding="utf-8")
-    assert corpus.read_corpus(j) == [{"title": "T", "text": "one"}, {"title": "two", "text": "two"}]
+    # as `eval ppl` reads it: the title joined to its text, one document
+    assert corpus.read_corpus(j) == [{"title": "T", "text": "T\n\none"}, {"title": "two", "text": "two"}]
     t = tmp_path / "a.txt"
-    t.write_text("first doc\nline\n\n\nsecond\n", encoding="utf-8")
-    assert [d["text"] for d in corpus.read_corpus(t)] == ["first doc\nline", "second"]
+    t.write_text("Title\n\nits body\nline\n\f\nsecond\n", encoding="utf-8")   # blank lines stay inside
+    assert [d["text"] for d in corpus.read_corpus(t)] == ["Title\n\nits body\nline", "second"]
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"no": 1}\n', encoding="utf-8")
     with pytest.raises(corpus.CorpusError, match="b.jsonl:1"):
