@@ -431,11 +431,12 @@ def test_decoder_paths_that_do_not_exist_and_pickled_weights_are_refused(tmp_pat
 
 
 def test_app_module_imports_from_any_working_directory(tmp_path):
-    """`cacheaug app` imports `app`: it must be installed with the package, not only found in the checkout."""
+    """`cacheaug app` imports `cacheaug_core.app`: it must be installed with the package, not only
+    found in the checkout."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", "import app, sys; sys.stdout.write(app.__file__)"],
+    out = subprocess.run([sys.executable, "-c", "import cacheaug_core.app as app, sys; sys.stdout.write(app.__file__)"],
                          cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.endswith("app.py")
