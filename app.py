@@ -11,7 +11,8 @@ The coprocessor reads the decoder's KV cache and appends latent embeddings to it
   after every token and score the n-th token ahead; Δloss per token (hover for exact values,
   click for both arms' top-k next tokens and their KL), Δ by position ahead, summary table, a
   Δloss heatmap, CSV / JSON / figure-HTML exports.
-* **Latents** - PCA (2-D/3-D) of the latents of one or many prompts, what each latent reads as
+* **Latents** - PCA (2-D/3-D; on axes fitted once per model on fixed reference prompts, so runs
+  compare; pause tokens overlaid when loaded) of the latents of one or many prompts, what each latent reads as
   through the decoder's LM head, and the attention a continuation pays to each latent.
 * **Corpus** - mode (b) over many documents (upload, a path, or the bundled held-out Wikipedia
   sample): Δ by position with bootstrap intervals over documents (body vs document starts, pause
@@ -490,7 +491,17 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             gr.Warning(_msg(note), title="Biased comparison")
             return views.join_prompt_continuation(ptext, cont), point, "once", views.notice_html(note, "warning")
 
-    def latents(prompts_text, dims, color_by, top_k, continuation, progress=gr.Progress()):
+    def _pca_figure(res, dims, color_by, axes_choice):
+        """The PCA scatter of stored latents: on the model's reference axes or their own PCA, with the
+        pause arm's latents overlaid when a pause checkpoint was loaded."""
+        ref = res.get("reference_axes") if axes_choice != "own" else None
+        pause = res.get("pause_latents")
+        return viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
+                                     color_by=color_by, dims=int(dims), hover_tokens=res["top_tokens"],
+                                     norms=res["norms"], axes=ref, overlay=pause,
+                                     overlay_name=res.get("pause_label") or "pause tokens")
+
+    def latents(prompts_text, dims, color_by, top_k, continuation, axes_choice="reference", progress=gr.Progress()):
         """PCA of the latents of each prompt, their LM-head read-out, attention of a continuation to them."""
         with _friendly_errors():
             wb = backend.get()
@@ -508,11 +519,22 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 gr.Warning(_msg(notice), title="Prompts")
             progress(0.1, desc=f"latents of {len(fitted)} prompt(s)")
             res = wb.latents(fitted, top_k=int(top_k))
+            progress(0.3, desc="reference axes")
+            res["reference_axes"] = wb.reference_axes(3)   # fitted once per model, then cached
+            if res.get("pause_latents") is not None:
+                res["pause_label"] = ("pause tokens (same for every prompt)" if wb.pause.config.body == "none"
+                                      else "pause arm (at prompt 1)")
             dims = int(dims)
-            fig = viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
-                                        color_by=color_by, dims=dims, hover_tokens=res["top_tokens"],
-                                        norms=res["norms"])
+            fig = _pca_figure(res, dims, color_by, axes_choice)
             _, evr = viz.latent_pca(res["latents"], n_components=dims)
+            if axes_choice != "own":
+                share = viz.project_latents(res["latents"], res["reference_axes"], dims)[1]
+                axes_text = (f"Axes: PCA of the latents of {len(res['reference_axes']['prompts'])} fixed reference "
+                             "prompts (the same for every run of this model); these latents' variance along them: "
+                             + ", ".join(f"PC{i + 1} {100 * x:.1f}%" for i, x in enumerate(share))
+                             + ". Their own PCA: ")
+            else:
+                axes_text = "Axes: these prompts' own PCA. "
             readout = views.latent_readout_with_prompts(viz.latent_readout_frame(res["top_tokens"], res["top_probs"]),
                                                         res["prompt_ids"], res["latent_index"], res["labels"])
             out = _export_dir()
@@ -536,7 +558,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                                             "each of its tokens pays to each latent.")
             per_prompt = int(res["latents"].shape[0]) // len(fitted)
             sim = viz.latent_similarity(res["latents"], res["prompt_ids"], res["latent_index"])
-            info = (views.explained_variance_text(evr) + f" · {len(fitted)} prompt(s) × {per_prompt} latents · mean "
+            info = (axes_text + views.explained_variance_text(evr) + f" · {len(fitted)} prompt(s) × {per_prompt} latents · mean "
                     f"cosine: same prompt {sim['within_prompt']:.2f}, same slot across prompts "
                     f"{sim['same_slot_across_prompts']:.2f}, other slots across prompts "
                     f"{sim['other_slot_across_prompts']:.2f}")
@@ -545,14 +567,12 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return (fig, views.notice_html(_join(info, notice), "warning" if notice else "info"),
                     views.round_frame(readout), attn, pca_file, attn_file, csv_file, sim_fig, res)
 
-    def latents_view(res, dims, color_by):
-        """Re-draw the PCA of the stored latents (2-D/3-D, colour) without a model call."""
+    def latents_view(res, dims, color_by, axes_choice="reference"):
+        """Re-draw the PCA of the stored latents (2-D/3-D, colour, axes) without a model call."""
         if not res:
             return gr.update()
         with _friendly_errors():
-            return viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
-                                         color_by=color_by, dims=int(dims), hover_tokens=res["top_tokens"],
-                                         norms=res["norms"])
+            return _pca_figure(res, dims, color_by, axes_choice)
 
     # -- Corpus ------------------------------------------------------------------------------
 
@@ -982,6 +1002,9 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                         label="colour by", elem_id="lat-color-by")
                     lat_topk = gr.Slider(1, 10, 5, step=1, label="closest tokens per latent (LM head)",
                                          elem_id="lat-topk")
+                    lat_axes = gr.Radio([("reference prompts (comparable across runs)", "reference"),
+                                         ("these prompts", "own")], value="reference", label="PCA axes",
+                                        elem_id="lat-axes")
                 lat_info = gr.HTML("", elem_id="lat-info")
                 with gr.Row():
                     with gr.Column(min_width=340):
@@ -1060,7 +1083,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
         use_gen_btn.click(h["use_generation"], [prompt, out_dec, out_aug, use_arm, chat],
                           [ana_text, point, mode, ana_notice], api_name="use_generation", **model)
 
-        lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont],
+        lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont, lat_axes],
                       [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv, sim_plot, lat_state],
                       api_name="latents",
                       **model)
@@ -1079,8 +1102,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
         cor_open.click(h["corpus_to_analysis"], cor_doc_text, [ana_text, mode, tabs], api_visibility="private",
                        queue=False)
 
-        gr.on([dims.change, color_by.change], h["latents_view"], [lat_state, dims, color_by], pca_plot,
-              api_visibility="private", queue=False)
+        gr.on([dims.change, color_by.change, lat_axes.change], h["latents_view"],
+              [lat_state, dims, color_by, lat_axes], pca_plot, api_visibility="private", queue=False)
 
         model_outputs = [notice, status_json, card, evaluation, model_err]
         load_btn.click(h["load_model"], [dec_in, cop_in], model_outputs, api_name="load_model", **model).then(

@@ -34,6 +34,15 @@ ASSETS = (Path(__file__).resolve().parent / "assets").resolve()
 SHIPPED_COPROCESSOR = ASSETS / "coprocessor"
 SHIPPED_PAUSE = ASSETS / "pause"  # the pause-token baseline trained beside the shipped coprocessor
 MAX_PROMPT_CHARS = 20_000
+# The fixed prompts whose latents define the Latents tab's reference PCA axes: every run is projected
+# on them, so plots of different prompts (and sessions) share axes. Varied on purpose: questions,
+# arithmetic, instructions, plain prose, code.
+REFERENCE_PROMPTS = (
+    "Why is the sky blue?", "What is 17 + 25?", "Write a haiku about the sea.",
+    "The Eiffel Tower is in Paris. It was built for the 1889 World's Fair.",
+    "Translate 'good morning' into French.", "def add(a, b):\n    return a + b",
+    "List three causes of the French Revolution.", "If it rains, the ground gets wet. It rained, so",
+)
 
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -168,6 +177,7 @@ class Workbench:
         self.pause = None  # optional pause-token checkpoint, an extra arm
         self.pause_source = ""
         self._last_score = None  # (key, result) of the last score_text: token clicks re-read it
+        self._reference_axes = None  # (key, axes): fitted once per loaded model
 
     @classmethod
     def load(cls, decoder: str | None = None, coprocessor: str | None = None, num_latents: int = 16,
@@ -443,15 +453,37 @@ class Workbench:
     # -- latents ---------------------------------------------------------------------------
 
     @torch.no_grad()
+    def _latents_of(self, coprocessor, text: str, chat: bool = False) -> torch.Tensor:
+        """The latents (NL, d) a coprocessor emits at the end of one text."""
+        ids = self.encode(text, chat=chat)
+        cache, _ = augment.prefill(self.decoder, ids)
+        return coprocessor(cache, torch.tensor([[ids.shape[1] - 1]], device=ids.device))[0, 0].float().cpu()
+
+    def reference_axes(self, n_components: int = 3) -> dict:
+        """PCA axes of the coprocessor's latents on REFERENCE_PROMPTS (`viz.fit_latent_axes`), fitted
+        once per loaded model and kept: the Latents tab projects every run on them."""
+        from .viz.latents import fit_latent_axes
+
+        key = (id(self.decoder), id(self.coprocessor), int(n_components))
+        if self._reference_axes is None or self._reference_axes[0] != key:
+            z = torch.cat([self._latents_of(self.coprocessor, p) for p in REFERENCE_PROMPTS])   # (P*NL, d)
+            axes = fit_latent_axes(z.numpy(), n_components) | {"prompts": list(REFERENCE_PROMPTS)}
+            self._reference_axes = (key, axes)
+        return self._reference_axes[1]
+
+    @torch.no_grad()
     def latents(self, prompts: list[str], top_k: int = 5, chat: bool = False) -> dict:
-        """Latents at the end of each prompt, with what each says through the decoder's LM head."""
+        """Latents at the end of each prompt, with what each says through the decoder's LM head.
+        With a pause checkpoint loaded, also its latents ("pause_latents", (NL', d); the pause
+        tokens read no cache, so they are the same for every prompt: computed at the first prompt)."""
         lat, pid, idx, labels = [], [], [], []
+        pause = None
         for i, p in enumerate(prompts):
             text, _ = clean_text(p)
-            ids = self.encode(text, chat=chat)
-            cache, _ = augment.prefill(self.decoder, ids)
-            z = self.coprocessor(cache, torch.tensor([[ids.shape[1] - 1]], device=ids.device))[0, 0]
-            lat.append(z.float().cpu())
+            z = self._latents_of(self.coprocessor, text, chat=chat)
+            if self.pause is not None and pause is None:
+                pause = self._latents_of(self.pause, text, chat=chat).numpy()
+            lat.append(z)
             pid += [i] * z.shape[0]
             idx += list(range(z.shape[0]))
             labels.append(text[:40])
@@ -461,7 +493,8 @@ class Workbench:
         top = probs.topk(top_k, -1)
         top_tokens = [[self.tokenizer.decode([int(t)]) for t in row] for row in top.indices.cpu()]
         return {"latents": Z.numpy(), "prompt_ids": np.array(pid), "latent_index": np.array(idx), "labels": labels,
-                "norms": Z.norm(dim=-1).numpy(), "top_tokens": top_tokens, "top_probs": top.values.cpu().numpy()}
+                "norms": Z.norm(dim=-1).numpy(), "top_tokens": top_tokens, "top_probs": top.values.cpu().numpy(),
+                "pause_latents": pause}
 
     def status(self) -> dict:
         cfg = getattr(self.coprocessor, "checkpoint_config", None) or {}

@@ -680,6 +680,44 @@ def test_latents_view_redraws_the_stored_latents(wb):
     assert h["latents_view"](None, 2, "prompt") == app.gr.update()
 
 
+def test_latents_share_reference_axes_across_runs_and_overlay_pause_tokens(client, wb):
+    from sklearn.decomposition import PCA
+
+    from cacheaug_core import workbench as wbmod
+    from cacheaug_core.config import CoprocessorConfig
+    from cacheaug_core.coprocessor import Coprocessor
+
+    # The reference axes: a PCA (sklearn's own) of the latents of the fixed reference prompts.
+    pca = PCA(3).fit(wb.latents(list(wbmod.REFERENCE_PROMPTS))["latents"])
+    assert wb.reference_axes(3) is wb.reference_axes(3)                       # fitted once per model
+
+    def xs(fig):
+        return {t["name"]: _arr(t["x"]) for t in _plot(fig)["data"]}
+
+    one = xs(client.predict("first prompt", 2, "prompt", 3, "", api_name="/latents")[0])
+    two = xs(client.predict("first prompt\nsecond one", 2, "prompt", 3, "", api_name="/latents")[0])
+    np.testing.assert_allclose(one["first prompt"], two["first prompt"], atol=1e-4)   # comparable runs
+    np.testing.assert_allclose(one["first prompt"], pca.transform(wb.latents(["first prompt"])["latents"])[:, 0],
+                               atol=1e-3)
+    fig, info, *_ = client.predict("first prompt\nsecond one", 2, "prompt", 3, "", "own", api_name="/latents")
+    own = xs(fig)["first prompt"]
+    ref = viz.latent_pca(wb.latents(["first prompt", "second one"])["latents"], 2)[0]
+    np.testing.assert_allclose(np.sort(own), np.sort(ref[: len(own), 0]), atol=1e-4)
+    assert "own PCA" in info
+
+    # A pause checkpoint: its latents (soft tokens, read no cache) overlaid as one distinct trace.
+    paused = Workbench(wb.decoder, wb.tokenizer, wb.info, wb.coprocessor, "test")
+    paused.pause = Coprocessor(CoprocessorConfig(num_latents=3, body="none", num_layers=1), wb.decoder).eval()
+    h = app.make_handlers(app.Backend(paused))
+    fig, *_, res = h["latents"]("first prompt\nsecond one", 2, "prompt", 3, "")
+    over = fig.data[-1]
+    assert over.name.startswith("pause tokens") and len(over.x) == 3 and over.marker.symbol == "x"
+    z = paused._latents_of(paused.pause, "a different text entirely").numpy()       # the pause arm's own forward
+    np.testing.assert_allclose(res["pause_latents"], z, atol=1e-5)                  # same for every prompt
+    np.testing.assert_allclose(over.x, pca.transform(z)[:, 0], atol=1e-3)
+    assert h["latents_view"](res, 3, "latent", "own").data[-1].type == "scatter3d"
+
+
 def test_offline_hub_id_fails_fast_with_one_line(monkeypatch, tmp_path):
     import time
 

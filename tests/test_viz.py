@@ -330,6 +330,41 @@ def test_latent_pca_figure(dims, color_by):
     assert "norm" in fig.data[0].hovertemplate and "closest" in fig.data[0].hovertemplate
 
 
+def test_reference_axes_make_runs_comparable_and_overlay_pause_latents():
+    from sklearn.decomposition import PCA
+
+    from cacheaug_core.viz.latents import fit_latent_axes, project_latents
+
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(24, 10)) * np.linspace(3, 0.5, 10)          # (N, d), anisotropic
+    axes = fit_latent_axes(ref, 3)
+    pca = PCA(3).fit(ref)                                                  # the library's own projection
+    run_a, run_b = rng.normal(size=(8, 10)), rng.normal(size=(6, 10))
+    np.testing.assert_allclose(project_latents(run_a, axes, 3)[0], pca.transform(run_a), atol=1e-9)
+    # One run's coordinates do not depend on what else is plotted: that is what makes runs comparable.
+    both = project_latents(np.concatenate([run_a, run_b]), axes, 2)[0]
+    np.testing.assert_allclose(both[:8], project_latents(run_a, axes, 2)[0], atol=1e-12)
+    share = project_latents(run_a, axes, 2)[1]
+    assert share.shape == (2,) and np.all(share >= 0) and share.sum() <= 1 + 1e-9
+    with pytest.raises(ValueError, match="another model"):
+        project_latents(rng.normal(size=(3, 7)), axes, 2)
+    pids, lidx = np.repeat([0, 1], 4), np.tile(np.arange(4), 2)
+    pause = rng.normal(size=(4, 10))
+    for dims in (2, 3):
+        fig = latent_pca_figure(run_a, pids, lidx, dims=dims, axes=axes, overlay=pause)
+        *main, over = fig.data
+        xs = np.concatenate([np.asarray(t.x) for t in main])
+        assert np.allclose(np.sort(xs), np.sort(pca.transform(run_a)[:, 0]))
+        assert over.name == "pause tokens" and over.marker.symbol != main[0].marker.symbol
+        np.testing.assert_allclose(np.asarray(over.x), pca.transform(pause)[:, 0], atol=1e-9)
+        assert "reference" in fig.layout.title.text
+    # Without reference axes the overlay goes on the run's own PCA, whose coordinates stay latent_pca's.
+    fig = latent_pca_figure(run_a, pids, lidx, color_by="latent", overlay=pause)
+    own = PCA(2).fit(run_a)
+    np.testing.assert_allclose(np.sort(np.asarray(fig.data[0].x)), np.sort(latent_pca(run_a, 2)[0][:, 0]))
+    np.testing.assert_allclose(np.abs(np.asarray(fig.data[-1].x)), np.abs(own.transform(pause)[:, 0]), atol=1e-9)
+
+
 def test_latent_readout_frame():
     df = latent_readout_frame([["a", " b"], ["c", "d"]], np.array([[0.1, 0.6], [0.5, 0.2]]))
     assert df["latent"].tolist() == [0, 1]

@@ -27,8 +27,8 @@ from .figures import (
     topk_compare_frame,
     topk_frame,
 )
-from .latents import (latent_pca, latent_pca_figure, latent_readout_frame, latent_similarity,
-                      latent_similarity_figure)
+from .latents import (fit_latent_axes, latent_pca, latent_pca_figure, latent_readout_frame, latent_similarity,
+                      latent_similarity_figure, project_latents)
 from .tokens import clean_token, display_token, plotly_text, token_delta_html
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "display_token",
     "entropy",
     "figure_to_html",
+    "fit_latent_axes",
     "frame_to_csv",
     "kl_divergence",
     "latent_pca",
@@ -48,6 +49,7 @@ __all__ = [
     "latent_similarity_figure",
     "per_token_frame",
     "plotly_text",
+    "project_latents",
     "summary_table",
     "token_delta_html",
     "topk_compare_frame",

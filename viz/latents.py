@@ -25,7 +25,51 @@ import plotly.graph_objects as go
 
 from .tokens import display_token, plotly_text, truncate_label
 
-__all__ = ["latent_pca", "latent_pca_figure", "latent_readout_frame"]
+__all__ = ["fit_latent_axes", "latent_pca", "latent_pca_figure", "latent_readout_frame", "project_latents"]
+
+
+def fit_latent_axes(latents: np.ndarray, n_components: int = 3) -> dict:
+    """Principal axes of a reference set of latents, to project other runs onto the same axes.
+
+    Fitted once (e.g. on the latents of fixed reference prompts) and reused, the axes make PCA plots
+    of different runs comparable: a run's own PCA rotates and flips with every set of prompts.
+
+    Returns ``{"mean": (d,), "components": (k, d), "explained_variance_ratio": (k,), "n": N}`` with
+    k = n_components; rows past what the reference supports are zeros (as in `latent_pca`).
+    """
+    x = np.asarray(latents, dtype=np.float64)
+    if x.ndim != 2 or not np.all(np.isfinite(x)):
+        raise ValueError(f"reference latents must be a finite (N, d) array, got shape {x.shape}")
+    k = int(n_components)
+    n, d = x.shape
+    mean = x.mean(axis=0) if n else np.zeros(d)
+    comps = np.zeros((k, d))
+    ratio = np.zeros(k)
+    centred = x - mean
+    k_fit = min(k, n, d)
+    if n >= 2 and k_fit >= 1 and np.any(centred):
+        from sklearn.decomposition import PCA   # slow to import; only PCA needs it
+
+        pca = PCA(n_components=k_fit, svd_solver="full").fit(x)
+        comps[:k_fit] = pca.components_
+        ratio[:k_fit] = np.nan_to_num(pca.explained_variance_ratio_, nan=0.0)
+    return {"mean": mean, "components": comps, "explained_variance_ratio": ratio, "n": int(n)}
+
+
+def project_latents(latents: np.ndarray, axes: dict, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (N, n_components) of latents on fitted axes (`fit_latent_axes`), and the share of
+    these latents' own variance each axis holds (n_components,): low shares mean the reference axes
+    miss how these latents vary."""
+    x = np.asarray(latents, dtype=np.float64)
+    comps = np.asarray(axes["components"], dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != comps.shape[1]:
+        raise ValueError(f"latents {x.shape} do not match the axes' size d={comps.shape[1]}: axes of another model?")
+    if n_components > comps.shape[0]:
+        raise ValueError(f"the axes have {comps.shape[0]} components, {n_components} asked")
+    coords = (x - np.asarray(axes["mean"])) @ comps[:n_components].T                 # (N, k)
+    total = float(((x - x.mean(axis=0)) ** 2).sum()) if len(x) > 1 else 0.0
+    share = (((coords - coords.mean(axis=0)) ** 2).sum(axis=0) / total) if total > 0 else np.zeros(n_components)
+    return coords, share
 
 
 def latent_pca(latents: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +143,9 @@ def latent_pca_figure(
     connect: bool = False,
     max_label_len: int = 40,
     title: str | None = None,
+    axes: dict | None = None,
+    overlay: np.ndarray | None = None,
+    overlay_name: str = "pause tokens",
 ) -> go.Figure:
     """PCA scatter (2-D or 3-D) of latent embeddings.
 
@@ -115,6 +162,10 @@ def latent_pca_figure(
             string or a list of strings per point.
         norms: optional (N,) L2 norms; computed from ``latents`` when omitted.
         connect: draw a line through each prompt's latents in slot order.
+        axes: fitted reference axes (`fit_latent_axes`): every run is drawn on the same axes,
+            so plots of different prompts compare; default: a PCA of these latents alone.
+        overlay: optional (M, d) extra latents (e.g. a pause checkpoint's soft tokens, the same
+            for every prompt) drawn on the same axes as one trace of distinct markers.
 
     Hover shows prompt, latent index, norm and closest tokens; the title gives
     each component's explained variance in %.
@@ -146,10 +197,17 @@ def latent_pca_figure(
         fig.update_layout(title=title or "Latent embeddings (no data)")
         return fig
 
-    coords, evr = latent_pca(x, n_components=dims)
-    pct = [f"PC{i + 1} {100 * r:.1f}%" for i, r in enumerate(evr)]
-    title = title or f"Latent embeddings, PCA ({', '.join(pct)}; total {100 * evr.sum():.1f}% of variance)"
-    axis_titles = [f"PC{i + 1} ({100 * r:.1f}%)" for i, r in enumerate(evr)]
+    if axes is not None:
+        coords, evr = project_latents(x, axes, dims)
+        pct = [f"PC{i + 1} {100 * r:.1f}%" for i, r in enumerate(evr)]
+        title = title or (f"Latent embeddings on reference axes (fitted on {axes.get('n', '?')} reference latents; "
+                          f"these latents' variance: {', '.join(pct)})")
+        axis_titles = [f"reference PC{i + 1} ({100 * r:.1f}% here)" for i, r in enumerate(evr)]
+    else:
+        coords, evr = latent_pca(x, n_components=dims)
+        pct = [f"PC{i + 1} {100 * r:.1f}%" for i, r in enumerate(evr)]
+        title = title or f"Latent embeddings, PCA ({', '.join(pct)}; total {100 * evr.sum():.1f}% of variance)"
+        axis_titles = [f"PC{i + 1} ({100 * r:.1f}%)" for i, r in enumerate(evr)]
 
     # customdata columns: prompt name, latent slot, norm, closest tokens.
     names = [prompt_name(int(p)) for p in pids]
@@ -201,6 +259,9 @@ def latent_pca_figure(
         else:
             fig.add_trace(make(np.arange(n), "latents", marker, showlegend=False))
 
+    if overlay is not None and len(overlay):
+        fig.add_trace(_overlay_trace(np.asarray(overlay, dtype=np.float64), x, axes, dims, overlay_name))
+
     if dims == 3:
         fig.update_layout(scene={"xaxis": {"title": {"text": axis_titles[0]}},
                                  "yaxis": {"title": {"text": axis_titles[1]}},
@@ -210,6 +271,27 @@ def latent_pca_figure(
         fig.update_yaxes(title_text=axis_titles[1])
     fig.update_layout(title=title, legend={"title": {"text": "prompt"}})
     return fig
+
+
+def _overlay_trace(overlay: np.ndarray, x: np.ndarray, axes: dict | None, dims: int, name: str):
+    """Extra latents (M, d) on the figure's axes: the reference axes, or the PCA of `x` (refitted on
+    `x` alone, so the main points keep their coordinates)."""
+    if overlay.ndim != 2 or overlay.shape[1] != x.shape[1]:
+        raise ValueError(f"overlay must be (M, {x.shape[1]}), got shape {overlay.shape}")
+    fitted = axes if axes is not None else fit_latent_axes(x, dims)
+    pts = project_latents(overlay, fitted, dims)[0]   # same sklearn fit as latent_pca(x): same axes and signs
+    m = len(overlay)
+    custom = np.empty((m, 2), dtype=object)
+    custom[:, 0] = np.arange(m)
+    custom[:, 1] = [f"{v:.4g}" for v in np.linalg.norm(overlay, axis=1)]
+    kw = dict(x=pts[:, 0], y=pts[:, 1], mode="markers", name=plotly_text(name), customdata=custom,
+              marker={"symbol": "diamond-open" if dims == 3 else "x", "size": 5 if dims == 3 else 11,
+                      "color": "black", "line": {"width": 1}},
+              hovertemplate=plotly_text(name) + "<br>latent #%{customdata[0]}<br>norm %{customdata[1]}<extra></extra>")
+    if dims == 3:
+        kw["z"] = pts[:, 2]
+        return go.Scatter3d(**kw)
+    return go.Scatter(**kw)
 
 
 def latent_readout_frame(top_tokens: Sequence[Sequence[str]], top_probs: np.ndarray) -> pd.DataFrame:
