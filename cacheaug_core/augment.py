@@ -211,14 +211,32 @@ def score_after_every_token(decoder, coprocessor, input_ids: torch.Tensor, posit
     `points_per_pass` (default 64): on CPU the transformers path defaults to 16, since its dense
     mask makes attention grow with the points per pass (16 take about a quarter less time than
     64 there); per-point attention has no such cost and runs faster with larger matmuls.
+
+    `iter_score_after_every_token` gives the rows pass by pass (for progressive views).
     """
+    for _, nll_aug, nll_base in iter_score_after_every_token(decoder, coprocessor, input_ids, positions,
+                                                             points_per_pass, pad_id, progress, fast):
+        pass
+    return nll_aug, nll_base
+
+
+@torch.no_grad()
+def iter_score_after_every_token(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 16,
+                                 points_per_pass: int | None = None, pad_id: int = 0, progress=None,
+                                 fast: bool | None = None):
+    """`score_after_every_token`, pass by pass: yields (points_done, nll_aug (T-1, A), nll_base (T-1, A))
+    after each pass of `points_per_pass` points, rows >= points_done of nll_aug still NaN (not scored
+    yet); the last yield (points_done = T-1) holds the same scores `score_after_every_token` returns.
+    Each partial nll_aug is its own tensor: later passes do not change it."""
     on_cpu = input_ids.device.type == "cpu"
     if fast is None:
         fast = on_cpu and fastpath.unsupported(decoder, coprocessor) is None
     if points_per_pass is None:
         points_per_pass = 16 if on_cpu and not fast else 64
     if fast:
-        return fastpath.score_every(decoder, coprocessor, input_ids, positions, points_per_pass, pad_id, progress)
+        yield from fastpath.iter_score_every(decoder, coprocessor, input_ids, positions, points_per_pass, pad_id,
+                                             progress)
+        return
     T = input_ids.shape[1]
     cache, logits = prefill(decoder, input_ids)
     base = plain_nll(logits, input_ids)[0]                                     # (T,)
@@ -227,12 +245,20 @@ def score_after_every_token(decoder, coprocessor, input_ids: torch.Tensor, posit
     nll_base = torch.where(idx < T, base[idx.clamp(max=T - 1)], torch.full(idx.shape, float("nan"), device=idx.device))
     rows = []
     chunks = list(torch.split(all_points, points_per_pass))
+    if not chunks:   # a one-token text: no augmentation point
+        yield 0, nll_base.clone(), nll_base
+        return
     for i, pts in enumerate(chunks):
         out = multi_point(decoder, coprocessor, input_ids, pts[None], positions, cache=cache, pad_id=pad_id)
         rows.append(token_nll(out.logits, out.targets, out.valid)[0])
         if progress is not None:
             progress((i + 1) / len(chunks))
-    return torch.cat(rows), nll_base
+        done = int(pts[-1]) + 1
+        if i == len(chunks) - 1:
+            yield done, torch.cat(rows), nll_base
+        else:   # the points not scored yet: NaN rows
+            yield done, torch.cat([*rows, torch.full((T - 1 - done, positions), float("nan"),
+                                                     dtype=rows[0].dtype, device=rows[0].device)]), nll_base
 
 
 @dataclass

@@ -997,6 +997,16 @@ def head_nll(decoder, hidden: torch.Tensor, targets: torch.Tensor, vocab_chunk: 
 @torch.no_grad()
 def score_every(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 16, points_per_pass: int = 64,
                 pad_id: int = 0, progress=None):
+    """The final scores of `iter_score_every` (see there): -> (nll_aug (T-1, A), nll_base (T-1, A))."""
+    for _, nll_aug, nll_base in iter_score_every(decoder, coprocessor, input_ids, positions, points_per_pass,
+                                                  pad_id, progress):
+        pass
+    return nll_aug, nll_base
+
+
+@torch.no_grad()
+def iter_score_every(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 16, points_per_pass: int = 64,
+                     pad_id: int = 0, progress=None):
     """`augment.score_after_every_token` on the fast path: latents after every token of input_ids
     (1, T), the n-th token ahead scored for n = 1..positions. -> (nll_aug (T-1, A), nll_base (T-1, A)),
     NaN past the end of the text.
@@ -1006,6 +1016,9 @@ def score_every(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 
     go `points_per_pass` at a time (the progress callback gets the fraction done after each pass);
     a pass keeps only the prefix its last point sees. Ahead rows past the end of the text skip the
     LM head.
+
+    Yields after each pass (points_done, nll_aug, nll_base): rows >= points_done of nll_aug are still
+    NaN; a partial nll_aug is a copy (later passes do not change it), the last yield is the result.
     """
     T = input_ids.shape[1]
     dev = input_ids.device
@@ -1019,6 +1032,9 @@ def score_every(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 
     nll_base = torch.where(idx < T - 1, base[idx.clamp(max=T - 2)], nan)
     nll_aug = nan.clone()
     chunks = list(torch.split(all_points, points_per_pass))
+    if not chunks:   # a one-token text: no augmentation point
+        yield 0, nll_aug, nll_base
+        return
     gate = getattr(core, "gate_bias", None)
     for i, pts in enumerate(chunks):
         pts = pts[None]                                                      # (1, P)
@@ -1030,4 +1046,5 @@ def score_every(decoder, coprocessor, input_ids: torch.Tensor, positions: int = 
         nll_aug[pts[0]] = rows
         if progress is not None:
             progress((i + 1) / len(chunks))
-    return nll_aug, nll_base
+        done = int(pts[0, -1]) + 1
+        yield done, (nll_aug if i == len(chunks) - 1 else nll_aug.clone()), nll_base

@@ -96,3 +96,25 @@ def test_score_text_reuses_the_last_analysis(monkeypatch):
     wb.score_text(text, point=4, top_k=4)                                    # another point: scored again
     wb.score_text(text + "q", point=4, top_k=4)                              # another text: scored again
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["transformers", "fastpath"])
+def test_partial_rows_of_mode_b_equal_the_final_rows(fast):
+    """Mode (b) pass by pass: each partial result holds exactly the final rows of the points scored so
+    far (NaN after them), and the last one is `score_after_every_token`'s result."""
+    dec = tiny_decoder("llama")
+    cop = Coprocessor(CoprocessorConfig(num_latents=3), dec).eval()
+    T, A = 23, 4
+    ids = torch.randint(1, 96, (1, T), generator=torch.Generator().manual_seed(5))
+    final_aug, final_base = augment.score_after_every_token(dec, cop, ids, A, points_per_pass=5, fast=fast)
+    seen = []
+    parts = list(augment.iter_score_after_every_token(dec, cop, ids, A, points_per_pass=5, fast=fast,
+                                                      progress=seen.append))
+    assert [d for d, _, _ in parts] == [5, 10, 15, 20, 22] and seen == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    for done, aug, base in parts:
+        assert aug.shape == final_aug.shape == (T - 1, A)
+        torch.testing.assert_close(aug[:done], final_aug[:done], equal_nan=True, atol=0, rtol=0)
+        assert torch.isnan(aug[done:]).all()
+        torch.testing.assert_close(base, final_base, equal_nan=True, atol=0, rtol=0)
+    assert parts[0][1] is not parts[-1][1]                       # a partial is not overwritten by later passes
+    torch.testing.assert_close(parts[-1][1], final_aug, equal_nan=True, atol=0, rtol=0)
