@@ -10,7 +10,7 @@ The coprocessor reads the decoder's KV cache and appends latent embeddings to it
 * **Per-token analysis** - (a) augment once at a point and score what follows, or (b) augment
   after every token and score the n-th token ahead; Δloss per token (hover for exact values,
   click for both arms' top-k next tokens and their KL), Δ by position ahead, summary table, a
-  Δloss heatmap, CSV / JSON / figure-HTML exports.
+  Δloss heatmap (mode (b): filled in as its batched passes finish), CSV / JSON / figure-HTML exports.
 * **Latents** - PCA (2-D/3-D; on axes fitted once per model on fixed reference prompts, so runs
   compare; pause tokens overlaid when loaded) of the latents of one or many prompts, what each latent reads as
   through the decoder's LM head, and the attention a continuation pays to each latent.
@@ -329,9 +329,38 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             stopped_sessions.add(request.session_hash)
         return views.notice_html("Stopped.", "info")
 
+    def _every_views(res, ahead):
+        """Mode (b) views of a partial or final `score_every` result: per-token NLLs n ahead, the caption,
+        the Δ by position and the Δloss heatmap (unscored rows stay blank)."""
+        toks = res["tokens"]
+        A = res["nll_aug"].shape[1]
+        n = int(min(max(int(ahead), 1), A))
+        nb, na = views.nth_ahead_per_token(res["nll_base"], res["nll_aug"], n)
+        caption = (f"Background = Δloss of each token when the latents were inserted {n} token(s) earlier: "
+                   "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
+                   "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
+        by_pos = views.by_position_every(res["nll_base"], res["nll_aug"])
+        heat = viz.delta_heatmap_figure(toks, views.by_scored_token(res["nll_aug"] - res["nll_base"]),
+                                        axis="token", title="Δloss of each token by how many tokens "
+                                        "earlier the latents were inserted (blue = helps; blank = not scored)")
+        return toks, A, n, nb, na, caption, by_pos, heat
+
+    def _by_position_figure(by_pos, ref, ref_name, units):
+        return viz.delta_by_position_figure(by_pos, title="", reference=ref, units=units,
+                                            reference_name=f"typical: {ref_name}" if ref_name else "")
+
     def analyze(text, mode, point, positions, ahead, top_k, bf16=False, progress=gr.Progress(),
                 request: gr.Request = None):
-        """Per-token Δloss: mode 'once' (a) or 'every' (b)."""
+        """Per-token Δloss, the final result of `analyze_stream` (for callers that want no partials)."""
+        final = None
+        for final in analyze_stream(text, mode, point, positions, ahead, top_k, bf16, progress, request):
+            pass
+        return final
+
+    def analyze_stream(text, mode, point, positions, ahead, top_k, bf16=False, progress=gr.Progress(),
+                       request: gr.Request = None):
+        """Per-token Δloss: mode 'once' (a) or 'every' (b). Mode (b) yields partial views after each
+        batched pass (the heatmap and the curve fill in; no downloads until the end), then the result."""
         session = getattr(request, "session_hash", None)
         stopped_sessions.discard(session)
 
@@ -366,7 +395,17 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 shown = {"text": text, "mode": "once", "point": p}
             else:
                 progress(0.0, desc="augmenting after every token")
-                res = wb.score_every(text, positions=int(positions), progress=every_progress, bf16=bool(bf16))
+                ref_name, ref = _reference(wb)
+                for res in wb.iter_score_every(text, positions=int(positions), progress=every_progress,
+                                               bf16=bool(bf16)):
+                    if res["points_done"] < res["points"]:     # a partial result: views only, no files
+                        toks, _, _, nb, na, caption, by_pos, heat = _every_views(res, ahead)
+                        note = views.notice_html(f"Scoring… {res['points_done']} of {res['points']} augmentation "
+                                                 "points done; the views fill in as passes finish.", "info")
+                        yield (note, viz.token_delta_html(toks, na - nb, nb, na, caption=caption),
+                               views.round_frame(viz.summary_table(nb, na)),
+                               _by_position_figure(by_pos, ref, ref_name, "pct"), heat,
+                               views.round_frame(viz.per_token_frame(toks, nb, na)), None, None, None, None, None)
                 if bf16:   # the numeric price, measured here on the text's first 48 tokens
                     head = wb.tokenizer.decode(wb.encode(text)[0, :48].tolist())
                     r32, r16 = (wb.score_every(head, positions=int(positions), bf16=b) for b in (False, True))
@@ -374,20 +413,10 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                     d = d[np.isfinite(d)]
                     notice = _join(notice, f"bf16: on the first 48 tokens, mean |ΔNLL| to float32 {d.mean():.4f} "
                                            f"nats (max {d.max():.4f}).")
-                toks = res["tokens"]
-                A = res["nll_aug"].shape[1]
-                n = int(min(max(int(ahead), 1), A))
-                nb, na = views.nth_ahead_per_token(res["nll_base"], res["nll_aug"], n)
+                toks, A, n, nb, na, caption, by_pos, heat = _every_views(res, ahead)
                 p = None
                 info = (f"Mode (b): latents inserted after every token; each token is scored with the latents "
                         f"inserted {n} token{'s' if n > 1 else ''} earlier (positions 1..{A} in the figures).")
-                caption = (f"Background = Δloss of each token when the latents were inserted {n} token(s) earlier: "
-                           "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
-                           "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
-                by_pos = views.by_position_every(res["nll_base"], res["nll_aug"])
-                heat = viz.delta_heatmap_figure(toks, views.by_scored_token(res["nll_aug"] - res["nll_base"]),
-                                                axis="token", title="Δloss of each token by how many tokens "
-                                                "earlier the latents were inserted (blue = helps; blank = not scored)")
                 heat_file = _write_html(heat, out / "cacheaug-heatmap.html")
                 shown = {"text": text, "mode": "every", "positions": A, "ahead": n, "tokens": toks,
                          "nll_base_by_point": res["nll_base"], "nll_aug_by_point": res["nll_aug"]}
@@ -402,8 +431,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                                          where=f", {shown['ahead']} ahead" if mode == "every" else "")
             # Mode (a) has one token per position: Δloss in nats with a rolling mean (a percentage of one
             # token's perplexity explodes); mode (b) averages many tokens per position: relative change.
-            by_fig = viz.delta_by_position_figure(by_pos, title="", reference=ref, units="nats" if mode == "once"
-                                                  else "pct", reference_name=f"typical: {ref_name}" if ref_name else "")
+            by_fig = _by_position_figure(by_pos, ref, ref_name, "nats" if mode == "once" else "pct")
             csv_file = str(viz.frame_to_csv(per_token, out / "cacheaug-per-token.csv"))
             run |= {"text": text, "model": _model_summary(wb), "notice": _join(notice, res.get("notice", "")) or None,
                     "tokens": [viz.clean_token(t) for t in toks], "nll_base": nb, "nll_aug": na,
@@ -413,7 +441,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             note = views.notice_html(verdict, "info", "Verdict:") + views.notice_html(
                 _join(info, notice), "warning" if notice else "info")
             run["verdict"] = verdict
-            return (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
+            yield (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
                     json_file, pos_file, heat_file, shown)
 
     def recolour(shown, ahead):
@@ -748,7 +776,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             "were made with the previous model; reload the page to acknowledge.", "warning", "Model changed:")
 
     return {"model_seen": model_seen, "model_changed": model_changed, "generate": generate, "stop_generation": stop_generation,
-            "analyze": analyze, "stop_analysis": stop_analysis, "token_detail": token_detail,
+            "analyze": analyze, "analyze_stream": analyze_stream, "stop_analysis": stop_analysis,
+            "token_detail": token_detail,
             "pick_token": pick_token, "pick_row": pick_row, "recolour": recolour,
             "use_generation": use_generation, "latents": latents, "latents_view": latents_view, "corpus_run": corpus_run, "corpus_view": corpus_view,
             "corpus_doc": corpus_doc, "corpus_to_analysis": corpus_to_analysis, "model_info": model_info, "load_model": load_model}
@@ -1063,7 +1092,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
         ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk, ana_bf16]
         ana_outputs = [ana_notice, tokens_html, summary, by_pos_plot, heat_plot, per_token, ana_csv, ana_json,
                        ana_fig_pos, ana_fig_heat, ana_shown]
-        ana_event = ana_btn.click(h["analyze"], ana_inputs, ana_outputs, api_name="analyze", **model)
+        ana_event = ana_btn.click(h["analyze_stream"], ana_inputs, ana_outputs, api_name="analyze", **model)
         ana_stop.click(h["stop_analysis"], None, ana_notice, cancels=[ana_event], api_visibility="private",
                        queue=False)
         # The n-ahead colour re-renders the stored mode (b) result; the token detail follows (stale otherwise).

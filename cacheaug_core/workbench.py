@@ -7,6 +7,7 @@ from these results. The Gradio app, the CLI and notebooks all call the same meth
     for base, aug in wb.generate_pair("Why is the sky blue?", max_new_tokens=40): ...
     res = wb.score_text("The cat sat on the mat.", point=None)   # augment once, score the rest
     res = wb.score_every("Some text ...", positions=16)            # after every token
+    for part in wb.iter_score_every("Some text ..."): ...          # the same, pass by pass (partial rows)
     lat = wb.latents(["prompt one", "prompt two"])
 """
 
@@ -438,17 +439,33 @@ class Workbench:
     def score_every(self, text: str, positions: int = 16, progress=None, bf16: bool = False) -> dict:
         """Mode (b): latents after every token; the n-th token ahead scored for n = 1..positions.
         bf16: matmuls in bfloat16 (torch.autocast; the weights stay float32), where supported."""
+        for res in self.iter_score_every(text, positions, progress=progress, bf16=bf16):
+            pass
+        return res
+
+    def iter_score_every(self, text: str, positions: int = 16, progress=None, bf16: bool = False):
+        """`score_every`, pass by pass: yields its dict after each batched pass, with "points_done"
+        and "points" (rows of nll_aug from points_done on are NaN: not scored yet); the last is final."""
         text, notice = clean_text(text)
         ids = self.encode(text)
         if ids.shape[1] < 2:
             raise InputError("Need at least two tokens.")
         if bf16 and (why := self.bf16_unsupported()):
             raise InputError(f"bf16 is not available: {why}.")
-        with torch.autocast(self.decoder.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
-            aug, base = augment.score_after_every_token(self.decoder, self.coprocessor, ids, positions,
-                                                        progress=progress)
-        return {"tokens": self.token_strings(ids[0]), "nll_aug": aug.float().cpu().numpy(),
-                "nll_base": base.float().cpu().numpy(), "notice": notice}
+        tokens = self.token_strings(ids[0])
+        passes = augment.iter_score_after_every_token(self.decoder, self.coprocessor, ids, positions,
+                                                      progress=progress)
+        while True:
+            # autocast per pass, not around the yield: its state is per thread, and a consumer (Gradio)
+            # may resume this generator on another thread
+            with torch.autocast(self.decoder.device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
+                step = next(passes, None)
+            if step is None:
+                return
+            done, aug, base = step
+            yield {"tokens": tokens, "nll_aug": aug.float().cpu().numpy().copy(),
+                   "nll_base": base.float().cpu().numpy().copy(), "notice": notice,
+                   "points_done": int(done), "points": int(ids.shape[1] - 1)}
 
     # -- latents ---------------------------------------------------------------------------
 

@@ -262,6 +262,30 @@ def test_analyze_every_matches_score_every(client, wb):
     assert run["mode"] == "every" and len(run["nll_aug_by_point"]) == T - 1 and len(run["nll_aug_by_point"][0]) == 4
 
 
+def test_analyze_every_streams_partial_views_then_the_final_result(client, wb):
+    text = " ".join(f"word{i} and {i % 7}." for i in range(40))        # well over one pass of points
+    job = client.submit(text, "every", -1, 3, 1, 5, api_name="/analyze")
+    final = job.result()
+    outs = job.outputs()
+    res = wb.score_every(text, positions=3)
+    P = len(res["tokens"]) - 1
+    partials = [o for o in outs if "augmentation points done" in o[0]]
+    assert partials and final[0] == outs[-1][0] and "augmentation points done" not in final[0]
+    full = _arr(_plot(final[4])["data"][0]["z"])
+    diff = app_views.by_scored_token(res["nll_aug"] - res["nll_base"])
+    np.testing.assert_allclose(full, diff, rtol=1e-5, equal_nan=True)        # the final = the workbench's result
+    filled = []
+    for o in partials:
+        z = _arr(_plot(o[4])["data"][0]["z"])
+        ok = np.isfinite(z)
+        np.testing.assert_allclose(z[ok], full[ok], rtol=1e-5)                # partial cells = final cells
+        filled.append(int(ok.sum()))
+        assert all(f is None for f in o[6:10])                                # no downloads of a partial
+    assert filled == sorted(filled) and filled[-1] < np.isfinite(full).sum()  # fills in, pass by pass
+    assert f"of {P} augmentation points" in partials[0][0]
+    assert all(f is not None for f in final[6:10])
+
+
 def test_token_detail_both_modes(client, wb):
     res = wb.score_text(TEXT, point=4, top_k=5, with_attention=False)
     client.predict(TEXT, "once", 4, 8, 1, 5, api_name="/analyze")
