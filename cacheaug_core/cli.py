@@ -259,6 +259,11 @@ def cmd_latents(args) -> int:
         print(f"note: {wb.notice}", file=sys.stderr)
     res = wb.latents(prompts, top_k=args.top_k, chat=args.chat)
     coords, evr = viz.latent_pca(res["latents"], n_components=args.dims)
+    axes = wb.reference_axes(3) if args.axes == "reference" else None
+    if axes is not None:   # the app's default: axes fitted on fixed reference prompts, comparable across runs
+        coords, share = viz.project_latents(res["latents"], axes, args.dims)
+        print(f"reference axes ({len(axes['prompts'])} fixed prompts); these latents' variance along them: "
+              + ", ".join(f"PC{i + 1} {100 * x:.1f}%" for i, x in enumerate(share)))
     readout = views.latent_readout_with_prompts(viz.latent_readout_frame(res["top_tokens"], res["top_probs"]),
                                                 res["prompt_ids"], res["latent_index"], res["labels"])
     print(f"{len(prompts)} prompt(s) x {res['latents'].shape[0] // len(prompts)} latents; "
@@ -280,7 +285,7 @@ def cmd_latents(args) -> int:
     if args.html:
         fig = viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
                                     color_by=args.color_by, dims=args.dims, hover_tokens=res["top_tokens"],
-                                    norms=res["norms"])
+                                    norms=res["norms"], axes=axes, overlay=res["pause_latents"])
         _write_html(fig, args.html)
         print(f"PCA figure HTML: {args.html}")
     if args.attention_html and attn is not None:
@@ -292,7 +297,7 @@ def cmd_latents(args) -> int:
         views.write_json({"prompts": prompts, "labels": res["labels"], "prompt_ids": res["prompt_ids"],
                           "latent_index": res["latent_index"], "norms": res["norms"], "pca": coords,
                           "explained_variance": evr, "readout": readout, "latents": res["latents"],
-                          "attention_to_latents": attn,
+                          "attention_to_latents": attn, "axes": args.axes, "pause_latents": res["pause_latents"],
                           "model": {"decoder": wb.info.name, "coprocessor": wb.coprocessor_source},
                           "provenance": provenance(wb, _STARTED, args)}, args.json)
         print(f"JSON: {args.json}")
@@ -448,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--dims", type=int, default=2, help="PCA dimensions of the figure: 2 or 3")
     p.add_argument("--color-by", choices=["prompt", "latent"], default="prompt")
+    p.add_argument("--axes", choices=["own", "reference"], default="own",
+                   help="PCA axes: these prompts' own, or axes fitted on fixed reference prompts (as the app), "
+                   "which make runs comparable")
     p.add_argument("--continuation", default="", help="text after the first prompt: report the attention its "
                    "tokens pay to that prompt's latents")
     p.add_argument("--json", default="", help="write latents, PCA coordinates and the read-out as JSON here")

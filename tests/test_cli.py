@@ -16,6 +16,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cacheaug_core.checkpoint import read_config, save_coprocessor
@@ -158,6 +159,25 @@ def test_latents(models, tmp_path, capsys):
     assert len(res["attention_to_latents"]["mass"]) == 23
     assert res["provenance"]["arguments"]["prompt"] == res["prompts"] and res["provenance"]["coprocessor"]
     assert "plotly" in fig.read_text() and "plotly" in attn.read_text()
+
+
+def test_latents_on_reference_axes(models, tmp_path, capsys):
+    from sklearn.decomposition import PCA
+
+    from cacheaug_core.workbench import REFERENCE_PROMPTS, Workbench
+
+    outs = []
+    for prompts in (["Why is the sky blue?"], ["Why is the sky blue?", "What is 17 + 25?"]):
+        js = tmp_path / f"lat{len(prompts)}.json"
+        args = [x for p in prompts for x in ("--prompt", p)]
+        rc, out, _ = run(capsys, "latents", *args, "--axes", "reference", "--json", str(js), *model_args(models))
+        assert rc == 0 and "reference axes (8 fixed prompts)" in out
+        outs.append(json.loads(js.read_text()))
+    np.testing.assert_allclose(outs[0]["pca"], outs[1]["pca"][:3], atol=1e-5)     # runs share the axes
+    wb = Workbench.load(models[0], models[1])
+    pca = PCA(2).fit(wb.latents(list(REFERENCE_PROMPTS))["latents"])
+    np.testing.assert_allclose(outs[0]["pca"], pca.transform(wb.latents(["Why is the sky blue?"])["latents"]),
+                               atol=1e-4)
 
 
 def test_latents_empty_prompt_is_one_line(models, capsys):
