@@ -52,6 +52,13 @@ def decoder(name: str, tiny: bool, device, dtype):
 
 
 def compare(name: str, tiny: bool, device, dtype) -> dict:
+    # bf16 as the trainer runs it: bf16 weights under bf16 autocast (the fast path's attention and
+    # norms compute in float32 and hand the projections float inputs, which autocast casts)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return _compare(name, tiny, device, dtype)
+
+
+def _compare(name: str, tiny: bool, device, dtype) -> dict:
     dec = decoder(name, tiny, device, dtype)
     why = fastpath.unsupported(dec, None, device=device)
     if why is not None:
@@ -99,8 +106,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
-    rows = [compare(n, args.tiny, device, dt) | {"dtype": str(dt).removeprefix("torch.")}
-            for n in args.families.split(",") for dt in dtypes]
+    rows = []
+    for n in args.families.split(","):
+        for dt in dtypes:
+            try:
+                row = compare(n, args.tiny, device, dt)
+            except Exception as e:   # recorded, not hidden: the other families still run
+                row = {"family": n, "error": f"{type(e).__name__}: {e}"}
+            rows.append(row | {"dtype": str(dt).removeprefix("torch.")})
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
