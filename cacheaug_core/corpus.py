@@ -420,30 +420,59 @@ def result_json(res: CorpusResult, tables: dict[str, pd.DataFrame] | None = None
 _PCT = r"([+-−]?\d+(?:\.\d+)?)%"
 
 
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _pct(cell: str) -> float:
+    return float(cell.replace("−", "-").rstrip("%"))
+
+
 def reference_curves(evaluation: dict | None) -> dict[str, pd.DataFrame]:
     """Perplexity-by-position results stored with a checkpoint -> {name: DataFrame(position,
     rel_ppl_change_pct, ci_low, ci_high, tokens)}. Reads both forms a checkpoint holds: an `eval ppl`
     JSON (dict with positions / rel_ppl_change_pct / rel_ppl_change_ci95) and its Markdown table
-    (| position | tokens | ... | rel. change | 95% CI |). Entries of any other shape are skipped."""
+    (| position | tokens | ... | rel. change | 95% CI | ...). Where the result splits the targets
+    (the document protocol), the **body** numbers are taken: targets at index >= 4 in their document,
+    the protocol's headline. Entries of any other shape are skipped."""
     out = {}
     for name, v in (evaluation or {}).items():
         rows = []
         if isinstance(v, dict) and "rel_ppl_change_pct" in v:
-            ci = v.get("rel_ppl_change_ci95") or [[np.nan, np.nan]] * len(v["rel_ppl_change_pct"])
-            tok = v.get("tokens_scored") or [np.nan] * len(v["rel_ppl_change_pct"])
-            pos = v.get("positions") or list(range(1, len(v["rel_ppl_change_pct"]) + 1))
+            body = "rel_ppl_change_pct_body" in v
+            rel = v["rel_ppl_change_pct_body" if body else "rel_ppl_change_pct"]
+            ci = v.get("rel_ppl_change_ci95_body" if body else "rel_ppl_change_ci95") or [[np.nan, np.nan]] * len(rel)
+            tok = v.get("tokens_scored_body" if body else "tokens_scored") or [np.nan] * len(rel)
+            pos = v.get("positions") or list(range(1, len(rel) + 1))
             rows = [(int(p), float(r), float(c[0]), float(c[1]), float(t))
-                    for p, r, c, t in zip(pos, v["rel_ppl_change_pct"], ci, tok) if r is not None]
+                    for p, r, c, t in zip(pos, rel, ci, tok) if r is not None]
         elif isinstance(v, str) and "rel. change" in v:
+            head = None
             for line in v.splitlines():
-                m = re.match(r"\|\s*(\d+)\s*\|\s*([\d,]+)\s*\|.*?\|\s*" + _PCT + r"\s*\|\s*\[" + _PCT
-                             + r",\s*" + _PCT + r"\]", line)
-                if m:
-                    f = [float(x.replace("−", "-")) for x in m.group(3, 4, 5)]
-                    rows.append((int(m.group(1)), f[0], f[1], f[2], float(m.group(2).replace(",", ""))))
+                if not line.startswith("|"):
+                    head = None if head and not line.strip() else head
+                    continue
+                cells = _cells(line)
+                if cells and cells[0] == "position":
+                    head = cells if "rel. change" in cells else None
+                    continue
+                if head is None or not cells or not cells[0].isdigit() or len(cells) != len(head):
+                    continue
+                col, cic = ("body", "body 95% CI") if "body 95% CI" in head else ("rel. change", "95% CI")
+                try:
+                    lo, hi = (_pct(x) for x in cells[head.index(cic)].strip("[]").split(","))
+                    rows.append((int(cells[0]), _pct(cells[head.index(col)]), lo, hi,
+                                 float(cells[head.index("tokens")].replace(",", ""))))
+                except (ValueError, IndexError):
+                    continue
+                # only the first table of an entry (later ones compare other arms)
+            if rows:
+                rows = [r for i, r in enumerate(rows) if i == 0 or r[0] > rows[i - 1][0]]
         if rows:
-            out[str(name)] = pd.DataFrame(rows, columns=["position", "rel_ppl_change_pct", "ci_low", "ci_high",
-                                                         "tokens"])
+            df = pd.DataFrame(rows, columns=["position", "rel_ppl_change_pct", "ci_low", "ci_high", "tokens"])
+            df.attrs["body"] = (isinstance(v, dict) and "rel_ppl_change_pct_body" in v) or (
+                isinstance(v, str) and "body 95% CI" in v)
+            out[str(name)] = df
     return out
 
 
@@ -460,8 +489,10 @@ def status_line(evaluation: dict | None) -> str:
         where = "the next token" if pos == 1 else f"{pos} tokens ahead"
         parts.append(f"{r.rel_ppl_change_pct:+.1f}% at {where} [{r.ci_low:+.1f}, {r.ci_high:+.1f}]")
     tok = df.tokens.max()
-    return (f"{name}: perplexity with the coprocessor " + ", ".join(parts)
-            + (f" ({tok:,.0f} tokens)" if np.isfinite(tok) else "") + ". Negative = the latents help.")
+    what = ("perplexity of the body (targets at index >= 4 in their document) with the coprocessor "
+            if df.attrs.get("body") else "perplexity with the coprocessor ")
+    return (f"{name}: {what}" + ", ".join(parts)
+            + (f" ({tok:,.0f} tokens scored)" if np.isfinite(tok) else "") + ". Negative = the latents help.")
 
 
 def reference_at(curve: pd.DataFrame | None, position: int) -> pd.Series | None:

@@ -162,3 +162,22 @@ def test_verdict_says_when_a_text_is_within_noise():
     clear = verdict_text(rng.normal(-0.5, 0.1, 200), reference={"position": 1, "rel_ppl_change_pct": -11.85,
                                                                    "ci_low": -12.65, "ci_high": -11.06}, ref_name="wiki")
     assert "lower beyond token-level noise" in clear and "Typical on wiki at position 1: -11.8%" in clear
+
+
+def test_reference_curves_take_the_body_of_a_document_protocol_table():
+    """A stored `eval ppl` table of the document protocol: the status line and the single-text
+    reference use its body columns (the headline), not the all-targets ones."""
+    table = ("| position | tokens | ppl decoder | ppl + coprocessor | rel. change | 95% CI | body | body 95% CI | doc start |\n"
+             "|---:|---:|---:|---:|---:|---|---:|---|---:|\n"
+             "| 1 | 1,000 | 15.0 | 14.0 | -4.66% | [-5.45%, -3.82%] | -3.96% | [-4.63%, -3.27%] | -20.26% |\n"
+             "| 16 | 900 | 13.4 | 13.1 | -2.54% | [-3.45%, -1.66%] | -2.50% | [-3.40%, -1.60%] | n/a |\n\n"
+             "| position | pause | pause body | difference | 95% CI | body difference | body 95% CI |\n"
+             "|---:|---:|---:|---:|---|---:|---|\n"
+             "| 1 | -4.11% | -2.35% | -0.54% | [-1.14%, +0.05%] | -1.61% | [-2.08%, -1.15%] |\n")
+    df = corpus.reference_curves({"wiki": table})["wiki"]
+    assert df.position.tolist() == [1, 16] and df.rel_ppl_change_pct.tolist() == [-3.96, -2.50]
+    assert df.ci_low.tolist() == [-4.63, -3.40] and df.attrs["body"]
+    line = corpus.status_line({"wiki": table})
+    assert "-4.0% at the next token [-4.6, -3.3]" in line and "body" in line
+    # a table without body columns: the all-targets numbers
+    assert corpus.reference_curves({"w": table.replace("body 95% CI", "b ci")})["w"].rel_ppl_change_pct.tolist() == [-4.66, -2.54]
