@@ -317,7 +317,9 @@ def test_hostile_input_is_inert(page):
     page.locator("#lat-continuation textarea").fill(HOSTILE_PARTS[1])
     page.locator("#lat-run").click()
     expect(page.locator("#lat-info")).to_contain_text("4 prompt(s)", timeout=SLOW)
-    assert len(_plot_data(page, "lat-pca")) == 4
+    traces = _plot_data(page, "lat-pca")
+    assert len(traces) == 5                                  # the 4 prompts + the shipped pause arm's soft tokens
+    assert sum("pause" in str(t.get("name", "")).lower() for t in traces) == 1
     _plot_data(page, "lat-attention")
     _shot(page, "08-hostile-latents.png")
 
