@@ -4,7 +4,7 @@
 # keys as it has latents, on held-out sets, each set in its own detached process (one small model
 # leaves an H100 mostly idle, so the sets share it).
 #
-#   [POSITIONS=32] bash scripts/gpu_protocol.sh start NAME COPROCESSOR PAUSE MAX_TOKENS SET...   # detached
+#   [POSITIONS=32] [PPP=64] bash scripts/gpu_protocol.sh start NAME COPROCESSOR PAUSE MAX_TOKENS SET...   # detached
 #   bash scripts/gpu_protocol.sh wait MINUTES                                      # until all are done
 #
 # Results: R/res/ppl_<set>_<NAME>.json (R = $CACHEAUG_REMOTE); logs next to them.
@@ -17,7 +17,7 @@ case "${1:?start|wait}" in
     for set in "$@"; do
       setsid nohup python -m cacheaug_core.cli eval ppl --text "data/corpus/heldout/$set.jsonl" \
         --json "$R/res/ppl_${set}_${name}.json" --coprocessor "$cop" --compare "$pause" --extra-keys match \
-        --positions "${POSITIONS:-32}" --max-tokens "$max" --device cuda --dtype bfloat16 --points-per-pass 128 --no-progress \
+        --positions "${POSITIONS:-32}" --max-tokens "$max" --device cuda --dtype bfloat16 --points-per-pass "${PPP:-64}" --no-progress \
         > "$R/res/ppl_${set}_${name}.log" 2>&1 < /dev/null &
       echo "started $set ($name)"
     done ;;
