@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -451,16 +452,23 @@ def resolve_checkpoint(name: str | Path, revision: str | None = None) -> Path:
 
 def from_pretrained(name: str | Path, decoder: str | None = None, *, revision: str | None = None,
                     device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load a coprocessor (a folder or a Hub id) with the decoder it records (by Hub id; the embedded
-    default for the default) or `decoder`. Returns (coprocessor, decoder, tokenizer, decoder_info)."""
+    """Load a coprocessor (a folder or a Hub id) with the decoder it records (by Hub id, at the Hub
+    commit it records, so a decoder repo updated since cannot change the weights under the coprocessor;
+    the embedded default for the default) or `decoder` (as given, latest). Returns (coprocessor,
+    decoder, tokenizer, decoder_info)."""
     from .decoder import load_decoder
 
     path = resolve_checkpoint(name, revision)
     config = read_config(path)
+    decoder_revision = None
     if decoder is None:
         dec = config["decoder"]
         decoder = None if dec.get("name") == "smollm2-135m-instruct" else dec.get("name")
-    model, tok, info = load_decoder(decoder, device=device, dtype=dtype)
+        rec = str(dec.get("revision") or "")
+        # only a Hub commit hash pins a Hub id; a local folder's content hash or the GGUF tag do not
+        if decoder is not None and re.fullmatch(r"[0-9a-f]{40}", rec) and not Path(decoder).exists():
+            decoder_revision = rec
+    model, tok, info = load_decoder(decoder, device=device, dtype=dtype, revision=decoder_revision)
     return load_coprocessor(path, model, info).to(device), model, tok, info
 
 

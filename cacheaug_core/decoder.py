@@ -217,12 +217,38 @@ def decoder_info(model, tokenizer, name: str, revision: str = "") -> DecoderInfo
     )
 
 
-def load_tokenizer(name: str | None = None):
-    """The tokenizer of a decoder (default: the embedded SmolLM2)."""
+def _hub_revision(display: str, path: str, revision: str | None) -> dict:
+    """from_pretrained's `revision` keyword for a Hub id; nothing for a local folder or the embedded
+    default, which have no Hub history (a revision asked of one of those is refused rather than
+    dropped: the weights read would not be the ones asked for)."""
+    if not revision:
+        return {}
+    if display == DEFAULT_DECODER or Path(path).exists():
+        raise DecoderLoadError(f"{display}: a revision ({revision}) applies to a Hub id only, not to a local folder "
+                               "or the embedded default")
+    return {"revision": revision}
+
+
+def _hub_commit(path: str, rev: dict) -> str:
+    """The Hub commit a Hub id's files were read at (from the snapshot folder of the cached config),
+    "" for a local folder. transformers 5.x no longer sets `config._commit_hash` on the loaded model,
+    so the checkpoint would otherwise record no revision at all."""
+    if Path(path).exists():
+        return ""
+    try:
+        from transformers.utils.hub import cached_file, extract_commit_hash
+
+        return extract_commit_hash(cached_file(path, "config.json", **rev), None) or ""
+    except Exception:   # provenance only: a cache layout we cannot read leaves the revision empty
+        return ""
+
+
+def load_tokenizer(name: str | None = None, revision: str | None = None):
+    """The tokenizer of a decoder (default: the embedded SmolLM2); `revision`: a Hub commit, branch or tag."""
     from transformers import AutoTokenizer
 
-    _, path = resolve_decoder(name)
-    tok = AutoTokenizer.from_pretrained(path)
+    display, path = resolve_decoder(name)
+    tok = AutoTokenizer.from_pretrained(path, **_hub_revision(display, path, revision))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -268,8 +294,11 @@ def load_decoder(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    revision: str | None = None,
 ):
     """Load a decoder and its tokenizer, frozen. Returns (decoder, tokenizer, DecoderInfo).
+    `revision`: for a Hub id, the commit, branch or tag to read (a coprocessor's checkpoint records
+    the commit its decoder was read at; `checkpoint.from_pretrained` passes it).
     On CPU the process keeps freed memory for reuse (`keep_freed_memory`)."""
     from transformers import AutoModelForCausalLM
 
@@ -281,13 +310,14 @@ def load_decoder(
     from .families import check, check_config
 
     display, path = resolve_decoder(name)
+    rev = _hub_revision(display, path, revision)
     try:
         # an architecture cacheaug cannot drive is refused before its weights are read
-        why = check_config(AutoConfig.from_pretrained(path))
+        why = check_config(AutoConfig.from_pretrained(path, **rev))
         if why is not None:
             raise DecoderLoadError(f"{display}: {why}")
-        tok = load_tokenizer(path)
-        kw = {"dtype": dtype, "use_safetensors": True}   # never unpickle a decoder's weights
+        tok = load_tokenizer(path, revision)
+        kw = {"dtype": dtype, "use_safetensors": True, **rev}   # never unpickle a decoder's weights
         if attn_implementation:
             kw["attn_implementation"] = attn_implementation
         model = AutoModelForCausalLM.from_pretrained(path, **kw)
@@ -300,7 +330,7 @@ def load_decoder(
     if why is not None:
         raise DecoderLoadError(f"{display}: {why}")
     freeze(model).to(device)
-    revision = getattr(model.config, "_commit_hash", None) or ""
+    revision = getattr(model.config, "_commit_hash", None) or _hub_commit(path, rev) or revision or ""
     if display == DEFAULT_DECODER:
         revision = f"{DEFAULT_PACKAGE} gguf:{DEFAULT_GGUF_SHA256[:16]}"
     return model, tok, decoder_info(model, tok, display, revision)

@@ -197,3 +197,29 @@ def test_cli_push_lists_what_it_uploads(tiny_decoder_dir, tmp_path, hub, monkeyp
     assert "pushed config.json, model.safetensors and a model card to someone/cli" in out
     assert ("create_repo", "someone/cli", True) in hub.calls and ("create_branch", "someone/cli", "dev") in hub.calls
     assert (hub.cache / "models--someone--cli" / "refs" / "dev").exists()
+
+
+def test_from_pretrained_reads_the_decoder_at_the_commit_it_records(tmp_path, hub):
+    """A coprocessor trained on a Hub decoder records the commit it read; when that repo moves on
+    (new weights on main), from_pretrained still loads the recorded commit, while an explicit
+    decoder name means the latest. A revision for a local folder is refused, not dropped."""
+    from conftest import save_tiny_decoder
+    from cacheaug_core.decoder import DecoderLoadError
+
+    hub.create_repo("someone/dec")
+    first = hub.upload_folder(repo_id="someone/dec", folder_path=save_tiny_decoder(tmp_path / "d0", seed=0))
+    commit = first.rsplit("/", 1)[1]
+    dec0, tok, info0 = load_decoder("someone/dec")
+    assert info0.revision == commit                         # what transformers reports for the snapshot read
+    cop = Coprocessor(CoprocessorConfig(num_latents=2, num_layers=1), dec0)
+    save_coprocessor(cop, tmp_path / "cop", info0, training={"steps": 1})
+    hub.upload_folder(repo_id="someone/dec", folder_path=save_tiny_decoder(tmp_path / "d1", seed=1))   # main moves on
+    w0 = dec0.get_input_embeddings().weight
+    latest, _, info1 = load_decoder("someone/dec")
+    assert info1.revision != commit and not torch.equal(latest.get_input_embeddings().weight, w0)
+    _, dec, _, info = from_pretrained(tmp_path / "cop")
+    assert info.revision == commit and torch.equal(dec.get_input_embeddings().weight, w0)
+    _, dec, _, info = from_pretrained(tmp_path / "cop", decoder="someone/dec")    # named: the latest
+    assert info.revision == info1.revision
+    with pytest.raises(DecoderLoadError, match="applies to a Hub id only"):
+        load_decoder(str(tmp_path / "d0"), revision=commit)
