@@ -338,3 +338,57 @@ def test_cli_refuses_an_unsupported_architecture_in_one_line(tmp_path, repeated_
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "'bloom' is not supported" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_app_on_a_tiny_gemma2_serves_the_decoders_own_scores(tmp_path, repeated_text_file):
+    """`cacheaug app --decoder <tiny Gemma-2> --coprocessor <trained on it>` as a user starts it (a
+    separate process), called through gradio_client: the per-token export of mode (a) holds the
+    NLLs the decoder's own forward gives (softcap and embedding scale included: `score_text` is
+    checked against that forward in the parity matrix above)."""
+    import csv
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    gradio_client = pytest.importorskip("gradio_client")
+    from cacheaug_core.cli import main
+    from cacheaug_core.workbench import Workbench
+    from tests.conftest import save_tiny_decoder
+
+    dec = save_tiny_decoder(tmp_path / "gemma2", "gemma2")
+    assert main(["train", "--decoder", dec, "--data", repeated_text_file, "--out-dir", str(tmp_path / "run"),
+                 "--seq-len", "40", "--points", "3", "--n-ahead", "3", "--batch-size", "2", "--steps", "2",
+                 "--eval-every", "0", "--device", "cpu", "--num-latents", "2", "--num-layers", "1",
+                 "--latent-gate"]) == 0
+    cop = str(tmp_path / "run" / "last")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "cacheaug_core.cli", "app", "--decoder", dec, "--coprocessor", cop,
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        client, t0 = None, time.time()
+        while client is None:
+            if proc.poll() is not None:
+                pytest.fail(f"the app exited: {proc.stdout.read()[-2000:]}")
+            try:
+                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:
+                if time.time() - t0 > 120:
+                    raise
+                time.sleep(1)
+        text = "The cat sat on the mat. Then the cat slept all day long."
+        out = client.predict(text, "once", 4, 8, 1, 5, api_name="/analyze")
+        export = next(f for f in out[6:] if f and str(f).endswith("cacheaug-per-token.csv"))
+        with open(export, encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    ref = Workbench.load(decoder=dec, coprocessor=cop).score_text(text, point=4, top_k=5, with_attention=False)
+    assert len(rows) == len(ref["tokens"])
+    for i in range(5, len(rows)):
+        assert float(rows[i]["nll_aug"]) == pytest.approx(float(ref["nll_aug"][i]), abs=1e-5)
+        assert float(rows[i]["nll_base"]) == pytest.approx(float(ref["nll_base"][i]), abs=1e-5)
