@@ -51,29 +51,32 @@ def summarise(files: list[Path], metrics_dir: Path | None) -> dict:
     rows = []
     for f in files:
         d = json.loads(f.read_text())
-        if d.get("kind") != "ppl" or not d.get("compare"):
-            raise SystemExit(f"{f}: not an `eval ppl --compare` result")
+        if d.get("kind") != "ppl":
+            raise SystemExit(f"{f}: not an `eval ppl` result")
         n = d["settings"]["num_latents"]
-        pause_name, = d["compare"].keys()
-        pause = d["arms"][pause_name]
-        if pause["num_latents"] != n:
-            raise SystemExit(f"{f}: the pause arm has {pause['num_latents']} latents, the coprocessor {n}")
-        comp = d["compare"][pause_name]["body"]
-        m = d["compare"][pause_name]["mean_over_positions"][1]
-        cop_b, pau_b = d["rel_ppl_change_pct_body"], pause["rel_ppl_change_pct_body"]
+        cop_b = d["rel_ppl_change_pct_body"]
+        m = 16
         row = {
             "num_latents": n, "file": str(f), "documents": d["documents"], "tokens": d["data"]["tokens_read"],
-            "positions": len(cop_b),
-            "coprocessor_body": cop_b, "pause_body": pau_b,
-            "coprocessor_body_ci95": d["rel_ppl_change_ci95_body"],
-            "coprocessor_mean_1_%d" % m: _mean(cop_b, m), "pause_mean_1_%d" % m: _mean(pau_b, m),
-            "difference_body": comp["difference_pct_points"], "difference_body_ci95": comp.get("ci95"),
-            "difference_mean_1_%d" % m: comp[f"mean_1_{m}"], "difference_mean_1_%d_ci95" % m: comp.get(f"mean_1_{m}_ci95"),
-            "coprocessor_worst": max(x for x in cop_b if x is not None),
-            "coprocessor_ahead_at_every_position": all(x is not None and x < 0 for x in comp["difference_pct_points"]),
+            "positions": len(cop_b), "coprocessor_body": cop_b, "coprocessor_body_ci95": d["rel_ppl_change_ci95_body"],
+            f"coprocessor_mean_1_{m}": _mean(cop_b, m), "coprocessor_worst": max(x for x in cop_b if x is not None),
+            "pause_body": None,
             "commit": (d.get("provenance") or {}).get("git"), "device": (d.get("provenance") or {}).get("device"),
             "dtype": (d.get("provenance") or {}).get("dtype"),
         }
+        if d.get("compare"):   # the matching pause-token arm (--compare); missing where that arm failed to train
+            pause_name, = d["compare"].keys()
+            pause = d["arms"][pause_name]
+            if pause["num_latents"] != n:
+                raise SystemExit(f"{f}: the pause arm has {pause['num_latents']} latents, the coprocessor {n}")
+            comp = d["compare"][pause_name]["body"]
+            pau_b = pause["rel_ppl_change_pct_body"]
+            row |= {"pause_body": pau_b, f"pause_mean_1_{m}": _mean(pau_b, m),
+                    "difference_body": comp["difference_pct_points"], "difference_body_ci95": comp.get("ci95"),
+                    f"difference_mean_1_{m}": comp[f"mean_1_{m}"],
+                    f"difference_mean_1_{m}_ci95": comp.get(f"mean_1_{m}_ci95"),
+                    "coprocessor_ahead_at_every_position": all(x is not None and x < 0
+                                                               for x in comp["difference_pct_points"])}
         if metrics_dir is not None:
             row["train_coprocessor"] = _last_train(metrics_dir / f"nl{n}_metrics.jsonl")
             row["train_pause"] = _last_train(metrics_dir / f"p{n}_metrics.jsonl")
@@ -96,10 +99,14 @@ def markdown(s: dict) -> str:
     out = [head, "|" + "---|" * (5 + len(shown)) + "---|"]
     for r in rows:
         ci = r.get(f"difference_mean_1_{m}_ci95")
-        diff = f"{_fmt(r[f'difference_mean_1_{m}'], False)}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+        diff = (f"{_fmt(r[f'difference_mean_1_{m}'], False)}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+                if r.get("pause_body") is not None else "n/a (no pause arm)")
         for arm, key, tr in (("coprocessor", "coprocessor_body", "train_coprocessor"), ("pause", "pause_body", "train_pause")):
             curve = r[key]
             steps = (r.get(tr) or {}).get("steps", "")
+            if curve is None:
+                out.append(f"| {r['num_latents']} | {arm} | {steps} | " + " | ".join("n/a" for _ in shown) + " | n/a | n/a | |")
+                continue
             out.append(f"| {r['num_latents']} | {arm} | {steps} | " + " | ".join(_fmt(curve[p - 1]) for p in shown)
                        + f" | {_fmt(_mean(curve, m))} | {_fmt(max(curve))} | {diff if arm == 'coprocessor' else ''} |")
     out.append("")
