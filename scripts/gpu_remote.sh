@@ -16,6 +16,9 @@
 # * the checkout gets links to what it lacks: data/corpus/heldout -> R/data/corpus/heldout and
 #   assets/coprocessor -> R/assets/coprocessor, so README commands work unchanged.
 #
+# Source it in the command's own shell, never through a pipe (`source ... | tail` runs it in a
+# subshell: nothing is exported, and every later command misses the model and the paths):
+#   source scripts/gpu_remote.sh > /tmp/stage.log 2>&1; tail -1 /tmp/stage.log
 #   source scripts/gpu_remote.sh && python -m cacheaug_core.cli train --data "$CACHEAUG_REMOTE/pack" ...
 S=${CACHEAUG_REMOTE:-/tmp/cacheaug}
 export CACHEAUG_REMOTE="$S"
