@@ -284,6 +284,32 @@ class Workbench:
         point = len(enc(ptext)) - 1
         return ptext + ctext, point, " ".join(notes)
 
+    def generation_as_text(self, prompt: str, token_ids, chat: bool = True) -> tuple[str, int, str]:
+        """A generated continuation as a text to score in the context it was generated in.
+
+        The prompt is encoded exactly as `generate_pair` encoded it (inside the chat template when
+        `chat`), the generated token ids follow, and the whole is decoded with the template's special
+        tokens kept, so that scoring the text (mode (a)) sees the same tokens as generation did, with
+        the latents after the prompt's last token, where generation inserted them. Returns
+        (text, point, notice); the notice says where the text does not re-encode to the same ids
+        (a tokenizer that does not round-trip), '' when it does."""
+        text, _ = clean_text(prompt)
+        pids = self.encode(text, chat=chat)[0].tolist()
+        ids = pids + [int(t) for t in token_ids]
+        if len(ids) <= len(pids):
+            raise InputError("The generation is empty: nothing to score.")
+        try:   # no tidying of spaces: the decoded text must re-encode to the generated ids
+            full = self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        except TypeError:   # a minimal tokenizer without that option
+            full = self.tokenizer.decode(ids)
+        back = self.encode(full)[0].tolist()
+        notice = ""
+        if back != ids:
+            at = next((i for i, (a, b) in enumerate(zip(back, ids)) if a != b), min(len(back), len(ids)))
+            notice = (f"The text re-encodes to different tokens from token #{at} on ({len(back)} tokens instead of "
+                      f"{len(ids)}): the scores there are for a slightly different tokenisation than was generated.")
+        return full, len(pids) - 1, notice
+
     def token_strings(self, ids) -> list[str]:
         """Each token's text as it appears in the decoded string.
 

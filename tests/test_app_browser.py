@@ -163,10 +163,14 @@ def test_every_tab_on_the_default_model(page):
 
     # -- Per-token analysis, mode (a) on the last generation ---------------------------------------
     _tab(page, "Per-token")
+    # The decoder arm's own text, in the chat template Generate used, with the bias stated.
     page.locator("#ana-use-generation").click()
-    expect(page.locator("#ana-text textarea")).to_have_value(f"Why is the sky blue? {final[0].lstrip()}"
-                                                             if not final[0][:1].isspace()
-                                                             else f"Why is the sky blue?{final[0]}", timeout=SLOW)
+    text_box = page.locator("#ana-text textarea")
+    expect(text_box).to_have_value(re.compile(r"<\|im_start\|>user\nWhy is the sky blue\?<\|im_end\|>\n"
+                                              r"<\|im_start\|>assistant\n"), timeout=SLOW)
+    assert final[0].strip() in text_box.input_value()
+    expect(page.locator("#ana-notice")).to_contain_text("biased toward it")
+    expect(page.locator("#ana-notice")).to_contain_text("inside the chat template")
     point = int(page.locator("#ana-point input").first.input_value())
     assert point > 0
     page.locator("#ana-run").click()
