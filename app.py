@@ -18,7 +18,8 @@ The coprocessor reads the decoder's KV cache and appends latent embeddings to it
   sample): Δ by position with bootstrap intervals over documents (body vs document starts, pause
   arm too), documents and tokens sorted by Δloss, Δ by the decoder's surprisal and by token kind;
   click a row for that document's per-token view; CSV / JSON exports.
-* **Model** - choose decoder and coprocessor; the checkpoint's card and evaluation; notices.
+* **Model** - choose decoder and coprocessor for this browser session (other open pages keep theirs;
+  sessions that load the same model share one copy); the checkpoint's card and evaluation; notices.
 
 Run::
 
@@ -96,13 +97,23 @@ CSS = """
 #gen-decoder textarea, #gen-augmented textarea, #gen-pause textarea, #gen-cot textarea {
   font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em; }
 .cacheaug-small { font-size: 0.88em; opacity: 0.85; }
-/* Phone: the title shrinks to one line so the input and the verdict come first. */
+/* Phone: the title shrinks so the input and the verdict come first; narrower page margins and
+   tab buttons so all five tabs fit in one row (Gradio folds tabs that do not fit into a "..." menu,
+   measured from these same buttons); the Generate tab's settings go below its outputs. */
 @media (max-width: 640px) {
   #cacheaug-title h2 { font-size: 1.0em; margin: 0; }
   #cacheaug-title .cacheaug-small, #cor-intro .cacheaug-small { display: none; }
-  #cacheaug-notice .cacheaug-notice { font-size: 0.85em; padding: 0.3em 0.5em !important; }
+  #cacheaug-notice .cacheaug-notice { font-size: 0.8em; padding: 0.25em 0.5em !important; line-height: 1.3 !important; }
+  #tabs .tab-container button { padding: 0 7px !important; font-size: 13px !important; min-width: 0 !important; }
+  .cacheaug-phone-last { order: 10; }
 }
 """
+
+# Gradio scopes `css` to the app's content (every selector is prefixed with `.gradio-container ... .contain`),
+# so the page's own side margins (32 px a side on a phone: a sixth of the width) are set from <head>.
+HEAD = """<style>
+@media (max-width: 640px) { .gradio-container .main { padding-left: 6px !important; padding-right: 6px !important; } }
+</style>"""
 
 # Clicking a token span selects it (outline) and fires the component's click event with its index.
 TOKEN_CLICK_JS = """
@@ -290,6 +301,11 @@ def _export_dir() -> Path:
     return Path(tempfile.mkdtemp(dir=_EXPORT_ROOT))
 
 
+def _fit(fig, plot_height: int = 260):
+    """Every figure the app shows: readable on a phone as on a desktop (see viz.fit_small_screens)."""
+    return viz.fit_small_screens(fig, plot_height=plot_height)
+
+
 def _write_html(fig, path: Path) -> str:
     path.write_text(viz.figure_to_html(fig), encoding="utf-8")
     return str(path)
@@ -394,14 +410,14 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                    "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
                    "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
         by_pos = views.by_position_every(res["nll_base"], res["nll_aug"])
-        heat = viz.delta_heatmap_figure(toks, views.by_scored_token(res["nll_aug"] - res["nll_base"]),
+        heat = _fit(viz.delta_heatmap_figure(toks, views.by_scored_token(res["nll_aug"] - res["nll_base"]),
                                         axis="token", title="Δloss of each token by how many tokens "
-                                        "earlier the latents were inserted (blue = helps; blank = not scored)")
+                                        "earlier the latents were inserted (blue = helps; blank = not scored)"))
         return toks, A, n, nb, na, caption, by_pos, heat
 
     def _by_position_figure(by_pos, ref, ref_name, units):
-        return viz.delta_by_position_figure(by_pos, title="", reference=ref, units=units,
-                                            reference_name=f"typical: {ref_name}" if ref_name else "")
+        return _fit(viz.delta_by_position_figure(by_pos, title="", reference=ref, units=units,
+                                            reference_name=f"typical: {ref_name}" if ref_name else ""), plot_height=200)
 
     def analyze(text, mode, point, positions, ahead, top_k, bf16=False, model_key=None, progress=gr.Progress(),
                 request: gr.Request = None):
@@ -443,8 +459,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                         "Click a token for both arms' top-k next tokens.")
                 caption = None
                 by_pos = views.by_position_once(nb, na, p)
-                heat = views.message_figure("Δloss heatmap", "Mode (b) only: augment after every token to see "
-                                            "Δloss by augmentation point and position ahead.")
+                heat = _fit(views.message_figure("Δloss heatmap", "Mode (b) only: augment after every token to see "
+                                            "Δloss by augmentation point and position ahead."))
                 run = {"mode": "once", "point": p}
                 shown = {"text": text, "mode": "once", "point": p}
             else:
@@ -589,10 +605,10 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         pause arm's latents overlaid when a pause checkpoint was loaded."""
         ref = res.get("reference_axes") if axes_choice != "own" else None
         pause = res.get("pause_latents")
-        return viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
-                                     color_by=color_by, dims=int(dims), hover_tokens=res["top_tokens"],
-                                     norms=res["norms"], axes=ref, overlay=pause,
-                                     overlay_name=res.get("pause_label") or "pause tokens")
+        return _fit(viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
+                                          color_by=color_by, dims=int(dims), hover_tokens=res["top_tokens"],
+                                          norms=res["norms"], axes=ref, overlay=pause,
+                                          overlay_name=res.get("pause_label") or "pause tokens"), plot_height=300)
 
     def latents(prompts_text, dims, color_by, top_k, continuation, axes_choice="reference", model_key=None,
                 progress=gr.Progress()):
@@ -642,22 +658,22 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                                                              continuation[:ANALYSIS_MAX_CHARS], ATTENTION_MAX_TOKENS)
                 sc = wb.score_text(full, point=point, top_k=1, with_attention=True)
                 p = sc["point"]
-                attn = viz.attention_to_latents_figure(
+                attn = _fit(viz.attention_to_latents_figure(
                     sc["tokens"][p + 1:], sc["attn_to_latents"],
-                    title="Attention from the continuation to prompt 1's latents")
+                    title="Attention from the continuation to prompt 1's latents"))
                 attn_file = _write_html(attn, out / "cacheaug-attention-to-latents.html")
                 notice = _join(notice, n2)
             else:
-                attn = views.message_figure("Attention to latents", "Type a continuation to see how much attention "
-                                            "each of its tokens pays to each latent.")
+                attn = _fit(views.message_figure("Attention to latents", "Type a continuation to see how much "
+                                                 "attention each of its tokens pays to each latent."))
             per_prompt = int(res["latents"].shape[0]) // len(fitted)
             sim = viz.latent_similarity(res["latents"], res["prompt_ids"], res["latent_index"])
             info = (axes_text + views.explained_variance_text(evr) + f" · {len(fitted)} prompt(s) × {per_prompt} latents · mean "
                     f"cosine: same prompt {sim['within_prompt']:.2f}, same slot across prompts "
                     f"{sim['same_slot_across_prompts']:.2f}, other slots across prompts "
                     f"{sim['other_slot_across_prompts']:.2f}")
-            sim_fig = viz.latent_similarity_figure(res["latents"], res["prompt_ids"], res["latent_index"],
-                                                   labels=res["labels"])
+            sim_fig = _fit(viz.latent_similarity_figure(res["latents"], res["prompt_ids"], res["latent_index"],
+                                                        labels=res["labels"]))
             return (fig, views.notice_html(_join(info, notice), "warning" if notice else "info"),
                     views.round_frame(readout), attn, pca_file, attn_file, csv_file, sim_fig, res)
 
@@ -677,10 +693,10 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         tables = corpus.summarize(res, arm, n)
         done = len(res.docs)
         partial = "" if res.finished else f"partial: {done} document(s) so far"
-        curve = corpus_viz.corpus_curve_figure(tables["by_position"], partial=partial)
-        surpr = corpus_viz.bucket_figure(tables["by_surprisal"], "surprisal_nats",
-                                         f"decoder surprisal (nats), {n} ahead")
-        kinds = corpus_viz.bucket_figure(tables["by_kind"], "kind", f"token kind, {n} ahead")
+        curve = _fit(corpus_viz.corpus_curve_figure(tables["by_position"], partial=partial))
+        surpr = _fit(corpus_viz.bucket_figure(tables["by_surprisal"], "surprisal_nats",
+                                              f"decoder surprisal (nats), {n} ahead"))
+        kinds = _fit(corpus_viz.bucket_figure(tables["by_kind"], "kind", f"token kind, {n} ahead"))
         tokens = tables["tokens"].drop(columns=["title"]).sort_values("delta", kind="stable")
         tokens["token"] = tokens["token"].map(viz.display_token)
         docs = tables["documents"].sort_values("delta", kind="stable")
@@ -884,6 +900,7 @@ class CacheAugBlocks(gr.Blocks):
     def launch(self, *args, **kwargs):
         kwargs.setdefault("theme", THEME)
         kwargs.setdefault("css", CSS)
+        kwargs.setdefault("head", HEAD)
         return super().launch(*args, **kwargs)
 
 
@@ -931,13 +948,14 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                        label="Examples: one chat question, one arithmetic question, one creative prompt (a typical "
                                              "spread, not picked to flatter either arm); a click runs Generate with the "
                                              "settings below")
-                with gr.Row():
+                with gr.Row(elem_classes=["cacheaug-phone-last"]):
                     max_new = gr.Slider(1, 256, DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens",
                                         elem_id="gen-max-new-tokens")
                     temperature = gr.Slider(0.0, 2.0, 0.0, step=0.05, label="temperature (0 = greedy)",
                                             elem_id="gen-temperature")
                     seed = gr.Number(0, label="seed", precision=0, elem_id="gen-seed")
-                with gr.Accordion("Sampling, augmentation and extra arms", open=False, elem_id="gen-options"):
+                with gr.Accordion("Sampling, augmentation and extra arms", open=False, elem_id="gen-options",
+                                  elem_classes=["cacheaug-phone-last"]):
                     with gr.Row():
                         top_p = gr.Slider(0.05, 1.0, 1.0, step=0.05, label="top-p", elem_id="gen-top-p")
                         top_k = gr.Slider(0, 200, 0, step=1, label="top-k (0 = off)", elem_id="gen-top-k")
@@ -983,6 +1001,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                         use_arm = gr.Radio([("decoder's text", "decoder"), ("coprocessor's text", "coprocessor")],
                                            value="decoder", show_label=False, container=False,
                                            elem_id="ana-use-arm")
+                # The verdict sits right under the Analyse button (on a phone too, on the first screen).
+                ana_notice = gr.HTML("", elem_id="ana-notice")
                 with gr.Row():
                     mode = gr.Radio(MODES, value="once", label="mode", elem_id="ana-mode", scale=3)
                     point = gr.Number(-1, label="(a) augment after token # (−1 = a quarter in; the end of the "
@@ -995,7 +1015,6 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     ana_topk = gr.Slider(1, 50, 10, step=1, label="top-k in the token detail", elem_id="ana-topk")
                     ana_bf16 = gr.Checkbox(False, label="(b) bf16 matmuls (GPU, or CPU with AVX-512-bf16/AMX); the "
                                            "difference to float32 is measured and shown", elem_id="ana-bf16")
-                ana_notice = gr.HTML("", elem_id="ana-notice")
                 ana_shown = gr.State(None)  # text, mode, point / n ahead of the analysis shown: token detail uses it
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -1120,6 +1139,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                         placeholder="empty = the shipped one (else untrained); or a checkpoint folder",
                                         elem_id="model-coprocessor", scale=3)
                     load_btn = gr.Button("Load", variant="primary", elem_id="model-load", scale=1)
+                gr.Markdown("<span class='cacheaug-small'>Loads for this browser tab only: other open pages keep "
+                            "their model.</span>", elem_id="model-scope")
                 model_err = gr.HTML("", elem_id="model-error")
                 # Compact: the stored evaluation shown, the card and the raw status one click away.
                 with gr.Accordion("Stored evaluation", open=True, elem_id="model-evaluation-box"):

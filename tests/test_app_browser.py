@@ -401,13 +401,26 @@ def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
     first = phone.locator("#gen-prompt textarea").bounding_box()
     assert first and first["y"] < 844                         # the input is on the first screen
     _shot_page(phone, "23-phone-first.png", full=False)
-    tab = phone.get_by_role("tab", name="Corpus")
-    if not tab.is_visible():                                  # Gradio moves tabs that do not fit into a menu
-        phone.get_by_label("More tabs").click()
-        tab = phone.locator(".overflow-dropdown button", has_text="Corpus")
-    tab.click()
+    # Every tab in the tab row (Gradio folds the ones that do not fit into a "..." menu).
+    for name in ("Generate", "Per-token", "Corpus", "Latents", "Model"):
+        expect(phone.get_by_role("tab", name=name)).to_be_visible()
+    assert not phone.get_by_label("More tabs").is_visible()
+    # Per-token: the verdict of an analysis is on the first screen, and the plot is not squeezed.
+    phone.get_by_role("tab", name="Per-token").click()
+    phone.locator("#ana-run").click()
+    verdict = phone.locator("#ana-notice").get_by_text("Verdict:")
+    expect(verdict).to_be_visible(timeout=SLOW)
+    phone.evaluate("window.scrollTo(0, 0)")
+    box = verdict.bounding_box()
+    assert box and box["y"] + box["height"] <= 844, box
+    _shot_page(phone, "24-phone-verdict.png", full=False)
+    area = phone.locator("#ana-by-position .nsewdrag").first
+    expect(area).to_be_attached(timeout=SLOW)
+    plot = area.bounding_box()
+    assert plot and plot["width"] >= 250 and plot["height"] >= 120, plot      # was ~40 px wide on 390 px
+    phone.get_by_role("tab", name="Corpus").click()
     expect(phone.locator("#cor-run")).to_be_visible(timeout=SLOW)
-    _shot_page(phone, "24-corpus-phone.png")
+    _shot_page(phone, "25-corpus-phone.png")
     ctx.close()
 
 
