@@ -427,3 +427,31 @@ def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
 def _shot_page(page, name: str, full: bool = True) -> None:
     ART.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ART / name), full_page=full)
+
+
+def test_a_model_loaded_in_one_page_leaves_the_other_page_alone(page, browser, url):
+    """Two browser sessions: B loads the shipped pause checkpoint as its coprocessor; A (open before)
+    keeps the shipped coprocessor, in its banner and its Model tab, and B shows its own."""
+    pause_dir = str(Path(__file__).resolve().parent.parent / "assets" / "pause")
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    other = ctx.new_page()
+    other.goto(url)
+    expect(other.locator("#cacheaug-notice")).to_contain_text(NOTICE, timeout=SLOW)
+    _tab(other, "Model")
+    other.locator("#model-coprocessor input, #model-coprocessor textarea").first.fill(pause_dir)
+    other.locator("#model-load").click()
+    expect(other.locator("#cacheaug-notice")).to_contain_text("for this page only", timeout=SLOW)
+    other.get_by_text("Status (JSON)").click()
+    expect(other.locator("#model-status")).to_contain_text("assets/pause", timeout=SLOW)
+    _shot_page(other, "30-session-b-pause.png", full=False)
+    # Page A: still the shipped coprocessor, and nothing tells it otherwise (nothing changed for it).
+    page.wait_for_timeout(1000)
+    expect(page.locator("#cacheaug-notice")).to_contain_text(NOTICE)
+    expect(page.locator("#cacheaug-notice")).not_to_contain_text("for this page only")
+    _tab(page, "Model")
+    page.get_by_text("Status (JSON)").click()
+    expect(page.locator("#model-status")).to_contain_text("coprocessor", timeout=SLOW)
+    assert "assets/pause\"" not in page.locator("#model-status").inner_text().split("coprocessor_source")[1][:200]
+    _shot_page(page, "31-session-a-unchanged.png", full=False)
+    ctx.close()
+    assert not page.errors, page.errors
