@@ -419,18 +419,22 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         return _fit(viz.delta_by_position_figure(by_pos, title="", reference=ref, units=units,
                                             reference_name=f"typical: {ref_name}" if ref_name else ""), plot_height=200)
 
-    def analyze(text, mode, point, positions, ahead, top_k, bf16=False, model_key=None, progress=gr.Progress(),
-                request: gr.Request = None):
+    def analyze(text, mode, point, positions, ahead, top_k, bf16=False, model_key=None, origin=None,
+                progress=gr.Progress(), request: gr.Request = None):
         """Per-token Δloss, the final result of `analyze_stream` (for callers that want no partials)."""
         final = None
-        for final in analyze_stream(text, mode, point, positions, ahead, top_k, bf16, model_key, progress, request):
+        for final in analyze_stream(text, mode, point, positions, ahead, top_k, bf16, model_key, origin, progress,
+                                    request):
             pass
         return final
 
-    def analyze_stream(text, mode, point, positions, ahead, top_k, bf16=False, model_key=None,
+    def analyze_stream(text, mode, point, positions, ahead, top_k, bf16=False, model_key=None, origin=None,
                        progress=gr.Progress(), request: gr.Request = None):
         """Per-token Δloss: mode 'once' (a) or 'every' (b). Mode (b) yields partial views after each
-        batched pass (the heatmap and the curve fill in; no downloads until the end), then the result."""
+        batched pass (the heatmap and the curve fill in; no downloads until the end), then the result.
+        `origin`: what 'Use last generation' put in the text box; while the text is still that, the
+        verdict keeps its bias notice (an arm scoring its own output)."""
+        biased = (origin or {}).get("note", "") if text == (origin or {}).get("text") else ""
         session = getattr(request, "session_hash", None)
         stopped_sessions.discard(session)
 
@@ -505,12 +509,12 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             csv_file = str(viz.frame_to_csv(per_token, out / "cacheaug-per-token.csv"))
             run |= {"text": text, "model": _model_summary(wb), "notice": _join(notice, res.get("notice", "")) or None,
                     "tokens": [viz.clean_token(t) for t in toks], "nll_base": nb, "nll_aug": na,
-                    "summary": summary, "by_position": by_pos}
+                    "summary": summary, "by_position": by_pos, "verdict": verdict, "bias_notice": biased or None}
             json_file = str(views.write_json(run, out / "cacheaug-analysis.json"))
             pos_file = _write_html(by_fig, out / "cacheaug-by-position.html")
-            note = views.notice_html(verdict, "info", "Verdict:") + views.notice_html(
-                _join(info, notice), "warning" if notice else "info")
-            run["verdict"] = verdict
+            note = (views.notice_html(verdict, "info", "Verdict:") + views.notice_html(biased, "warning",
+                                                                                      "Biased comparison:")
+                    + views.notice_html(_join(info, notice), "warning" if notice else "info"))
             yield (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
                     json_file, pos_file, heat_file, shown)
 
@@ -598,7 +602,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 note += " The generation was stopped early: its tokens so far are scored."
             note = _join(note, retok)
             gr.Warning(_msg(note), title="Biased comparison")
-            return text, point, "once", views.notice_html(note, "warning", "Biased comparison:")
+            return (text, point, "once", views.notice_html(note, "warning", "Biased comparison:"),
+                    {"text": text, "arm": arm, "note": note})
 
     def _pca_figure(res, dims, color_by, axes_choice):
         """The PCA scatter of stored latents: on the model's reference axes or their own PCA, with the
@@ -1015,6 +1020,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     ana_topk = gr.Slider(1, 50, 10, step=1, label="top-k in the token detail", elem_id="ana-topk")
                     ana_bf16 = gr.Checkbox(False, label="(b) bf16 matmuls (GPU, or CPU with AVX-512-bf16/AMX); the "
                                            "difference to float32 is measured and shown", elem_id="ana-bf16")
+                ana_origin = gr.State(None)  # the text 'Use last generation' set, and its bias notice
                 ana_shown = gr.State(None)  # text, mode, point / n ahead of the analysis shown: token detail uses it
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -1169,7 +1175,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                         gr.update(visible="cot" in (arms or []))),
                           extra_arms, [out_pause, out_cot], api_visibility="private", queue=False)
 
-        ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk, ana_bf16, session_model]
+        ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk, ana_bf16, session_model, ana_origin]
         ana_outputs = [ana_notice, tokens_html, summary, by_pos_plot, heat_plot, per_token, ana_csv, ana_json,
                        ana_fig_pos, ana_fig_heat, ana_shown]
         ana_event = ana_btn.click(h["analyze_stream"], ana_inputs, ana_outputs, api_name="analyze", **model)
@@ -1191,7 +1197,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
             h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)
         # The session's last run (its prompt, chat setting and token ids), not the live widgets.
         use_gen_btn.click(h["use_generation"], [use_arm, gen_run, session_model],
-                          [ana_text, point, mode, ana_notice], api_name="use_generation", **model)
+                          [ana_text, point, mode, ana_notice, ana_origin], api_name="use_generation", **model)
 
         lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont, lat_axes, session_model],
                       [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv, sim_plot, lat_state],

@@ -341,13 +341,19 @@ def test_use_generation_scores_in_the_chat_template_as_generated(wb):
     cont = chat_wb.encode("It is blue, as 2 + 2 = 4.")[0].tolist()    # ids that decode to themselves
     run = {"prompt": prompt, "settings (identical for every arm)": {"chat_template": True}, "greedy": True,
            "finished": True, "arms": {"coprocessor": {"token_ids": cont}}}
-    text, point, mode, note = h["use_generation"]("coprocessor", run)
+    text, point, mode, note, origin = h["use_generation"]("coprocessor", run)
+    assert origin == {"text": text, "arm": "coprocessor", "note": origin["note"]} and "biased" in origin["note"]
     assert text == "[user] What <b>now</b>?\n[assistant] It is blue, as 2 + 2 = 4."
     pids = chat_wb.encode(prompt, chat=True)[0].tolist()
     assert chat_wb.encode(text)[0].tolist() == pids + cont and point == len(pids) - 1
     assert "inside the chat template" in note and "biased toward it" in note
     assert "<b>" not in note                              # the notice is escaped HTML
-    summary = h["analyze"](text, mode, point, 8, 1, 5)[2]
+    origin = origin | {"note": origin["note"] + " <i>"}        # the stored notice, with markup to be escaped
+    out = h["analyze"](text, mode, point, 8, 1, 5, origin=origin)
+    notice, summary, run_json = out[0], out[2], out[7]
+    assert "Biased comparison" in notice and "biased toward it" in notice and "&lt;i&gt;" in notice   # kept
+    assert json.loads(Path(run_json).read_text(encoding="utf-8"))["bias_notice"] == origin["note"]
+    assert "Biased" not in h["analyze"](text + " edited", mode, point, 8, 1, 5, origin=origin)[0]
     cross = chat_wb.cross_score(prompt, {"coprocessor": cont}, chat=True)["coprocessor"]   # what Generate reports
     assert summary["mean NLL"].tolist()[:2] == pytest.approx([cross["nll_decoder"], cross["nll_coprocessor"]],
                                                              abs=1e-4)
@@ -358,7 +364,7 @@ def test_use_generation_scores_in_the_chat_template_as_generated(wb):
     # A stopped, sampled run of the other arm, cut inside a UTF-8 character: said, not hidden.
     run["arms"]["decoder"] = {"token_ids": chat_wb.encode("ok é")[0].tolist()[:-1]}
     run |= {"greedy": False, "finished": False}
-    _, _, _, note = h["use_generation"]("decoder", run)
+    note = h["use_generation"]("decoder", run)[3]
     assert "own sampled output" in note and "stopped early" in note and "re-encodes to different tokens" in note
     with pytest.raises(Exception, match="Generate first"):
         h["use_generation"]("decoder", None)

@@ -183,6 +183,7 @@ def test_every_tab_on_the_default_model(page):
     assert all("not scored" in t for t in titles[: point + 1])
     assert all(t.startswith("Δloss=") and "base" in t and "aug" in t for t in titles[point + 1:])
     expect(page.locator("#ana-notice")).to_contain_text(f"after token #{point}")
+    expect(page.locator("#ana-notice")).to_contain_text("biased toward it")   # kept beside the verdict
     traces = _plot_data(page, "ana-by-position")
     assert {"relative change", "decoder", "decoder+coprocessor"} <= {t["name"] for t in traces}
     # Hover shows the exact value (native title tooltip); click shows top-k of both arms with KL.
