@@ -482,11 +482,17 @@ class Workbench:
         # On CPU, passes of 32 points: the first partial result (what the app shows first) comes after
         # half the work of the default 64, at the same total time (256 tokens x 16 ahead on 2 cores:
         # 10.9 s at 32, 10.8-11.4 s at 64, 11.1 s at 128, 13.7 s at 255 points per pass).
-        # (The transformers path, for coprocessors the fast path does not cover, keeps its own default.)
+        # (The transformers path, for coprocessors the fast path does not cover, keeps its own default;
+        # this is augment.iter_score_after_every_token's own choice of path.)
         fast = ids.device.type == "cpu" and fastpath.unsupported(self.decoder, self.coprocessor) is None
-        per_pass = 32 if fast else None
-        passes = augment.iter_score_after_every_token(self.decoder, self.coprocessor, ids, positions,
-                                                      points_per_pass=per_pass, progress=progress)
+        if fast:
+            # bf16: only the coprocessor and the group passes in bf16 (they are ~90% of the work); the
+            # plain arm's prefill and the LM head stay float32 (see fastpath.iter_score_every).
+            passes = fastpath.iter_score_every(self.decoder, self.coprocessor, ids, positions, points_per_pass=32,
+                                               progress=progress, fp32_outside_groups=bool(bf16))
+        else:
+            passes = augment.iter_score_after_every_token(self.decoder, self.coprocessor, ids, positions,
+                                                          progress=progress)
         while True:
             # autocast per pass, not around the yield: its state is per thread, and a consumer (Gradio)
             # may resume this generator on another thread

@@ -868,3 +868,11 @@ def test_analyze_every_bf16_is_measured_or_refused(client, wb):
     res32, res16 = wb.score_every(TEXT, positions=3), wb.score_every(TEXT, positions=3, bf16=True)
     assert np.nanmax(np.abs(res16["nll_aug"] - res32["nll_aug"])) < 1.0       # bf16, not a different model
     assert not np.array_equal(res16["nll_aug"], res32["nll_aug"])            # and bf16 really ran
+    # Only the coprocessor and the group passes run in bf16: the plain arm (prefill + LM head) is float32.
+    np.testing.assert_allclose(res16["nll_base"], res32["nll_base"], rtol=1e-6, atol=1e-6, equal_nan=True)
+    from cacheaug_core import fastpath
+
+    ids = wb.encode(TEXT)
+    with __import__("torch").autocast("cpu", dtype=__import__("torch").bfloat16):
+        aug_all16, base_all16 = fastpath.score_every(wb.decoder, wb.coprocessor, ids, positions=3)   # all in bf16
+    assert not np.allclose(base_all16.float().numpy(), res32["nll_base"], atol=1e-6, equal_nan=True)
