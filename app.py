@@ -700,7 +700,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         n = int(min(max(int(ahead or 1), 1), res.config.positions))
         tables = corpus.summarize(res, arm, n)
         done = len(res.docs)
-        partial = "" if res.finished else f"partial: {done} document(s) so far"
+        partial = ("" if res.finished else f"partial: {res.in_progress}" if res.in_progress
+                   else f"partial: {done} document(s) so far")
         curve = _fit(corpus_viz.corpus_curve_figure(tables["by_position"], partial=partial))
         surpr = _fit(corpus_viz.bucket_figure(tables["by_surprisal"], "surprisal_nats",
                                               f"decoder surprisal (nats), {n} ahead"))
@@ -758,7 +759,10 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 for res in corpus.score_corpus(wb, docs, cfg, progress=tick, source=name):
                     tables, curve, surpr, kinds, dtab, ttab, a, n = _corpus_tables(res, arm, ahead)
                     files = _corpus_exports(res, tables, a, n) if res.finished else (None, None)
-                    msg = (f"{name}: {len(res.docs)}/{total} documents scored (first {cfg.max_tokens} tokens each, "
+                    scored = len(res.docs) - bool(res.in_progress)   # a partial first document is not counted
+                    msg = (f"{name}: {scored}/{total} documents scored"
+                           + (f" ({res.in_progress} so far)" if res.in_progress else "")
+                           + f" (first {cfg.max_tokens} tokens each, "
                            f"{cfg.positions} positions ahead, sink {cfg.sink}"
                            f"{' = ' + repr(res.sink_token) if res.sink_token else ''}; arms: "
                            f"{', '.join(ARM_LABELS.get(x, x) for x in res.arms)}). "

@@ -353,16 +353,20 @@ def bench_corpus(wb: Workbench, n_docs: int, n_tokens: int, positions: int, log)
     per_doc = []
     last = t0
     res = None
+    first_what = ""
     for res in corpus.score_corpus(wb, docs, cfg):
         now = time.perf_counter()
         if not res.finished:
-            per_doc.append(now - last)
-            last = now
             if first is None:
-                # the first partial result: the views the app draws after the first document
+                # the first partial result: the tables the app draws from the first yield (a pass of
+                # the first document's points, since score_corpus streams the first document)
                 corpus.summarize(res)
                 first = time.perf_counter() - t0
-                log(f"corpus: first partial result after {first:.2f}s")
+                first_what = res.in_progress or "the first document"
+                log(f"corpus: first partial result after {first:.2f}s ({first_what})")
+            if not res.in_progress:
+                per_doc.append(now - last)
+                last = now
     total = time.perf_counter() - t0
     cpu = time.process_time() - c0
     s0 = time.perf_counter()
@@ -372,7 +376,8 @@ def bench_corpus(wb: Workbench, n_docs: int, n_tokens: int, positions: int, log)
     floor = score_every_floor(wb, n_tokens + sink, positions)
     log(f"corpus: {len(res.docs)} documents in {total:.1f}s (floor {floor['floor_s'] * len(res.docs):.1f}s)")
     return {"documents": len(res.docs), "tokens_per_document": n_tokens, "positions": positions, "sink": cfg.sink,
-            "wall_s": total, "cpu_s": cpu, "first_partial_s": first, "per_document_s": per_doc,
+            "wall_s": total, "cpu_s": cpu, "first_partial_s": first, "first_partial_of": first_what,
+            "per_document_s": per_doc,
             "summarize_s": summarize_s, "floor_s": floor["floor_s"] * len(res.docs),
             "floor_per_document": floor, "ratio_to_floor": total / (floor["floor_s"] * len(res.docs))}
 
@@ -493,7 +498,7 @@ def verdicts(res: dict, peak_rss_gb: float, rss_after_load_gb: float) -> list[di
         c = res["corpus"]
         rows.append((f"(f) corpus view: first partial result ({c['documents']} docs x {c['tokens_per_document']} "
                      "tokens)", {"median": c["first_partial_s"], "min": c["first_partial_s"]}, "s", "<=",
-                     TARGETS["first_partial_s"], "the first document's views"))
+                     TARGETS["first_partial_s"], f"views of {c.get('first_partial_of') or 'the first document'}"))
         rows.append((f"(f) corpus view: whole run / matmul-only floor", {"median": c["ratio_to_floor"],
                      "min": c["ratio_to_floor"]}, "ratio", "<=", TARGETS["every_floor_ratio"],
                      f"{c['wall_s']:.1f}s (cpu {c['cpu_s']:.1f}s) against {c['floor_s']:.1f}s; {c['positions']} ahead, "
