@@ -761,7 +761,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                     files = _corpus_exports(res, tables, a, n) if res.finished else (None, None)
                     scored = len(res.docs) - bool(res.in_progress)   # a partial first document is not counted
                     msg = (f"{name}: {scored}/{total} documents scored"
-                           + (f" ({res.in_progress} so far)" if res.in_progress else "")
+                           + (f", {res.in_progress} so far" if res.in_progress else "")
                            + f" (first {cfg.max_tokens} tokens each, "
                            f"{cfg.positions} positions ahead, sink {cfg.sink}"
                            f"{' = ' + repr(res.sink_token) if res.sink_token else ''}; arms: "

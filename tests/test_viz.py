@@ -493,8 +493,9 @@ def test_fit_small_screens_keeps_room_for_the_plot_on_a_phone():
     assert out is fig
     lay = fig.layout
     assert lay.margin.l <= 60 and lay.margin.r <= 20                       # not plotly's 80 px a side
-    assert lay.legend.orientation == "h" and lay.legend.yref == "container" and lay.legend.y == 0
-    assert "<br>" in lay.title.text and lay.title.automargin                 # wrapped, above the plot
+    assert lay.legend.orientation == "h" and lay.legend.yanchor == "top" and lay.legend.y < 0   # under the plot
+    assert "<br>" in lay.title.text and lay.title.yanchor == "top"          # wrapped, in the top margin
+    assert lay.margin.t >= 2 * 17 * 1.3                                        # room for its two lines
     assert max(len(x) for x in lay.title.text.split("<br>")) <= 300 / (0.55 * 17) + 1
     # 8 long entries take 8 legend rows on a phone: the figure grows by them and keeps 250 px of plot.
     assert lay.margin.b >= 56 + 8 * 21

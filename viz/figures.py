@@ -571,14 +571,16 @@ def fit_small_screens(fig: go.Figure, plot_height: int = 260, width_px: int = 30
     def chars(size) -> int:
         return max(20, int(width_px / (0.55 * float(size or 12))))
 
-    lines = 0
+    top = 28
     if lay.title is not None and lay.title.text:
         size = lay.title.font.size or (lay.font.size if lay.font and lay.font.size else None) or 17
         wrapped = _wrap_plotly_text(lay.title.text, chars(size))
-        # Above the plot area, pushing the top margin as far as its lines need (never over the plot).
-        fig.update_layout(title={"text": wrapped, "x": 0.02, "xanchor": "left", "yref": "paper", "y": 1,
-                                 "yanchor": "bottom", "automargin": True, "pad": {"b": 8}})
-        lines = wrapped.count("<br>") + 1
+        # From the top of the figure down, in a top margin sized for its lines (plotly lays the lines
+        # of a title anchored at the plot's edge out over the plot); 36 px clear of the top edge,
+        # where Gradio draws the gr.Plot's own label over the figure.
+        fig.update_layout(title={"text": wrapped, "x": 0.02, "xanchor": "left", "xref": "container",
+                                 "y": 1, "yanchor": "top", "yref": "container", "pad": {"t": 36}})
+        top = 48 + int((wrapped.count("<br>") + 1) * 1.35 * float(size))
     for ann in fig.layout.annotations or ():
         if isinstance(ann.text, str):
             ann.text = _wrap_plotly_text(ann.text, chars(ann.font.size or 12))
@@ -593,14 +595,16 @@ def fit_small_screens(fig: go.Figure, plot_height: int = 260, width_px: int = 30
                 rows, used = rows + 1, 0.0
             used += w
         legend_px = 21 * rows + (21 if lay.legend.title.text else 0) + 8
-        fig.update_layout(legend={"orientation": "h", "x": 0, "xanchor": "left", "xref": "container",
-                                  "y": 0, "yanchor": "bottom", "yref": "container"})
-    top = 30 + 22 * lines
     bottom = 56 + legend_px
     n_rows = max(1, len({getattr(a, "domain", None) and tuple(a.domain) for a in
                          (fig.layout[k] for k in fig.layout if str(k).startswith("yaxis"))}))
     if any(t.type in ("scatter3d",) for t in fig.data):
         n_rows = 1
-    fig.update_layout(margin={"l": 56, "r": 18, "t": 24, "b": bottom},
-                      height=max(int(fig.layout.height or 0), plot_height * n_rows + top + bottom))
+    height = max(int(fig.layout.height or 0), plot_height * n_rows + top + bottom)
+    fig.update_layout(margin={"l": 56, "r": 18, "t": top, "b": bottom}, height=height)
+    if legend_px:
+        # Right under the x-axis title whatever the width (the plot area's height is fixed by the margins);
+        # what a wide screen does not need of the legend's room stays blank below it.
+        fig.update_layout(legend={"orientation": "h", "x": 0, "xanchor": "left", "yref": "paper", "yanchor": "top",
+                                  "y": -50 / max(height - top - bottom, 1)})
     return fig
