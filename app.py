@@ -27,6 +27,7 @@ Run::
     python app.py --port 7861 --coprocessor runs/x/checkpoint --decoder path/to/decoder
     GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py     # env vars are honoured
     python app.py --share                                                 # public link: opt-in only
+    CACHEAUG_MAX_MODELS=3 python app.py     # models sessions loaded, kept besides the start-up one (default 2)
 
 The app only wires widgets to `cacheaug_core.workbench.Workbench` methods and `viz` functions; every
 event has a stable `api_name` (see "Use via API" in the footer, or `API_NAMES` below), so the same
