@@ -18,7 +18,8 @@ The coprocessor reads the decoder's KV cache and appends latent embeddings to it
   sample): Δ by position with bootstrap intervals over documents (body vs document starts, pause
   arm too), documents and tokens sorted by Δloss, Δ by the decoder's surprisal and by token kind;
   click a row for that document's per-token view; CSV / JSON exports.
-* **Model** - choose decoder and coprocessor; the checkpoint's card and evaluation; notices.
+* **Model** - choose decoder and coprocessor for this browser session (other open pages keep theirs;
+  sessions that load the same model share one copy); the checkpoint's card and evaluation; notices.
 
 Run::
 
@@ -26,6 +27,7 @@ Run::
     python app.py --port 7861 --coprocessor runs/x/checkpoint --decoder path/to/decoder
     GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=8080 python app.py     # env vars are honoured
     python app.py --share                                                 # public link: opt-in only
+    CACHEAUG_MAX_MODELS=3 python app.py     # models sessions loaded, kept besides the start-up one (default 2)
 
 The app only wires widgets to `cacheaug_core.workbench.Workbench` methods and `viz` functions; every
 event has a stable `api_name` (see "Use via API" in the footer, or `API_NAMES` below), so the same
@@ -36,6 +38,7 @@ tiny model with `build_demo(workbench)`.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import html
@@ -81,7 +84,7 @@ CLI_EQUIVALENTS = """\
 | `/generate` | both arms, streamed | `cacheaug generate --prompt "..." [--reaugment-every k] [--async-delay N] [--json]` |
 | `/analyze` | per-token Δloss, mode (a) or (b) | `cacheaug score --text "..." [--point N] [--csv out.csv]`; mode (b): `cacheaug score --text "..." --every --positions 16` |
 | `/token_detail` | top-k of both arms + KL at one token of this session's last `/analyze` | `Workbench.score_text(text, point)["topk_base"/"topk_aug"/"kl_aug_base"]` |
-| `/use_generation` | last generation (either arm's text) → analysis text, with a bias notice | `viz.app_views.join_prompt_continuation(prompt, text)` |
+| `/use_generation` | this session's last generation (either arm's tokens, in its chat template) → analysis text and point, with a bias notice | `Workbench.generation_as_text(prompt, token_ids, chat)` |
 | `/latents` | PCA, read-out, attention to latents | `cacheaug latents --prompt "..." [--prompt "..."] [--axes reference] [--continuation "..."] [--html pca.html]` |
 | `/corpus` | mode (b) over documents: Δ by position with intervals, tables, buckets | `cacheaug corpus --text X.jsonl --json OUT [--csv tokens.csv] [--html curve.html]` |
 | `/corpus_view` | the last `/corpus` run re-tabulated for another arm / n-th token ahead | `cacheaug_core.corpus.summarize(res, arm, n)` |
@@ -89,19 +92,29 @@ CLI_EQUIVALENTS = """\
 """
 
 CSS = """
-#cacheaug-notice:empty, #cacheaug-model-changed:empty, #model-error:empty, #ana-notice:empty, #cor-notice:empty { display: none; }
+#cacheaug-notice:empty, #model-error:empty, #ana-notice:empty, #cor-notice:empty { display: none; }
 .cacheaug-tokens span.tok { cursor: pointer; }
 .cacheaug-tokens span.tok.cacheaug-picked { outline: 2px solid #7c3aed; outline-offset: 1px; }
 #gen-decoder textarea, #gen-augmented textarea, #gen-pause textarea, #gen-cot textarea {
   font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em; }
 .cacheaug-small { font-size: 0.88em; opacity: 0.85; }
-/* Phone: the title shrinks to one line so the input and the verdict come first. */
+/* Phone: the title shrinks so the input and the verdict come first; narrower page margins and
+   tab buttons so all five tabs fit in one row (Gradio folds tabs that do not fit into a "..." menu,
+   measured from these same buttons); the Generate tab's settings go below its outputs. */
 @media (max-width: 640px) {
   #cacheaug-title h2 { font-size: 1.0em; margin: 0; }
   #cacheaug-title .cacheaug-small, #cor-intro .cacheaug-small { display: none; }
-  #cacheaug-notice .cacheaug-notice { font-size: 0.85em; padding: 0.3em 0.5em !important; }
+  #cacheaug-notice .cacheaug-notice { font-size: 0.8em; padding: 0.25em 0.5em !important; line-height: 1.3 !important; }
+  #tabs .tab-container button { padding: 0 7px !important; font-size: 13px !important; min-width: 0 !important; }
+  .cacheaug-phone-last { order: 10; }
 }
 """
+
+# Gradio scopes `css` to the app's content (every selector is prefixed with `.gradio-container ... .contain`),
+# so the page's own side margins (32 px a side on a phone: a sixth of the width) are set from <head>.
+HEAD = """<style>
+@media (max-width: 640px) { .gradio-container .main { padding-left: 6px !important; padding-right: 6px !important; } }
+</style>"""
 
 # Clicking a token span selects it (outline) and fires the component's click event with its index.
 TOKEN_CLICK_JS = """
@@ -136,14 +149,31 @@ EXAMPLES = ["Why is the sky blue?", "What is 17 + 25? Answer with a number.", "W
 
 
 # ---------------------------------------------------------------------------------------------
-# The model, shared by all sessions; swapped from the Model tab.
+# The models: each browser session has its own (a gr.State holds its key); the Workbenches
+# themselves live in a small cache shared by all sessions.
+
+
+def model_key_of(decoder: str | None, coprocessor: str | None) -> tuple[str, str]:
+    """What a session loaded, as the cache key: (decoder, coprocessor) as typed, stripped ('' = default).
+    The weights stay float32 in every case (bf16 is an autocast option of one analysis), so the
+    precision is not part of the key."""
+    return ((decoder or "").strip(), (coprocessor or "").strip())
 
 
 class Backend:
-    """Holds the Workbench (created lazily by a factory, or given), and the last load error."""
+    """The start-up Workbench (given, or made by a factory on first use) and an LRU cache of the
+    models sessions loaded from the Model tab.
 
-    def __init__(self, workbench_or_factory: Workbench | Callable[[], Workbench], pause: str | None = None):
-        self._lock = threading.Lock()
+    A session's model is a key held in that session's gr.State (None = the start-up model), so a
+    load in one browser session never changes the model of another. The cache is keyed by what
+    was loaded, so sessions that load the same decoder and coprocessor share one copy in memory;
+    it keeps the `max_models` most recently used (env CACHEAUG_MAX_MODELS, default 2) besides the
+    start-up model, which is never evicted. A session whose model was evicted gets it loaded again
+    from the same folders on its next action (a few seconds), not another session's model."""
+
+    def __init__(self, workbench_or_factory: Workbench | Callable[[], Workbench], pause: str | None = None,
+                 startup_key: tuple[str, str] | None = None, max_models: int | None = None):
+        self._lock = threading.RLock()     # guards the start-up model and the cache (loads run under it)
         self._wb: Workbench | None = None
         self._factory: Callable[[], Workbench] | None = None
         if isinstance(workbench_or_factory, Workbench) or not callable(workbench_or_factory):
@@ -151,10 +181,19 @@ class Backend:
         else:
             self._factory = workbench_or_factory
         self.pause = pause or None  # `--pause` given at start-up: kept for every model loaded from the Model tab
-        self.version = 0   # +1 per model change: sessions compare it with the one they last saw
+        self.startup_key = startup_key  # what the start-up model was loaded from, when known: a session that
+        #                                 loads the same gets it instead of a second copy
+        if max_models is None:
+            try:
+                max_models = int(os.environ.get("CACHEAUG_MAX_MODELS", "2"))
+            except ValueError:
+                max_models = 2
+        self.max_models = max(1, max_models)
+        self._models: collections.OrderedDict[tuple[str, str], Workbench] = collections.OrderedDict()
+        self.loads = 0   # how many models were loaded from disk by `load` (tests check sharing with it)
         self.error = ""  # the start-up (factory) failure: no model at all, so every session is told
 
-    def get(self) -> Workbench:
+    def startup(self) -> Workbench:
         with self._lock:
             if self._wb is None:
                 if self._factory is None:
@@ -170,26 +209,53 @@ class Backend:
                                    title="Model", print_exception=False) from None
             return self._wb
 
-    def set(self, wb: Workbench) -> None:
+    def get(self, key: tuple[str, str] | None = None) -> Workbench:
+        """The model of a session holding `key` (None: the start-up model)."""
+        if key is None or tuple(key) == self.startup_key:
+            return self.startup()
+        key = model_key_of(*key)
         with self._lock:
-            self._wb, self.error = wb, ""
-            self.version += 1
+            wb = self._models.get(key)
+            if wb is not None:
+                self._models.move_to_end(key)
+                return wb
+        try:                    # evicted since this session loaded it: the same folders again
+            return self.load(*key)
+        except Exception as e:  # noqa: BLE001 - e.g. the folder was removed meanwhile
+            raise gr.Error(_msg(f"This page's model ({key[0] or 'default decoder'} + {key[1] or 'default coprocessor'}) "
+                                f"could not be loaded again: {e}. Load a model in the Model tab."),
+                           title="Model", print_exception=False) from None
+
+    def cached(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._models)
 
     def load(self, decoder: str | None, coprocessor: str | None) -> Workbench:
-        """Load a new model (raises; the old model stays). A start-up `--pause` checkpoint comes along
-        when it fits the new decoder; otherwise the pause arm is dropped with a notice."""
-        try:
-            wb = Workbench.load(decoder or None, coprocessor or None, pause=self.pause)
-        except Exception:
-            if not self.pause:
-                raise
-            wb = Workbench.load(decoder or None, coprocessor or None)  # its own failure is the one shown
-            wb.notice = _join(wb.notice, f"The pause checkpoint {self.pause} does not fit this decoder: "
-                                         "no pause arm.")
-        with self._lock:
-            self._wb, self.error = wb, ""
-            self.version += 1
-        return wb
+        """The model for (decoder, coprocessor): from the cache when a session loaded it already, else
+        loaded (raises; no session's model changes). A start-up `--pause` checkpoint comes along when
+        it fits the new decoder; otherwise the pause arm is dropped with a notice."""
+        key = model_key_of(decoder, coprocessor)
+        if key == self.startup_key:
+            return self.startup()
+        with self._lock:           # one load at a time: two sessions asking for one model load it once
+            wb = self._models.get(key)
+            if wb is not None:
+                self._models.move_to_end(key)
+                return wb
+            dec, cop = key[0] or None, key[1] or None
+            try:
+                wb = Workbench.load(dec, cop, pause=self.pause)
+            except Exception:
+                if not self.pause:
+                    raise
+                wb = Workbench.load(dec, cop)  # its own failure is the one shown
+                wb.notice = _join(wb.notice, f"The pause checkpoint {self.pause} does not fit this decoder: "
+                                             "no pause arm.")
+            self.loads += 1
+            self._models[key] = wb
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)   # sessions still running on it keep their reference
+            return wb
 
 
 def _msg(text: str) -> str:
@@ -236,6 +302,11 @@ def _export_dir() -> Path:
     return Path(tempfile.mkdtemp(dir=_EXPORT_ROOT))
 
 
+def _fit(fig, plot_height: int = 260):
+    """Every figure the app shows: readable on a phone as on a desktop (see viz.fit_small_screens)."""
+    return viz.fit_small_screens(fig, plot_height=plot_height)
+
+
 def _write_html(fig, path: Path) -> str:
     path.write_text(viz.figure_to_html(fig), encoding="utf-8")
     return str(path)
@@ -261,10 +332,10 @@ def _model_summary(wb: Workbench) -> dict:
 
 def make_handlers(backend: Backend) -> dict[str, Callable]:
     def generate(prompt, extra_arms, chat, max_new_tokens, temperature, top_p, top_k, seed, reaugment_every,
-                 async_delay):
+                 async_delay, model_key=None):
         """Stream both arms (and the optional extra arms) token by token with identical settings."""
         with _friendly_errors():
-            wb = backend.get()
+            wb = backend.get(model_key)
             text, notice = wb.fit_text(prompt, GEN_MAX_CHARS, GEN_MAX_TOKENS)
             if notice:
                 gr.Warning(_msg(notice), title="Prompt truncated")
@@ -340,27 +411,31 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                    "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
                    "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
         by_pos = views.by_position_every(res["nll_base"], res["nll_aug"])
-        heat = viz.delta_heatmap_figure(toks, views.by_scored_token(res["nll_aug"] - res["nll_base"]),
+        heat = _fit(viz.delta_heatmap_figure(toks, views.by_scored_token(res["nll_aug"] - res["nll_base"]),
                                         axis="token", title="Δloss of each token by how many tokens "
-                                        "earlier the latents were inserted (blue = helps; blank = not scored)")
+                                        "earlier the latents were inserted (blue = helps; blank = not scored)"))
         return toks, A, n, nb, na, caption, by_pos, heat
 
     def _by_position_figure(by_pos, ref, ref_name, units):
-        return viz.delta_by_position_figure(by_pos, title="", reference=ref, units=units,
-                                            reference_name=f"typical: {ref_name}" if ref_name else "")
+        return _fit(viz.delta_by_position_figure(by_pos, title="", reference=ref, units=units,
+                                            reference_name=f"typical: {ref_name}" if ref_name else ""), plot_height=200)
 
-    def analyze(text, mode, point, positions, ahead, top_k, bf16=False, progress=gr.Progress(),
-                request: gr.Request = None):
+    def analyze(text, mode, point, positions, ahead, top_k, bf16=False, model_key=None, origin=None,
+                progress=gr.Progress(), request: gr.Request = None):
         """Per-token Δloss, the final result of `analyze_stream` (for callers that want no partials)."""
         final = None
-        for final in analyze_stream(text, mode, point, positions, ahead, top_k, bf16, progress, request):
+        for final in analyze_stream(text, mode, point, positions, ahead, top_k, bf16, model_key, origin, progress,
+                                    request):
             pass
         return final
 
-    def analyze_stream(text, mode, point, positions, ahead, top_k, bf16=False, progress=gr.Progress(),
-                       request: gr.Request = None):
+    def analyze_stream(text, mode, point, positions, ahead, top_k, bf16=False, model_key=None, origin=None,
+                       progress=gr.Progress(), request: gr.Request = None):
         """Per-token Δloss: mode 'once' (a) or 'every' (b). Mode (b) yields partial views after each
-        batched pass (the heatmap and the curve fill in; no downloads until the end), then the result."""
+        batched pass (the heatmap and the curve fill in; no downloads until the end), then the result.
+        `origin`: what 'Use last generation' put in the text box; while the text is still that, the
+        verdict keeps its bias notice (an arm scoring its own output)."""
+        biased = (origin or {}).get("note", "") if text == (origin or {}).get("text") else ""
         session = getattr(request, "session_hash", None)
         stopped_sessions.discard(session)
 
@@ -371,7 +446,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             progress(float(f), desc="augmenting after every token")
 
         with _friendly_errors():
-            wb = backend.get()
+            wb = backend.get(model_key)
             text, notice = wb.fit_text(text, ANALYSIS_MAX_CHARS, ANALYSIS_MAX_TOKENS)
             if notice:
                 gr.Warning(_msg(notice), title="Text truncated")
@@ -389,8 +464,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                         "Click a token for both arms' top-k next tokens.")
                 caption = None
                 by_pos = views.by_position_once(nb, na, p)
-                heat = views.message_figure("Δloss heatmap", "Mode (b) only: augment after every token to see "
-                                            "Δloss by augmentation point and position ahead.")
+                heat = _fit(views.message_figure("Δloss heatmap", "Mode (b) only: augment after every token to see "
+                                            "Δloss by augmentation point and position ahead."))
                 run = {"mode": "once", "point": p}
                 shown = {"text": text, "mode": "once", "point": p}
             else:
@@ -409,9 +484,12 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 if bf16:   # the numeric price, measured here on the text's first 48 tokens
                     head = wb.tokenizer.decode(wb.encode(text)[0, :48].tolist())
                     r32, r16 = (wb.score_every(head, positions=int(positions), bf16=b) for b in (False, True))
-                    d = np.abs(np.concatenate([(r16[k] - r32[k]).ravel() for k in ("nll_aug", "nll_base")]))
+                    # the augmented arm only: bf16 keeps the plain arm in float32 (a mean over both arms
+                    # would halve the error shown)
+                    d = np.abs((r16["nll_aug"] - r32["nll_aug"]).ravel())
                     d = d[np.isfinite(d)]
-                    notice = _join(notice, f"bf16: on the first 48 tokens, mean |ΔNLL| to float32 {d.mean():.4f} "
+                    notice = _join(notice, f"bf16 (coprocessor and group passes; the plain arm and the LM head stay "
+                                           f"float32): on the first 48 tokens, mean |ΔNLL| to float32 {d.mean():.4f} "
                                            f"nats (max {d.max():.4f}).")
                 toks, A, n, nb, na, caption, by_pos, heat = _every_views(res, ahead)
                 p = None
@@ -435,12 +513,12 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             csv_file = str(viz.frame_to_csv(per_token, out / "cacheaug-per-token.csv"))
             run |= {"text": text, "model": _model_summary(wb), "notice": _join(notice, res.get("notice", "")) or None,
                     "tokens": [viz.clean_token(t) for t in toks], "nll_base": nb, "nll_aug": na,
-                    "summary": summary, "by_position": by_pos}
+                    "summary": summary, "by_position": by_pos, "verdict": verdict, "bias_notice": biased or None}
             json_file = str(views.write_json(run, out / "cacheaug-analysis.json"))
             pos_file = _write_html(by_fig, out / "cacheaug-by-position.html")
-            note = views.notice_html(verdict, "info", "Verdict:") + views.notice_html(
-                _join(info, notice), "warning" if notice else "info")
-            run["verdict"] = verdict
+            note = (views.notice_html(verdict, "info", "Verdict:") + views.notice_html(biased, "warning",
+                                                                                      "Biased comparison:")
+                    + views.notice_html(_join(info, notice), "warning" if notice else "info"))
             yield (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
                     json_file, pos_file, heat_file, shown)
 
@@ -459,13 +537,13 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             return (viz.token_delta_html(toks, na - nb, nb, na, caption=caption), views.round_frame(
                 viz.summary_table(nb, na)), views.round_frame(viz.per_token_frame(toks, nb, na)), shown | {"ahead": n})
 
-    def token_detail(shown, top_k, index):
+    def token_detail(shown, top_k, index, model_key=None):
         """Both arms' top-k next-token distributions at one token of the analysis shown (the text,
         mode, point and n-th-ahead of the last Analyse in this session), and KL(aug ‖ base)."""
         with _friendly_errors():
             if not shown:
                 raise InputError("Run Analyse first, then pick a token.")
-            wb = backend.get()
+            wb = backend.get(model_key)
             text, mode = shown["text"], shown["mode"]
             if index is None or (isinstance(index, float) and not math.isfinite(index)):
                 raise InputError("Pick a token: click one in the Δloss view or type its number.")
@@ -499,40 +577,53 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         return int(row)
 
-    def use_generation(prompt, decoder_text, augmented_text="", arm="decoder", chat=True):
-        """The last generation (prompt + one arm's continuation) as the text to analyse, with the
-        augmentation point at the end of the prompt; a notice says why such a score is biased."""
+    def use_generation(arm="decoder", run=None, model_key=None):
+        """This session's last generation (its prompt + one arm's generated tokens) as the text to
+        analyse in mode (a), in the context it was generated in: the prompt inside the chat template
+        when Generate used it, the latents after the prompt's last token. A notice says why scoring a
+        model's own output is biased toward that arm."""
         with _friendly_errors():
             arm = arm if arm in ("decoder", "coprocessor") else "decoder"
-            cont = decoder_text if arm == "decoder" else augmented_text
-            if not (cont or "").strip():
-                raise InputError("Nothing generated yet: run Generate first.")
-            wb = backend.get()
-            ptext, _ = clean_text(prompt)
-            point = int(wb.encode(ptext).shape[1]) - 1
-            note = (f"Scoring the {ARM_LABELS[arm]} arm's own greedy continuation: that arm chose each token as "
-                    "its most likely one, so the comparison leans toward it (pick the other arm's text to see the "
-                    "reverse). ")
-            if chat:
-                note += ("It was generated inside the chat template; it is scored here as plain text after the bare "
-                         "prompt, so both arms see a context it was not generated in.")
+            rec = ((run or {}).get("arms") or {}).get(arm) or {}
+            if not rec.get("token_ids"):
+                raise InputError(f"Nothing generated yet by the {ARM_LABELS[arm]} arm: run Generate first.")
+            wb = backend.get(model_key)
+            chat = bool((run.get("settings (identical for every arm)") or {}).get("chat_template"))
+            text, point, retok = wb.generation_as_text(run["prompt"], rec["token_ids"], chat=chat)
+            other = "coprocessor" if arm == "decoder" else "decoder"
+            how = "greedy (each token its most likely one)" if run.get("greedy") else "sampled"
+            note = (f"This is the {ARM_LABELS[arm]} arm's own {how} output. A model scoring text it generated "
+                    f"itself is biased toward it: the {ARM_LABELS[arm]} arm looks better here than it would on "
+                    f"text it did not write. Score the {ARM_LABELS[other]} arm's text too, and read the two "
+                    "together. ")
+            note += ("The prompt is scored inside the chat template, as Generate used it; the latents go after "
+                     "its last token (the augmentation point), where generation inserted them." if chat else
+                     "The prompt is scored as plain text, as Generate used it (no chat template); the latents go "
+                     "after its last token, where generation inserted them.")
+            if run.get("model") and run["model"] != _model_summary(wb):
+                note += " This page's model changed since that generation: the scores are the current model's."
+            if not run.get("finished", True):
+                note += " The generation was stopped early: its tokens so far are scored."
+            note = _join(note, retok)
             gr.Warning(_msg(note), title="Biased comparison")
-            return views.join_prompt_continuation(ptext, cont), point, "once", views.notice_html(note, "warning")
+            return (text, point, "once", views.notice_html(note, "warning", "Biased comparison:"),
+                    {"text": text, "arm": arm, "note": note})
 
     def _pca_figure(res, dims, color_by, axes_choice):
         """The PCA scatter of stored latents: on the model's reference axes or their own PCA, with the
         pause arm's latents overlaid when a pause checkpoint was loaded."""
         ref = res.get("reference_axes") if axes_choice != "own" else None
         pause = res.get("pause_latents")
-        return viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
-                                     color_by=color_by, dims=int(dims), hover_tokens=res["top_tokens"],
-                                     norms=res["norms"], axes=ref, overlay=pause,
-                                     overlay_name=res.get("pause_label") or "pause tokens")
+        return _fit(viz.latent_pca_figure(res["latents"], res["prompt_ids"], res["latent_index"], labels=res["labels"],
+                                          color_by=color_by, dims=int(dims), hover_tokens=res["top_tokens"],
+                                          norms=res["norms"], axes=ref, overlay=pause,
+                                          overlay_name=res.get("pause_label") or "pause tokens"), plot_height=300)
 
-    def latents(prompts_text, dims, color_by, top_k, continuation, axes_choice="reference", progress=gr.Progress()):
+    def latents(prompts_text, dims, color_by, top_k, continuation, axes_choice="reference", model_key=None,
+                progress=gr.Progress()):
         """PCA of the latents of each prompt, their LM-head read-out, attention of a continuation to them."""
         with _friendly_errors():
-            wb = backend.get()
+            wb = backend.get(model_key)
             prompts, note = views.split_prompts(prompts_text, MAX_PROMPTS)
             if not prompts:
                 raise InputError("Type at least one prompt (one per line).")
@@ -576,22 +667,22 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                                                              continuation[:ANALYSIS_MAX_CHARS], ATTENTION_MAX_TOKENS)
                 sc = wb.score_text(full, point=point, top_k=1, with_attention=True)
                 p = sc["point"]
-                attn = viz.attention_to_latents_figure(
+                attn = _fit(viz.attention_to_latents_figure(
                     sc["tokens"][p + 1:], sc["attn_to_latents"],
-                    title="Attention from the continuation to prompt 1's latents")
+                    title="Attention from the continuation to prompt 1's latents"))
                 attn_file = _write_html(attn, out / "cacheaug-attention-to-latents.html")
                 notice = _join(notice, n2)
             else:
-                attn = views.message_figure("Attention to latents", "Type a continuation to see how much attention "
-                                            "each of its tokens pays to each latent.")
+                attn = _fit(views.message_figure("Attention to latents", "Type a continuation to see how much "
+                                                 "attention each of its tokens pays to each latent."))
             per_prompt = int(res["latents"].shape[0]) // len(fitted)
             sim = viz.latent_similarity(res["latents"], res["prompt_ids"], res["latent_index"])
             info = (axes_text + views.explained_variance_text(evr) + f" · {len(fitted)} prompt(s) × {per_prompt} latents · mean "
                     f"cosine: same prompt {sim['within_prompt']:.2f}, same slot across prompts "
                     f"{sim['same_slot_across_prompts']:.2f}, other slots across prompts "
                     f"{sim['other_slot_across_prompts']:.2f}")
-            sim_fig = viz.latent_similarity_figure(res["latents"], res["prompt_ids"], res["latent_index"],
-                                                   labels=res["labels"])
+            sim_fig = _fit(viz.latent_similarity_figure(res["latents"], res["prompt_ids"], res["latent_index"],
+                                                        labels=res["labels"]))
             return (fig, views.notice_html(_join(info, notice), "warning" if notice else "info"),
                     views.round_frame(readout), attn, pca_file, attn_file, csv_file, sim_fig, res)
 
@@ -610,11 +701,12 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         n = int(min(max(int(ahead or 1), 1), res.config.positions))
         tables = corpus.summarize(res, arm, n)
         done = len(res.docs)
-        partial = "" if res.finished else f"partial: {done} document(s) so far"
-        curve = corpus_viz.corpus_curve_figure(tables["by_position"], partial=partial)
-        surpr = corpus_viz.bucket_figure(tables["by_surprisal"], "surprisal_nats",
-                                         f"decoder surprisal (nats), {n} ahead")
-        kinds = corpus_viz.bucket_figure(tables["by_kind"], "kind", f"token kind, {n} ahead")
+        partial = ("" if res.finished else f"partial: {res.in_progress}" if res.in_progress
+                   else f"partial: {done} document(s) so far")
+        curve = _fit(corpus_viz.corpus_curve_figure(tables["by_position"], partial=partial))
+        surpr = _fit(corpus_viz.bucket_figure(tables["by_surprisal"], "surprisal_nats",
+                                              f"decoder surprisal (nats), {n} ahead"))
+        kinds = _fit(corpus_viz.bucket_figure(tables["by_kind"], "kind", f"token kind, {n} ahead"))
         tokens = tables["tokens"].drop(columns=["title"]).sort_values("delta", kind="stable")
         tokens["token"] = tokens["token"].map(viz.display_token)
         docs = tables["documents"].sort_values("delta", kind="stable")
@@ -626,8 +718,8 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         json_file = str(views.write_json(corpus.result_json(res, tables, arm, n), out / "cacheaug-corpus.json"))
         return csv_file, json_file
 
-    def corpus_run(upload, path, max_docs, max_tokens, positions, sink, arm, ahead, progress=gr.Progress(),
-                   request: gr.Request = None):
+    def corpus_run(upload, path, max_docs, max_tokens, positions, sink, arm, ahead, model_key=None,
+                   progress=gr.Progress(), request: gr.Request = None):
         """Mode (b) over documents; yields the views after every document (progressive, Stop keeps them)."""
         session = getattr(request, "session_hash", None)
         stopped_sessions.discard(session)
@@ -639,7 +731,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             progress(float(f), desc=desc)
 
         with _friendly_errors():
-            wb = backend.get()
+            wb = backend.get(model_key)
             src = upload if upload else ((path or "").strip() or "wiki")
             if not upload and src not in corpus.BUNDLED:
                 if Path(src).suffix not in (".jsonl", ".txt"):
@@ -668,7 +760,10 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                 for res in corpus.score_corpus(wb, docs, cfg, progress=tick, source=name):
                     tables, curve, surpr, kinds, dtab, ttab, a, n = _corpus_tables(res, arm, ahead)
                     files = _corpus_exports(res, tables, a, n) if res.finished else (None, None)
-                    msg = (f"{name}: {len(res.docs)}/{total} documents scored (first {cfg.max_tokens} tokens each, "
+                    scored = len(res.docs) - bool(res.in_progress)   # a partial first document is not counted
+                    msg = (f"{name}: {scored}/{total} documents scored"
+                           + (f", {res.in_progress} so far" if res.in_progress else "")
+                           + f" (first {cfg.max_tokens} tokens each, "
                            f"{cfg.positions} positions ahead, sink {cfg.sink}"
                            f"{' = ' + repr(res.sink_token) if res.sink_token else ''}; arms: "
                            f"{', '.join(ARM_LABELS.get(x, x) for x in res.arms)}). "
@@ -718,23 +813,25 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             raise gr.Error("Click a document or token row first.", title="Corpus", print_exception=False)
         return text, "every", gr.Tabs(selected="analysis")
 
-    def model_info(load_error: str = ""):
-        """The loaded decoder and coprocessor: notice banner, status, card, evaluation, and an error: the
-        failed start-up load (every session), or this session's failed load (`load_error`)."""
-        err = load_error or backend.error
+    def model_info(model_key=None, load_error: str = "", loaded: str = ""):
+        """This session's decoder and coprocessor: notice banner, status, card, evaluation, and an error:
+        the failed start-up load (every session on the start-up model), or this session's failed load
+        (`load_error`). `loaded`: a line on a load this session just made."""
+        err = load_error or (backend.error if model_key is None else "")
         try:
-            wb = backend.get()
-        except gr.Error:
+            wb = backend.get(model_key)
+        except gr.Error as e:
             wb = None
-            err = load_error or backend.error
+            err = load_error or (backend.error if model_key is None else str(e))
         if wb is None:
             banner = views.notice_html(err or "No model is loaded.", "error")
             return banner, {}, "", "", views.notice_html(err, "error")
         st = wb.status()
         level = "warning" if st["coprocessor_source"] == "untrained" else "info"
         line = corpus.status_line(st.get("evaluation")) if level == "info" else ""
-        banner = views.notice_html(err, "error", "Last load failed:") + views.status_html(
-            line, st["notice"], level, "Coprocessor:" if level == "info" else "Untrained coprocessor:")
+        banner = (views.notice_html(err, "error", "Last load failed:") + views.notice_html(loaded, "info", "Model:")
+                  + views.status_html(line, st["notice"], level,
+                                      "Coprocessor:" if level == "info" else "Untrained coprocessor:"))
         cfg = getattr(wb.coprocessor, "checkpoint_config", None)
         if cfg:
             try:
@@ -747,35 +844,24 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
         return (banner, st, card, "### Evaluation\n\n" + views.evaluation_markdown(st.get("evaluation")),
                 views.notice_html(err, "error"))
 
-    def load_model(decoder, coprocessor, progress=gr.Progress()):
-        """Load a decoder (empty = embedded default) and a coprocessor (empty = shipped, else untrained)."""
+    def load_model(decoder, coprocessor, model_key=None, progress=gr.Progress()):
+        """Load a decoder (empty = embedded default) and a coprocessor (empty = shipped, else untrained)
+        for this session only; returns the Model tab's views and the session's new model key (the old
+        one when the load fails: this session keeps its model, other sessions never see the change)."""
         progress(0.1, desc="loading")
+        key = model_key_of(decoder, coprocessor)
         try:
-            backend.load((decoder or "").strip() or None, (coprocessor or "").strip() or None)
+            wb = backend.load(*key)
         except Exception as e:  # noqa: BLE001 - any load failure is reported in the tab, the old model stays
             err = f"{type(e).__name__}: {e}" if not isinstance(e, CheckpointError) else str(e)
             gr.Warning(_msg(err), title="Model not loaded")
-            return model_info(err)              # shown to this session only; others keep their view
-        return model_info()
+            return *model_info(model_key, err), model_key      # shown to this session only
+        st = _model_summary(wb)
+        loaded = (f"decoder {st['decoder']} with coprocessor {st['coprocessor']}, for this page only (other open "
+                  "pages keep theirs). Results shown before this load were computed with the previous model.")
+        return *model_info(key, loaded=loaded), key
 
-    def model_seen():
-        """The model version this session has seen (at page load and after its own loads)."""
-        return backend.version
-
-    def model_changed(seen):
-        """The model is shared by every open page: say so when another session changed it."""
-        if seen is None or seen == backend.version:
-            return ""
-        try:
-            st = _model_summary(backend.get())
-        except gr.Error:
-            return views.notice_html("The model was unloaded from another browser session.", "error")
-        return views.notice_html(
-            f"The model was changed from another browser session (the model is shared by every open page): now "
-            f"decoder {st['decoder']} with coprocessor {st['coprocessor']}. Results on this page computed before "
-            "were made with the previous model; reload the page to acknowledge.", "warning", "Model changed:")
-
-    return {"model_seen": model_seen, "model_changed": model_changed, "generate": generate, "stop_generation": stop_generation,
+    return {"generate": generate, "stop_generation": stop_generation,
             "analyze": analyze, "analyze_stream": analyze_stream, "stop_analysis": stop_analysis,
             "token_detail": token_detail,
             "pick_token": pick_token, "pick_row": pick_row, "recolour": recolour,
@@ -827,13 +913,16 @@ class CacheAugBlocks(gr.Blocks):
     def launch(self, *args, **kwargs):
         kwargs.setdefault("theme", THEME)
         kwargs.setdefault("css", CSS)
+        kwargs.setdefault("head", HEAD)
         return super().launch(*args, **kwargs)
 
 
-def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause: str | None = None) -> gr.Blocks:
+def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause: str | None = None,
+               startup_key: tuple[str, str] | None = None) -> gr.Blocks:
     """The app on a Workbench (or a zero-argument factory that loads one on first use); `pause`: the
-    pause-token checkpoint to bring along to models loaded from the Model tab."""
-    backend = Backend(workbench_or_factory, pause=pause)
+    pause-token checkpoint to bring along to models loaded from the Model tab; `startup_key`: the
+    (decoder, coprocessor) the start-up model is, so a session loading the same shares it."""
+    backend = Backend(workbench_or_factory, pause=pause, startup_key=startup_key)
     h = make_handlers(backend)
     model = {"concurrency_id": "model", "concurrency_limit": 1}
 
@@ -843,9 +932,9 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     "coprocessor appended to its KV cache. Δloss = NLL(decoder+coprocessor) − NLL(decoder): "
                     "negative (blue) = the latents help.</span>", elem_id="cacheaug-title")
         notice = gr.HTML("", elem_id="cacheaug-notice")
-        changed = gr.HTML("", elem_id="cacheaug-model-changed")
-        seen = gr.State(None)          # the model version this page has seen
-        tick = gr.Timer(5.0)
+        # This session's model: None = the start-up model, else the (decoder, coprocessor) it loaded in the
+        # Model tab. Per session, so a load in one browser tab leaves every other tab's model as it was.
+        session_model = gr.State(None)
 
         with gr.Tabs(elem_id="tabs") as tabs:
             # -- Generate ------------------------------------------------------------------------
@@ -872,13 +961,14 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                        label="Examples: one chat question, one arithmetic question, one creative prompt (a typical "
                                              "spread, not picked to flatter either arm); a click runs Generate with the "
                                              "settings below")
-                with gr.Row():
+                with gr.Row(elem_classes=["cacheaug-phone-last"]):
                     max_new = gr.Slider(1, 256, DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens",
                                         elem_id="gen-max-new-tokens")
                     temperature = gr.Slider(0.0, 2.0, 0.0, step=0.05, label="temperature (0 = greedy)",
                                             elem_id="gen-temperature")
                     seed = gr.Number(0, label="seed", precision=0, elem_id="gen-seed")
-                with gr.Accordion("Sampling, augmentation and extra arms", open=False, elem_id="gen-options"):
+                with gr.Accordion("Sampling, augmentation and extra arms", open=False, elem_id="gen-options",
+                                  elem_classes=["cacheaug-phone-last"]):
                     with gr.Row():
                         top_p = gr.Slider(0.05, 1.0, 1.0, step=0.05, label="top-p", elem_id="gen-top-p")
                         top_k = gr.Slider(0, 200, 0, step=1, label="top-k (0 = off)", elem_id="gen-top-k")
@@ -924,6 +1014,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                         use_arm = gr.Radio([("decoder's text", "decoder"), ("coprocessor's text", "coprocessor")],
                                            value="decoder", show_label=False, container=False,
                                            elem_id="ana-use-arm")
+                # The verdict sits right under the Analyse button (on a phone too, on the first screen).
+                ana_notice = gr.HTML("", elem_id="ana-notice")
                 with gr.Row():
                     mode = gr.Radio(MODES, value="once", label="mode", elem_id="ana-mode", scale=3)
                     point = gr.Number(-1, label="(a) augment after token # (−1 = a quarter in; the end of the "
@@ -936,7 +1028,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                     ana_topk = gr.Slider(1, 50, 10, step=1, label="top-k in the token detail", elem_id="ana-topk")
                     ana_bf16 = gr.Checkbox(False, label="(b) bf16 matmuls (GPU, or CPU with AVX-512-bf16/AMX); the "
                                            "difference to float32 is measured and shown", elem_id="ana-bf16")
-                ana_notice = gr.HTML("", elem_id="ana-notice")
+                ana_origin = gr.State(None)  # the text 'Use last generation' set, and its bias notice
                 ana_shown = gr.State(None)  # text, mode, point / n ahead of the analysis shown: token detail uses it
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -1061,6 +1153,8 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                         placeholder="empty = the shipped one (else untrained); or a checkpoint folder",
                                         elem_id="model-coprocessor", scale=3)
                     load_btn = gr.Button("Load", variant="primary", elem_id="model-load", scale=1)
+                gr.Markdown("<span class='cacheaug-small'>Loads for this browser tab only: other open pages keep "
+                            "their model.</span>", elem_id="model-scope")
                 model_err = gr.HTML("", elem_id="model-error")
                 # Compact: the stored evaluation shown, the card and the raw status one click away.
                 with gr.Accordion("Stored evaluation", open=True, elem_id="model-evaluation-box"):
@@ -1075,12 +1169,12 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
 
         # -- Events ------------------------------------------------------------------------------
         gen_event = gen_btn.click(
-            h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
+            h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay, session_model],
             [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_diverge, gen_status, run_json, gen_run],
             api_name="generate", **model)
         # An example is Generate on that prompt with the settings shown: streamed, status, settings, downloads.
         example_event = examples.load_input_event.then(
-            h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay],
+            h["generate"], [prompt, extra_arms, chat, max_new, temperature, top_p, top_k, seed, reaug, async_delay, session_model],
             [out_dec, out_aug, out_pause, out_cot, stats, settings_json, gen_diverge, gen_status, run_json, gen_run],
             api_visibility="private", **model)
         stop_btn.click(h["stop_generation"], gen_run, [gen_status, run_json], cancels=[gen_event, example_event],
@@ -1089,7 +1183,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                                         gr.update(visible="cot" in (arms or []))),
                           extra_arms, [out_pause, out_cot], api_visibility="private", queue=False)
 
-        ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk, ana_bf16]
+        ana_inputs = [ana_text, mode, point, positions, ahead, ana_topk, ana_bf16, session_model, ana_origin]
         ana_outputs = [ana_notice, tokens_html, summary, by_pos_plot, heat_plot, per_token, ana_csv, ana_json,
                        ana_fig_pos, ana_fig_heat, ana_shown]
         ana_event = ana_btn.click(h["analyze_stream"], ana_inputs, ana_outputs, api_name="analyze", **model)
@@ -1103,23 +1197,24 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
         # A new analysis clears the previous token detail at once (it described the old result).
         ana_btn.click(lambda: (views.round_frame(viz.topk_compare_frame([], [], [], [])), "", None), None,
                       [topk_table, detail_html, pick], api_visibility="private", queue=False)
-        detail_inputs = [ana_shown, ana_topk, pick]  # the analysis shown, not the live widgets
+        detail_inputs = [ana_shown, ana_topk, pick, session_model]  # the analysis shown, not the live widgets
         detail_btn.click(h["token_detail"], detail_inputs, [topk_table, detail_html], api_name="token_detail", **model)
         tokens_html.click(h["pick_token"], None, pick, api_visibility="private", queue=False).then(
             h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)
         per_token.select(h["pick_row"], None, pick, api_visibility="private", queue=False).then(
             h["token_detail"], detail_inputs, [topk_table, detail_html], api_visibility="private", **model)
-        use_gen_btn.click(h["use_generation"], [prompt, out_dec, out_aug, use_arm, chat],
-                          [ana_text, point, mode, ana_notice], api_name="use_generation", **model)
+        # The session's last run (its prompt, chat setting and token ids), not the live widgets.
+        use_gen_btn.click(h["use_generation"], [use_arm, gen_run, session_model],
+                          [ana_text, point, mode, ana_notice, ana_origin], api_name="use_generation", **model)
 
-        lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont, lat_axes],
+        lat_btn.click(h["latents"], [lat_prompts, dims, color_by, lat_topk, lat_cont, lat_axes, session_model],
                       [pca_plot, lat_info, readout, attn_plot, lat_fig_pca, lat_fig_attn, lat_csv, sim_plot, lat_state],
                       api_name="latents",
                       **model)
 
         cor_views = [cor_curve, cor_surprisal, cor_kind, cor_doc_table, cor_tok_table, cor_csv, cor_json]
         cor_btn.click(h["corpus_run"], [cor_file, cor_path, cor_docs, cor_tokens, cor_positions, cor_sink, cor_arm,
-                                       cor_ahead], [cor_notice, *cor_views, cor_state], api_name="corpus", **model)
+                                       cor_ahead, session_model], [cor_notice, *cor_views, cor_state], api_name="corpus", **model)
         # Stop sets a flag the run checks between passes: it ends itself and keeps what was scored.
         cor_stop.click(h["stop_analysis"], None, cor_notice, api_visibility="private", queue=False)
         gr.on([cor_arm.change, cor_ahead.release], h["corpus_view"], [cor_state, cor_arm, cor_ahead], cor_views,
@@ -1135,12 +1230,9 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
               [lat_state, dims, color_by, lat_axes], pca_plot, api_visibility="private", queue=False)
 
         model_outputs = [notice, status_json, card, evaluation, model_err]
-        load_btn.click(h["load_model"], [dec_in, cop_in], model_outputs, api_name="load_model", **model).then(
-            h["model_seen"], None, seen, api_visibility="private", queue=False).then(
-            lambda: "", None, changed, api_visibility="private", queue=False)
-        demo.load(h["model_info"], None, model_outputs, api_name="model_info", **model)
-        demo.load(h["model_seen"], None, seen, api_visibility="private", queue=False)
-        tick.tick(h["model_changed"], seen, changed, api_visibility="private", queue=False, show_progress="hidden")
+        load_btn.click(h["load_model"], [dec_in, cop_in, session_model], [*model_outputs, session_model],
+                       api_name="load_model", **model)
+        demo.load(h["model_info"], session_model, model_outputs, api_name="model_info", **model)
 
     demo.queue(max_size=32, default_concurrency_limit=1)
     demo.cacheaug_backend = backend
@@ -1171,7 +1263,7 @@ def main(argv=None) -> int:
 
     factory = functools.partial(Workbench.load, args.decoder or None, args.coprocessor or None,
                                 pause=args.pause or None)
-    demo = build_demo(factory, pause=args.pause or None)
+    demo = build_demo(factory, pause=args.pause or None, startup_key=model_key_of(args.decoder, args.coprocessor))
     try:
         wb = demo.cacheaug_backend.get()
         if wb.notice:

@@ -31,6 +31,16 @@ stored with its wall time and the process CPU time, and the load average before 
       (the first document's views, target <= 3 s) and the whole run against the matmul floor of
       (c) summed over the documents; then `corpus.summarize` (tables, buckets, bootstrap).
 
+Issue 30's targets, measured in the same run (each section records the load average around it):
+  (c') mode (b) in float32 against the matmul floor of (c): median / floor <= 1.15
+  (g) mode (b) with bf16 matmuls (`score_every(..., bf16=True)`, torch.autocast) alternated call by call
+      with float32 on the same text: speed-up (median of per-pair ratios) >= 1.6, mean |ΔNLL| to float32
+      over every scored entry of both arms <= 0.01 nats; only where `Workbench.bf16_unsupported()` is
+      None (a GPU with bf16, or a CPU with AVX-512-bf16 / AMX), else recorded as not applicable
+  (h) first partial mode-(b) result: `Workbench.iter_score_every` from the call to its first yield
+      (tokenising, the prefill, the first pass of points), target <= 3 s
+  (f) the Corpus view (below) unless --skip-corpus
+
 `--threads 2,1` repeats everything at each torch thread count in the same process (the first is
 the one the verdicts in the summary line use). On a shared machine one thread is the steadier
 measure: with two, PyTorch's OpenMP workers wait for each other, and a core taken by another
@@ -62,7 +72,10 @@ from cacheaug_core.workbench import Workbench  # noqa: E402
 
 NOTES_MARK = "<!-- notes: kept when the benchmark rewrites the tables above -->"
 TARGETS = {"ttft_ratio": 1.25, "decode_ratio_min": 0.95, "score_every_s": 15.0, "score_text_s": 1.5,
-           "peak_rss_gb": 4.0}
+           "peak_rss_gb": 4.0,
+           # issue 30: mode (b) near what this machine's matmuls allow, bf16 where the CPU has bf16 units,
+           # a partial result early, the corpus view over 20 documents x 256 tokens timed
+           "every_floor_ratio": 1.15, "bf16_speedup_min": 1.6, "bf16_mean_abs_dnll": 0.01, "first_partial_s": 3.0}
 
 # Fixed English prose (written for this benchmark), repeated as needed and cut to the exact token count.
 TEXT = (
@@ -99,6 +112,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_matrix_flags() -> list[str]:
+    """The CPU's vector / matrix extensions that decide float32 and bf16 matmul speed here."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text(errors="replace").split())
+    except OSError:
+        return []
+    return sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8", "avx512_vnni"})
 
 
 def git_head() -> str:
@@ -264,6 +286,60 @@ def score_every_floor(wb: Workbench, T: int, A: int, rows: int = 2048, repeats: 
     return {"counted_flops": flops, "matmul_rate_flops": rate, "floor_s": flops / rate}
 
 
+def bench_every_bf16(wb: Workbench, text: str, positions: int, repeats: int, log) -> dict:
+    """(g): mode (b) with bf16 matmuls against float32, alternated call by call (fp32, bf16, then
+    bf16, fp32, ...) so a change of the machine's speed hits both; the NLL tables are compared
+    entry by entry (both arms: the plain arm also runs under autocast)."""
+    why = wb.bf16_unsupported()
+    if why:
+        return {"applicable": False, "reason": why}
+    calls = {"fp32": lambda: wb.score_every(text, positions=positions),
+             "bf16": lambda: wb.score_every(text, positions=positions, bf16=True)}
+    cold = {k: f() for k, f in calls.items()}                                 # untimed: warm-up and the tables
+
+    def err(a, b):
+        x = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).ravel()
+        return x[np.isfinite(x)]
+
+    # Per arm: the app's bf16 keeps the plain arm in float32 (exact here), so a mean over both arms
+    # would halve the augmented arm's error; the verdict takes the worse arm. Also the error of the
+    # quantity the app colours, Δloss = NLL(aug) - NLL(plain).
+    per_arm = {k: err(cold["bf16"][k], cold["fp32"][k]) for k in ("nll_aug", "nll_base")}
+    d_loss = err(cold["bf16"]["nll_aug"] - cold["bf16"]["nll_base"], cold["fp32"]["nll_aug"] - cold["fp32"]["nll_base"])
+    worst = max(per_arm, key=lambda k: per_arm[k].mean())
+    d = per_arm[worst]
+    walls = {"fp32": [], "bf16": []}
+    for r in range(repeats):
+        for name in (("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32")):
+            _, w, _ = timed(calls[name])
+            walls[name].append(w)
+            log(f"score_every {name}: {r + 1}/{repeats} {w:.3f}s")
+    ratios = [a / b for a, b in zip(walls["fp32"], walls["bf16"])]
+    return {"applicable": True, "fp32_s": stats(walls["fp32"]), "bf16_s": stats(walls["bf16"]),
+            "speedup_pairs": stats(ratios), "mean_abs_dnll": float(d.mean()), "max_abs_dnll": float(d.max()),
+            "entries_compared": int(d.size), "worst_arm": worst,
+            "per_arm_mean_abs_dnll": {k: float(v.mean()) for k, v in per_arm.items()},
+            "mean_abs_d_delta_loss": float(d_loss.mean())}
+
+
+def bench_first_partial(wb: Workbench, text: str, positions: int, repeats: int, log) -> dict:
+    """(h): seconds from calling `Workbench.iter_score_every` (what the app's mode (b) streams) to its
+    first yield, i.e. the first partial views; the generator is closed there."""
+    def first():
+        it = wb.iter_score_every(text, positions=positions)
+        part = next(it)
+        it.close()
+        return part
+
+    cold, cold_w, _ = timed(first)
+    walls = []
+    for r in range(repeats):
+        part, w, _ = timed(first)
+        walls.append(w)
+        log(f"first partial mode (b) result: {r + 1}/{repeats} {w:.3f}s ({part['points_done']}/{part['points']} points)")
+    return {"cold_s": cold_w, "wall_s": stats(walls), "points_done": part["points_done"], "points": part["points"]}
+
+
 def bench_corpus(wb: Workbench, n_docs: int, n_tokens: int, positions: int, log) -> dict:
     """(f): the Corpus view's work on `n_docs` bundled held-out documents of >= n_tokens tokens."""
     from cacheaug_core import corpus
@@ -277,16 +353,20 @@ def bench_corpus(wb: Workbench, n_docs: int, n_tokens: int, positions: int, log)
     per_doc = []
     last = t0
     res = None
+    first_what = ""
     for res in corpus.score_corpus(wb, docs, cfg):
         now = time.perf_counter()
         if not res.finished:
-            per_doc.append(now - last)
-            last = now
             if first is None:
-                # the first partial result: the views the app draws after the first document
+                # the first partial result: the tables the app draws from the first yield (a pass of
+                # the first document's points, since score_corpus streams the first document)
                 corpus.summarize(res)
                 first = time.perf_counter() - t0
-                log(f"corpus: first partial result after {first:.2f}s")
+                first_what = res.in_progress or "the first document"
+                log(f"corpus: first partial result after {first:.2f}s ({first_what})")
+            if not res.in_progress:
+                per_doc.append(now - last)
+                last = now
     total = time.perf_counter() - t0
     cpu = time.process_time() - c0
     s0 = time.perf_counter()
@@ -296,7 +376,8 @@ def bench_corpus(wb: Workbench, n_docs: int, n_tokens: int, positions: int, log)
     floor = score_every_floor(wb, n_tokens + sink, positions)
     log(f"corpus: {len(res.docs)} documents in {total:.1f}s (floor {floor['floor_s'] * len(res.docs):.1f}s)")
     return {"documents": len(res.docs), "tokens_per_document": n_tokens, "positions": positions, "sink": cfg.sink,
-            "wall_s": total, "cpu_s": cpu, "first_partial_s": first, "per_document_s": per_doc,
+            "wall_s": total, "cpu_s": cpu, "first_partial_s": first, "first_partial_of": first_what,
+            "per_document_s": per_doc,
             "summarize_s": summarize_s, "floor_s": floor["floor_s"] * len(res.docs),
             "floor_per_document": floor, "ratio_to_floor": total / (floor["floor_s"] * len(res.docs))}
 
@@ -392,6 +473,36 @@ def verdicts(res: dict, peak_rss_gb: float, rss_after_load_gb: float) -> list[di
         ("(d) mode (a) score_text, 256 tokens", res["score_text"]["wall_s"], "s", "<=", TARGETS["score_text_s"],
          f"cpu {res['score_text']['cpu_s']['median']:.2f}s"),
     ]
+    ev, fl = res["score_every"], res.get("score_every_floor")
+    if fl and not ev.get("skipped"):
+        rows.append(("(c') mode (b) float32 / matmul-only floor", {"median": ev["wall_s"]["median"] / fl["floor_s"],
+                     "min": ev["wall_s"]["min"] / fl["floor_s"]}, "ratio", "<=", TARGETS["every_floor_ratio"],
+                     f"{ev['wall_s']['median']:.2f}s against a floor of {fl['floor_s']:.2f}s "
+                     f"({fl['counted_flops'] / 1e12:.2f} TFLOP at {fl['matmul_rate_flops'] / 1e9:.0f} GFLOP/s)"))
+    bf = res.get("score_every_bf16")
+    if bf and bf.get("applicable"):
+        rows.append(("(g) mode (b) bf16 speed-up over float32 (alternated pairs)", bf["speedup_pairs"], "ratio", ">=",
+                     TARGETS["bf16_speedup_min"], f"fp32 {bf['fp32_s']['median']:.2f}s, bf16 {bf['bf16_s']['median']:.2f}s"))
+        pa = bf.get("per_arm_mean_abs_dnll", {})
+        rows.append(("(g) mode (b) bf16: mean |ΔNLL| to float32 (worse arm)", {"median": bf["mean_abs_dnll"],
+                     "min": bf["mean_abs_dnll"]}, "nats", "<=", TARGETS["bf16_mean_abs_dnll"],
+                     f"{bf.get('worst_arm', '')}: max {bf['max_abs_dnll']:.4f} over {bf['entries_compared']:,} scored "
+                     f"entries; per arm: " + ", ".join(f"{k} {v:.4f}" for k, v in pa.items())
+                     + (f"; Δloss {bf['mean_abs_d_delta_loss']:.4f}" if "mean_abs_d_delta_loss" in bf else "")))
+    if "first_partial" in res:
+        fp = res["first_partial"]
+        rows.append(("(h) first partial mode-(b) result (iter_score_every's first yield)", fp["wall_s"], "s", "<=",
+                     TARGETS["first_partial_s"], f"cold {fp['cold_s']:.2f}s; {fp['points_done']} of {fp['points']} "
+                     "points in the first pass"))
+    if "corpus" in res:
+        c = res["corpus"]
+        rows.append((f"(f) corpus view: first partial result ({c['documents']} docs x {c['tokens_per_document']} "
+                     "tokens)", {"median": c["first_partial_s"], "min": c["first_partial_s"]}, "s", "<=",
+                     TARGETS["first_partial_s"], f"views of {c.get('first_partial_of') or 'the first document'}"))
+        rows.append((f"(f) corpus view: whole run / matmul-only floor", {"median": c["ratio_to_floor"],
+                     "min": c["ratio_to_floor"]}, "ratio", "<=", TARGETS["every_floor_ratio"],
+                     f"{c['wall_s']:.1f}s (cpu {c['cpu_s']:.1f}s) against {c['floor_s']:.1f}s; {c['positions']} ahead, "
+                     f"sink {c['sink']}; tables and bootstrap {c['summarize_s']:.2f}s"))
     out = []
     for name, st, unit, op, target, note in rows:
         ok = st["median"] <= target if op == "<=" else st["median"] >= target
@@ -407,17 +518,22 @@ def markdown(res: dict) -> str:
     lines = [f"## App latency on CPU ({res['cpu']}, {res['os_cpus']} cores)", "",
              f"`{res['command']}` at `{res['commit']}`; torch {res['torch']}, transformers {res['transformers']}; "
              f"{res['decoder']} + {Path(res['coprocessor']).name} ({res['coprocessor_config']['num_layers']} layers, "
-             f"{res['coprocessor_config']['num_latents']} latents); {res['date']}.", ""]
+             f"{res['coprocessor_config']['num_latents']} latents); {res['date']}. CPU extensions: "
+             f"{', '.join(res.get('cpu_flags') or ['unknown'])}.", ""]
     for run in res["runs"]:
         g = run["generation"]
         lines += [f"### {run['device']} (load average {run['loadavg_before'][0]:.2f} before, "
                   f"{run['loadavg_after'][0]:.2f} after)", "",
                   "| target | median | min | goal | result | notes |", "|---|---|---|---|---|---|"]
         for v in run["verdicts"]:
-            fmt = ".3f" if v["unit"] in ("ratio", "GB") else ".2f"
+            fmt = ".4f" if v["unit"] == "nats" else ".3f" if v["unit"] in ("ratio", "GB") else ".2f"
             unit = "" if v["unit"] == "ratio" else f" {v['unit']}"
             lines.append(f"| {v['target']} | {format(v['median'], fmt)}{unit} | {format(v['min'], fmt)}{unit} | "
                          f"{v['goal']}{unit} | {'pass' if v['pass'] else '**FAIL**'} | {v['note']} |")
+        if run.get("loadavg_sections"):
+            lines += ["", "Load average (1 min) after each section: " + ", ".join(
+                f"{k.removeprefix('after_')} {v[0]:.2f}" for k, v in run["loadavg_sections"].items())
+                + f"; the machine has {res['os_cpus']} cores and may run other work meanwhile."]
         lines += ["", f"Ratios: medians over {g['ttft_ratio_pairs']['n']} back-to-back (plain, augmented) pairs, "
                   f"{res['settings']['new_tokens']} greedy tokens each. Cold (first) runs: TTFT plain "
                   f"{g['cold']['plain']['ttft_s']:.3f}s, augmented {g['cold']['augmented']['ttft_s']:.3f}s. "
@@ -448,6 +564,8 @@ def main(argv=None) -> int:
                     help="(c): alternate each timed call with the transformers (dense-mask) path on the same text")
     ap.add_argument("--profile-every", action="store_true",
                     help="(c): profile one more call and split its time into matmuls, attention and the rest")
+    ap.add_argument("--skip-corpus", action="store_true", help="leave (f), the Corpus view, out of the main run")
+    ap.add_argument("--skip-bf16", action="store_true", help="leave (g), bf16 against float32, out")
     ap.add_argument("--corpus", action="store_true", help="measure only (f), the Corpus view; writes "
                     "results/app_latency.corpus.{json,md} unless --out-json/--out-md are given")
     ap.add_argument("--corpus-docs", type=int, default=20)
@@ -473,6 +591,7 @@ def main(argv=None) -> int:
     res = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git_head(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "device": f"cpu: {cpu_name()}, {threads[0]} threads", "cpu": cpu_name(), "os_cpus": os.cpu_count(),
+           "cpu_flags": cpu_matrix_flags(),
            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
            "python": platform.python_version(), "decoder": wb.info.name, "coprocessor": wb.coprocessor_source,
            "coprocessor_config": wb.coprocessor.config.__dict__, "targets": TARGETS,
@@ -514,6 +633,15 @@ def main(argv=None) -> int:
                                             args.every_repeats, log, "score_every")
         run["score_every_floor"] = score_every_floor(wb, n_text, args.positions)
         log(f"score_every floor: {run['score_every_floor']}")
+        run["loadavg_sections"] = {"after_score_every": os.getloadavg()}
+        run["first_partial"] = bench_first_partial(wb, text, args.positions, args.repeats, log)
+        run["loadavg_sections"]["after_first_partial"] = os.getloadavg()
+        if not args.skip_bf16 and not args.skip_every:
+            run["score_every_bf16"] = bench_every_bf16(wb, text, args.positions, args.every_repeats, log)
+            run["loadavg_sections"]["after_bf16"] = os.getloadavg()
+        if not args.skip_corpus:
+            run["corpus"] = bench_corpus(wb, args.corpus_docs, args.corpus_tokens, 8, log)
+            run["loadavg_sections"]["after_corpus"] = os.getloadavg()
         if args.profile_every:
             run["score_every_profile"] = profile_every(wb, text, args.positions, run["score_every_floor"])
             log(f"score_every profile: {run['score_every_profile']}")

@@ -313,17 +313,61 @@ def test_token_detail_both_modes(client, wb):
     assert "no augmentation point" in detail
 
 
-def test_use_generation_sets_text_and_point(client, wb):
-    text, point, mode, note = client.predict("Why is it?", "Because.", "So.", "decoder", True,
-                                             api_name="/use_generation")
-    assert text == "Why is it? Because." and mode == "once"
-    assert point == wb.encode("Why is it?").shape[1] - 1
-    assert "decoder alone arm&#x27;s own greedy continuation" in note and "chat template" in note
-    text, _, _, note = client.predict("Why is it?", "Because.", "So.", "coprocessor", False,
-                                      api_name="/use_generation")
-    assert text == "Why is it? So." and "decoder + coprocessor" in note and "chat template" not in note
+def test_use_generation_takes_the_chosen_arm_of_this_sessions_run(server, wb):
+    client = Client(server[1], verbose=False)          # a session of its own: /use_generation reads its last run
     with pytest.raises(AppError, match="Generate first"):
-        client.predict("Why?", "  ", "", "decoder", True, api_name="/use_generation")
+        client.predict("decoder", api_name="/use_generation")
+    *_, run_json = client.predict(*_gen_args("Why is it?", chat=False), api_name="/generate")
+    run = json.loads(Path(run_json).read_text(encoding="utf-8"))
+    for arm, label in (("decoder", "decoder alone"), ("coprocessor", "decoder + coprocessor")):
+        text, point, mode, note = client.predict(arm, api_name="/use_generation")
+        want, want_point, _ = wb.generation_as_text("Why is it?", run["arms"][arm]["token_ids"], chat=False)
+        assert (text, point, mode) == (want, want_point, "once")
+        assert point == len(wb.encode("Why is it?")[0]) - 1 and text.startswith("Why is it?")
+        assert f"the {label} arm&#x27;s own greedy" in note and "biased toward it" in note
+        assert "no chat template" in note
+
+
+def test_use_generation_scores_in_the_chat_template_as_generated(wb):
+    """With a chat template, the continuation is scored after the templated prompt (as it was generated),
+    not after the bare prompt: the analysis' mean NLLs are the generation's own cross-scores."""
+    import copy
+
+    tok = copy.deepcopy(wb.tokenizer)
+    tok.chat_template = "{% for m in messages %}[user] {{ m['content'] }}\n{% endfor %}[assistant] "
+    chat_wb = Workbench(wb.decoder, tok, wb.info, wb.coprocessor, "test")
+    h = app.make_handlers(app.Backend(chat_wb))
+    prompt = "What <b>now</b>?"
+    cont = chat_wb.encode("It is blue, as 2 + 2 = 4.")[0].tolist()    # ids that decode to themselves
+    run = {"prompt": prompt, "settings (identical for every arm)": {"chat_template": True}, "greedy": True,
+           "finished": True, "arms": {"coprocessor": {"token_ids": cont}}}
+    text, point, mode, note, origin = h["use_generation"]("coprocessor", run)
+    assert origin == {"text": text, "arm": "coprocessor", "note": origin["note"]} and "biased" in origin["note"]
+    assert text == "[user] What <b>now</b>?\n[assistant] It is blue, as 2 + 2 = 4."
+    pids = chat_wb.encode(prompt, chat=True)[0].tolist()
+    assert chat_wb.encode(text)[0].tolist() == pids + cont and point == len(pids) - 1
+    assert "inside the chat template" in note and "biased toward it" in note
+    assert "<b>" not in note                              # the notice is escaped HTML
+    origin = origin | {"note": origin["note"] + " <i>"}        # the stored notice, with markup to be escaped
+    out = h["analyze"](text, mode, point, 8, 1, 5, origin=origin)
+    notice, summary, run_json = out[0], out[2], out[7]
+    assert "Biased comparison" in notice and "biased toward it" in notice and "&lt;i&gt;" in notice   # kept
+    assert json.loads(Path(run_json).read_text(encoding="utf-8"))["bias_notice"] == origin["note"]
+    assert "Biased" not in h["analyze"](text + " edited", mode, point, 8, 1, 5, origin=origin)[0]
+    cross = chat_wb.cross_score(prompt, {"coprocessor": cont}, chat=True)["coprocessor"]   # what Generate reports
+    assert summary["mean NLL"].tolist()[:2] == pytest.approx([cross["nll_decoder"], cross["nll_coprocessor"]],
+                                                             abs=1e-4)
+    # The bare-prompt scoring this replaces gives other numbers (the template is part of the context).
+    bare = chat_wb.score_text(prompt + " It is blue, as 2 + 2 = 4.", point=len(chat_wb.encode(prompt)[0]) - 1,
+                              with_attention=False)
+    assert abs(np.nanmean(bare["nll_aug"]) - cross["nll_coprocessor"]) > 1e-3
+    # A stopped, sampled run of the other arm, cut inside a UTF-8 character: said, not hidden.
+    run["arms"]["decoder"] = {"token_ids": chat_wb.encode("ok é")[0].tolist()[:-1]}
+    run |= {"greedy": False, "finished": False}
+    note = h["use_generation"]("decoder", run)[3]
+    assert "own sampled output" in note and "stopped early" in note and "re-encodes to different tokens" in note
+    with pytest.raises(Exception, match="Generate first"):
+        h["use_generation"]("decoder", None)
 
 
 def test_latents_pca_readout_attention(client, wb):
@@ -396,7 +440,8 @@ def test_lone_surrogates_and_long_input(client, wb):
     assert len(run["prompt"]) <= app.GEN_MAX_CHARS
 
 
-def test_model_info_and_bad_checkpoints(client, server, tmp_path, tiny_decoder_dir, wb):
+def test_model_info_and_bad_checkpoints(server, tmp_path, tiny_decoder_dir, wb):
+    client = Client(server[1], verbose=False)          # its own session: the loads below are this session's
     banner, status, card, evaluation, err = client.predict(api_name="/model_info")
     assert "UNTRAINED" in banner and err == ""
     assert status["coprocessor_source"] == "untrained" and status["decoder"]["hidden_size"] == 32
@@ -428,7 +473,7 @@ def test_model_info_and_bad_checkpoints(client, server, tmp_path, tiny_decoder_d
     # Loading the decoder alone again gives an untrained coprocessor.
     banner, status, *_ = client.predict(tiny_decoder_dir, "", api_name="/load_model")
     assert status["coprocessor_source"] == "untrained" and "UNTRAINED" in banner
-    server[0].cacheaug_backend.set(wb)                # the module's Workbench again, for any later test
+    assert "for this page only" in banner
 
 
 def test_main_honours_env_and_defaults(monkeypatch):
@@ -445,7 +490,7 @@ def test_main_honours_env_and_defaults(monkeypatch):
         def launch(self, **kw):
             calls.update(kw)
 
-    monkeypatch.setattr(app, "build_demo", lambda factory, pause=None: Fake())
+    monkeypatch.setattr(app, "build_demo", lambda factory, pause=None, startup_key=None: Fake())
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     assert app.main([]) == 0
@@ -755,15 +800,61 @@ def test_offline_hub_id_fails_fast_with_one_line(monkeypatch, tmp_path):
     assert time.perf_counter() - t0 < 10
 
 
-def test_a_model_change_elsewhere_is_announced(wb):
-    backend = app.Backend(wb)
-    h = app.make_handlers(backend)
-    seen = h["model_seen"]()
-    assert h["model_changed"](seen) == ""
-    backend.set(wb)                                          # another session loads a model
-    note = h["model_changed"](seen)
-    assert "changed from another browser session" in note and "Model changed" in note
-    assert h["model_changed"](h["model_seen"]()) == ""        # after this page's own load / reload
+def test_a_model_loaded_in_one_session_stays_in_that_session(server, wb, tmp_path):
+    """Two browser sessions: B loads another model; A keeps the start-up model (its status and its
+    generations), B gets the new one, and a third session loading the same shares B's copy."""
+    from cacheaug_core.checkpoint import save_coprocessor
+    from cacheaug_core.config import CoprocessorConfig
+    from cacheaug_core.coprocessor import Coprocessor
+    from conftest import save_tiny_decoder
+
+    other_dir = save_tiny_decoder(tmp_path / "other", "gpt2", seed=3)
+    other = Workbench.load(decoder=other_dir)
+    ck = save_coprocessor(Coprocessor(CoprocessorConfig(num_latents=3, body="copy", num_layers=1), other.decoder),
+                          tmp_path / "ck", other.info, status="session B's model")
+    a, b, c = (Client(server[1], verbose=False) for _ in range(3))
+    backend = server[0].cacheaug_backend
+    loads = backend.loads
+    _, st_b, *_ = b.predict(other_dir, str(ck), api_name="/load_model")
+    assert st_b["coprocessor"]["num_latents"] == 3 and backend.loads == loads + 1
+    # Session A: still the start-up model, in its status and in what it computes.
+    _, st_a, *_ = a.predict(api_name="/model_info")
+    assert st_a["coprocessor"]["num_latents"] == wb.coprocessor.config.num_latents
+    assert st_a["decoder"] == wb.info.to_dict()
+    dec_a, aug_a, *_ = a.predict(*_gen_args("Hello there"), api_name="/generate")
+    ref = _direct(wb, "Hello there")
+    assert (dec_a, aug_a) == (ref["decoder"].text, ref["coprocessor"].text)
+    # Session B computes with its own model.
+    banner_b, st_b2, *_ = b.predict(api_name="/model_info")
+    assert st_b2 == st_b and "session B&#x27;s model" in banner_b
+    dec_b, *_ = b.predict(*_gen_args("Hello there"), api_name="/generate")
+    mine = Workbench(other.decoder, other.tokenizer, other.info, backend.get(app.model_key_of(other_dir, str(ck))).coprocessor)
+    assert dec_b == _direct(mine, "Hello there")["decoder"].text
+    nl = len(c.predict("one", 2, "prompt", 2, "", api_name="/latents")[2]["data"])
+    assert nl == wb.coprocessor.config.num_latents                      # C: the start-up model, until it loads
+    c.predict(f" {other_dir} ", str(ck), api_name="/load_model")          # the same model: shared, not loaded again
+    assert backend.loads == loads + 1
+    assert len(c.predict("one", 2, "prompt", 2, "", api_name="/latents")[2]["data"]) == 3
+
+
+def test_backend_cache_is_shared_and_bounded(monkeypatch, wb):
+    made = []
+
+    def fake_load(decoder=None, coprocessor=None, **kw):
+        made.append((decoder, coprocessor))
+        return Workbench(wb.decoder, wb.tokenizer, wb.info, wb.coprocessor, f"{decoder}+{coprocessor}")
+
+    monkeypatch.setattr(app.Workbench, "load", staticmethod(fake_load))
+    backend = app.Backend(wb, startup_key=("", "start"), max_models=2)
+    assert backend.load("", "start") is wb and backend.get(("", "start")) is wb and made == []
+    one = backend.load("d", "one")
+    assert backend.load(" d ", "one") is one and backend.get(("d", "one")) is one and made == [("d", "one")]
+    backend.load("d", "two")
+    backend.load("d", "three")                          # evicts the least recently used: "one"
+    assert backend.cached() == [("d", "two"), ("d", "three")]
+    again = backend.get(("d", "one"))                   # its session gets the same model again, loaded anew
+    assert again is not one and again.coprocessor_source == "d+one" and made[-1] == ("d", "one")
+    assert backend.get(None) is wb                      # the start-up model is never evicted
 
 
 def test_analyze_every_bf16_is_measured_or_refused(client, wb):
@@ -777,3 +868,11 @@ def test_analyze_every_bf16_is_measured_or_refused(client, wb):
     res32, res16 = wb.score_every(TEXT, positions=3), wb.score_every(TEXT, positions=3, bf16=True)
     assert np.nanmax(np.abs(res16["nll_aug"] - res32["nll_aug"])) < 1.0       # bf16, not a different model
     assert not np.array_equal(res16["nll_aug"], res32["nll_aug"])            # and bf16 really ran
+    # Only the coprocessor and the group passes run in bf16: the plain arm (prefill + LM head) is float32.
+    np.testing.assert_allclose(res16["nll_base"], res32["nll_base"], rtol=1e-6, atol=1e-6, equal_nan=True)
+    from cacheaug_core import fastpath
+
+    ids = wb.encode(TEXT)
+    with __import__("torch").autocast("cpu", dtype=__import__("torch").bfloat16):
+        aug_all16, base_all16 = fastpath.score_every(wb.decoder, wb.coprocessor, ids, positions=3)   # all in bf16
+    assert not np.allclose(base_all16.float().numpy(), res32["nll_base"], atol=1e-6, equal_nan=True)

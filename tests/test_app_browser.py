@@ -10,6 +10,8 @@ Needs `apt-get install chromium` (never `playwright install`). Marked `browser` 
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 import json
 import socket
@@ -163,10 +165,14 @@ def test_every_tab_on_the_default_model(page):
 
     # -- Per-token analysis, mode (a) on the last generation ---------------------------------------
     _tab(page, "Per-token")
+    # The decoder arm's own text, in the chat template Generate used, with the bias stated.
     page.locator("#ana-use-generation").click()
-    expect(page.locator("#ana-text textarea")).to_have_value(f"Why is the sky blue? {final[0].lstrip()}"
-                                                             if not final[0][:1].isspace()
-                                                             else f"Why is the sky blue?{final[0]}", timeout=SLOW)
+    text_box = page.locator("#ana-text textarea")
+    expect(text_box).to_have_value(re.compile(r"<\|im_start\|>user\nWhy is the sky blue\?<\|im_end\|>\n"
+                                              r"<\|im_start\|>assistant\n"), timeout=SLOW)
+    assert final[0].strip() in text_box.input_value()
+    expect(page.locator("#ana-notice")).to_contain_text("biased toward it")
+    expect(page.locator("#ana-notice")).to_contain_text("inside the chat template")
     point = int(page.locator("#ana-point input").first.input_value())
     assert point > 0
     page.locator("#ana-run").click()
@@ -177,6 +183,7 @@ def test_every_tab_on_the_default_model(page):
     assert all("not scored" in t for t in titles[: point + 1])
     assert all(t.startswith("Δloss=") and "base" in t and "aug" in t for t in titles[point + 1:])
     expect(page.locator("#ana-notice")).to_contain_text(f"after token #{point}")
+    expect(page.locator("#ana-notice")).to_contain_text("biased toward it")   # kept beside the verdict
     traces = _plot_data(page, "ana-by-position")
     assert {"relative change", "decoder", "decoder+coprocessor"} <= {t["name"] for t in traces}
     # Hover shows the exact value (native title tooltip); click shows top-k of both arms with KL.
@@ -188,8 +195,8 @@ def test_every_tab_on_the_default_model(page):
     assert page.locator("#ana-tokens span.tok.cacheaug-picked").count() == 1
     assert int(page.locator("#ana-index input").first.input_value()) == len(titles) - 1
     csv_path = _download(page, page.locator("#ana-csv"), "per-token.csv")
-    lines = csv_path.read_text("utf-8").splitlines()
-    assert lines[0] == "index,token,nll_base,nll_aug,delta" and len(lines) == len(titles) + 1
+    rows = list(csv.reader(io.StringIO(csv_path.read_text("utf-8"))))   # tokens may hold newlines (chat template)
+    assert rows[0] == ["index", "token", "nll_base", "nll_aug", "delta"] and len(rows) == len(titles) + 1
     html_fig = _download(page, page.locator("#ana-fig-by-position"),
                          "by-position.html")
     assert "plotly" in html_fig.read_text("utf-8")[:500_000].lower()
@@ -397,16 +404,57 @@ def test_corpus_tab_on_the_bundled_held_out_set(page, browser, url):
     first = phone.locator("#gen-prompt textarea").bounding_box()
     assert first and first["y"] < 844                         # the input is on the first screen
     _shot_page(phone, "23-phone-first.png", full=False)
-    tab = phone.get_by_role("tab", name="Corpus")
-    if not tab.is_visible():                                  # Gradio moves tabs that do not fit into a menu
-        phone.get_by_label("More tabs").click()
-        tab = phone.locator(".overflow-dropdown button", has_text="Corpus")
-    tab.click()
+    # Every tab in the tab row (Gradio folds the ones that do not fit into a "..." menu).
+    for name in ("Generate", "Per-token", "Corpus", "Latents", "Model"):
+        expect(phone.get_by_role("tab", name=name)).to_be_visible()
+    assert not phone.get_by_label("More tabs").is_visible()
+    # Per-token: the verdict of an analysis is on the first screen, and the plot is not squeezed.
+    phone.get_by_role("tab", name="Per-token").click()
+    phone.locator("#ana-run").click()
+    verdict = phone.locator("#ana-notice").get_by_text("Verdict:")
+    expect(verdict).to_be_visible(timeout=SLOW)
+    phone.evaluate("window.scrollTo(0, 0)")
+    box = verdict.bounding_box()
+    assert box and box["y"] + box["height"] <= 844, box
+    _shot_page(phone, "24-phone-verdict.png", full=False)
+    area = phone.locator("#ana-by-position .nsewdrag").first
+    expect(area).to_be_attached(timeout=SLOW)
+    plot = area.bounding_box()
+    assert plot and plot["width"] >= 250 and plot["height"] >= 120, plot      # was ~40 px wide on 390 px
+    phone.get_by_role("tab", name="Corpus").click()
     expect(phone.locator("#cor-run")).to_be_visible(timeout=SLOW)
-    _shot_page(phone, "24-corpus-phone.png")
+    _shot_page(phone, "25-corpus-phone.png")
     ctx.close()
 
 
 def _shot_page(page, name: str, full: bool = True) -> None:
     ART.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ART / name), full_page=full)
+
+
+def test_a_model_loaded_in_one_page_leaves_the_other_page_alone(page, browser, url):
+    """Two browser sessions: B loads the shipped pause checkpoint as its coprocessor; A (open before)
+    keeps the shipped coprocessor, in its banner and its Model tab, and B shows its own."""
+    pause_dir = str(Path(__file__).resolve().parent.parent / "assets" / "pause")
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    other = ctx.new_page()
+    other.goto(url)
+    expect(other.locator("#cacheaug-notice")).to_contain_text(NOTICE, timeout=SLOW)
+    _tab(other, "Model")
+    other.locator("#model-coprocessor input, #model-coprocessor textarea").first.fill(pause_dir)
+    other.locator("#model-load").click()
+    expect(other.locator("#cacheaug-notice")).to_contain_text("for this page only", timeout=SLOW)
+    other.get_by_text("Status (JSON)").click()
+    expect(other.locator("#model-status")).to_contain_text("assets/pause", timeout=SLOW)
+    _shot_page(other, "30-session-b-pause.png", full=False)
+    # Page A: still the shipped coprocessor, and nothing tells it otherwise (nothing changed for it).
+    page.wait_for_timeout(1000)
+    expect(page.locator("#cacheaug-notice")).to_contain_text(NOTICE)
+    expect(page.locator("#cacheaug-notice")).not_to_contain_text("for this page only")
+    _tab(page, "Model")
+    page.get_by_text("Status (JSON)").click()
+    expect(page.locator("#model-status")).to_contain_text("coprocessor", timeout=SLOW)
+    assert "assets/pause\"" not in page.locator("#model-status").inner_text().split("coprocessor_source")[1][:200]
+    _shot_page(page, "31-session-a-unchanged.png", full=False)
+    ctx.close()
+    assert not page.errors, page.errors

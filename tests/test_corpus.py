@@ -181,3 +181,31 @@ def test_reference_curves_take_the_body_of_a_document_protocol_table():
     assert "-4.0% at the next token [-4.6, -3.3]" in line and "body" in line
     # a table without body columns: the all-targets numbers
     assert corpus.reference_curves({"w": table.replace("body 95% CI", "b ci")})["w"].rel_ppl_change_pct.tolist() == [-4.66, -2.54]
+
+
+def test_the_first_document_streams_pass_by_pass(wb):
+    """The first views come after one pass of the first document's points (a partial document with
+    NaN rows for the points not scored yet), not after the whole document; the finished run is the
+    same as scoring each document whole."""
+    long_doc = " ".join(f"word{i} and {i % 7}." for i in range(30))          # well over one pass of points
+    docs = [{"text": long_doc}, {"text": DOCS[1]}]
+    cfg = corpus.CorpusConfig(positions=3, max_docs=2, max_tokens=100, sink="auto", n_boot=50, points_per_pass=16)
+    seen = []
+    for r in corpus.score_corpus(wb, docs, cfg):
+        seen.append((r.in_progress, len(r.docs), r.finished,
+                     None if not r.in_progress else r.docs[-1].nll_aug["coprocessor"].copy()))
+        if r.in_progress:
+            corpus.summarize(r)                       # the app tabulates a partial run: it must not fail
+    partial = [s for s in seen if s[0]]
+    assert len(partial) == 100 // 16                   # 100 points (sink + 100 tokens), 16 a pass: 6 partial
+    assert all(n == 1 and not f for _, n, f, _ in partial)
+    assert partial[0][0] == "document 1: 16 of 100 augmentation points"
+    assert [(n, f) for p, n, f, _ in seen if not p] == [(1, False), (2, False), (2, True)]
+    final = r.docs[0].nll_aug["coprocessor"]
+    for _, _, _, aug in partial:                       # scored rows = final rows; the rest not yet scored
+        done = int(np.isfinite(aug).any(axis=1).sum())
+        np.testing.assert_allclose(aug[:done], final[:done], rtol=1e-5, equal_nan=True)
+        assert np.isnan(aug[done:]).all()
+    whole = corpus.CorpusConfig(positions=3, max_docs=1, max_tokens=100, sink="auto", n_boot=50, points_per_pass=200)
+    *_, ref = corpus.score_corpus(wb, docs[:1], whole)
+    np.testing.assert_allclose(final, ref.docs[0].nll_aug["coprocessor"], rtol=1e-4, atol=1e-5, equal_nan=True)

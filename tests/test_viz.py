@@ -481,3 +481,36 @@ def test_evaluation_markdown_hides_training_machine_paths():
                                       "Coprocessor: /work/main/assets/coprocessor."})
     assert "/tmp/" not in md and "/work/" not in md and "results/a.json" in md
     assert md.count("(a path on the training machine)") == 2
+
+
+def test_fit_small_screens_keeps_room_for_the_plot_on_a_phone():
+    from cacheaug_core.viz.corpus import corpus_curve_figure
+
+    names = [f"arm {i}: a fairly long legend entry" for i in range(8)]
+    fig = go.Figure([go.Scatter(x=[1, 2], y=[i, i + 1], name=n) for i, n in enumerate(names)])
+    fig.update_layout(title="A long title that a phone would cut off at its right edge, so it is wrapped", height=300)
+    out = viz.fit_small_screens(fig, plot_height=250)
+    assert out is fig
+    lay = fig.layout
+    assert lay.margin.l <= 60 and lay.margin.r <= 20                       # not plotly's 80 px a side
+    assert lay.legend.orientation == "h" and lay.legend.yanchor == "top" and lay.legend.y < 0   # under the plot
+    assert "<br>" in lay.title.text and lay.title.yanchor == "top"          # wrapped, in the top margin
+    assert lay.margin.t >= 2 * 17 * 1.3                                        # room for its two lines
+    assert max(len(x) for x in lay.title.text.split("<br>")) <= 300 / (0.55 * 17) + 1
+    # 8 long entries take 8 legend rows on a phone: the figure grows by them and keeps 250 px of plot.
+    assert lay.margin.b >= 56 + 8 * 21
+    assert lay.height >= 250 + lay.margin.b
+    # Fewer entries, less height; no legend, no legend room.
+    few = viz.fit_small_screens(go.Figure([go.Scatter(x=[1], y=[1], name="one")]))
+    none = viz.fit_small_screens(go.Figure([go.Scatter(x=[1], y=[1], showlegend=False)]))
+    assert none.layout.margin.b < few.layout.margin.b < lay.margin.b
+    # A real figure of the app: the corpus curve with its interval bands (hidden from the legend).
+    rows = [{"arm": arm, "split": split, "position": pos, "rel_ppl_change_pct": -3.0 + pos, "ci_low": -5.0,
+             "ci_high": -1.0, "tokens": 40, "documents": 4, "delta": -0.03}
+            for arm in ("coprocessor", "pause") for split in ("all", "body", "doc_start") for pos in (1, 2)]
+    curve = corpus_curve_figure(pd.DataFrame(rows))
+    h0 = curve.layout.height
+    viz.fit_small_screens(curve, plot_height=260)
+    assert curve.layout.legend.orientation == "h" and curve.layout.height >= h0
+    legend_rows = sum(1 for t in curve.data if t.showlegend is not False and t.name)     # 8 long entries
+    assert curve.layout.height - curve.layout.margin.b >= 260 and legend_rows == 8

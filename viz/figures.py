@@ -46,6 +46,7 @@ __all__ = [
     "entropy",
     "attention_to_latents_figure",
     "figure_to_html",
+    "fit_small_screens",
     "frame_to_csv",
 ]
 
@@ -537,3 +538,73 @@ def frame_to_csv(df: pd.DataFrame, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(p, index=False, encoding="utf-8", errors="backslashreplace", lineterminator="\n")
     return p
+
+
+def _wrap_plotly_text(text: str, width: int) -> str:
+    """Break a plotly title / annotation into lines of about `width` characters at spaces (plotly
+    never wraps text itself: a long title is cut off on a narrow screen). Text already holding
+    line breaks is left as it is."""
+    if not text or len(text) <= width or "<br>" in text:
+        return text
+    lines, cur = [], ""
+    for word in text.split(" "):
+        if cur and len(cur) + 1 + len(word) > width:
+            lines.append(cur)
+            cur = word
+        else:
+            cur = f"{cur} {word}" if cur else word
+    return "<br>".join(lines + [cur])
+
+
+def fit_small_screens(fig: go.Figure, plot_height: int = 260, width_px: int = 300) -> go.Figure:
+    """Make a figure readable from a 390-px phone to a desktop, in place (returned for chaining).
+
+    Plotly keeps a figure's margins and legend whatever the width: on a phone the default 80-px side
+    margins and a legend at the right leave a plot area of 40-160 px, and a legend of many rows under
+    a fixed-height figure squeezes the plot vertically. So: narrow side margins, long titles and
+    annotations wrapped, the legend as rows at the bottom of the figure, and the figure made taller
+    by the legend's rows (counted as on a phone, about 320 px a row), keeping `plot_height` px per
+    subplot row for the plots themselves. Text is wrapped to `width_px` at about 0.55 em a character.
+    On a wide screen the legend takes fewer rows and leaves some space below it."""
+    lay = fig.layout
+
+    def chars(size) -> int:
+        return max(20, int(width_px / (0.55 * float(size or 12))))
+
+    top = 28
+    if lay.title is not None and lay.title.text:
+        size = lay.title.font.size or (lay.font.size if lay.font and lay.font.size else None) or 17
+        wrapped = _wrap_plotly_text(lay.title.text, chars(size))
+        # From the top of the figure down, in a top margin sized for its lines (plotly lays the lines
+        # of a title anchored at the plot's edge out over the plot); 36 px clear of the top edge,
+        # where Gradio draws the gr.Plot's own label over the figure.
+        fig.update_layout(title={"text": wrapped, "x": 0.02, "xanchor": "left", "xref": "container",
+                                 "y": 1, "yanchor": "top", "yref": "container", "pad": {"t": 36}})
+        top = 48 + int((wrapped.count("<br>") + 1) * 1.35 * float(size))
+    for ann in fig.layout.annotations or ():
+        if isinstance(ann.text, str):
+            ann.text = _wrap_plotly_text(ann.text, chars(ann.font.size or 12))
+    shown = [t for t in fig.data if t.showlegend is not False and (t.name or "")]
+    legend_px = 0
+    if shown and fig.layout.showlegend is not False:
+        # Entries per 320-px row: about 6.5 px a character plus 45 px of symbol and gap.
+        rows, used = 1, 0.0
+        for t in shown:
+            w = min(1.0, (45 + 6.5 * len(str(t.name))) / 320)
+            if used + w > 1.0:
+                rows, used = rows + 1, 0.0
+            used += w
+        legend_px = 21 * rows + (21 if lay.legend.title.text else 0) + 8
+    bottom = 56 + legend_px
+    n_rows = max(1, len({getattr(a, "domain", None) and tuple(a.domain) for a in
+                         (fig.layout[k] for k in fig.layout if str(k).startswith("yaxis"))}))
+    if any(t.type in ("scatter3d",) for t in fig.data):
+        n_rows = 1
+    height = max(int(fig.layout.height or 0), plot_height * n_rows + top + bottom)
+    fig.update_layout(margin={"l": 56, "r": 18, "t": top, "b": bottom}, height=height)
+    if legend_px:
+        # Right under the x-axis title whatever the width (the plot area's height is fixed by the margins);
+        # what a wide screen does not need of the legend's room stays blank below it.
+        fig.update_layout(legend={"orientation": "h", "x": 0, "xanchor": "left", "yref": "paper", "yanchor": "top",
+                                  "y": -50 / max(height - top - bottom, 1)})
+    return fig
