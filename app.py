@@ -478,7 +478,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
                         note = views.notice_html(f"Scoring… {res['points_done']} of {res['points']} augmentation "
                                                  "points done; the views fill in as passes finish.", "info")
                         yield (note, viz.token_delta_html(toks, na - nb, nb, na, caption=caption),
-                               views.round_frame(viz.summary_table(nb, na)),
+                               views.summary_display(viz.summary_table(nb, na)),
                                _by_position_figure(by_pos, ref, ref_name, "pct"), heat,
                                views.round_frame(viz.per_token_frame(toks, nb, na)), None, None, None, None, None)
                 if bf16:   # the numeric price, measured here on the text's first 48 tokens
@@ -519,7 +519,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             note = (views.notice_html(verdict, "info", "Verdict:") + views.notice_html(biased, "warning",
                                                                                       "Biased comparison:")
                     + views.notice_html(_join(info, notice), "warning" if notice else "info"))
-            yield (note, tokens_html, views.round_frame(summary), by_fig, heat, views.round_frame(per_token), csv_file,
+            yield (note, tokens_html, views.summary_display(summary), by_fig, heat, views.round_frame(per_token), csv_file,
                     json_file, pos_file, heat_file, shown)
 
     def recolour(shown, ahead):
@@ -534,7 +534,7 @@ def make_handlers(backend: Backend) -> dict[str, Callable]:
             caption = (f"Background = Δloss of each token when the latents were inserted {n} token(s) earlier: "
                        "NLL(decoder+coprocessor) − NLL(decoder). Negative (blue) = augmentation helps; "
                        "positive (red) = hurts; no colour = not scored. Hover a token for exact values.")
-            return (viz.token_delta_html(toks, na - nb, nb, na, caption=caption), views.round_frame(
+            return (viz.token_delta_html(toks, na - nb, nb, na, caption=caption), views.summary_display(
                 viz.summary_table(nb, na)), views.round_frame(viz.per_token_frame(toks, nb, na)), shown | {"ahead": n})
 
     def token_detail(shown, top_k, index, model_key=None):
@@ -1043,7 +1043,7 @@ def build_demo(workbench_or_factory: Workbench | Callable[[], Workbench], pause:
                         topk_table = gr.Dataframe(views.round_frame(viz.topk_compare_frame([], [], [], [])),
                                                   label="top-k next tokens, both arms", interactive=False,
                                                   max_height=420, elem_id="ana-topk-table")
-                summary = gr.Dataframe(views.round_frame(viz.summary_table([], [])).iloc[:0],
+                summary = gr.Dataframe(views.summary_display(viz.summary_table([], [])).iloc[:0],
                                        label="summary (tokens scored by both arms)", interactive=False,
                                        elem_id="ana-summary")
                 by_pos_plot = gr.Plot(label="Δ by position ahead", elem_id="ana-by-position")

@@ -204,8 +204,12 @@ def test_analyze_once_matches_score_text(client, wb):
     exp = viz.summary_table(res["nll_base"], res["nll_aug"])
     got = _frame(summary)
     assert [r["arm"] for r in got] == list(exp["arm"])
-    assert got[0]["mean NLL"] == pytest.approx(exp["mean NLL"][0], abs=1e-4)       # shown to 4 decimals
-    assert got[2]["relative change %"] == pytest.approx(exp["relative change %"][2], abs=1e-4)
+    assert float(got[0]["mean NLL"]) == pytest.approx(exp["mean NLL"][0], abs=1e-4)       # shown to 4 decimals
+    # the change row reads signed, in its own units: Δ mean NLL in nats, relative change in %
+    d, rel = exp["mean NLL"][2], exp["relative change %"][2]
+    assert got[2]["mean NLL"] == f"{d:+.4f} nats" and got[2]["relative change %"] == f"{rel:+.2f}%"
+    assert got[2]["perplexity"] == "" and got[0]["relative change %"] == ""
+    assert got[2]["95% interval %"] == exp["95% interval %"][2]
     assert got[0]["tokens scored"] == T - 5
     # Δ by position: relative change + both arms; position k = token point+k.
     fig = _plot(by_pos)
@@ -245,7 +249,7 @@ def test_analyze_every_matches_score_every(client, wb):
     spans = _spans(html_text).spans
     assert len(spans) == T
     assert "not scored" in spans[1]["title"] and f"Δloss={aug[5] - base[5]:+.3f}" in spans[5]["title"]
-    assert _frame(summary)[1]["mean NLL"] == pytest.approx(np.nanmean(aug), abs=1e-4)
+    assert float(_frame(summary)[1]["mean NLL"]) == pytest.approx(np.nanmean(aug), abs=1e-4)
     hm = _plot(heat)["data"][0]
     assert hm["type"] == "heatmap"
     z = _arr(hm["z"])
@@ -355,8 +359,8 @@ def test_use_generation_scores_in_the_chat_template_as_generated(wb):
     assert json.loads(Path(run_json).read_text(encoding="utf-8"))["bias_notice"] == origin["note"]
     assert "Biased" not in h["analyze"](text + " edited", mode, point, 8, 1, 5, origin=origin)[0]
     cross = chat_wb.cross_score(prompt, {"coprocessor": cont}, chat=True)["coprocessor"]   # what Generate reports
-    assert summary["mean NLL"].tolist()[:2] == pytest.approx([cross["nll_decoder"], cross["nll_coprocessor"]],
-                                                             abs=1e-4)
+    assert [float(x) for x in summary["mean NLL"].tolist()[:2]] == pytest.approx(
+        [cross["nll_decoder"], cross["nll_coprocessor"]], abs=1e-4)
     # The bare-prompt scoring this replaces gives other numbers (the template is part of the context).
     bare = chat_wb.score_text(prompt + " It is blue, as 2 + 2 = 4.", point=len(chat_wb.encode(prompt)[0]) - 1,
                               with_attention=False)

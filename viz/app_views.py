@@ -374,6 +374,26 @@ def split_prompts(text: str | None, max_prompts: int = 16) -> tuple[list[str], s
     return lines, notice
 
 
+def summary_display(df: pd.DataFrame) -> pd.DataFrame:
+    """`viz.summary_table` as the app shows it: every cell text, so each row reads in its own unit.
+    The arms' rows hold mean NLLs (nats) and perplexities; the change row holds the *signed*
+    difference of mean NLLs in nats and the signed relative perplexity change in % with its interval
+    (as plain floats a positive change showed as an unsigned `9.209` beside absolute values).
+    Exports (CSV, run JSON) keep the numeric table."""
+    def fmt(x, spec):
+        return "" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+    out = pd.DataFrame({"arm": df["arm"]})
+    change = df["arm"] == "change"
+    out["mean NLL"] = [fmt(v, "+.4f") + " nats" if c and fmt(v, "+.4f") else fmt(v, ".4f")
+                       for v, c in zip(df["mean NLL"], change)]
+    out["perplexity"] = [fmt(v, ".3f") for v in df["perplexity"]]
+    out["relative change %"] = [fmt(v, "+.2f") + "%" if fmt(v, "+.2f") else "" for v in df["relative change %"]]
+    out["95% interval %"] = df["95% interval %"]
+    out["tokens scored"] = df["tokens scored"]
+    return out
+
+
 def round_frame(df: pd.DataFrame, decimals: int = 4) -> pd.DataFrame:
     """A copy with float columns rounded for display (exports keep full precision)."""
     out = df.copy()
