@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from cacheaug_core.eval.ppl import MEAN_POSITIONS  # noqa: E402
 from cacheaug_core.eval.tables import results_table_markdown  # noqa: E402
 
 TITLES = {"wiki": "Wikipedia lead sections", "lambada": "LAMBADA passages", "sciq": "SciQ science passages",
           "dev": "CoQA stories (dev)", "indist": "In-distribution sample"}
-M = 16
+M = MEAN_POSITIONS      # the compare result's mean window (its keys are named mean_1_<M>)
 
 
 def _mean(x, m=M) -> float:

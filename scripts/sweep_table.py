@@ -18,7 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cacheaug_core.eval.ppl import MEAN_POSITIONS  # noqa: E402
+from cacheaug_core.viz.curves import read_metrics  # noqa: E402
+
 SHOW = (1, 2, 4, 8, 16, 32)
+M = MEAN_POSITIONS      # the compare result's mean window (its keys are named mean_1_<M>)
 
 
 def _fmt(x: float | None, pct: bool = True) -> str:
@@ -34,17 +40,11 @@ def _mean(xs, m: int) -> float:
 
 def _last_train(path: Path) -> dict:
     """The last training record of a metrics.jsonl: step, tokens, elapsed seconds."""
-    out = {}
     if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in r and "step" in r:
-            out = {"steps": r["step"], "tokens_seen": r.get("tokens_seen"), "elapsed_s": r.get("elapsed_s")}
-    return out
+        return {}
+    train = [r for r in read_metrics(path) if "loss" in r and "step" in r]
+    return {"steps": train[-1]["step"], "tokens_seen": train[-1].get("tokens_seen"),
+            "elapsed_s": train[-1].get("elapsed_s")} if train else {}
 
 
 def summarise(files: list[Path], metrics_dir: Path | None) -> dict:
@@ -55,7 +55,7 @@ def summarise(files: list[Path], metrics_dir: Path | None) -> dict:
             raise SystemExit(f"{f}: not an `eval ppl` result")
         n = d["settings"]["num_latents"]
         cop_b = d["rel_ppl_change_pct_body"]
-        m = 16
+        m = M
         row = {
             "num_latents": n, "file": str(f), "documents": d["documents"], "tokens": d["data"]["tokens_read"],
             "positions": len(cop_b), "coprocessor_body": cop_b, "coprocessor_body_ci95": d["rel_ppl_change_ci95_body"],
@@ -92,7 +92,7 @@ def summarise(files: list[Path], metrics_dir: Path | None) -> dict:
 
 def markdown(s: dict) -> str:
     rows = s["rows"]
-    m = 16
+    m = M
     shown = [p for p in SHOW if p <= rows[0]["positions"]]
     head = ("| latents | arm | steps | " + " | ".join(f"pos {p}" for p in shown)
             + f" | mean 1-{m} | worst 1-{rows[0]['positions']} | coprocessor − pause, mean 1-{m} [95% CI] |")
